@@ -1,0 +1,140 @@
+//! `rollout-proxy demo`: a self-contained tour on loopback.
+//!
+//! Starts one stub application server per upstream of the demo config (each answers with its pool
+//! and name), then the proxy and its admin listener, and prints commands to try. The stubs exist
+//! only for the tour; the proxy itself is the same [`crate::server::Server`] that `run` starts.
+
+use std::convert::Infallible;
+use std::io;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+
+use crate::config::{Config, ConfigError, PoolName, UpstreamName, UpstreamUrl};
+use crate::server::{self, Server, StartError};
+
+/// The demo configuration, embedded so the demo needs no files.
+pub const DEMO_CONFIG: &str = include_str!("../config/demo.yaml");
+
+#[derive(Debug, thiserror::Error)]
+pub enum DemoError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("demo upstream {name} has url {url}; the demo needs an IP:port it can listen on")]
+    StubAddress { name: UpstreamName, url: UpstreamUrl },
+    #[error("cannot start demo upstream {name} on {addr}")]
+    Stub {
+        name: UpstreamName,
+        addr: SocketAddr,
+        #[source]
+        source: io::Error,
+    },
+    #[error(transparent)]
+    Start(#[from] StartError),
+}
+
+/// What the command line may change about the demo.
+#[derive(Debug, Default)]
+pub struct DemoOptions {
+    /// A config file to use instead of the embedded one.
+    pub config: Option<PathBuf>,
+    pub listen: Option<SocketAddr>,
+    pub admin_listen: Option<SocketAddr>,
+}
+
+/// Runs the demo until SIGINT or SIGTERM.
+pub async fn run(options: DemoOptions) -> Result<(), DemoError> {
+    let stop = server::stop_signal()?;
+    let mut config = match &options.config {
+        Some(file) => Config::load(file)?,
+        None => Config::from_yaml(DEMO_CONFIG, Path::new("config/demo.yaml"))?,
+    };
+    let listen = options.listen.unwrap_or(config.listen);
+    let admin_listen = options.admin_listen.unwrap_or(config.admin_listen);
+    config = config.with_listeners(listen, admin_listen);
+
+    for pool in PoolName::ALL {
+        let upstreams = config.pools.get(pool).upstreams.clone();
+        for (index, upstream) in upstreams.into_iter().enumerate() {
+            let addr: SocketAddr = upstream.url.authority.as_str().parse().map_err(|_| {
+                DemoError::StubAddress { name: upstream.name.clone(), url: upstream.url.clone() }
+            })?;
+            let listener = TcpListener::bind(addr)
+                .await
+                .and_then(|l| l.local_addr().map(|bound| (l, bound)))
+                .map_err(|source| DemoError::Stub { name: upstream.name.clone(), addr, source });
+            let (listener, bound) = listener?;
+            tokio::spawn(serve_stub(listener, pool, upstream.name.clone()));
+            let url =
+                UpstreamUrl::try_parse(&format!("http://{bound}")).expect("a bound address is a valid URL");
+            config = config.with_upstream_url(pool, index, url);
+        }
+    }
+
+    let server = Server::start(config.clone()).await?;
+    println!("{}", tour(&config, server.addr, server.admin_addr));
+    let token = server.shutdown_token();
+    tokio::spawn(async move {
+        stop.await;
+        token.cancel();
+    });
+    server.wait().await;
+    Ok(())
+}
+
+fn tour(config: &Config, addr: SocketAddr, admin: SocketAddr) -> String {
+    let mut out = String::new();
+    out += "rollout-proxy demo\n\n";
+    out += &format!("  proxy   http://{addr}\n  admin   http://{admin}\n");
+    for pool in PoolName::ALL {
+        for u in &config.pools.get(pool).upstreams {
+            out += &format!("  {pool}      {} at {} (weight {})\n", u.name, u.url, u.weight);
+        }
+    }
+    let percent = config.routes.legacy_v1_percent;
+    let prefixes: Vec<&str> = config.routes.v2_prefixes.iter().map(|p| p.as_str()).collect();
+    out += &format!("\n  v2 prefixes: {}   legacy requests to v1: {percent}\n\n", prefixes.join(", "));
+    out += "Try:\n";
+    out += "  # a version-prefixed path always reaches the v2 pool\n";
+    out += &format!("  curl -si http://{addr}/api/v2/studies/42\n\n");
+    out += &format!("  # legacy paths are split: {percent} of them reach v1\n");
+    out += &format!("  for i in $(seq 10); do curl -s http://{addr}/api/studies/42/progress; done\n\n");
+    out += "  # /api/v2x is not under /api/v2: it is a legacy path\n";
+    out += &format!("  curl -s http://{addr}/api/v2x\n\n");
+    out += "  # liveness and readiness\n";
+    out += &format!("  curl -s http://{admin}/healthz; curl -s http://{admin}/readyz\n\n");
+    out += "Ctrl-C stops the demo.";
+    out
+}
+
+/// A stand-in application server: answers every request with its pool, name, method and path.
+async fn serve_stub(listener: TcpListener, pool: PoolName, name: UpstreamName) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            continue;
+        };
+        let name = name.clone();
+        let service = service_fn(move |req: Request<Incoming>| {
+            let body = format!("{pool} {name}: {} {}\n", req.method(), req.uri());
+            let response = Response::builder()
+                .header("content-type", "text/plain; charset=utf-8")
+                .header("x-upstream", name.as_str())
+                .body(Full::new(Bytes::from(body)))
+                .expect("static headers are valid");
+            async move { Ok::<_, Infallible>(response) }
+        });
+        tokio::spawn(async move {
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}

@@ -1,0 +1,45 @@
+//! rollout-proxy: a reverse proxy that makes version-incompatible rolling deployments safe.
+//!
+//! A service ships a v2 whose API (under a version prefix such as `/api/v2`) and database schema
+//! are incompatible with v1. The proxy sends version-prefixed requests to the `v2` pool, splits
+//! legacy requests between the pools by an operator-set percentage, keeps each legacy session on
+//! the pool it started on, and tells the operator when v1 has been quiet long enough to switch off.
+//!
+//! # Request flow
+//!
+//! ```text
+//! listener → proxy (per-request orchestration; the ONE place errors become responses)
+//!          → router (v2 prefix? else legacy) → session (extract key, look up / create pin)
+//!          → balancer (smooth weighted round-robin inside a pool, skipping unhealthy / weight 0)
+//!          → upstream (hyper client, timeouts) → headers (hop-by-hop, forwarded)
+//! supporting: config (raw serde → validated), snapshot (the running config behind one ArcSwap),
+//!             server (listeners, readiness, graceful stop), admin, demo
+//! ```
+//!
+//! # Layout
+//!
+//! - [`config`]: the YAML file, parsed into raw serde structs and validated into [`config::Config`];
+//!   every problem is reported with file, line and column.
+//! - [`snapshot`]: the running routing state built from a config and published through one
+//!   `ArcSwap`.
+//! - [`listener`]: accept loop and per-connection HTTP/1.1 + h2c serving with graceful stop.
+//! - [`proxy`]: the per-request service; maps every failure to its response in one function.
+//! - [`router`]: v2-prefix matching and the legacy percentage split.
+//! - [`balancer`]: smooth weighted round-robin inside one pool.
+//! - [`upstream`]: upstream identity and the pooled keep-alive HTTP/1.1 client with timeouts.
+//! - [`headers`]: hop-by-hop removal and `X-Forwarded-*` (RFC 9110 §7.6).
+//! - [`admin`]: the admin listener (`/healthz`, `/readyz`).
+//! - [`server`]: starts the data plane and admin listeners, tracks readiness, stops gracefully.
+//! - [`demo`]: the self-contained tour with built-in stub upstreams.
+
+pub mod admin;
+pub mod balancer;
+pub mod config;
+pub mod demo;
+pub mod headers;
+pub mod listener;
+pub mod proxy;
+pub mod router;
+pub mod server;
+pub mod snapshot;
+pub mod upstream;

@@ -1,0 +1,100 @@
+//! Accepts client connections and serves HTTP/1.1 and h2c (prior knowledge) on them.
+//!
+//! The accept loop survives accept errors (a full file-descriptor table must not stop the proxy)
+//! and, on shutdown, stops accepting and lets open connections finish within the grace period.
+//! What happens to each request is [`crate::proxy`]'s business.
+
+use std::convert::Infallible;
+use std::io;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::config::ClientConfig;
+use crate::proxy::Proxy;
+
+/// How long the accept loop pauses after a resource error such as EMFILE before trying again.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// Connection-level settings for client connections.
+fn http_builder(client: &ClientConfig) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(client.header_read_timeout)
+        // The exact head-size limit is checked per request so the 431 can name its cause; this
+        // buffer bound only stops a client from making the parser hold more than that.
+        .max_buf_size((client.max_header_bytes * 2).max(64 * 1024));
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(client.max_header_bytes * 2).unwrap_or(u32::MAX));
+    builder
+}
+
+/// Serves `listener` until `shutdown` fires, then waits up to `grace` for open connections.
+pub async fn serve(
+    listener: TcpListener,
+    proxy: Arc<Proxy>,
+    client: &ClientConfig,
+    shutdown: CancellationToken,
+    grace: Duration,
+) {
+    let builder = http_builder(client);
+    let graceful = GracefulShutdown::new();
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(err) => {
+                    back_off(err).await;
+                    continue;
+                }
+            },
+        };
+        if let Err(err) = stream.set_nodelay(true) {
+            debug!(peer = %peer, error = %err, "could not set TCP_NODELAY");
+        }
+        let proxy = proxy.clone();
+        let service = service_fn(move |req| {
+            let proxy = proxy.clone();
+            async move { Ok::<_, Infallible>(proxy.handle(req, peer).await) }
+        });
+        let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service).into_owned();
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            if let Err(err) = connection.await {
+                debug!(peer = %peer, error = %err, "client connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    info!(open_connections = graceful.count(), grace = ?grace, "stopped accepting; draining connections");
+    tokio::select! {
+        _ = graceful.shutdown() => info!("all client connections finished"),
+        _ = tokio::time::sleep(grace) => warn!("grace period over; closing the remaining connections"),
+    }
+}
+
+/// Errors about one connection are skipped at once; resource exhaustion gets a short pause so
+/// the loop does not spin while descriptors are short.
+async fn back_off(err: io::Error) {
+    match err.kind() {
+        io::ErrorKind::ConnectionAborted | io::ErrorKind::ConnectionReset | io::ErrorKind::Interrupted => {
+            debug!(error = %err, "accept failed for one connection")
+        }
+        _ => {
+            warn!(error = %err, "accept failed; pausing before the next accept");
+            tokio::time::sleep(ACCEPT_BACKOFF).await;
+        }
+    }
+}
