@@ -1,0 +1,250 @@
+//! Shared test fixtures: stub upstreams on real sockets, an in-process proxy, an HTTP client.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Body, Frame, Incoming};
+use hyper::service::service_fn;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rollout_proxy::config::Config;
+use rollout_proxy::server::Server;
+use sha2::{Digest, Sha256};
+use tokio::net::TcpListener;
+
+/// A stub application server. Paths with special meaning:
+/// - `/__stall`: never answers;
+/// - `/__slow/{ms}`: answers after `ms` milliseconds;
+/// - `/__big/{bytes}`: streams `bytes` bytes of [`pattern`] in 64 KiB chunks;
+/// - anything else: a JSON [`Echo`] of what arrived (headers, body length and SHA-256).
+///
+/// Every answer carries `x-upstream: NAME`.
+pub struct Upstream {
+    name: String,
+}
+
+impl Upstream {
+    pub fn new(name: &str) -> Self {
+        Upstream { name: name.to_owned() }
+    }
+
+    pub async fn spawn(self) -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let name = self.name;
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else { continue };
+                let name = name.clone();
+                tokio::spawn(async move {
+                    let service = service_fn(move |req| answer(name.clone(), req));
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        addr
+    }
+}
+
+/// What a stub upstream saw.
+#[derive(Debug, serde::Deserialize, serde::Serialize)]
+pub struct Echo {
+    pub upstream: String,
+    pub method: String,
+    pub path: String,
+    pub headers: BTreeMap<String, Vec<String>>,
+    pub body_len: usize,
+    pub body_sha256: String,
+}
+
+type StubBody = http_body_util::Either<Full<Bytes>, Pattern>;
+
+async fn answer(name: String, req: Request<Incoming>) -> Result<Response<StubBody>, Infallible> {
+    let path = req.uri().path().to_owned();
+    let reply = |body: StubBody| Response::builder().header("x-upstream", name.as_str()).body(body).unwrap();
+    if path == "/__stall" {
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+    }
+    if let Some(ms) = path.strip_prefix("/__slow/") {
+        tokio::time::sleep(Duration::from_millis(ms.parse().unwrap())).await;
+    }
+    if let Some(n) = path.strip_prefix("/__big/") {
+        return Ok(reply(http_body_util::Either::Right(Pattern::new(n.parse().unwrap()))));
+    }
+    let method = req.method().to_string();
+    let path = req.uri().to_string();
+    let mut headers = BTreeMap::<String, Vec<String>>::new();
+    for (k, v) in req.headers() {
+        headers.entry(k.to_string()).or_default().push(v.to_str().unwrap_or("<binary>").to_owned());
+    }
+    let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+    let echo = Echo {
+        upstream: name.clone(),
+        method,
+        path,
+        headers,
+        body_len: body.len(),
+        body_sha256: sha256(&body),
+    };
+    Ok(reply(http_body_util::Either::Left(Full::new(Bytes::from(serde_json::to_vec(&echo).unwrap())))))
+}
+
+pub fn sha256(data: &[u8]) -> String {
+    Sha256::digest(data).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Deterministic bytes: byte `i` is `(i * 31 + 7) % 251`.
+pub fn pattern_bytes(len: usize) -> Vec<u8> {
+    (0..len).map(|i| ((i * 31 + 7) % 251) as u8).collect()
+}
+
+/// A streamed body of [`pattern_bytes`], produced chunk by chunk.
+pub struct Pattern {
+    offset: usize,
+    len: usize,
+}
+
+impl Pattern {
+    fn new(len: usize) -> Self {
+        Pattern { offset: 0, len }
+    }
+}
+
+impl Body for Pattern {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        if self.offset >= self.len {
+            return Poll::Ready(None);
+        }
+        let end = (self.offset + 64 * 1024).min(self.len);
+        let chunk: Vec<u8> = (self.offset..end).map(|i| ((i * 31 + 7) % 251) as u8).collect();
+        self.offset = end;
+        Poll::Ready(Some(Ok(Frame::data(Bytes::from(chunk)))))
+    }
+}
+
+/// An address where nothing listens: connections to it are refused.
+pub async fn refused_addr() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    listener.local_addr().unwrap()
+}
+
+/// YAML for a config with the given upstreams (`(name, addr, weight)`) and extra top-level YAML.
+pub fn config_yaml(v1: &[(&str, SocketAddr, u32)], v2: &[(&str, SocketAddr, u32)], extra: &str) -> String {
+    let pool = |ups: &[(&str, SocketAddr, u32)]| {
+        ups.iter()
+            .map(|(n, a, w)| format!("      - {{ name: {n}, url: \"http://{a}\", weight: {w} }}\n"))
+            .collect::<String>()
+    };
+    format!(
+        "listen: \"127.0.0.1:0\"\nadmin: {{ listen: \"127.0.0.1:0\" }}\npools:\n  v1:\n    upstreams:\n{}  v2:\n    upstreams:\n{}{extra}",
+        pool(v1),
+        pool(v2)
+    )
+}
+
+/// A proxy running inside the test process.
+pub struct ProxyHandle {
+    pub addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    server: Server,
+}
+
+pub async fn spawn_proxy(yaml: &str) -> ProxyHandle {
+    let config = Config::from_yaml(yaml, Path::new("test.yaml")).unwrap_or_else(|e| panic!("{e}\n{yaml}"));
+    let server = Server::start(config).await.unwrap();
+    ProxyHandle { addr: server.addr, admin_addr: server.admin_addr, server }
+}
+
+impl ProxyHandle {
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{}", self.admin_addr, path)
+    }
+
+    pub async fn shutdown(self) {
+        self.server.stop().await;
+    }
+}
+
+/// A response read to the end.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Reply {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    pub fn echo(&self) -> Echo {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not an echo ({e}): {} {:?}", self.status, self.body))
+    }
+}
+
+pub fn http1_client() -> Client<HttpConnector, Full<Bytes>> {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+pub fn h2c_client() -> Client<HttpConnector, Full<Bytes>> {
+    Client::builder(TokioExecutor::new()).http2_only(true).build_http()
+}
+
+pub async fn send(client: &Client<HttpConnector, Full<Bytes>>, req: Request<Full<Bytes>>) -> Reply {
+    let response = client.request(req).await.expect("request reaches the proxy");
+    let (parts, body) = response.into_parts();
+    let body = body.collect().await.expect("body arrives whole").to_bytes();
+    Reply { status: parts.status, headers: parts.headers, body }
+}
+
+pub async fn get(url: &str) -> Reply {
+    let req = Request::builder().method(Method::GET).uri(url).body(Full::default()).unwrap();
+    send(&http1_client(), req).await
+}
+
+/// Sends `n` GETs to `url`, up to 16 at a time, and counts the answers by `x-upstream`.
+pub async fn count_upstreams(url: &str, n: usize) -> BTreeMap<String, usize> {
+    let client = http1_client();
+    let mut counts = BTreeMap::new();
+    let mut sent = 0;
+    while sent < n {
+        let batch = (n - sent).min(16);
+        let mut tasks = Vec::new();
+        for _ in 0..batch {
+            let client = client.clone();
+            let req = Request::builder().uri(url).body(Full::default()).unwrap();
+            tasks.push(tokio::spawn(async move { send(&client, req).await }));
+        }
+        for task in tasks {
+            let reply = task.await.unwrap();
+            assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+            *counts.entry(reply.header("x-upstream").unwrap().to_owned()).or_insert(0) += 1;
+        }
+        sent += batch;
+    }
+    counts
+}
