@@ -31,28 +31,37 @@ pub enum ConfigError {
         #[source]
         source: std::io::Error,
     },
-    #[error("{}", syntax_message(file, source))]
+    #[error("{}", position(file, source.0.location()))]
     Syntax {
         file: PathBuf,
         #[source]
-        source: yaml::Error,
+        source: SyntaxError,
     },
     #[error("{}", invalid_message(file, problems))]
     Invalid { file: PathBuf, problems: Vec<Problem> },
 }
 
-fn syntax_message(file: &Path, source: &yaml::Error) -> String {
-    let text = source.to_string();
-    match source.location() {
-        Some(at) => {
-            // The YAML error repeats the position at its end; it is already in the prefix.
-            let suffix = format!(" at line {} column {}", at.line(), at.column());
-            let text = text.strip_suffix(&suffix).unwrap_or(&text);
-            format!("{}:{}:{}: {text}", file.display(), at.line(), at.column())
-        }
-        None => format!("{}: {text}", file.display()),
+/// `file:line:column`, or just the file when the parser gave no position.
+fn position(file: &Path, at: Option<yaml::Location>) -> String {
+    match at {
+        Some(at) => format!("{}:{}:{}", file.display(), at.line(), at.column()),
+        None => file.display().to_string(),
     }
 }
+
+/// A YAML syntax or type error; its position is shown by [`ConfigError::Syntax`], not repeated.
+#[derive(Debug)]
+pub struct SyntaxError(yaml::Error);
+
+impl fmt::Display for SyntaxError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let text = self.0.to_string();
+        let suffix = self.0.location().map(|at| format!(" at line {} column {}", at.line(), at.column()));
+        f.write_str(suffix.and_then(|s| text.strip_suffix(&s).map(str::to_owned)).as_deref().unwrap_or(&text))
+    }
+}
+
+impl std::error::Error for SyntaxError {}
 
 fn invalid_message(file: &Path, problems: &[Problem]) -> String {
     let lines: Vec<String> = problems
@@ -587,8 +596,8 @@ impl Config {
 
     /// Parses and validates config text; `file` is only used in messages.
     pub fn from_yaml(text: &str, file: &Path) -> Result<Config, ConfigError> {
-        let raw: RawConfig =
-            yaml::from_str(text).map_err(|source| ConfigError::Syntax { file: file.to_owned(), source })?;
+        let raw: RawConfig = yaml::from_str(text)
+            .map_err(|e| ConfigError::Syntax { file: file.to_owned(), source: SyntaxError(e) })?;
         raw.validate().map_err(|mut problems| {
             for problem in &mut problems {
                 locate(text, problem);
@@ -929,7 +938,7 @@ pools:
     fn problems(text: &str) -> String {
         match Config::from_yaml(text, Path::new("t.yaml")) {
             Ok(_) => panic!("config was accepted:\n{text}"),
-            Err(e) => e.to_string(),
+            Err(e) => crate::ErrorChain(&e).to_string(),
         }
     }
 

@@ -20,6 +20,7 @@ use crate::headers;
 use crate::router::Route;
 use crate::snapshot::{SharedSnapshot, Snapshot};
 use crate::upstream::{UpstreamClient, UpstreamError};
+use crate::ErrorChain;
 
 /// Response body: the upstream's streamed body, or a short body the proxy wrote itself.
 pub type Body = Either<Incoming, Full<Bytes>>;
@@ -153,19 +154,4 @@ pub fn error_response(err: &ProxyError, pool: Option<PoolName>) -> Response<Body
         headers.insert(X_ROLLOUT_POOL.clone(), pool_value(pool));
     }
     response
-}
-
-/// Displays an error with its chain of causes: `a: b: c`.
-pub struct ErrorChain<'a>(pub &'a dyn std::error::Error);
-
-impl std::fmt::Display for ErrorChain<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}", self.0)?;
-        let mut cause = self.0.source();
-        while let Some(err) = cause {
-            write!(f, ": {err}")?;
-            cause = err.source();
-        }
-        Ok(())
-    }
 }

@@ -248,3 +248,101 @@ pub async fn count_upstreams(url: &str, n: usize) -> BTreeMap<String, usize> {
     }
     counts
 }
+
+/// The `rollout-proxy` binary running as a child process, with its stderr collected.
+pub struct ProxyProcess {
+    child: std::process::Child,
+    pub addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub stdout: std::sync::Arc<std::sync::Mutex<String>>,
+    pub stderr: std::sync::Arc<std::sync::Mutex<String>>,
+}
+
+pub fn binary() -> std::process::Command {
+    std::process::Command::new(env!("CARGO_BIN_EXE_rollout-proxy"))
+}
+
+/// Collects a child's output stream into a string, line by line, on a thread.
+fn collect(stream: impl std::io::Read + Send + 'static) -> std::sync::Arc<std::sync::Mutex<String>> {
+    use std::io::BufRead;
+    let out = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let sink = out.clone();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stream).lines().map_while(Result::ok) {
+            let mut s = sink.lock().unwrap();
+            s.push_str(&line);
+            s.push('\n');
+        }
+    });
+    out
+}
+
+fn field(log: &str, key: &str) -> Option<SocketAddr> {
+    let line = log.lines().find(|l| l.contains(" serving "))?;
+    let start = line.find(key)? + key.len();
+    line[start..].split_whitespace().next()?.parse().ok()
+}
+
+impl ProxyProcess {
+    /// Starts the binary with `args` and waits until it logs that it is serving.
+    pub async fn start(args: &[&str]) -> ProxyProcess {
+        let mut child = binary()
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("the binary starts");
+        let stdout = collect(child.stdout.take().unwrap());
+        let stderr = collect(child.stderr.take().unwrap());
+        for _ in 0..400 {
+            let log = stderr.lock().unwrap().clone();
+            if let (Some(addr), Some(admin_addr)) = (field(&log, "listen="), field(&log, "admin=")) {
+                return ProxyProcess { child, addr, admin_addr, stdout, stderr };
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("rollout-proxy exited early with {status}:\n{log}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let _ = child.kill();
+        panic!("rollout-proxy did not start serving:\n{}", stderr.lock().unwrap());
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{}", self.admin_addr, path)
+    }
+
+    pub fn signal(&self, signal: i32) {
+        let pid = i32::try_from(self.child.id()).unwrap();
+        // SAFETY: kill(2) with a pid this test spawned and still owns.
+        assert_eq!(unsafe { libc::kill(pid, signal) }, 0, "signal delivered");
+    }
+
+    /// Waits up to `limit` for the process to exit.
+    pub async fn exit_status(&mut self, limit: Duration) -> std::process::ExitStatus {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no exit within {limit:?}:\n{}",
+                self.stderr.lock().unwrap()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for ProxyProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -1,0 +1,154 @@
+//! `rollout-proxy check`: every kind of bad config is rejected with file, line, column and key.
+
+mod support;
+
+use std::path::Path;
+
+const GOOD: &str = "\
+listen: \"0.0.0.0:8080\"
+pools:
+  v1:
+    upstreams:
+      - { name: was-1, url: \"http://10.0.1.11:8080\", weight: 1 }
+      - { name: was-2, url: \"http://10.0.1.12:8080\", weight: 1 }
+  v2:
+    upstreams:
+      - { name: was-3, url: \"http://10.0.2.11:8080\" }
+routes:
+  v2_prefixes: [\"/api/v2\"]
+  legacy_v1_percent: 100
+drain:
+  quiet_window: 24h
+";
+
+/// Runs `check` on `text`, returning (exit code, stdout, stderr).
+fn check(dir: &Path, text: &str) -> (Option<i32>, String, String) {
+    let file = dir.join("rollout.yaml");
+    std::fs::write(&file, text).unwrap();
+    let out = support::binary().args(["check", "--config", file.to_str().unwrap()]).output().unwrap();
+    (out.status.code(), String::from_utf8(out.stdout).unwrap(), String::from_utf8(out.stderr).unwrap())
+}
+
+fn assert_rejected(text: &str, expected: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let (code, _, stderr) = check(dir.path(), text);
+    assert_eq!(code, Some(1), "exit code; stderr: {stderr}");
+    let want = format!("{}:{expected}", dir.path().join("rollout.yaml").display());
+    assert!(stderr.contains(&want), "expected {want:?} in:\n{stderr}");
+}
+
+#[test]
+fn good_config_prints_the_effective_configuration() {
+    let dir = tempfile::tempdir().unwrap();
+    let (code, stdout, stderr) = check(dir.path(), GOOD);
+    assert_eq!(code, Some(0), "{stderr}");
+    // Defaults the file does not mention are filled in.
+    for default in
+        ["max_duration: 10h 40m", "header_read_timeout: 10s", "listen: 127.0.0.1:9901", "pool_header: true"]
+    {
+        assert!(stdout.contains(default), "{default:?} missing from:\n{stdout}");
+    }
+}
+
+#[test]
+fn unknown_key() {
+    assert_rejected(
+        &GOOD.replace("weight: 1 }\n      - { name: was-2", "wieght: 1 }\n      - { name: was-2"),
+        "5:54: pools.v1.upstreams[0]: unknown field `wieght`, expected one of `name`, `url`, `weight`\n",
+    );
+}
+
+#[test]
+fn unknown_top_level_section() {
+    assert_rejected(&format!("{GOOD}sesions: {{}}\n"), "15:1: unknown field `sesions`");
+}
+
+#[test]
+fn bad_url() {
+    assert_rejected(
+        &GOOD.replace("http://10.0.1.12:8080", "ftp://10.0.1.12"),
+        "6:29: pools.v1.upstreams[1].url: \"ftp://10.0.1.12\": scheme ftp is not supported",
+    );
+    assert_rejected(
+        &GOOD.replace("http://10.0.2.11:8080", "10.0.2.11"),
+        "9:29: pools.v2.upstreams[0].url: \"10.0.2.11\" must be an absolute URL",
+    );
+}
+
+#[test]
+fn duplicate_upstream_name() {
+    assert_rejected(
+        &GOOD.replace("name: was-2", "name: was-1"),
+        "6:17: pools.v1.upstreams[1].name: duplicate upstream name \"was-1\"",
+    );
+}
+
+#[test]
+fn percent_over_100() {
+    assert_rejected(
+        &GOOD.replace("legacy_v1_percent: 100", "legacy_v1_percent: 101"),
+        "12:22: routes.legacy_v1_percent: 101 is not a percentage between 0 and 100",
+    );
+}
+
+#[test]
+fn empty_pool() {
+    let text = GOOD.replace(
+        "    upstreams:\n      - { name: was-3, url: \"http://10.0.2.11:8080\" }\n",
+        "    upstreams: []\n",
+    );
+    assert_rejected(&text, "8:16: pools.v2.upstreams: pool has no upstreams");
+}
+
+#[test]
+fn missing_pool() {
+    let text =
+        GOOD.replace("  v2:\n    upstreams:\n      - { name: was-3, url: \"http://10.0.2.11:8080\" }\n", "");
+    assert_rejected(&text, "3:3: pools: missing field `v2`");
+}
+
+#[test]
+fn bad_duration() {
+    assert_rejected(
+        &GOOD.replace("quiet_window: 24h", "quiet_window: 24 hours and a bit"),
+        "14:17: drain.quiet_window: ",
+    );
+}
+
+#[test]
+fn prefix_without_leading_slash() {
+    assert_rejected(
+        &GOOD.replace("[\"/api/v2\"]", "[\"/api/v3\", \"api/v2\"]"),
+        "11:28: routes.v2_prefixes[1]: prefix \"api/v2\" must start with '/'",
+    );
+}
+
+#[test]
+fn bad_listen_address() {
+    assert_rejected(
+        &GOOD.replace("0.0.0.0:8080", "localhost"),
+        "1:9: listen: \"localhost\" is not an IP:port address",
+    );
+}
+
+#[test]
+fn every_problem_is_reported_at_once() {
+    let text =
+        GOOD.replace("legacy_v1_percent: 100", "legacy_v1_percent: -1").replace("name: was-2", "name: was-1");
+    let dir = tempfile::tempdir().unwrap();
+    let (code, _, stderr) = check(dir.path(), &text);
+    assert_eq!(code, Some(1));
+    assert!(
+        stderr.contains("duplicate upstream name") && stderr.contains("routes.legacy_v1_percent"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn missing_file_is_named() {
+    let out = support::binary().args(["check", "--config", "/nonexistent/rollout.yaml"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("cannot read config file /nonexistent/rollout.yaml")
+    );
+}

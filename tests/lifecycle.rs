@@ -1,0 +1,68 @@
+//! The binary as an operator runs it: graceful stop on SIGTERM, and the demo.
+
+mod support;
+
+use std::time::Duration;
+
+use http::StatusCode;
+use support::{config_yaml, get, ProxyProcess, Upstream};
+
+#[tokio::test]
+async fn sigterm_lets_an_in_flight_request_finish_then_exits_0() {
+    let v1 = Upstream::new("v1-a").spawn().await;
+    let v2 = Upstream::new("v2-a").spawn().await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("rollout.yaml");
+    std::fs::write(
+        &file,
+        config_yaml(&[("v1-a", v1, 1)], &[("v2-a", v2, 1)], "shutdown: { grace_period: 20s }\n"),
+    )
+    .unwrap();
+    let mut proxy = ProxyProcess::start(&["run", "--config", file.to_str().unwrap()]).await;
+    assert_eq!(get(&proxy.admin_url("/readyz")).await.status, StatusCode::OK);
+
+    let slow_url = proxy.url("/__slow/1500");
+    let slow = tokio::spawn(async move { get(&slow_url).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    proxy.signal(libc::SIGTERM);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    // Draining: not ready, no new connections, the old request still running.
+    assert_eq!(get(&proxy.admin_url("/readyz")).await.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(tokio::net::TcpStream::connect(proxy.addr).await.is_err(), "the listener is closed");
+    assert!(!slow.is_finished());
+
+    let reply = slow.await.unwrap();
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(reply.header("x-upstream"), Some("v1-a"));
+    let status = proxy.exit_status(Duration::from_secs(10)).await;
+    assert_eq!(status.code(), Some(0), "{}", proxy.stderr.lock().unwrap());
+}
+
+#[tokio::test]
+async fn demo_serves_the_tour_and_stops_on_ctrl_c() {
+    let mut demo =
+        ProxyProcess::start(&["demo", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"]).await;
+    for _ in 0..100 {
+        if demo.stdout.lock().unwrap().contains("Ctrl-C") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let tour = demo.stdout.lock().unwrap().clone();
+    assert!(tour.contains(&format!("curl -si http://{}/api/v2/studies/42", demo.addr)), "{tour}");
+
+    let reply = get(&demo.url("/api/v2/studies/42")).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert!(String::from_utf8_lossy(&reply.body).starts_with("v2 v2-"), "{:?}", reply.body);
+    let mut pools = std::collections::BTreeSet::new();
+    for _ in 0..60 {
+        let reply = get(&demo.url("/api/studies/42/progress")).await;
+        pools.insert(reply.header("x-rollout-pool").unwrap().to_owned());
+    }
+    assert_eq!(pools.len(), 2, "the demo's 50 % split reaches both pools");
+    assert_eq!(get(&demo.admin_url("/healthz")).await.status, StatusCode::OK);
+
+    demo.signal(libc::SIGINT);
+    assert_eq!(demo.exit_status(Duration::from_secs(10)).await.code(), Some(0));
+}
