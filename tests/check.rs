@@ -152,3 +152,12 @@ fn missing_file_is_named() {
         String::from_utf8_lossy(&out.stderr).contains("cannot read config file /nonexistent/rollout.yaml")
     );
 }
+
+#[test]
+fn shipped_configs_pass() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    for file in ["config/rollout.yaml", "config/demo.yaml"] {
+        let out = support::binary().args(["check", "--config"]).arg(root.join(file)).output().unwrap();
+        assert!(out.status.success(), "{file}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+}
