@@ -286,8 +286,20 @@ fn field(log: &str, key: &str) -> Option<SocketAddr> {
 impl ProxyProcess {
     /// Starts the binary with `args` and waits until it logs that it is serving.
     pub async fn start(args: &[&str]) -> ProxyProcess {
-        let mut child = binary()
-            .args(args)
+        let mut command = binary();
+        command.args(args);
+        Self::start_command(command).await
+    }
+
+    /// Starts the binary through `sh -c SCRIPT` (for `ulimit` and the like).
+    pub async fn start_shell(script: &str) -> ProxyProcess {
+        let mut command = std::process::Command::new("sh");
+        command.args(["-c", script]);
+        Self::start_command(command).await
+    }
+
+    async fn start_command(mut command: std::process::Command) -> ProxyProcess {
+        let mut child = command
             .env("RUST_LOG", "info")
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
