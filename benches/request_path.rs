@@ -12,6 +12,7 @@ use http::{HeaderMap, HeaderValue, Uri};
 use rollout_proxy::balancer::Balancer;
 use rollout_proxy::config::{Percent, Prefix, UpstreamConfig, UpstreamName, UpstreamUrl};
 use rollout_proxy::headers;
+use rollout_proxy::metrics::UpstreamStats;
 use rollout_proxy::router::Router;
 use rollout_proxy::upstream::Upstream;
 
@@ -28,11 +29,14 @@ fn routing(c: &mut Criterion) {
 fn balancing(c: &mut Criterion) {
     let upstreams = (0..4)
         .map(|i| {
-            Arc::new(Upstream::new(&UpstreamConfig {
-                name: UpstreamName::try_new(&format!("was-{i}")).unwrap(),
-                url: UpstreamUrl::try_parse(&format!("http://10.0.1.{i}:8080")).unwrap(),
-                weight: i + 1,
-            }))
+            Arc::new(Upstream::new(
+                &UpstreamConfig {
+                    name: UpstreamName::try_new(&format!("was-{i}")).unwrap(),
+                    url: UpstreamUrl::try_parse(&format!("http://10.0.1.{i}:8080")).unwrap(),
+                    weight: i + 1,
+                },
+                UpstreamStats::unregistered(),
+            ))
         })
         .collect();
     let balancer = Balancer::new(upstreams);

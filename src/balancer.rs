@@ -59,11 +59,14 @@ mod tests {
             .iter()
             .enumerate()
             .map(|(i, &weight)| {
-                Arc::new(Upstream::new(&UpstreamConfig {
-                    name: UpstreamName::try_new(&format!("u{i}")).unwrap(),
-                    url: UpstreamUrl::try_parse(&format!("http://127.0.0.1:{}", 1000 + i)).unwrap(),
-                    weight,
-                }))
+                Arc::new(Upstream::new(
+                    &UpstreamConfig {
+                        name: UpstreamName::try_new(&format!("u{i}")).unwrap(),
+                        url: UpstreamUrl::try_parse(&format!("http://127.0.0.1:{}", 1000 + i)).unwrap(),
+                        weight,
+                    },
+                    crate::metrics::UpstreamStats::unregistered(),
+                ))
             })
             .collect();
         Balancer::new(upstreams)

@@ -355,6 +355,12 @@ impl fmt::Display for PoolName {
     }
 }
 
+impl Serialize for PoolName {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
 impl FromStr for PoolName {
     type Err = String;
 
@@ -617,6 +623,13 @@ impl Config {
         self.raw.listen = listen.to_string();
         self.admin_listen = admin_listen;
         self.raw.admin.listen = admin_listen.to_string();
+        self
+    }
+
+    /// A copy with a different state directory, for the demo and tests.
+    pub fn with_state_dir(mut self, dir: &Path) -> Config {
+        self.state_dir = dir.to_owned();
+        self.raw.state_dir = dir.to_owned();
         self
     }
 

@@ -58,7 +58,9 @@ pub async fn run(options: DemoOptions) -> Result<(), DemoError> {
     };
     let listen = options.listen.unwrap_or(config.listen);
     let admin_listen = options.admin_listen.unwrap_or(config.admin_listen);
-    config = config.with_listeners(listen, admin_listen);
+    // Each demo run starts from empty state of its own, removed when it stops.
+    let state_dir = std::env::temp_dir().join(format!("rollout-proxy-demo-{}", std::process::id()));
+    config = config.with_listeners(listen, admin_listen).with_state_dir(&state_dir);
 
     for pool in PoolName::ALL {
         let upstreams = config.pools.get(pool).upstreams.clone();
@@ -86,6 +88,7 @@ pub async fn run(options: DemoOptions) -> Result<(), DemoError> {
         token.cancel();
     });
     server.wait().await;
+    let _ = std::fs::remove_dir_all(&state_dir);
     Ok(())
 }
 
@@ -104,10 +107,21 @@ fn tour(config: &Config, addr: SocketAddr, admin: SocketAddr) -> String {
     out += "Try:\n";
     out += "  # a version-prefixed path always reaches the v2 pool\n";
     out += &format!("  curl -si http://{addr}/api/v2/studies/42\n\n");
-    out += &format!("  # legacy paths are split: {percent} of them reach v1\n");
-    out += &format!("  for i in $(seq 10); do curl -s http://{addr}/api/studies/42/progress; done\n\n");
+    out += &format!(
+        "  # a legacy study is pinned to the pool it started on ({percent} of new studies start on v1)\n"
+    );
+    out += &format!("  for i in $(seq 5); do curl -s http://{addr}/api/studies/42/progress; done\n");
+    out += &format!("  curl -s 'http://{addr}/api/progress?studyId=42'   # same study, same pool\n\n");
+    out += "  # legacy requests without a study id are split per request\n";
+    out += &format!("  for i in $(seq 6); do curl -s http://{addr}/api/members/me; done\n\n");
     out += "  # /api/v2x is not under /api/v2: it is a legacy path\n";
     out += &format!("  curl -s http://{addr}/api/v2x\n\n");
+    out += &format!(
+        "  # the drain signal: 200 once v1 has no pins and was quiet for {:?}\n",
+        config.quiet_window
+    );
+    out += &format!("  curl -s http://{admin}/drain; echo\n");
+    out += &format!("  curl -s http://{admin}/metrics | grep ^rollout_sessions\n\n");
     out += "  # liveness and readiness\n";
     out += &format!("  curl -s http://{admin}/healthz; curl -s http://{admin}/readyz\n\n");
     out += "Ctrl-C stops the demo.";

@@ -34,14 +34,19 @@
 
 pub mod admin;
 pub mod balancer;
+pub mod clock;
 pub mod config;
 pub mod demo;
+pub mod drain;
 pub mod headers;
 pub mod listener;
+pub mod metrics;
 pub mod proxy;
 pub mod router;
 pub mod server;
+pub mod session;
 pub mod snapshot;
+pub mod state;
 pub mod upstream;
 
 /// Displays an error with its chain of causes: `outer: inner: root`.

@@ -6,6 +6,8 @@
 //! [`crate::balancer`].
 
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -15,10 +17,16 @@ use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use tracing::{debug, warn};
 
-use crate::config::PoolName;
+use crate::clock::SharedClock;
+use crate::config::{ByPool, PoolName};
+use crate::drain::{DrainClock, DrainStatus};
 use crate::headers;
+use crate::metrics::{Metrics, ScrapeState};
+use crate::router::Decision;
 use crate::router::Route;
+use crate::session::{KeyOutcome, Resolution, Sessions};
 use crate::snapshot::{SharedSnapshot, Snapshot};
+use crate::state::Op;
 use crate::upstream::{UpstreamClient, UpstreamError};
 use crate::ErrorChain;
 
@@ -41,16 +49,35 @@ pub enum ProxyError {
     Upstream(#[from] UpstreamError),
 }
 
+/// Everything a request needs, shared by all connections.
 pub struct Proxy {
     snapshot: SharedSnapshot,
     client: UpstreamClient,
+    sessions: Arc<Sessions>,
+    drain: Arc<DrainClock>,
+    metrics: Arc<Metrics>,
+    clock: SharedClock,
     /// `X-Forwarded-Proto` of this listener.
     proto: &'static str,
 }
 
+/// What the routing step decided, kept for the response's metrics and log line.
+#[derive(Debug, Clone, Copy)]
+struct Routed {
+    pool: PoolName,
+    decision: Decision,
+}
+
 impl Proxy {
-    pub fn new(snapshot: SharedSnapshot, client: UpstreamClient) -> Self {
-        Proxy { snapshot, client, proto: "http" }
+    pub fn new(
+        snapshot: SharedSnapshot,
+        client: UpstreamClient,
+        sessions: Arc<Sessions>,
+        drain: Arc<DrainClock>,
+        metrics: Arc<Metrics>,
+        clock: SharedClock,
+    ) -> Self {
+        Proxy { snapshot, client, sessions, drain, metrics, clock, proto: "http" }
     }
 
     /// Answers one client request. Infallible: failures come back as proxy-made responses.
@@ -59,22 +86,28 @@ impl Proxy {
         let logged =
             tracing::enabled!(tracing::Level::DEBUG).then(|| (req.method().clone(), req.uri().clone()));
         let snapshot = self.snapshot.load_full();
-        let mut pool = None;
-        let response = match self.forward(&snapshot, req, peer, &mut pool).await {
+        let mut routed = None;
+        let response = match self.forward(&snapshot, req, peer, &mut routed).await {
             Ok(response) => response,
             Err(err) => {
+                let pool = routed.map(|r| r.pool);
                 warn!(peer = %peer, pool = pool.map(PoolName::as_str), error = %ErrorChain(&err), "request failed");
                 error_response(&err, pool.filter(|_| snapshot.pool_header))
             }
         };
+        let elapsed = started.elapsed();
+        if let Some(Routed { pool, decision }) = routed {
+            self.metrics.request(decision, pool, response.status().as_u16(), elapsed.as_secs_f64());
+        }
         if let Some((method, uri)) = logged {
             debug!(
                 peer = %peer,
                 method = %method,
                 path = uri.path(),
-                pool = pool.map(PoolName::as_str),
+                pool = routed.map(|r| r.pool.as_str()),
+                decision = routed.map(|r| r.decision.as_str()),
                 status = response.status().as_u16(),
-                elapsed_us = started.elapsed().as_micros() as u64,
+                elapsed_us = elapsed.as_micros() as u64,
                 "request"
             );
         }
@@ -86,7 +119,7 @@ impl Proxy {
         snapshot: &Snapshot,
         req: Request<Incoming>,
         peer: SocketAddr,
-        chosen: &mut Option<PoolName>,
+        routed: &mut Option<Routed>,
     ) -> Result<Response<Body>, ProxyError> {
         if req.method() == Method::CONNECT {
             return Err(ProxyError::BadRequest("CONNECT is not supported"));
@@ -99,24 +132,129 @@ impl Proxy {
             return Err(ProxyError::HeadersTooLarge { size, limit: snapshot.max_header_bytes });
         }
 
-        let pool = match snapshot.router.route(req.uri().path()) {
-            Route::V2Prefix => PoolName::V2,
-            // Legacy requests without a pin are split per request.
-            Route::Legacy => snapshot.router.split(),
-        };
-        *chosen = Some(pool);
+        let (pool, decision, new_pin) = self.choose_pool(snapshot, &req);
+        if let (Decision::Pinned, Some(seq)) = (decision, new_pin) {
+            // A pin another request made a moment ago: follow it only once it is durable.
+            self.sessions.settle(seq).await;
+        }
+        *routed = Some(Routed { pool, decision });
         let upstream = snapshot.pool(pool).pick().ok_or(ProxyError::NoUpstream { pool })?;
+        if pool == PoolName::V1 {
+            self.drain.record_v1(self.clock.now());
+        }
 
         let (mut parts, body) = req.into_parts();
         headers::prepare_request(&mut parts.headers, &parts.uri, peer.ip(), self.proto);
-        let mut response =
-            self.client.send(upstream, Request::from_parts(parts, body), snapshot.response_timeout).await?;
+        let send = self.client.send(upstream, Request::from_parts(parts, body), snapshot.response_timeout);
+        let result = match (decision, new_pin) {
+            // The pin is made durable while the upstream works; the response waits for both.
+            (Decision::NewPin, Some(seq)) => {
+                let (result, durable) = tokio::join!(send, self.sessions.settle(seq));
+                if !durable {
+                    warn!(pool = %pool, "new session pin not confirmed durable in time; answering anyway");
+                }
+                result
+            }
+            _ => send.await,
+        };
+        let mut response = match result {
+            Ok(response) => response,
+            Err(err) => {
+                upstream.stats.error(err.kind());
+                return Err(err.into());
+            }
+        };
+        upstream.stats.response(response.status().as_u16());
 
         headers::remove_hop_by_hop(response.headers_mut());
         if snapshot.pool_header {
             response.headers_mut().insert(X_ROLLOUT_POOL.clone(), pool_value(pool));
         }
         Ok(response.map(Either::Left))
+    }
+
+    /// The pool for a request, how it was decided, and the store sequence number of the pin
+    /// followed or made (`None` when no pin is involved or the pin is already durable).
+    fn choose_pool(&self, snapshot: &Snapshot, req: &Request<Incoming>) -> (PoolName, Decision, Option<u64>) {
+        if snapshot.router.route(req.uri().path()) == Route::V2Prefix {
+            return (PoolName::V2, Decision::Prefix, None);
+        }
+        let key = match snapshot.keys.extract(req.uri(), req.headers()) {
+            KeyOutcome::Key(key) => key,
+            KeyOutcome::Invalid => {
+                self.metrics.keys_rejected_invalid.inc();
+                return (snapshot.router.split(), Decision::Unkeyed, None);
+            }
+            KeyOutcome::Absent => return (snapshot.router.split(), Decision::Unkeyed, None),
+        };
+        match self.sessions.resolve(key, &snapshot.pin_policy, || snapshot.router.split()) {
+            Resolution::Pinned { pool, seq } => {
+                let pending = (!self.sessions.store().is_settled(seq)).then_some(seq);
+                (pool, Decision::Pinned, pending)
+            }
+            Resolution::NewPin { pool, seq } => (pool, Decision::NewPin, Some(seq)),
+            Resolution::Full { pool } => (pool, Decision::Unkeyed, None),
+        }
+    }
+
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.snapshot.load_full()
+    }
+
+    pub fn sessions(&self) -> &Arc<Sessions> {
+        &self.sessions
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// The drain signal as of now.
+    pub fn drain_status(&self) -> DrainStatus {
+        let snapshot = self.snapshot.load();
+        self.drain.status(
+            self.clock.now(),
+            self.sessions.live(PoolName::V1),
+            self.sessions.v1_pins_end(),
+            snapshot.quiet_window,
+        )
+    }
+
+    /// State gauges for a metrics scrape.
+    pub fn scrape_state(&self) -> ScrapeState {
+        let snapshot = self.snapshot.load();
+        let drain = self.drain_status();
+        let mut upstreams = Vec::new();
+        for pool in PoolName::ALL {
+            for u in snapshot.pool(pool).upstreams() {
+                upstreams.push((pool, u.name().to_string(), u.is_healthy(), u.weight()));
+            }
+        }
+        let health = &self.sessions.store().health;
+        ScrapeState {
+            sessions_active: ByPool {
+                v1: self.sessions.live(PoolName::V1),
+                v2: self.sessions.live(PoolName::V2),
+            },
+            legacy_v1_percent: snapshot.router.legacy_v1_percent().as_f64(),
+            v1_last_request_seconds: self.drain.last_v1_request() as f64 / 1000.0,
+            v1_quiet_seconds: drain.quiet_for_seconds,
+            quiet_window_seconds: drain.quiet_window_seconds,
+            drained: drain.drained,
+            upstreams,
+            state_last_commit_seconds: health.last_commit.load(Ordering::Relaxed) as f64,
+            state_write_errors: health.write_errors.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Background upkeep, run about once a second: pin expiry and `last_seen` flushing, and
+    /// persisting the drain clock.
+    pub fn maintain(&self) {
+        let snapshot = self.snapshot.load();
+        self.sessions.maintain(&snapshot.pin_policy);
+        if let Some(ms) = self.drain.take_unstored() {
+            self.sessions.store().send(Op::LastV1Request(ms));
+        }
     }
 }
 

@@ -2,7 +2,7 @@
 //!
 //! Version-prefixed paths always go to `v2`; everything else is legacy and, when no session pin
 //! applies, is split by the operator's percentage. Honouring pins is [`crate::session`]'s job once
-//! it exists; choosing the upstream inside the pool is [`crate::balancer`]'s.
+//! ([`crate::session`]); choosing the upstream inside the pool is [`crate::balancer`]'s.
 
 use crate::config::{Percent, PoolName, Prefix};
 
@@ -20,6 +20,39 @@ impl Route {
         match self {
             Route::V2Prefix => "v2_prefix",
             Route::Legacy => "legacy",
+        }
+    }
+}
+
+/// How the pool of a request was decided; a metrics label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    /// Under a v2 prefix.
+    Prefix,
+    /// A legacy request following its session's live pin.
+    Pinned,
+    /// A legacy request that started a new pin.
+    NewPin,
+    /// A legacy request without a (valid) session key, or with the pin table full: split per request.
+    Unkeyed,
+}
+
+impl Decision {
+    pub const ALL: [Decision; 4] = [Decision::Prefix, Decision::Pinned, Decision::NewPin, Decision::Unkeyed];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Decision::Prefix => "prefix",
+            Decision::Pinned => "pinned",
+            Decision::NewPin => "new_pin",
+            Decision::Unkeyed => "unkeyed",
+        }
+    }
+
+    pub fn route(self) -> Route {
+        match self {
+            Decision::Prefix => Route::V2Prefix,
+            _ => Route::Legacy,
         }
     }
 }

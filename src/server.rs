@@ -1,8 +1,11 @@
 //! Starts the proxy: binds the data-plane and admin listeners, tracks readiness, stops gracefully.
 //!
-//! A stop (SIGTERM, SIGINT or [`Server::stop`]) first turns `/readyz` to 503, then stops
-//! accepting, lets in-flight requests finish within `shutdown.grace_period`, and only then closes
-//! the admin listener, so an orchestrator sees "not ready" for the whole drain.
+//! Start-up opens the state store before binding anything, so a second process on the same
+//! `state_dir` fails before it takes a port. A stop (SIGTERM, SIGINT or [`Server::stop`]) first
+//! turns `/readyz` to 503, then stops accepting, lets in-flight requests finish within
+//! `shutdown.grace_period`, writes the last pin activity and drain clock, releases the store,
+//! and only then closes the admin listener, so an orchestrator sees "not ready" for the whole
+//! drain.
 
 use std::io;
 use std::net::SocketAddr;
@@ -14,11 +17,20 @@ use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 use crate::admin::{self, Readiness};
-use crate::config::Config;
+use crate::clock::{SharedClock, SystemClock};
+use crate::config::{Config, PoolName};
+use crate::drain::DrainClock;
 use crate::listener;
+use crate::metrics::Metrics;
 use crate::proxy::Proxy;
+use crate::session::{PinPolicy, Sessions};
 use crate::snapshot;
+use crate::state::{StateError, Store};
 use crate::upstream::UpstreamClient;
+
+/// How often pins are expired and flushed and the drain clock is persisted; §4 asks for at least
+/// once a second.
+pub const UPKEEP_INTERVAL: std::time::Duration = crate::drain::FLUSH_INTERVAL;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -31,6 +43,23 @@ pub enum StartError {
     },
     #[error("cannot install the signal handlers")]
     Signals(#[source] io::Error),
+    #[error(transparent)]
+    State(#[from] StateError),
+}
+
+/// Runs [`Proxy::maintain`] every second until `stop` fires.
+async fn upkeep(proxy: Arc<Proxy>, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(UPKEEP_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let proxy = proxy.clone();
+        // A scan of a large pin table is blocking work; keep it off the request threads' hot path.
+        let _ = tokio::task::spawn_blocking(move || proxy.maintain()).await;
+    }
 }
 
 /// A running proxy.
@@ -38,28 +67,69 @@ pub struct Server {
     /// Where the data plane listens (the bound address, so port 0 is resolved).
     pub addr: SocketAddr,
     pub admin_addr: SocketAddr,
+    proxy: Arc<Proxy>,
     shutdown: CancellationToken,
     stopped: JoinHandle<()>,
 }
 
 impl Server {
-    /// Binds both listeners and starts serving. Returns once both accept connections.
+    /// Binds both listeners and starts serving with the system clock.
     pub async fn start(config: Config) -> Result<Server, StartError> {
-        let admin_listener = bind(config.admin_listen, "admin.listen").await?;
-        let data_listener = bind(config.listen, "listen").await?;
+        Server::start_with_clock(config, Arc::new(SystemClock)).await
+    }
+
+    /// Like [`Server::start`], with the clock pins and the drain signal read (tests move it).
+    pub async fn start_with_clock(config: Config, clock: SharedClock) -> Result<Server, StartError> {
+        let (store, loaded) = Store::open(&config.state_dir)?;
+        let store = Arc::new(store);
+        let started_pins = loaded.pins.len();
+        let metrics = Arc::new(Metrics::new());
+        let policy = PinPolicy::from_config(&config.sessions);
+        let sessions =
+            Arc::new(Sessions::new(loaded.pins, &policy, store.clone(), clock.clone(), metrics.clone()));
+        let drain = Arc::new(DrainClock::new(loaded.last_v1_request_ms, clock.now()));
+        info!(
+            state_dir = %config.state_dir.display(),
+            pins = sessions.live(PoolName::V1) + sessions.live(PoolName::V2),
+            expired_while_down = started_pins - sessions.live(PoolName::V1) - sessions.live(PoolName::V2),
+            "state loaded"
+        );
+
+        let bound = async {
+            let admin_listener = bind(config.admin_listen, "admin.listen").await?;
+            let data_listener = bind(config.listen, "listen").await?;
+            Ok::<_, StartError>((admin_listener, data_listener))
+        };
+        let (admin_listener, data_listener) = match bound.await {
+            Ok(listeners) => listeners,
+            Err(err) => {
+                store.close().await;
+                return Err(err);
+            }
+        };
         let addr =
             data_listener.local_addr().map_err(|source| bind_error("listen", config.listen, source))?;
         let admin_addr = admin_listener
             .local_addr()
             .map_err(|source| bind_error("admin.listen", config.admin_listen, source))?;
 
+        let proxy = Arc::new(Proxy::new(
+            snapshot::shared(&config, &metrics),
+            UpstreamClient::new(&config.upstream),
+            sessions,
+            drain,
+            metrics,
+            clock,
+        ));
         let readiness = Arc::new(Readiness::default());
         let admin_stop = CancellationToken::new();
-        let admin_task = tokio::spawn(admin::serve(admin_listener, readiness.clone(), admin_stop.clone()));
-
-        let proxy = Arc::new(Proxy::new(snapshot::shared(&config), UpstreamClient::new(&config.upstream)));
+        let admin_task =
+            tokio::spawn(admin::serve(admin_listener, proxy.clone(), readiness.clone(), admin_stop.clone()));
         let shutdown = CancellationToken::new();
+        let upkeep = tokio::spawn(upkeep(proxy.clone(), shutdown.clone()));
+
         let stopping = shutdown.clone();
+        let proxy_handle = proxy.clone();
         let stopped = tokio::spawn(async move {
             let not_ready = async {
                 stopping.cancelled().await;
@@ -68,14 +138,29 @@ impl Server {
             readiness.set(true);
             info!(listen = %addr, admin = %admin_addr, "serving");
             tokio::join!(
-                listener::serve(data_listener, proxy, &config.client, stopping.clone(), config.grace_period),
+                listener::serve(
+                    data_listener,
+                    proxy.clone(),
+                    &config.client,
+                    stopping.clone(),
+                    config.grace_period
+                ),
                 not_ready
             );
+            let _ = upkeep.await;
+            // Last flush of pin activity and the drain clock, then release the state directory.
+            proxy.maintain();
+            proxy.sessions().store().close().await;
             admin_stop.cancel();
             let _ = admin_task.await;
             info!("stopped");
         });
-        Ok(Server { addr, admin_addr, shutdown, stopped })
+        Ok(Server { addr, admin_addr, proxy: proxy_handle, shutdown, stopped })
+    }
+
+    /// The running proxy: its sessions, metrics and drain signal.
+    pub fn proxy(&self) -> &Arc<Proxy> {
+        &self.proxy
     }
 
     /// A token that starts a graceful stop when cancelled.

@@ -11,7 +11,9 @@ use arc_swap::ArcSwap;
 
 use crate::balancer::Balancer;
 use crate::config::{ByPool, Config, PoolName};
+use crate::metrics::Metrics;
 use crate::router::Router;
+use crate::session::{KeyExtractor, PinPolicy};
 use crate::upstream::Upstream;
 
 #[derive(Debug)]
@@ -22,12 +24,20 @@ pub struct Snapshot {
     pub pool_header: bool,
     pub max_header_bytes: usize,
     pub response_timeout: Duration,
+    pub keys: KeyExtractor,
+    pub pin_policy: PinPolicy,
+    pub quiet_window: Duration,
 }
 
 impl Snapshot {
-    pub fn build(config: &Config) -> Snapshot {
-        let pools = config.pools.map(|_, pool| {
-            Balancer::new(pool.upstreams.iter().map(|u| Arc::new(Upstream::new(u))).collect())
+    pub fn build(config: &Config, metrics: &Metrics) -> Snapshot {
+        let pools = config.pools.map(|pool, cfg| {
+            let upstreams = cfg
+                .upstreams
+                .iter()
+                .map(|u| Arc::new(Upstream::new(u, metrics.upstream_stats(pool, u.name.as_str()))))
+                .collect();
+            Balancer::new(upstreams)
         });
         Snapshot {
             router: Router::new(config.routes.v2_prefixes.clone(), config.routes.legacy_v1_percent),
@@ -35,6 +45,9 @@ impl Snapshot {
             pool_header: config.routes.pool_header,
             max_header_bytes: config.client.max_header_bytes,
             response_timeout: config.upstream.response_timeout,
+            keys: KeyExtractor::new(config.sessions.keys.clone()),
+            pin_policy: PinPolicy::from_config(&config.sessions),
+            quiet_window: config.quiet_window,
         }
     }
 
@@ -46,6 +59,6 @@ impl Snapshot {
 /// The handle every request reads the current snapshot from.
 pub type SharedSnapshot = Arc<ArcSwap<Snapshot>>;
 
-pub fn shared(config: &Config) -> SharedSnapshot {
-    Arc::new(ArcSwap::from_pointee(Snapshot::build(config)))
+pub fn shared(config: &Config, metrics: &Metrics) -> SharedSnapshot {
+    Arc::new(ArcSwap::from_pointee(Snapshot::build(config, metrics)))
 }

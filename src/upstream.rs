@@ -17,6 +17,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::config::{UpstreamConfig, UpstreamName, UpstreamSettings};
+use crate::metrics::{UpstreamErrorKind, UpstreamStats};
 
 /// One application server inside a pool.
 #[derive(Debug)]
@@ -27,11 +28,13 @@ pub struct Upstream {
     weight: u32,
     /// Cleared by health checking; an unhealthy upstream gets no new requests.
     healthy: AtomicBool,
+    pub stats: UpstreamStats,
 }
 
 impl Upstream {
-    pub fn new(config: &UpstreamConfig) -> Self {
+    pub fn new(config: &UpstreamConfig, stats: UpstreamStats) -> Self {
         Upstream {
+            stats,
             name: config.name.clone(),
             scheme: config.url.scheme.clone(),
             authority: config.url.authority.clone(),
@@ -129,6 +132,19 @@ impl UpstreamClient {
             Err(_) => {
                 Err(UpstreamError::Timeout { upstream: upstream.name.clone(), after: response_timeout })
             }
+        }
+    }
+}
+
+impl UpstreamError {
+    /// The `kind` label of `rollout_upstream_errors_total`.
+    pub fn kind(&self) -> UpstreamErrorKind {
+        match self {
+            UpstreamError::Connect { .. } => UpstreamErrorKind::Connect,
+            UpstreamError::ConnectTimeout { .. } | UpstreamError::Timeout { .. } => {
+                UpstreamErrorKind::Timeout
+            }
+            UpstreamError::Closed { .. } => UpstreamErrorKind::Io,
         }
     }
 }

@@ -15,7 +15,14 @@ async fn sigterm_lets_an_in_flight_request_finish_then_exits_0() {
     let file = dir.path().join("rollout.yaml");
     std::fs::write(
         &file,
-        config_yaml(&[("v1-a", v1, 1)], &[("v2-a", v2, 1)], "shutdown: { grace_period: 20s }\n"),
+        config_yaml(
+            &[("v1-a", v1, 1)],
+            &[("v2-a", v2, 1)],
+            &format!(
+                "shutdown: {{ grace_period: 20s }}\nstate_dir: {}\n",
+                dir.path().join("state").display()
+            ),
+        ),
     )
     .unwrap();
     let mut proxy = ProxyProcess::start(&["run", "--config", file.to_str().unwrap()]).await;
@@ -57,10 +64,16 @@ async fn demo_serves_the_tour_and_stops_on_ctrl_c() {
     assert!(String::from_utf8_lossy(&reply.body).starts_with("v2 v2-"), "{:?}", reply.body);
     let mut pools = std::collections::BTreeSet::new();
     for _ in 0..60 {
-        let reply = get(&demo.url("/api/studies/42/progress")).await;
+        let reply = get(&demo.url("/api/members/me")).await;
         pools.insert(reply.header("x-rollout-pool").unwrap().to_owned());
     }
     assert_eq!(pools.len(), 2, "the demo's 50 % split reaches both pools");
+    let first = get(&demo.url("/api/studies/42/progress")).await.header("x-rollout-pool").map(str::to_owned);
+    for _ in 0..10 {
+        let again = get(&demo.url("/api/progress?studyId=42")).await;
+        assert_eq!(again.header("x-rollout-pool").map(str::to_owned), first, "study 42 stays on its pool");
+    }
+    assert_eq!(get(&demo.admin_url("/drain")).await.status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(get(&demo.admin_url("/healthz")).await.status, StatusCode::OK);
 
     demo.signal(libc::SIGINT);

@@ -53,7 +53,15 @@ async fn running_out_of_descriptors_does_not_stop_the_accept_loop() {
     let v2 = Upstream::new("v2-a").spawn().await;
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("rollout.yaml");
-    std::fs::write(&file, config_yaml(&[("v1-a", v1, 1)], &[("v2-a", v2, 1)], "workers: 1\n")).unwrap();
+    std::fs::write(
+        &file,
+        config_yaml(
+            &[("v1-a", v1, 1)],
+            &[("v2-a", v2, 1)],
+            &format!("workers: 1\nstate_dir: {}\n", dir.path().join("state").display()),
+        ),
+    )
+    .unwrap();
     let command = format!(
         "ulimit -n 48 && exec {} run --config {}",
         env!("CARGO_BIN_EXE_rollout-proxy"),

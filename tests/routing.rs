@@ -1,4 +1,5 @@
-//! Pool choice: v2 prefixes on segment boundaries, the legacy percentage, weights inside a pool.
+//! Pool choice: v2 prefixes on segment boundaries, the legacy percentage for requests without a
+//! session key, weights inside a pool.
 
 mod support;
 
@@ -32,7 +33,7 @@ async fn v2_prefix_matches_whole_segments_only() {
 #[tokio::test]
 async fn legacy_at_100_percent_all_reach_v1() {
     let proxy = one_upstream_per_pool("100").await;
-    let counts = count_upstreams(&proxy.url("/api/studies/1/progress"), 300).await;
+    let counts = count_upstreams(&proxy.url("/api/members/me"), 300).await;
     assert_eq!(counts.get("v1-a"), Some(&300), "{counts:?}");
     proxy.shutdown().await;
 }
@@ -40,7 +41,7 @@ async fn legacy_at_100_percent_all_reach_v1() {
 #[tokio::test]
 async fn legacy_at_0_percent_all_reach_v2() {
     let proxy = one_upstream_per_pool("0").await;
-    let counts = count_upstreams(&proxy.url("/api/progress?studyId=1"), 300).await;
+    let counts = count_upstreams(&proxy.url("/api/progress"), 300).await;
     assert_eq!(counts.get("v2-a"), Some(&300), "{counts:?}");
     proxy.shutdown().await;
 }
@@ -48,7 +49,7 @@ async fn legacy_at_0_percent_all_reach_v2() {
 #[tokio::test]
 async fn legacy_at_30_percent_splits_within_4_points() {
     let proxy = one_upstream_per_pool("30").await;
-    let counts = count_upstreams(&proxy.url("/api/studies/1/progress"), 2000).await;
+    let counts = count_upstreams(&proxy.url("/api/members/me"), 2000).await;
     let v1 = *counts.get("v1-a").unwrap_or(&0) as f64;
     let share = v1 / 2000.0 * 100.0;
     assert!((26.0..=34.0).contains(&share), "v1 share {share:.1}% ({counts:?})");
@@ -64,7 +65,7 @@ async fn weights_inside_a_pool_are_honoured_and_zero_gets_nothing() {
     let v2 = Upstream::new("v2-a").spawn().await;
     let yaml = config_yaml(&[("v1-a", a, 3), ("v1-b", b, 1), ("v1-idle", idle, 0)], &[("v2-a", v2, 1)], "");
     let proxy = spawn_proxy(&yaml).await;
-    let counts = count_upstreams(&proxy.url("/api/studies/1"), 400).await;
+    let counts = count_upstreams(&proxy.url("/api/members/me"), 400).await;
     assert_eq!(counts.get("v1-a"), Some(&300), "{counts:?}");
     assert_eq!(counts.get("v1-b"), Some(&100), "{counts:?}");
     assert_eq!(counts.get("v1-idle"), None, "{counts:?}");

@@ -6,6 +6,7 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -17,6 +18,7 @@ use hyper::service::service_fn;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use rollout_proxy::clock::{SharedClock, SystemClock};
 use rollout_proxy::config::Config;
 use rollout_proxy::server::Server;
 use sha2::{Digest, Sha256};
@@ -165,12 +167,22 @@ pub struct ProxyHandle {
     pub addr: SocketAddr,
     pub admin_addr: SocketAddr,
     server: Server,
+    /// The state directory; removed when the handle is dropped.
+    pub state_dir: tempfile::TempDir,
 }
 
+/// Starts a proxy with `yaml` (listen addresses and state directory are replaced by fresh ones).
 pub async fn spawn_proxy(yaml: &str) -> ProxyHandle {
-    let config = Config::from_yaml(yaml, Path::new("test.yaml")).unwrap_or_else(|e| panic!("{e}\n{yaml}"));
-    let server = Server::start(config).await.unwrap();
-    ProxyHandle { addr: server.addr, admin_addr: server.admin_addr, server }
+    spawn_proxy_with(yaml, Arc::new(SystemClock), tempfile::tempdir().unwrap()).await
+}
+
+/// Starts a proxy with a given clock and state directory.
+pub async fn spawn_proxy_with(yaml: &str, clock: SharedClock, state_dir: tempfile::TempDir) -> ProxyHandle {
+    let config = Config::from_yaml(yaml, Path::new("test.yaml"))
+        .unwrap_or_else(|e| panic!("{}\n{yaml}", rollout_proxy::ErrorChain(&e)))
+        .with_state_dir(state_dir.path());
+    let server = Server::start_with_clock(config, clock).await.unwrap();
+    ProxyHandle { addr: server.addr, admin_addr: server.admin_addr, server, state_dir }
 }
 
 impl ProxyHandle {
@@ -182,8 +194,14 @@ impl ProxyHandle {
         format!("http://{}{}", self.admin_addr, path)
     }
 
-    pub async fn shutdown(self) {
+    pub fn proxy(&self) -> &Arc<rollout_proxy::proxy::Proxy> {
+        self.server.proxy()
+    }
+
+    /// Stops gracefully; returns the state directory for a restart.
+    pub async fn shutdown(self) -> tempfile::TempDir {
         self.server.stop().await;
+        self.state_dir
     }
 }
 

@@ -1,0 +1,57 @@
+//! Wall-clock time for pins and the drain signal, injectable so tests can move it.
+//!
+//! Pins and the drain clock are stored across restarts, so they use wall-clock time (Unix
+//! milliseconds), not a monotonic instant. Timeouts on the request path use tokio's timers
+//! instead; they are not this module's concern.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// Milliseconds since the Unix epoch.
+pub type UnixMillis = u64;
+
+pub trait Clock: Send + Sync + std::fmt::Debug {
+    fn now(&self) -> UnixMillis;
+}
+
+/// The system's wall clock.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> UnixMillis {
+        SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+    }
+}
+
+/// A clock that only moves when told to; clones share the same time.
+#[derive(Debug, Clone)]
+pub struct ManualClock(Arc<AtomicU64>);
+
+impl ManualClock {
+    pub fn new(now: UnixMillis) -> Self {
+        ManualClock(Arc::new(AtomicU64::new(now)))
+    }
+
+    /// Starts at the current wall-clock time.
+    pub fn starting_now() -> Self {
+        ManualClock::new(SystemClock.now())
+    }
+
+    pub fn advance(&self, by: Duration) {
+        self.0.fetch_add(by.as_millis() as u64, Ordering::SeqCst);
+    }
+
+    pub fn set(&self, now: UnixMillis) {
+        self.0.store(now, Ordering::SeqCst);
+    }
+}
+
+impl Clock for ManualClock {
+    fn now(&self) -> UnixMillis {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+pub type SharedClock = Arc<dyn Clock>;

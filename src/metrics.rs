@@ -1,0 +1,332 @@
+//! Prometheus metrics (§6), with label handles resolved once so the request path never looks a
+//! label set up by name.
+//!
+//! Labels are bounded: pool, upstream (from the config), route, decision, status class, reason.
+//! Never a path or a session key. Gauges that describe state (live pins, drain) are refreshed
+//! when scraped, by [`crate::admin`]; counters are incremented where things happen.
+
+use prometheus::{
+    Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, Registry, TextEncoder,
+};
+
+use crate::config::{ByPool, PoolName};
+use crate::router::Decision;
+use crate::session::EndReason;
+
+const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+
+/// Index into [`CLASSES`] for a status code.
+fn class_index(status: u16) -> usize {
+    usize::from(status / 100).clamp(1, 5) - 1
+}
+
+/// What went wrong talking to an upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamErrorKind {
+    Connect,
+    Timeout,
+    Io,
+}
+
+impl UpstreamErrorKind {
+    const ALL: [UpstreamErrorKind; 3] =
+        [UpstreamErrorKind::Connect, UpstreamErrorKind::Timeout, UpstreamErrorKind::Io];
+
+    fn as_str(self) -> &'static str {
+        match self {
+            UpstreamErrorKind::Connect => "connect",
+            UpstreamErrorKind::Timeout => "timeout",
+            UpstreamErrorKind::Io => "io",
+        }
+    }
+}
+
+/// Per-upstream counters, resolved when the upstream is built.
+#[derive(Debug, Clone)]
+pub struct UpstreamStats {
+    requests: [IntCounter; 5],
+    errors: [IntCounter; 3],
+}
+
+impl UpstreamStats {
+    /// Counters that belong to no registry, for upstreams built outside a running proxy.
+    pub fn unregistered() -> Self {
+        let counter = || IntCounter::new("unregistered", "unregistered").expect("valid metric name");
+        UpstreamStats {
+            requests: std::array::from_fn(|_| counter()),
+            errors: std::array::from_fn(|_| counter()),
+        }
+    }
+
+    pub fn response(&self, status: u16) {
+        self.requests[class_index(status)].inc();
+    }
+
+    pub fn error(&self, kind: UpstreamErrorKind) {
+        self.errors[kind as usize].inc();
+    }
+}
+
+/// Values only known when scraped.
+#[derive(Debug, Clone)]
+pub struct ScrapeState {
+    pub sessions_active: ByPool<usize>,
+    pub legacy_v1_percent: f64,
+    pub v1_last_request_seconds: f64,
+    pub v1_quiet_seconds: f64,
+    pub quiet_window_seconds: f64,
+    pub drained: bool,
+    /// (pool, upstream, healthy, weight) for every configured upstream.
+    pub upstreams: Vec<(PoolName, String, bool, u32)>,
+    pub state_last_commit_seconds: f64,
+    pub state_write_errors: u64,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    /// Indexed by decision, pool, status class; `None` where the combination cannot happen
+    /// (prefix routes only ever reach v2).
+    requests: Vec<Option<IntCounter>>,
+    durations: ByPool<Histogram>,
+    upstream_requests: IntCounterVec,
+    upstream_errors: IntCounterVec,
+    upstream_healthy: IntGaugeVec,
+    upstream_weight: IntGaugeVec,
+    legacy_v1_percent: Gauge,
+    sessions_active: IntGaugeVec,
+    pub sessions_started: ByPool<IntCounter>,
+    sessions_ended: Vec<IntCounter>,
+    pub keys_rejected_invalid: IntCounter,
+    pub keys_rejected_full: IntCounter,
+    v1_last_request: Gauge,
+    v1_quiet: Gauge,
+    quiet_window: Gauge,
+    drained: IntGauge,
+    pub config_reloads: IntCounterVec,
+    pub admin_changes: IntCounterVec,
+    state_last_commit: Gauge,
+    state_write_errors: IntCounter,
+}
+
+/// Kinds of admin change, pre-created so every series exists from the start.
+pub const ADMIN_CHANGE_KINDS: [&str; 5] =
+    ["legacy_percent", "weight", "session_delete", "reload", "overrides_reset"];
+
+fn register<T: prometheus::core::Collector + Clone + 'static>(registry: &Registry, metric: T) -> T {
+    registry.register(Box::new(metric.clone())).expect("metric names are unique");
+    metric
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let r = Registry::new();
+        let counter_vec = |name: &str, help: &str, labels: &[&str]| {
+            register(&r, IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric"))
+        };
+        let gauge = |name: &str, help: &str| register(&r, Gauge::new(name, help).expect("valid metric"));
+
+        let requests_vec = counter_vec(
+            "rollout_requests_total",
+            "Client requests by route, pool, routing decision and status class.",
+            &["route", "pool", "decision", "code_class"],
+        );
+        let mut requests = Vec::new();
+        for decision in Decision::ALL {
+            for pool in PoolName::ALL {
+                for class in CLASSES {
+                    let possible = decision != Decision::Prefix || pool == PoolName::V2;
+                    requests.push(possible.then(|| {
+                        requests_vec.with_label_values(&[
+                            decision.route().as_str(),
+                            pool.as_str(),
+                            decision.as_str(),
+                            class,
+                        ])
+                    }));
+                }
+            }
+        }
+        let durations_vec = register(
+            &r,
+            HistogramVec::new(
+                HistogramOpts::new(
+                    "rollout_request_duration_seconds",
+                    "Time from request to response head, by pool.",
+                )
+                .buckets(vec![0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]),
+                &["pool"],
+            )
+            .expect("valid metric"),
+        );
+        let sessions_started_vec =
+            counter_vec("rollout_sessions_started_total", "Session pins created, by pool.", &["pool"]);
+        let sessions_ended_vec = counter_vec(
+            "rollout_sessions_ended_total",
+            "Session pins ended, by pool and reason.",
+            &["pool", "reason"],
+        );
+        let mut sessions_ended = Vec::new();
+        for pool in PoolName::ALL {
+            for reason in EndReason::ALL {
+                sessions_ended.push(sessions_ended_vec.with_label_values(&[pool.as_str(), reason.as_str()]));
+            }
+        }
+        let rejected = counter_vec(
+            "rollout_session_keys_rejected_total",
+            "Session keys not pinned: invalid key, or the pin table was full.",
+            &["reason"],
+        );
+        let config_reloads =
+            counter_vec("rollout_config_reloads_total", "Config reloads by result.", &["result"]);
+        for result in ["ok", "error"] {
+            config_reloads.with_label_values(&[result]);
+        }
+        let admin_changes =
+            counter_vec("rollout_admin_changes_total", "Changes made through the admin API.", &["kind"]);
+        for kind in ADMIN_CHANGE_KINDS {
+            admin_changes.with_label_values(&[kind]);
+        }
+        let build_info = register(
+            &r,
+            IntGaugeVec::new(Opts::new("rollout_build_info", "Build information."), &["version"])
+                .expect("valid"),
+        );
+        build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+
+        Metrics {
+            requests,
+            durations: ByPool {
+                v1: durations_vec.with_label_values(&["v1"]),
+                v2: durations_vec.with_label_values(&["v2"]),
+            },
+            upstream_requests: counter_vec(
+                "rollout_upstream_requests_total",
+                "Responses from upstreams, by status class.",
+                &["pool", "upstream", "code_class"],
+            ),
+            upstream_errors: counter_vec(
+                "rollout_upstream_errors_total",
+                "Failed upstream exchanges, by kind.",
+                &["pool", "upstream", "kind"],
+            ),
+            upstream_healthy: register(
+                &r,
+                IntGaugeVec::new(
+                    Opts::new("rollout_upstream_healthy", "1 when the upstream may get traffic."),
+                    &["pool", "upstream"],
+                )
+                .expect("valid"),
+            ),
+            upstream_weight: register(
+                &r,
+                IntGaugeVec::new(
+                    Opts::new("rollout_upstream_weight", "Current weight of the upstream."),
+                    &["pool", "upstream"],
+                )
+                .expect("valid"),
+            ),
+            legacy_v1_percent: gauge("rollout_legacy_v1_percent", "Share of new legacy sessions sent to v1."),
+            sessions_active: register(
+                &r,
+                IntGaugeVec::new(
+                    Opts::new("rollout_sessions_active", "Live session pins, by pool."),
+                    &["pool"],
+                )
+                .expect("valid"),
+            ),
+            sessions_started: ByPool {
+                v1: sessions_started_vec.with_label_values(&["v1"]),
+                v2: sessions_started_vec.with_label_values(&["v2"]),
+            },
+            sessions_ended,
+            keys_rejected_invalid: rejected.with_label_values(&["invalid"]),
+            keys_rejected_full: rejected.with_label_values(&["table_full"]),
+            v1_last_request: gauge(
+                "rollout_v1_last_request_timestamp_seconds",
+                "Unix time of the last request forwarded to a v1 upstream.",
+            ),
+            v1_quiet: gauge("rollout_v1_quiet_seconds", "Seconds since the last request forwarded to v1."),
+            quiet_window: gauge(
+                "rollout_drain_quiet_window_seconds",
+                "Quiet time required before v1 counts as drained.",
+            ),
+            drained: register(
+                &r,
+                IntGauge::new(
+                    "rollout_v1_drained",
+                    "1 when no v1 pin is live and v1 was quiet for the window.",
+                )
+                .expect("valid"),
+            ),
+            config_reloads,
+            admin_changes,
+            state_last_commit: gauge(
+                "rollout_state_last_commit_timestamp_seconds",
+                "Unix time of the last successful commit to the state store.",
+            ),
+            state_write_errors: register(
+                &r,
+                IntCounter::new("rollout_state_write_errors_total", "Failed commits to the state store.")
+                    .expect("valid"),
+            ),
+            registry: r,
+        }
+    }
+
+    /// Counts a finished client request.
+    pub fn request(&self, decision: Decision, pool: PoolName, status: u16, seconds: f64) {
+        let index = (decision as usize * 2 + pool as usize) * CLASSES.len() + class_index(status);
+        if let Some(counter) = &self.requests[index] {
+            counter.inc();
+        }
+        self.durations.get(pool).observe(seconds);
+    }
+
+    pub fn session_ended(&self, pool: PoolName, reason: EndReason) {
+        self.sessions_ended[pool as usize * EndReason::ALL.len() + reason as usize].inc();
+    }
+
+    /// Counter handles for one upstream.
+    pub fn upstream_stats(&self, pool: PoolName, upstream: &str) -> UpstreamStats {
+        UpstreamStats {
+            requests: CLASSES
+                .map(|c| self.upstream_requests.with_label_values(&[pool.as_str(), upstream, c])),
+            errors: UpstreamErrorKind::ALL
+                .map(|k| self.upstream_errors.with_label_values(&[pool.as_str(), upstream, k.as_str()])),
+        }
+    }
+
+    /// Refreshes the state gauges and renders everything in the Prometheus text format.
+    pub fn render(&self, state: &ScrapeState) -> String {
+        for pool in PoolName::ALL {
+            self.sessions_active
+                .with_label_values(&[pool.as_str()])
+                .set(*state.sessions_active.get(pool) as i64);
+        }
+        self.legacy_v1_percent.set(state.legacy_v1_percent);
+        self.v1_last_request.set(state.v1_last_request_seconds);
+        self.v1_quiet.set(state.v1_quiet_seconds);
+        self.quiet_window.set(state.quiet_window_seconds);
+        self.drained.set(i64::from(state.drained));
+        self.upstream_healthy.reset();
+        self.upstream_weight.reset();
+        for (pool, name, healthy, weight) in &state.upstreams {
+            self.upstream_healthy.with_label_values(&[pool.as_str(), name]).set(i64::from(*healthy));
+            self.upstream_weight.with_label_values(&[pool.as_str(), name]).set(i64::from(*weight));
+        }
+        self.state_last_commit.set(state.state_last_commit_seconds);
+        let errors = self.state_write_errors.get();
+        self.state_write_errors.inc_by(state.state_write_errors.saturating_sub(errors));
+
+        let mut out = Vec::new();
+        TextEncoder::new().encode(&self.registry.gather(), &mut out).expect("text encoding does not fail");
+        String::from_utf8(out).expect("the text format is UTF-8")
+    }
+}

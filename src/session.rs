@@ -1,0 +1,461 @@
+//! Legacy sessions: finding a request's session key and keeping its pin to a pool.
+//!
+//! A pin says "this study started on pool X; keep it there". It ends after `idle_timeout` without
+//! a request, after `max_duration` from its first request, or when an operator deletes it.
+//! Lookups and `last_seen` updates take only a shared lock on one of many shards and an atomic
+//! store, never a global lock; creating or ending a pin takes that shard's write lock. Expiry of
+//! pins nobody asks for again runs in the background ([`Sessions::maintain`]). Making pins durable
+//! is [`crate::state`]'s job; choosing the pool for a new pin is [`crate::router`]'s.
+
+use std::collections::hash_map::RandomState;
+use std::collections::HashMap;
+use std::hash::BuildHasher;
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use http::{HeaderMap, Uri};
+
+use crate::clock::{SharedClock, UnixMillis};
+use crate::config::{ByPool, PoolName, SessionKeySpec, SessionsConfig};
+use crate::drain::READ_BACK_SLACK;
+use crate::metrics::Metrics;
+use crate::state::{Op, Store, StoredPin};
+
+/// Longest accepted session key.
+pub const MAX_KEY_LEN: usize = 128;
+
+/// 1–128 bytes of `[A-Za-z0-9._~-]` (RFC 3986 unreserved characters).
+pub fn is_valid_key(key: &str) -> bool {
+    (1..=MAX_KEY_LEN).contains(&key.len())
+        && key.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'~' | b'-'))
+}
+
+/// What the extractors found in a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyOutcome<'r> {
+    Key(&'r str),
+    /// An extractor matched but the value is not a valid key: the request is unkeyed.
+    Invalid,
+    Absent,
+}
+
+/// The ordered list of `sessions.keys`; the first extractor that yields a value names the session.
+#[derive(Debug, Clone)]
+pub struct KeyExtractor {
+    specs: Vec<SessionKeySpec>,
+}
+
+impl KeyExtractor {
+    pub fn new(specs: Vec<SessionKeySpec>) -> Self {
+        KeyExtractor { specs }
+    }
+
+    pub fn extract<'r>(&self, uri: &'r Uri, headers: &'r HeaderMap) -> KeyOutcome<'r> {
+        for spec in &self.specs {
+            let found = match spec {
+                SessionKeySpec::Path { segments, .. } => from_path(uri.path(), segments),
+                SessionKeySpec::Query(name) => uri.query().and_then(|q| from_query(q, name)),
+                SessionKeySpec::Header(name) => headers.get(name).and_then(|v| v.to_str().ok()),
+                SessionKeySpec::Cookie(name) => from_cookies(headers, name),
+            };
+            if let Some(value) = found {
+                return if is_valid_key(value) { KeyOutcome::Key(value) } else { KeyOutcome::Invalid };
+            }
+        }
+        KeyOutcome::Absent
+    }
+}
+
+/// The segment at the `{id}` position when every other template segment matches; longer paths
+/// under the template match too.
+fn from_path<'r>(path: &'r str, template: &[Option<String>]) -> Option<&'r str> {
+    let mut parts = path.strip_prefix('/')?.split('/');
+    let mut id = None;
+    for expected in template {
+        let part = parts.next()?;
+        match expected {
+            Some(literal) if literal == part => {}
+            Some(_) => return None,
+            None => id = Some(part),
+        }
+    }
+    id
+}
+
+fn from_query<'r>(query: &'r str, name: &str) -> Option<&'r str> {
+    query.split('&').find_map(|pair| {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        (k == name).then_some(v)
+    })
+}
+
+fn from_cookies<'r>(headers: &'r HeaderMap, name: &str) -> Option<&'r str> {
+    headers.get_all(http::header::COOKIE).iter().filter_map(|v| v.to_str().ok()).find_map(|line| {
+        line.split(';').find_map(|pair| {
+            let (k, v) = pair.trim().split_once('=')?;
+            (k == name).then_some(v.trim_matches('"'))
+        })
+    })
+}
+
+/// Pin lifetimes, in whole seconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PinPolicy {
+    pub idle_secs: u32,
+    pub max_secs: u32,
+    pub max_active: usize,
+}
+
+impl PinPolicy {
+    pub fn from_config(config: &SessionsConfig) -> Self {
+        let secs = |d: Duration| u32::try_from(d.as_secs().max(1)).unwrap_or(u32::MAX);
+        PinPolicy {
+            idle_secs: secs(config.idle_timeout),
+            max_secs: secs(config.max_duration),
+            max_active: config.max_active,
+        }
+    }
+}
+
+/// Why a pin ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EndReason {
+    Idle,
+    MaxDuration,
+    Admin,
+}
+
+impl EndReason {
+    pub const ALL: [EndReason; 3] = [EndReason::Idle, EndReason::MaxDuration, EndReason::Admin];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EndReason::Idle => "idle",
+            EndReason::MaxDuration => "max_duration",
+            EndReason::Admin => "admin",
+        }
+    }
+}
+
+/// One live pin. Times are Unix seconds.
+#[derive(Debug)]
+struct Pin {
+    pool: PoolName,
+    first_seen: u32,
+    last_seen: AtomicU32,
+    /// The `last_seen` the store has; the background flush sends newer values.
+    stored_last_seen: AtomicU32,
+    /// The store sequence number of this pin's creation; 0 for pins loaded from disk.
+    seq: u64,
+}
+
+impl Pin {
+    fn ended(&self, now: u32, policy: &PinPolicy) -> Option<EndReason> {
+        if now.saturating_sub(self.first_seen) >= policy.max_secs {
+            Some(EndReason::MaxDuration)
+        } else if now.saturating_sub(self.last_seen.load(Ordering::Relaxed)) >= policy.idle_secs {
+            Some(EndReason::Idle)
+        } else {
+            None
+        }
+    }
+
+    fn touch(&self, now: u32) {
+        // Only write when the second changes, so hot keys do not bounce a cache line per request.
+        if self.last_seen.load(Ordering::Relaxed) < now {
+            self.last_seen.fetch_max(now, Ordering::Relaxed);
+        }
+    }
+
+    /// When this pin ends if no request comes: the earlier of idle and max-duration expiry.
+    fn end(&self, policy: &PinPolicy) -> u32 {
+        let idle_end = self.last_seen.load(Ordering::Relaxed).saturating_add(policy.idle_secs);
+        idle_end.min(self.first_seen.saturating_add(policy.max_secs))
+    }
+}
+
+/// How a legacy request with a key was routed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resolution {
+    /// An existing pin; `seq` is its creation's store sequence number.
+    Pinned { pool: PoolName, seq: u64 },
+    /// A pin made by this request; it must be durable before the response goes out.
+    NewPin { pool: PoolName, seq: u64 },
+    /// The pin table is full: routed by the split, without a pin.
+    Full { pool: PoolName },
+}
+
+/// A live pin as listed by the admin API.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PinInfo {
+    pub key: String,
+    pub pool: PoolName,
+    pub first_seen: u32,
+    pub last_seen: u32,
+}
+
+type Shard = RwLock<HashMap<Box<str>, Pin>>;
+
+const SHARDS: usize = 64;
+
+/// The pin table and its link to the store.
+pub struct Sessions {
+    shards: Box<[Shard]>,
+    hasher: RandomState,
+    live: AtomicUsize,
+    live_by_pool: ByPool<AtomicUsize>,
+    /// Unix seconds at which the last live v1 pin ends if no request comes; refreshed by
+    /// [`Sessions::maintain`].
+    v1_pins_end: AtomicU32,
+    store: Arc<Store>,
+    clock: SharedClock,
+    metrics: Arc<Metrics>,
+}
+
+fn secs(ms: UnixMillis) -> u32 {
+    u32::try_from(ms / 1000).unwrap_or(u32::MAX)
+}
+
+impl Sessions {
+    /// Builds the table from the pins the store loaded, dropping (and deleting) those that ended
+    /// while the proxy was down. `last_seen` reaches the store by the background flush, so the
+    /// stored value may be stale by up to [`READ_BACK_SLACK`]; it is read back that much later
+    /// (never past now): a restart never ends a pin early.
+    pub fn new(
+        loaded: Vec<StoredPin>,
+        policy: &PinPolicy,
+        store: Arc<Store>,
+        clock: SharedClock,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        let hasher = RandomState::new();
+        let mut maps: Vec<HashMap<Box<str>, Pin>> = (0..SHARDS).map(|_| HashMap::new()).collect();
+        let now = secs(clock.now());
+        let slack = READ_BACK_SLACK.as_secs() as u32;
+        let live_by_pool = ByPool::<AtomicUsize>::default();
+        for stored in loaded {
+            let last_seen = stored.last_seen.saturating_add(slack).min(now.max(stored.last_seen));
+            let pin = Pin {
+                pool: stored.pool,
+                first_seen: stored.first_seen,
+                last_seen: AtomicU32::new(last_seen),
+                stored_last_seen: AtomicU32::new(last_seen),
+                seq: 0,
+            };
+            if pin.ended(now, policy).is_some() {
+                store.send(Op::Remove(stored.key));
+                continue;
+            }
+            live_by_pool.get(pin.pool).fetch_add(1, Ordering::Relaxed);
+            let shard = (hasher.hash_one(&*stored.key) as usize) % SHARDS;
+            maps[shard].insert(stored.key, pin);
+        }
+        let live = live_by_pool.v1.load(Ordering::Relaxed) + live_by_pool.v2.load(Ordering::Relaxed);
+        Sessions {
+            shards: maps.into_iter().map(RwLock::new).collect(),
+            hasher,
+            live: AtomicUsize::new(live),
+            live_by_pool,
+            v1_pins_end: AtomicU32::new(0),
+            store,
+            clock,
+            metrics,
+        }
+    }
+
+    fn shard(&self, key: &str) -> &Shard {
+        &self.shards[(self.hasher.hash_one(key) as usize) % SHARDS]
+    }
+
+    /// Routes a keyed legacy request: its live pin, else a new pin on the pool `split` picks.
+    pub fn resolve(&self, key: &str, policy: &PinPolicy, split: impl FnOnce() -> PoolName) -> Resolution {
+        let now = secs(self.clock.now());
+        let shard = self.shard(key);
+        {
+            let map = shard.read().unwrap_or_else(|p| p.into_inner());
+            if let Some(pin) = map.get(key) {
+                if pin.ended(now, policy).is_none() {
+                    pin.touch(now);
+                    return Resolution::Pinned { pool: pin.pool, seq: pin.seq };
+                }
+            }
+        }
+        let mut map = shard.write().unwrap_or_else(|p| p.into_inner());
+        let replacing = match map.get(key) {
+            Some(pin) => match pin.ended(now, policy) {
+                // Another request pinned it between our two locks.
+                None => {
+                    pin.touch(now);
+                    return Resolution::Pinned { pool: pin.pool, seq: pin.seq };
+                }
+                Some(reason) => {
+                    self.count_end(pin.pool, reason);
+                    true
+                }
+            },
+            None => false,
+        };
+        // Respect the cap without ever evicting a live pin.
+        if self.live.fetch_add(1, Ordering::Relaxed) >= policy.max_active {
+            self.live.fetch_sub(1, Ordering::Relaxed);
+            if replacing {
+                map.remove(key);
+                self.store.send(Op::Remove(key.into()));
+            }
+            self.metrics.keys_rejected_full.inc();
+            return Resolution::Full { pool: split() };
+        }
+        let pool = split();
+        let seq = self.store.next_seq();
+        let pin = Pin {
+            pool,
+            first_seen: now,
+            last_seen: AtomicU32::new(now),
+            stored_last_seen: AtomicU32::new(now),
+            seq,
+        };
+        map.insert(key.into(), pin);
+        // Sent under the shard lock, so the store sees this key's changes in memory order.
+        self.store
+            .send(Op::Pin { pin: StoredPin { key: key.into(), pool, first_seen: now, last_seen: now }, seq });
+        self.live_by_pool.get(pool).fetch_add(1, Ordering::Relaxed);
+        self.metrics.sessions_started.get(pool).inc();
+        Resolution::NewPin { pool, seq }
+    }
+
+    fn count_end(&self, pool: PoolName, reason: EndReason) {
+        self.live.fetch_sub(1, Ordering::Relaxed);
+        self.live_by_pool.get(pool).fetch_sub(1, Ordering::Relaxed);
+        self.metrics.session_ended(pool, reason);
+    }
+
+    /// Waits (bounded) until pin `seq` is durable. Returns false if the store did not confirm in time.
+    pub async fn settle(&self, seq: u64) -> bool {
+        self.store.is_settled(seq) || self.store.settle(seq, Duration::from_secs(5)).await
+    }
+
+    /// Background upkeep: ends expired pins, sends newer `last_seen` values to the store, and
+    /// recomputes when the last v1 pin ends.
+    pub fn maintain(&self, policy: &PinPolicy) {
+        let now = secs(self.clock.now());
+        let mut v1_end = 0u32;
+        for shard in self.shards.iter() {
+            let mut map = shard.write().unwrap_or_else(|p| p.into_inner());
+            let mut touches = Vec::new();
+            map.retain(|key, pin| {
+                if let Some(reason) = pin.ended(now, policy) {
+                    self.count_end(pin.pool, reason);
+                    self.store.send(Op::Remove(key.clone()));
+                    return false;
+                }
+                let last_seen = pin.last_seen.load(Ordering::Relaxed);
+                if last_seen > pin.stored_last_seen.load(Ordering::Relaxed) {
+                    pin.stored_last_seen.store(last_seen, Ordering::Relaxed);
+                    touches.push((key.clone(), last_seen));
+                }
+                if pin.pool == PoolName::V1 {
+                    v1_end = v1_end.max(pin.end(policy));
+                }
+                true
+            });
+            if !touches.is_empty() {
+                self.store.send(Op::Touch(touches));
+            }
+        }
+        self.v1_pins_end.store(v1_end, Ordering::Relaxed);
+    }
+
+    /// Ends one pin by operator request. Returns the pool it was on.
+    pub fn remove(&self, key: &str) -> Option<PoolName> {
+        let mut map = self.shard(key).write().unwrap_or_else(|p| p.into_inner());
+        let pin = map.remove(key)?;
+        self.count_end(pin.pool, EndReason::Admin);
+        self.store.send(Op::Remove(key.into()));
+        Some(pin.pool)
+    }
+
+    /// Live pins on `pool`.
+    pub fn live(&self, pool: PoolName) -> usize {
+        self.live_by_pool.get(pool).load(Ordering::Relaxed)
+    }
+
+    /// Unix seconds at which the last v1 pin ends without further requests (0: none), as of
+    /// the last [`Sessions::maintain`].
+    pub fn v1_pins_end(&self) -> u32 {
+        self.v1_pins_end.load(Ordering::Relaxed)
+    }
+
+    /// Up to `limit` live pins, optionally of one pool, in no particular order.
+    pub fn list(&self, pool: Option<PoolName>, policy: &PinPolicy, limit: usize) -> Vec<PinInfo> {
+        let now = secs(self.clock.now());
+        let mut out = Vec::new();
+        for shard in self.shards.iter() {
+            let map = shard.read().unwrap_or_else(|p| p.into_inner());
+            let live = map
+                .iter()
+                .filter(|(_, pin)| pool.is_none_or(|p| p == pin.pool) && pin.ended(now, policy).is_none());
+            for (key, pin) in live {
+                if out.len() >= limit {
+                    return out;
+                }
+                out.push(PinInfo {
+                    key: key.to_string(),
+                    pool: pin.pool,
+                    first_seen: pin.first_seen,
+                    last_seen: pin.last_seen.load(Ordering::Relaxed),
+                });
+            }
+        }
+        out
+    }
+
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// "key:K", "invalid" or "absent" for a request with this target and headers.
+    fn key_of(uri: &str, headers: &[(&'static str, &'static str)]) -> String {
+        let yaml = "pools:\n  v1: { upstreams: [{ name: a, url: \"http://x:1\" }] }\n  v2: { upstreams: [{ name: b, url: \"http://x:2\" }] }\nsessions:\n  keys: [{ path: \"/api/studies/{id}\" }, { query: studyId }, { header: X-Study-Id }, { cookie: study }]\n";
+        let config = crate::config::Config::from_yaml(yaml, std::path::Path::new("t")).unwrap();
+        let extractor = KeyExtractor::new(config.sessions.keys);
+        let uri: Uri = uri.parse().unwrap();
+        let mut map = HeaderMap::new();
+        for (k, v) in headers {
+            map.append(*k, http::HeaderValue::from_static(v));
+        }
+        match extractor.extract(&uri, &map) {
+            KeyOutcome::Key(k) => format!("key:{k}"),
+            KeyOutcome::Invalid => "invalid".to_owned(),
+            KeyOutcome::Absent => "absent".to_owned(),
+        }
+    }
+
+    #[test]
+    fn every_extractor_names_the_same_session() {
+        assert_eq!(key_of("/api/studies/42", &[]), "key:42");
+        assert_eq!(key_of("/api/studies/42/contents?x=1", &[]), "key:42");
+        assert_eq!(key_of("/api/progress?a=1&studyId=42", &[]), "key:42");
+        assert_eq!(key_of("/api/other", &[("x-study-id", "42")]), "key:42");
+        assert_eq!(key_of("/api/other", &[("cookie", "a=1; study=42")]), "key:42");
+        assert_eq!(key_of("/api/studies", &[]), "absent");
+        assert_eq!(key_of("/api/studiesX/42", &[]), "absent");
+    }
+
+    #[test]
+    fn first_extractor_wins_and_bad_values_make_the_request_unkeyed() {
+        assert_eq!(key_of("/api/studies/1?studyId=2", &[]), "key:1");
+        assert_eq!(key_of("/api/studies/a%20b", &[]), "invalid");
+        assert_eq!(key_of("/api/progress?studyId=", &[]), "invalid");
+        let long = format!("/api/studies/{}", "x".repeat(129));
+        assert_eq!(key_of(&long, &[]), "invalid");
+        assert!(is_valid_key(&"x".repeat(128)));
+        assert!(is_valid_key("a.b_c~d-E9"));
+        assert!(!is_valid_key("a/b") && !is_valid_key("") && !is_valid_key("ü"));
+    }
+}

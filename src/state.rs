@@ -1,0 +1,388 @@
+//! Durable state in `state_dir`: session pins and the drain clock (admin overrides join them).
+//!
+//! The store is one redb file (crash-safe copy-on-write B-trees, fsync on commit). All writes go
+//! through one writer thread fed by a channel: while one commit is being synced, new operations
+//! queue up and are committed together in the next one (group commit), so many new pins cost one
+//! fsync. Operations on the same key are sent in the order they happened in memory, so the file
+//! always converges to the in-memory table. Deciding *what* to store is [`crate::session`]'s and
+//! [`crate::drain`]'s business; this module only makes it durable.
+//!
+//! redb locks the file: a second process pointed at the same directory fails to open it with
+//! [`StateError::Locked`] instead of corrupting it.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use redb::{
+    Database, DatabaseError, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition,
+};
+use tokio::sync::{mpsc, oneshot, watch};
+use tracing::{error, warn};
+
+use crate::config::PoolName;
+
+const PINS: TableDefinition<&str, &[u8]> = TableDefinition::new("pins");
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+const LAST_V1_REQUEST: &str = "last_v1_request_ms";
+
+/// Most operations committed in one transaction.
+const MAX_BATCH: usize = 16_384;
+
+/// The file inside `state_dir`.
+pub const STATE_FILE: &str = "state.redb";
+
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("cannot create state directory {}", dir.display())]
+    CreateDir {
+        dir: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("state directory {} is in use by another rollout-proxy process; each process needs its own state_dir", dir.display())]
+    Locked { dir: PathBuf },
+    #[error("cannot open state file {}", file.display())]
+    Open {
+        file: PathBuf,
+        #[source]
+        source: DatabaseError,
+    },
+    #[error("cannot read state file {}", file.display())]
+    Read {
+        file: PathBuf,
+        #[source]
+        source: redb::Error,
+    },
+    #[error("cannot start the state writer")]
+    Writer(#[source] std::io::Error),
+}
+
+/// A pin as stored: times in whole seconds since the Unix epoch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredPin {
+    pub key: Box<str>,
+    pub pool: PoolName,
+    pub first_seen: u32,
+    pub last_seen: u32,
+}
+
+fn encode(pool: PoolName, first_seen: u32, last_seen: u32) -> [u8; 9] {
+    let mut out = [0u8; 9];
+    out[0] = match pool {
+        PoolName::V1 => 1,
+        PoolName::V2 => 2,
+    };
+    out[1..5].copy_from_slice(&first_seen.to_le_bytes());
+    out[5..9].copy_from_slice(&last_seen.to_le_bytes());
+    out
+}
+
+fn decode(bytes: &[u8]) -> Option<(PoolName, u32, u32)> {
+    let bytes: &[u8; 9] = bytes.try_into().ok()?;
+    let pool = match bytes[0] {
+        1 => PoolName::V1,
+        2 => PoolName::V2,
+        _ => return None,
+    };
+    let first = u32::from_le_bytes(bytes[1..5].try_into().ok()?);
+    let last = u32::from_le_bytes(bytes[5..9].try_into().ok()?);
+    Some((pool, first, last))
+}
+
+/// What was in the store when it was opened.
+#[derive(Debug, Default)]
+pub struct Loaded {
+    pub pins: Vec<StoredPin>,
+    pub last_v1_request_ms: Option<u64>,
+}
+
+/// A change to make durable.
+#[derive(Debug)]
+pub enum Op {
+    /// A new pin; `seq` comes from [`Store::next_seq`].
+    Pin {
+        pin: StoredPin,
+        seq: u64,
+    },
+    /// Newer `last_seen` values of existing pins.
+    Touch(Vec<(Box<str>, u32)>),
+    Remove(Box<str>),
+    LastV1Request(u64),
+    /// Answered once everything sent before it is committed.
+    Flush(oneshot::Sender<()>),
+    /// Commit what is queued, release the file and stop; answered once the file is released.
+    Close(oneshot::Sender<()>),
+}
+
+/// Commit outcomes the rest of the proxy can observe.
+#[derive(Debug, Default)]
+pub struct StoreHealth {
+    /// Unix seconds of the last successful commit.
+    pub last_commit: AtomicU64,
+    pub write_errors: AtomicU64,
+}
+
+/// Handle to the durable store and its writer thread.
+pub struct Store {
+    dir: PathBuf,
+    ops: mpsc::UnboundedSender<Op>,
+    next_seq: AtomicU64,
+    /// Highest `seq` such that every pin up to it has been committed (or its commit failed).
+    settled: watch::Receiver<u64>,
+    pub health: std::sync::Arc<StoreHealth>,
+    writer: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").field("dir", &self.dir).finish_non_exhaustive()
+    }
+}
+
+impl Store {
+    /// Opens (or creates) the store in `dir` and reads everything in it.
+    pub fn open(dir: &Path) -> Result<(Store, Loaded), StateError> {
+        std::fs::create_dir_all(dir)
+            .map_err(|source| StateError::CreateDir { dir: dir.to_owned(), source })?;
+        let file = dir.join(STATE_FILE);
+        let db =
+            redb::Builder::new().set_cache_size(32 * 1024 * 1024).create(&file).map_err(|e| match e {
+                DatabaseError::DatabaseAlreadyOpen => StateError::Locked { dir: dir.to_owned() },
+                source => StateError::Open { file: file.clone(), source },
+            })?;
+        let loaded = load(&db).map_err(|source| StateError::Read { file: file.clone(), source })?;
+
+        let (ops, rx) = mpsc::unbounded_channel();
+        let (settled_tx, settled) = watch::channel(0);
+        let health = std::sync::Arc::new(StoreHealth::default());
+        let writer_health = health.clone();
+        let writer = std::thread::Builder::new()
+            .name("rollout-state".to_owned())
+            .spawn(move || write_loop(db, rx, settled_tx, &writer_health))
+            .map_err(StateError::Writer)?;
+        let store = Store {
+            dir: dir.to_owned(),
+            ops,
+            next_seq: AtomicU64::new(1),
+            settled,
+            health,
+            writer: Mutex::new(Some(writer)),
+        };
+        Ok((store, loaded))
+    }
+
+    /// A sequence number for a new pin. Send the pin with [`Store::send`] right after taking it:
+    /// later pins count as durable only once every earlier number has been committed.
+    pub fn next_seq(&self) -> u64 {
+        self.next_seq.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Queues an operation; never blocks.
+    pub fn send(&self, op: Op) {
+        if self.ops.send(op).is_err() {
+            warn!("state writer has stopped; change not stored");
+        }
+    }
+
+    pub fn is_settled(&self, seq: u64) -> bool {
+        *self.settled.borrow() >= seq
+    }
+
+    /// Waits until pin `seq` has been committed, at most `limit`. Returns false on time-out.
+    pub async fn settle(&self, seq: u64, limit: Duration) -> bool {
+        let mut settled = self.settled.clone();
+        let reached = tokio::time::timeout(limit, settled.wait_for(|s| *s >= seq)).await;
+        matches!(reached, Ok(Ok(_)))
+    }
+
+    /// Waits until everything queued so far is committed.
+    pub async fn flush(&self) {
+        let (tx, rx) = oneshot::channel();
+        self.send(Op::Flush(tx));
+        let _ = rx.await;
+    }
+
+    /// Commits everything queued, stops the writer and releases the file, so another process
+    /// can open the same directory. Later operations are dropped with a warning.
+    pub async fn close(&self) {
+        let (tx, rx) = oneshot::channel();
+        self.send(Op::Close(tx));
+        let _ = rx.await;
+        let writer = self.writer.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(writer) = writer {
+            let _ = tokio::task::spawn_blocking(move || writer.join()).await;
+        }
+    }
+}
+
+fn load(db: &Database) -> Result<Loaded, redb::Error> {
+    // Make sure both tables exist, so a fresh file reads as empty.
+    let txn = db.begin_write()?;
+    txn.open_table(PINS)?;
+    txn.open_table(META)?;
+    txn.commit()?;
+
+    let txn = db.begin_read()?;
+    let pins_table = txn.open_table(PINS)?;
+    let mut pins = Vec::with_capacity(pins_table.len()? as usize);
+    for entry in pins_table.iter()? {
+        let (key, value) = entry?;
+        match decode(value.value()) {
+            Some((pool, first_seen, last_seen)) => {
+                pins.push(StoredPin { key: key.value().into(), pool, first_seen, last_seen })
+            }
+            None => warn!(key = key.value(), "skipping a pin record that does not decode"),
+        }
+    }
+    let last_v1_request_ms = txn.open_table(META)?.get(LAST_V1_REQUEST)?.map(|v| v.value());
+    Ok(Loaded { pins, last_v1_request_ms })
+}
+
+fn write_loop(
+    db: Database,
+    mut rx: mpsc::UnboundedReceiver<Op>,
+    settled: watch::Sender<u64>,
+    health: &StoreHealth,
+) {
+    let mut watermark = 0u64;
+    let mut committed = BTreeSet::new();
+    let mut closing = None;
+    while closing.is_none() {
+        let Some(first) = rx.blocking_recv() else { break };
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(op) => batch.push(op),
+                Err(_) => break,
+            }
+        }
+        match commit(&db, &batch) {
+            Ok(()) => {
+                let now = crate::clock::Clock::now(&crate::clock::SystemClock) / 1000;
+                health.last_commit.store(now, Ordering::Relaxed);
+            }
+            Err(err) => {
+                health.write_errors.fetch_add(1, Ordering::Relaxed);
+                error!(error = %crate::ErrorChain(&err), ops = batch.len(), "state commit failed; these changes are not durable");
+            }
+        }
+        for op in batch {
+            match op {
+                Op::Pin { seq, .. } => {
+                    committed.insert(seq);
+                }
+                Op::Flush(done) => {
+                    let _ = done.send(());
+                }
+                Op::Close(done) => closing = Some(done),
+                _ => {}
+            }
+        }
+        while committed.remove(&(watermark + 1)) {
+            watermark += 1;
+        }
+        settled.send_replace(watermark);
+    }
+    drop(db);
+    if let Some(done) = closing {
+        let _ = done.send(());
+    }
+}
+
+fn commit(db: &Database, batch: &[Op]) -> Result<(), redb::Error> {
+    let txn = db.begin_write()?;
+    {
+        let mut pins = txn.open_table(PINS)?;
+        let mut meta = txn.open_table(META)?;
+        for op in batch {
+            match op {
+                Op::Pin { pin, .. } => {
+                    pins.insert(&*pin.key, encode(pin.pool, pin.first_seen, pin.last_seen).as_slice())?;
+                }
+                Op::Touch(touches) => {
+                    for (key, last_seen) in touches {
+                        let current = pins.get(&**key)?.and_then(|v| decode(v.value()));
+                        if let Some((pool, first_seen, _)) = current {
+                            pins.insert(&**key, encode(pool, first_seen, *last_seen).as_slice())?;
+                        }
+                    }
+                }
+                Op::Remove(key) => {
+                    pins.remove(&**key)?;
+                }
+                Op::LastV1Request(ms) => {
+                    meta.insert(LAST_V1_REQUEST, ms)?;
+                }
+                Op::Flush(_) | Op::Close(_) => {}
+            }
+        }
+    }
+    txn.commit()?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pin(key: &str, pool: PoolName, t: u32) -> StoredPin {
+        StoredPin { key: key.into(), pool, first_seen: t, last_seen: t }
+    }
+
+    #[tokio::test]
+    async fn pins_and_clock_survive_reopen_and_removals_stick() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let (store, loaded) = Store::open(dir.path()).unwrap();
+            assert!(loaded.pins.is_empty() && loaded.last_v1_request_ms.is_none());
+            for (i, key) in ["a", "b", "c"].iter().enumerate() {
+                let seq = store.next_seq();
+                store.send(Op::Pin { pin: pin(key, PoolName::V1, 100 + i as u32), seq });
+            }
+            store.send(Op::Touch(vec![("a".into(), 500)]));
+            store.send(Op::Remove("b".into()));
+            store.send(Op::LastV1Request(123_456));
+            assert!(store.settle(3, Duration::from_secs(5)).await);
+            store.close().await;
+        }
+        let (store, loaded) = Store::open(dir.path()).unwrap();
+        let mut pins = loaded.pins;
+        pins.sort_by(|a, b| a.key.cmp(&b.key));
+        assert_eq!(
+            pins,
+            vec![StoredPin { last_seen: 500, ..pin("a", PoolName::V1, 100) }, pin("c", PoolName::V1, 102)]
+        );
+        assert_eq!(loaded.last_v1_request_ms, Some(123_456));
+        store.close().await;
+    }
+
+    #[tokio::test]
+    async fn a_second_opener_is_refused_until_the_first_closes() {
+        let dir = tempfile::tempdir().unwrap();
+        let (first, _) = Store::open(dir.path()).unwrap();
+        let err = Store::open(dir.path()).unwrap_err();
+        assert!(matches!(err, StateError::Locked { .. }), "{err:?}");
+        assert!(err.to_string().contains("in use by another rollout-proxy process"));
+        first.close().await;
+        let (second, _) = Store::open(dir.path()).unwrap();
+        second.close().await;
+    }
+
+    #[tokio::test]
+    async fn settling_waits_for_every_earlier_pin() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = Store::open(dir.path()).unwrap();
+        let early = store.next_seq();
+        let late = store.next_seq();
+        store.send(Op::Pin { pin: pin("late", PoolName::V2, 1), seq: late });
+        store.flush().await;
+        assert!(!store.is_settled(late), "an earlier pin is still unsent");
+        store.send(Op::Pin { pin: pin("early", PoolName::V2, 1), seq: early });
+        assert!(store.settle(late, Duration::from_secs(5)).await);
+        store.close().await;
+    }
+}
