@@ -43,6 +43,10 @@ impl ManualClock {
         self.0.fetch_add(by.as_millis() as u64, Ordering::SeqCst);
     }
 
+    pub fn now_ms(&self) -> UnixMillis {
+        self.0.load(Ordering::SeqCst)
+    }
+
     pub fn set(&self, now: UnixMillis) {
         self.0.store(now, Ordering::SeqCst);
     }
@@ -50,7 +54,7 @@ impl ManualClock {
 
 impl Clock for ManualClock {
     fn now(&self) -> UnixMillis {
-        self.0.load(Ordering::SeqCst)
+        self.now_ms()
     }
 }
 

@@ -48,7 +48,10 @@ impl DrainClock {
             Some(ms) => ms.saturating_add(READ_BACK_SLACK.as_millis() as u64),
             None => now,
         };
-        DrainClock { last_v1_request: AtomicU64::new(start), stored: AtomicU64::new(stored.unwrap_or(0)) }
+        // A read-back value counts as stored: writing it back would add the slack again at every
+        // restart. With nothing stored, the first flush writes the start time.
+        let stored_marker = if stored.is_some() { start } else { 0 };
+        DrainClock { last_v1_request: AtomicU64::new(start), stored: AtomicU64::new(stored_marker) }
     }
 
     /// Records a request forwarded to a v1 upstream.
@@ -119,10 +122,16 @@ mod tests {
     }
 
     #[test]
+    fn with_nothing_stored_the_start_time_is_stored_first() {
+        let clock = DrainClock::new(None, 99_000);
+        assert_eq!(clock.take_unstored(), Some(99_000));
+        assert_eq!(clock.take_unstored(), None);
+    }
+
+    #[test]
     fn only_changes_are_stored() {
         let clock = DrainClock::new(Some(5_000), 99_000);
-        assert_eq!(clock.take_unstored(), Some(7_000));
-        assert_eq!(clock.take_unstored(), None);
+        assert_eq!(clock.take_unstored(), None, "the read-back value is not written again");
         clock.record_v1(8_000);
         assert_eq!(clock.take_unstored(), Some(8_000));
     }

@@ -376,3 +376,47 @@ impl Drop for ProxyProcess {
         let _ = self.child.wait();
     }
 }
+
+/// The value of one series in Prometheus text output: `name` and its labels in any order,
+/// e.g. `metric(&text, "rollout_sessions_ended_total", &[("pool", "v1"), ("reason", "idle")])`.
+pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    text.lines().filter(|l| !l.starts_with('#')).find_map(|line| {
+        let (series, value) = line.rsplit_once(' ')?;
+        let (series_name, series_labels) = match series.split_once('{') {
+            Some((n, rest)) => (n, rest.trim_end_matches('}')),
+            None => (series, ""),
+        };
+        if series_name != name {
+            return None;
+        }
+        let pairs: Vec<(&str, &str)> = series_labels
+            .split(',')
+            .filter(|p| !p.is_empty())
+            .filter_map(|p| p.split_once('=').map(|(k, v)| (k, v.trim_matches('"'))))
+            .collect();
+        let matches = pairs.len() == labels.len() && labels.iter().all(|l| pairs.contains(l));
+        matches.then(|| value.parse().ok()).flatten()
+    })
+}
+
+/// GETs every URL, up to 16 at a time, and returns each answer's `x-rollout-pool` in order.
+pub async fn pools_of(urls: Vec<String>) -> Vec<String> {
+    let client = http1_client();
+    let mut out = Vec::with_capacity(urls.len());
+    for chunk in urls.chunks(16) {
+        let tasks: Vec<_> = chunk
+            .iter()
+            .map(|url| {
+                let client = client.clone();
+                let req = Request::get(url.as_str()).body(Full::default()).unwrap();
+                tokio::spawn(async move { send(&client, req).await })
+            })
+            .collect();
+        for task in tasks {
+            let reply = task.await.unwrap();
+            assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+            out.push(reply.header("x-rollout-pool").expect("pool header").to_owned());
+        }
+    }
+    out
+}

@@ -1,0 +1,137 @@
+//! The drain signal under a controlled clock: quiet window, live v1 pins, v2 traffic, restarts.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::StatusCode;
+use rollout_proxy::clock::{ManualClock, SharedClock};
+use serde_json::Value;
+use support::{config_yaml, get, metric, spawn_proxy_with, ProxyHandle, Upstream};
+
+const MINUTE: Duration = Duration::from_secs(60);
+
+async fn proxy(percent: u32, clock: &ManualClock, state: tempfile::TempDir) -> ProxyHandle {
+    let v1 = Upstream::new("v1-a").spawn().await;
+    let v2 = Upstream::new("v2-a").spawn().await;
+    let extra = format!(
+        "routes: {{ legacy_v1_percent: {percent} }}\ndrain: {{ quiet_window: 1h }}\nsessions: {{ idle_timeout: 2h, max_duration: 10h40m }}\n"
+    );
+    let shared: SharedClock = Arc::new(clock.clone());
+    spawn_proxy_with(&config_yaml(&[("v1-a", v1, 1)], &[("v2-a", v2, 1)], &extra), shared, state).await
+}
+
+/// `GET /drain`: (HTTP status, body).
+async fn drain(proxy: &ProxyHandle) -> (StatusCode, Value) {
+    let reply = get(&proxy.admin_url("/drain")).await;
+    (reply.status, serde_json::from_slice(&reply.body).unwrap())
+}
+
+async fn drained_metric(proxy: &ProxyHandle) -> f64 {
+    let text = String::from_utf8(get(&proxy.admin_url("/metrics")).await.body.to_vec()).unwrap();
+    metric(&text, "rollout_v1_drained", &[]).unwrap()
+}
+
+fn unix_ms(rfc3339: &Value) -> u64 {
+    let at = humantime::parse_rfc3339(rfc3339.as_str().unwrap()).unwrap();
+    at.duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64
+}
+
+#[tokio::test]
+async fn with_no_state_the_window_starts_at_process_start_and_v2_traffic_does_not_disturb_it() {
+    let clock = ManualClock::starting_now();
+    let proxy = proxy(0, &clock, tempfile::tempdir().unwrap()).await;
+    let (status, body) = drain(&proxy).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(body["drained"], false);
+    assert_eq!(body["quiet_window_seconds"], 3600.0);
+    assert_eq!(drained_metric(&proxy).await, 0.0);
+
+    for _ in 0..6 {
+        clock.advance(10 * MINUTE);
+        // v2-prefixed, and legacy at 0 %: keyed and unkeyed, all to v2.
+        for path in ["/api/v2/studies/1", "/api/studies/9", "/api/members/me"] {
+            assert_eq!(get(&proxy.url(path)).await.header("x-rollout-pool"), Some("v2"));
+        }
+    }
+    let (status, body) = drain(&proxy).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["drained"], true);
+    assert_eq!(body["v1_active_pins"], 0);
+    assert_eq!(drained_metric(&proxy).await, 1.0);
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn v1_traffic_restarts_the_quiet_window() {
+    let clock = ManualClock::starting_now();
+    let proxy = proxy(100, &clock, tempfile::tempdir().unwrap()).await;
+    clock.advance(2 * 60 * MINUTE);
+    assert_eq!(drain(&proxy).await.0, StatusCode::OK, "quiet for two hours since start");
+
+    let v1_at = clock.now_ms();
+    assert_eq!(get(&proxy.url("/api/members/me")).await.header("x-rollout-pool"), Some("v1"));
+    let (status, body) = drain(&proxy).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(unix_ms(&body["last_v1_request_at"]), v1_at);
+    assert_eq!(unix_ms(&body["drained_eta"]), v1_at + 3_600_000);
+
+    clock.advance(59 * MINUTE);
+    assert_eq!(drain(&proxy).await.0, StatusCode::SERVICE_UNAVAILABLE);
+    clock.advance(MINUTE);
+    assert_eq!(drain(&proxy).await.0, StatusCode::OK);
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_live_v1_pin_holds_the_signal_until_it_ends() {
+    let clock = ManualClock::starting_now();
+    let proxy = proxy(100, &clock, tempfile::tempdir().unwrap()).await;
+    assert_eq!(get(&proxy.url("/api/studies/77/contents")).await.header("x-rollout-pool"), Some("v1"));
+    proxy.proxy().maintain();
+
+    clock.advance(61 * MINUTE);
+    proxy.proxy().maintain();
+    let (status, body) = drain(&proxy).await;
+    assert_eq!(
+        status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "quiet for the window, but a v1 study is live: {body}"
+    );
+    assert_eq!(body["v1_active_pins"], 1);
+    assert!(body["quiet_for_seconds"].as_f64().unwrap() >= 3600.0);
+
+    clock.advance(60 * MINUTE); // the pin has been idle for its 2 h idle timeout
+    proxy.proxy().maintain();
+    let (status, body) = drain(&proxy).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["v1_active_pins"], 0);
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_restart_never_makes_the_signal_come_earlier() {
+    let clock = ManualClock::starting_now();
+    let proxy1 = proxy(100, &clock, tempfile::tempdir().unwrap()).await;
+    let v1_at = clock.now_ms();
+    get(&proxy1.url("/api/members/me")).await;
+    let state = proxy1.shutdown().await;
+
+    clock.advance(59 * MINUTE);
+    let proxy2 = proxy(100, &clock, state).await;
+    let (status, body) = drain(&proxy2).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert!(unix_ms(&body["last_v1_request_at"]) >= v1_at, "the clock did not move back: {body}");
+    assert!(body["quiet_for_seconds"].as_f64().unwrap() <= 59.0 * 60.0);
+    let state = proxy2.shutdown().await;
+
+    // Within the read-back slack of the window's end it is still not drained; after it, it is.
+    clock.advance(MINUTE);
+    let proxy3 = proxy(100, &clock, state).await;
+    assert_eq!(drain(&proxy3).await.0, StatusCode::SERVICE_UNAVAILABLE);
+    clock.advance(Duration::from_secs(3));
+    let (status, body) = drain(&proxy3).await;
+    assert_eq!(status, StatusCode::OK, "{body} v1_at={}", rollout_proxy::drain::rfc3339(v1_at));
+    proxy3.shutdown().await;
+}

@@ -1,0 +1,240 @@
+//! Legacy sessions stay on the pool they started on: across percentage changes, restarts,
+//! expiry, a full pin table and an emptied pool.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::StatusCode;
+use rollout_proxy::clock::{ManualClock, SharedClock, SystemClock};
+use rollout_proxy::config::PoolName;
+use support::{config_yaml, get, metric, pools_of, spawn_proxy_with, ProxyHandle, Upstream};
+
+struct Pools {
+    v1: std::net::SocketAddr,
+    v2: std::net::SocketAddr,
+}
+
+async fn pools() -> Pools {
+    Pools { v1: Upstream::new("v1-a").spawn().await, v2: Upstream::new("v2-a").spawn().await }
+}
+
+fn yaml(p: &Pools, percent: f64, extra: &str) -> String {
+    config_yaml(
+        &[("v1-a", p.v1, 1)],
+        &[("v2-a", p.v2, 1)],
+        &format!("routes: {{ legacy_v1_percent: {percent} }}\n{extra}"),
+    )
+}
+
+fn by_path(proxy: &ProxyHandle, ids: impl Iterator<Item = usize>) -> Vec<String> {
+    ids.map(|id| proxy.url(&format!("/api/studies/{id}/contents"))).collect()
+}
+
+fn by_query(proxy: &ProxyHandle, ids: impl Iterator<Item = usize>) -> Vec<String> {
+    ids.map(|id| proxy.url(&format!("/api/progress?studyId={id}"))).collect()
+}
+
+async fn metrics_text(proxy: &ProxyHandle) -> String {
+    String::from_utf8(get(&proxy.admin_url("/metrics")).await.body.to_vec()).unwrap()
+}
+
+#[tokio::test]
+async fn studies_keep_their_pool_when_the_percentage_moves_and_across_restarts() {
+    let p = pools().await;
+    let clock: SharedClock = Arc::new(SystemClock);
+    let proxy = spawn_proxy_with(&yaml(&p, 50.0, ""), clock.clone(), tempfile::tempdir().unwrap()).await;
+    let started = pools_of(by_path(&proxy, 0..500)).await;
+    let v1 = started.iter().filter(|p| *p == "v1").count();
+    assert!((215..=285).contains(&v1), "{v1} of 500 new studies on v1 at 50 %");
+    assert_eq!(pools_of(by_query(&proxy, 0..500)).await, started, "query and path name the same study");
+    let mut state = proxy.shutdown().await;
+
+    // Moving the percentage (here by restarting with a new file) only steers new studies.
+    for (percent, newcomers, new_ids) in [(0.0, "v2", 1000..1100), (100.0, "v1", 2000..2100)] {
+        let proxy = spawn_proxy_with(&yaml(&p, percent, ""), clock.clone(), state).await;
+        assert_eq!(pools_of(by_path(&proxy, 0..500)).await, started, "at {percent} % (path)");
+        assert_eq!(pools_of(by_query(&proxy, 0..500)).await, started, "at {percent} % (query)");
+        let fresh = pools_of(by_path(&proxy, new_ids)).await;
+        assert!(
+            fresh.iter().all(|p| p == newcomers),
+            "new studies at {percent} % go to {newcomers}: {fresh:?}"
+        );
+        state = proxy.shutdown().await;
+    }
+
+    let proxy = spawn_proxy_with(&yaml(&p, 0.0, ""), clock, state).await;
+    let text = metrics_text(&proxy).await;
+    let active = |pool| metric(&text, "rollout_sessions_active", &[("pool", pool)]).unwrap();
+    assert_eq!(active("v1") + active("v2"), 700.0, "500 + 2 × 100 pins survived three restarts");
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn concurrent_first_requests_of_a_study_agree_on_its_pool() {
+    let p = pools().await;
+    let proxy =
+        spawn_proxy_with(&yaml(&p, 50.0, ""), Arc::new(SystemClock), tempfile::tempdir().unwrap()).await;
+    for id in 0..20 {
+        let urls = (0..16).map(|_| proxy.url(&format!("/api/studies/race-{id}"))).collect();
+        let seen = pools_of(urls).await;
+        assert!(seen.iter().all(|p| *p == seen[0]), "study race-{id} split across pools: {seen:?}");
+    }
+    let text = metrics_text(&proxy).await;
+    let started = |pool| metric(&text, "rollout_sessions_started_total", &[("pool", pool)]).unwrap();
+    assert_eq!(started("v1") + started("v2"), 20.0, "one pin per study");
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn pins_end_on_idle_timeout_and_max_duration_and_come_back_as_new_pins() {
+    let p = pools().await;
+    let clock = ManualClock::starting_now();
+    let shared: SharedClock = Arc::new(clock.clone());
+    let sessions = "sessions: { idle_timeout: 10m, max_duration: 1h }\n";
+    let proxy =
+        spawn_proxy_with(&yaml(&p, 100.0, sessions), shared.clone(), tempfile::tempdir().unwrap()).await;
+
+    // "idle" studies are seen once; "busy" ones every 5 minutes until max_duration ends them.
+    assert!(pools_of(by_path(&proxy, 0..10)).await.iter().all(|p| p == "v1"));
+    assert!(pools_of(by_path(&proxy, 100..105)).await.iter().all(|p| p == "v1"));
+    for _ in 0..11 {
+        clock.advance(Duration::from_secs(300));
+        pools_of(by_path(&proxy, 100..105)).await;
+        proxy.proxy().maintain();
+    }
+    let text = metrics_text(&proxy).await;
+    let ended = |reason| {
+        metric(&text, "rollout_sessions_ended_total", &[("pool", "v1"), ("reason", reason)]).unwrap()
+    };
+    assert_eq!(ended("idle"), 10.0, "{text}");
+    assert_eq!(ended("max_duration"), 0.0);
+    assert_eq!(proxy.proxy().sessions().live(PoolName::V1), 5);
+
+    clock.advance(Duration::from_secs(300)); // 60 minutes after the busy studies began
+    proxy.proxy().maintain();
+    let text = metrics_text(&proxy).await;
+    let ended = |reason| {
+        metric(&text, "rollout_sessions_ended_total", &[("pool", "v1"), ("reason", reason)]).unwrap()
+    };
+    assert_eq!(ended("max_duration"), 5.0, "{text}");
+    assert_eq!(metric(&text, "rollout_sessions_active", &[("pool", "v1")]), Some(0.0));
+    let state = proxy.shutdown().await;
+
+    // Returning after expiry makes a new pin, by the current percentage.
+    let proxy = spawn_proxy_with(&yaml(&p, 0.0, sessions), shared, state).await;
+    assert!(pools_of(by_path(&proxy, 0..10)).await.iter().all(|p| p == "v2"));
+    assert!(pools_of(by_path(&proxy, 100..105)).await.iter().all(|p| p == "v2"));
+    let text = metrics_text(&proxy).await;
+    assert_eq!(metric(&text, "rollout_sessions_started_total", &[("pool", "v2")]), Some(15.0));
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_ended_pin_is_not_followed_even_before_the_background_sweep() {
+    let p = pools().await;
+    let clock = ManualClock::starting_now();
+    let shared: SharedClock = Arc::new(clock.clone());
+    let sessions = "sessions: { idle_timeout: 10m }\n";
+    let proxy =
+        spawn_proxy_with(&yaml(&p, 100.0, sessions), shared.clone(), tempfile::tempdir().unwrap()).await;
+    assert_eq!(pools_of(by_path(&proxy, 0..1)).await, ["v1"]);
+    let state = proxy.shutdown().await;
+    let proxy = spawn_proxy_with(&yaml(&p, 0.0, sessions), shared, state).await;
+    assert_eq!(pools_of(by_path(&proxy, 0..1)).await, ["v1"], "still pinned");
+    clock.advance(Duration::from_secs(601));
+    assert_eq!(pools_of(by_path(&proxy, 0..1)).await, ["v2"], "idle for 10 minutes: a new pin");
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_full_pin_table_routes_new_keys_unpinned_and_keeps_every_live_pin() {
+    let p = pools().await;
+    let extra = "sessions: { max_active: 100000 }\n";
+    let proxy =
+        spawn_proxy_with(&yaml(&p, 50.0, extra), Arc::new(SystemClock), tempfile::tempdir().unwrap()).await;
+    let before = pools_of(by_path(&proxy, 0..200)).await;
+    let rss_before = resident_bytes();
+
+    // 200,000 random keys straight through the session table (the HTTP path adds nothing here
+    // but time): the first 99,800 fill it, the rest must be turned away.
+    let sessions = proxy.proxy().sessions().clone();
+    let snapshot = proxy.proxy().snapshot();
+    let mut unpinned = 0;
+    for _ in 0..200_000 {
+        let key = format!("abuse-{:016x}", fastrand::u64(..));
+        let resolution = sessions.resolve(&key, &snapshot.pin_policy, || snapshot.router.split());
+        if matches!(resolution, rollout_proxy::session::Resolution::Full { .. }) {
+            unpinned += 1;
+        }
+    }
+    assert_eq!(unpinned, 100_200);
+    assert_eq!(sessions.live(PoolName::V1) + sessions.live(PoolName::V2), 100_000);
+    let grown = resident_bytes().saturating_sub(rss_before);
+    assert!(grown < 128 << 20, "100,000 pins grew the process by {} MiB", grown >> 20);
+
+    // Over HTTP: the old studies keep their pools, a new one is served unpinned and counted.
+    assert_eq!(pools_of(by_path(&proxy, 0..200)).await, before);
+    assert_eq!(get(&proxy.url("/api/studies/latecomer")).await.status, StatusCode::OK);
+    let text = metrics_text(&proxy).await;
+    assert_eq!(
+        metric(&text, "rollout_session_keys_rejected_total", &[("reason", "table_full")]),
+        Some(100_201.0)
+    );
+    assert_eq!(
+        metric(
+            &text,
+            "rollout_requests_total",
+            &[("route", "legacy"), ("pool", "v1"), ("decision", "unkeyed"), ("code_class", "2xx")]
+        )
+        .unwrap_or(0.0)
+            + metric(
+                &text,
+                "rollout_requests_total",
+                &[("route", "legacy"), ("pool", "v2"), ("decision", "unkeyed"), ("code_class", "2xx")]
+            )
+            .unwrap_or(0.0),
+        1.0
+    );
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_pinned_study_whose_pool_is_empty_gets_503_not_the_other_version() {
+    let p = pools().await;
+    let proxy =
+        spawn_proxy_with(&yaml(&p, 100.0, ""), Arc::new(SystemClock), tempfile::tempdir().unwrap()).await;
+    assert_eq!(pools_of(by_path(&proxy, 7..8)).await, ["v1"]);
+    let state = proxy.shutdown().await;
+
+    let drained_v1 =
+        config_yaml(&[("v1-a", p.v1, 0)], &[("v2-a", p.v2, 1)], "routes: { legacy_v1_percent: 0 }\n");
+    let proxy = spawn_proxy_with(&drained_v1, Arc::new(SystemClock), state).await;
+    let reply = get(&proxy.url("/api/studies/7/contents")).await;
+    assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(reply.header("x-rollout-error"), Some("no_upstream"));
+    assert_eq!(reply.header("x-rollout-pool"), Some("v1"));
+    assert_eq!(pools_of(by_path(&proxy, 8..9)).await, ["v2"], "new studies are served by v2");
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn invalid_keys_are_served_unkeyed_and_counted() {
+    let p = pools().await;
+    let proxy =
+        spawn_proxy_with(&yaml(&p, 100.0, ""), Arc::new(SystemClock), tempfile::tempdir().unwrap()).await;
+    for path in ["/api/studies/has%20space", "/api/progress?studyId=", "/api/studies/a$b"] {
+        assert_eq!(get(&proxy.url(path)).await.status, StatusCode::OK, "{path}");
+    }
+    let text = metrics_text(&proxy).await;
+    assert_eq!(metric(&text, "rollout_session_keys_rejected_total", &[("reason", "invalid")]), Some(3.0));
+    assert_eq!(proxy.proxy().sessions().live(PoolName::V1), 0);
+    proxy.shutdown().await;
+}
+
+fn resident_bytes() -> u64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap();
+    let pages: u64 = statm.split_whitespace().nth(1).unwrap().parse().unwrap();
+    pages * 4096
+}
