@@ -7,13 +7,13 @@
 //! pins nobody asks for again runs in the background ([`Sessions::maintain`]). Making pins durable
 //! is [`crate::state`]'s job; choosing the pool for a new pin is [`crate::router`]'s.
 
-use std::collections::hash_map::RandomState;
-use std::collections::HashMap;
 use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use compact_str::CompactString;
+use hashbrown::{DefaultHashBuilder, HashTable};
 use http::{HeaderMap, Uri};
 
 use crate::clock::{SharedClock, UnixMillis};
@@ -163,8 +163,10 @@ impl Pin {
 
     fn touch(&self, now: u32) {
         // Only write when the second changes, so hot keys do not bounce a cache line per request.
+        // A plain store, not a read-modify-write: two requests racing here write clock readings
+        // microseconds apart, and one second of `last_seen` either way changes nothing.
         if self.last_seen.load(Ordering::Relaxed) < now {
-            self.last_seen.fetch_max(now, Ordering::Relaxed);
+            self.last_seen.store(now, Ordering::Relaxed);
         }
     }
 
@@ -195,14 +197,30 @@ pub struct PinInfo {
     pub last_seen: u32,
 }
 
-type Shard = RwLock<HashMap<Box<str>, Pin>>;
+/// A pin under its key. Keys up to 24 bytes (every numeric study id) are stored inline, so a
+/// lookup compares without another cache miss.
+#[derive(Debug)]
+struct Entry {
+    key: CompactString,
+    pin: Pin,
+}
+
+type Shard = RwLock<HashTable<Entry>>;
 
 const SHARDS: usize = 64;
+
+/// The shard of a key's hash. Bits 32..38 pick it: the table inside uses the low bits for the
+/// bucket and the top 7 for its tag, and both must stay spread within a shard.
+fn shard_of(hash: u64) -> usize {
+    ((hash >> 32) as usize) % SHARDS
+}
 
 /// The pin table and its link to the store.
 pub struct Sessions {
     shards: Box<[Shard]>,
-    hasher: RandomState,
+    /// Seeded per process (foldhash): keys come from clients, so collisions must not be
+    /// predictable; the `max_active` cap bounds the table in any case.
+    hasher: DefaultHashBuilder,
     live: AtomicUsize,
     live_by_pool: ByPool<AtomicUsize>,
     /// Unix seconds at which the last live v1 pin ends if no request comes; refreshed by
@@ -229,8 +247,9 @@ impl Sessions {
         clock: SharedClock,
         metrics: Arc<Metrics>,
     ) -> Self {
-        let hasher = RandomState::new();
-        let mut maps: Vec<HashMap<Box<str>, Pin>> = (0..SHARDS).map(|_| HashMap::new()).collect();
+        let hasher = DefaultHashBuilder::default();
+        let mut tables: Vec<HashTable<Entry>> =
+            (0..SHARDS).map(|_| HashTable::with_capacity(loaded.len() / SHARDS + 1)).collect();
         let now = secs(clock.now());
         let slack = READ_BACK_SLACK.as_secs() as u32;
         let live_by_pool = ByPool::<AtomicUsize>::default();
@@ -248,12 +267,13 @@ impl Sessions {
                 continue;
             }
             live_by_pool.get(pin.pool).fetch_add(1, Ordering::Relaxed);
-            let shard = (hasher.hash_one(&*stored.key) as usize) % SHARDS;
-            maps[shard].insert(stored.key, pin);
+            let hash = hasher.hash_one(&*stored.key);
+            let entry = Entry { key: CompactString::from(&*stored.key), pin };
+            tables[shard_of(hash)].insert_unique(hash, entry, |e| hasher.hash_one(e.key.as_str()));
         }
         let live = live_by_pool.v1.load(Ordering::Relaxed) + live_by_pool.v2.load(Ordering::Relaxed);
         Sessions {
-            shards: maps.into_iter().map(RwLock::new).collect(),
+            shards: tables.into_iter().map(RwLock::new).collect(),
             hasher,
             live: AtomicUsize::new(live),
             live_by_pool,
@@ -264,26 +284,27 @@ impl Sessions {
         }
     }
 
-    fn shard(&self, key: &str) -> &Shard {
-        &self.shards[(self.hasher.hash_one(key) as usize) % SHARDS]
+    fn hash(&self, key: &str) -> u64 {
+        self.hasher.hash_one(key)
     }
 
     /// Routes a keyed legacy request: its live pin, else a new pin on the pool `split` picks.
     pub fn resolve(&self, key: &str, policy: &PinPolicy, split: impl FnOnce() -> PoolName) -> Resolution {
         let now = secs(self.clock.now());
-        let shard = self.shard(key);
+        let hash = self.hash(key);
+        let shard = &self.shards[shard_of(hash)];
         {
-            let map = shard.read().unwrap_or_else(|p| p.into_inner());
-            if let Some(pin) = map.get(key) {
+            let table = shard.read().unwrap_or_else(|p| p.into_inner());
+            if let Some(Entry { pin, .. }) = table.find(hash, |e| e.key == key) {
                 if pin.ended(now, policy).is_none() {
                     pin.touch(now);
                     return Resolution::Pinned { pool: pin.pool, seq: pin.seq };
                 }
             }
         }
-        let mut map = shard.write().unwrap_or_else(|p| p.into_inner());
-        let replacing = match map.get(key) {
-            Some(pin) => match pin.ended(now, policy) {
+        let mut table = shard.write().unwrap_or_else(|p| p.into_inner());
+        let ended = match table.find(hash, |e| e.key == key) {
+            Some(Entry { pin, .. }) => match pin.ended(now, policy) {
                 // Another request pinned it between our two locks.
                 None => {
                     pin.touch(now);
@@ -296,11 +317,15 @@ impl Sessions {
             },
             None => false,
         };
+        if ended {
+            if let Ok(entry) = table.find_entry(hash, |e| e.key == key) {
+                entry.remove();
+            }
+        }
         // Respect the cap without ever evicting a live pin.
         if self.live.fetch_add(1, Ordering::Relaxed) >= policy.max_active {
             self.live.fetch_sub(1, Ordering::Relaxed);
-            if replacing {
-                map.remove(key);
+            if ended {
                 self.store.send(Op::Remove(key.into()));
             }
             self.metrics.keys_rejected_full.inc();
@@ -315,7 +340,8 @@ impl Sessions {
             stored_last_seen: AtomicU32::new(now),
             seq,
         };
-        map.insert(key.into(), pin);
+        table
+            .insert_unique(hash, Entry { key: CompactString::from(key), pin }, |e| self.hash(e.key.as_str()));
         // Sent under the shard lock, so the store sees this key's changes in memory order.
         self.store
             .send(Op::Pin { pin: StoredPin { key: key.into(), pool, first_seen: now, last_seen: now }, seq });
@@ -341,18 +367,18 @@ impl Sessions {
         let now = secs(self.clock.now());
         let mut v1_end = 0u32;
         for shard in self.shards.iter() {
-            let mut map = shard.write().unwrap_or_else(|p| p.into_inner());
+            let mut table = shard.write().unwrap_or_else(|p| p.into_inner());
             let mut touches = Vec::new();
-            map.retain(|key, pin| {
+            table.retain(|Entry { key, pin }| {
                 if let Some(reason) = pin.ended(now, policy) {
                     self.count_end(pin.pool, reason);
-                    self.store.send(Op::Remove(key.clone()));
+                    self.store.send(Op::Remove(key.as_str().into()));
                     return false;
                 }
                 let last_seen = pin.last_seen.load(Ordering::Relaxed);
                 if last_seen > pin.stored_last_seen.load(Ordering::Relaxed) {
                     pin.stored_last_seen.store(last_seen, Ordering::Relaxed);
-                    touches.push((key.clone(), last_seen));
+                    touches.push((key.as_str().into(), last_seen));
                 }
                 if pin.pool == PoolName::V1 {
                     v1_end = v1_end.max(pin.end(policy));
@@ -368,8 +394,9 @@ impl Sessions {
 
     /// Ends one pin by operator request. Returns the pool it was on.
     pub fn remove(&self, key: &str) -> Option<PoolName> {
-        let mut map = self.shard(key).write().unwrap_or_else(|p| p.into_inner());
-        let pin = map.remove(key)?;
+        let hash = self.hash(key);
+        let mut table = self.shards[shard_of(hash)].write().unwrap_or_else(|p| p.into_inner());
+        let (Entry { pin, .. }, _) = table.find_entry(hash, |e| e.key == key).ok()?.remove();
         self.count_end(pin.pool, EndReason::Admin);
         self.store.send(Op::Remove(key.into()));
         Some(pin.pool)
@@ -391,11 +418,11 @@ impl Sessions {
         let now = secs(self.clock.now());
         let mut out = Vec::new();
         for shard in self.shards.iter() {
-            let map = shard.read().unwrap_or_else(|p| p.into_inner());
-            let live = map
+            let table = shard.read().unwrap_or_else(|p| p.into_inner());
+            let live = table
                 .iter()
-                .filter(|(_, pin)| pool.is_none_or(|p| p == pin.pool) && pin.ended(now, policy).is_none());
-            for (key, pin) in live {
+                .filter(|e| pool.is_none_or(|p| p == e.pin.pool) && e.pin.ended(now, policy).is_none());
+            for Entry { key, pin } in live {
                 if out.len() >= limit {
                     return out;
                 }

@@ -1,0 +1,81 @@
+//! The binary killed without warning keeps every pin and never advances the drain clock; a second
+//! process on the same state directory is refused.
+
+mod support;
+
+use std::time::Duration;
+
+use support::{config_yaml, get, metric, pools_of, ProxyProcess, Upstream};
+
+fn write_config(
+    dir: &std::path::Path,
+    v1: std::net::SocketAddr,
+    v2: std::net::SocketAddr,
+) -> std::path::PathBuf {
+    let file = dir.join("rollout.yaml");
+    let extra = format!("routes: {{ legacy_v1_percent: 50 }}\nstate_dir: {}\n", dir.join("state").display());
+    std::fs::write(&file, config_yaml(&[("v1-a", v1, 1)], &[("v2-a", v2, 1)], &extra)).unwrap();
+    file
+}
+
+async fn last_v1_request_ms(proxy: &ProxyProcess) -> u64 {
+    let body: serde_json::Value =
+        serde_json::from_slice(&get(&proxy.admin_url("/drain")).await.body).unwrap();
+    let at = humantime::parse_rfc3339(body["last_v1_request_at"].as_str().unwrap()).unwrap();
+    at.duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64
+}
+
+#[tokio::test]
+async fn sigkill_loses_no_pin_and_does_not_advance_the_drain_clock() {
+    let v1 = Upstream::new("v1-a").spawn().await;
+    let v2 = Upstream::new("v2-a").spawn().await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = write_config(dir.path(), v1, v2);
+    let args = ["run", "--config", file.to_str().unwrap()];
+
+    let proxy = ProxyProcess::start(&args).await;
+    let urls = |p: &ProxyProcess, form: &str| -> Vec<String> {
+        (0..300).map(|id| p.url(&form.replace("{id}", &id.to_string()))).collect()
+    };
+    let started = pools_of(urls(&proxy, "/api/studies/{id}/contents")).await;
+    assert!(started.iter().any(|p| p == "v1") && started.iter().any(|p| p == "v2"));
+    // The last request is a v1 one; the kill follows at once, before any background flush.
+    let last_v1 = started.iter().rposition(|p| p == "v1").unwrap();
+    pools_of(vec![proxy.url(&format!("/api/studies/{last_v1}"))]).await;
+    let before = last_v1_request_ms(&proxy).await;
+    proxy.signal(libc::SIGKILL);
+    let mut proxy = proxy;
+    assert_eq!(proxy.exit_status(Duration::from_secs(5)).await.code(), None, "killed by a signal");
+    drop(proxy);
+
+    let proxy = ProxyProcess::start(&args).await;
+    assert_eq!(
+        pools_of(urls(&proxy, "/api/studies/{id}/contents")).await,
+        started,
+        "every pin kept its pool"
+    );
+    assert_eq!(pools_of(urls(&proxy, "/api/progress?studyId={id}")).await, started);
+    let after = last_v1_request_ms(&proxy).await;
+    assert!(after >= before, "drain clock moved back by {} ms", before - after);
+    let text = String::from_utf8(get(&proxy.admin_url("/metrics")).await.body.to_vec()).unwrap();
+    let active = |pool| metric(&text, "rollout_sessions_active", &[("pool", pool)]).unwrap();
+    assert_eq!(active("v1") + active("v2"), 300.0);
+}
+
+#[tokio::test]
+async fn a_second_process_on_the_same_state_dir_is_refused() {
+    let v1 = Upstream::new("v1-a").spawn().await;
+    let v2 = Upstream::new("v2-a").spawn().await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = write_config(dir.path(), v1, v2);
+    let first = ProxyProcess::start(&["run", "--config", file.to_str().unwrap()]).await;
+    pools_of(vec![first.url("/api/studies/1")]).await;
+
+    let second = support::binary().args(["run", "--config", file.to_str().unwrap()]).output().unwrap();
+    assert_eq!(second.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert!(stderr.contains("is in use by another rollout-proxy process"), "{stderr}");
+
+    // The first one is unharmed.
+    assert_eq!(get(&first.url("/api/studies/1")).await.status, http::StatusCode::OK);
+}
