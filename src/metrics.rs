@@ -80,6 +80,7 @@ pub struct ScrapeState {
     /// (pool, upstream, healthy, weight) for every configured upstream.
     pub upstreams: Vec<(PoolName, String, bool, u32)>,
     pub state_last_commit_seconds: f64,
+    pub state_commits: u64,
     pub state_write_errors: u64,
 }
 
@@ -106,6 +107,7 @@ pub struct Metrics {
     pub config_reloads: IntCounterVec,
     pub admin_changes: IntCounterVec,
     state_last_commit: Gauge,
+    state_commits: IntCounter,
     state_write_errors: IntCounter,
 }
 
@@ -271,6 +273,11 @@ impl Metrics {
                 "rollout_state_last_commit_timestamp_seconds",
                 "Unix time of the last successful commit to the state store.",
             ),
+            state_commits: register(
+                &r,
+                IntCounter::new("rollout_state_commits_total", "Successful commits to the state store.")
+                    .expect("valid"),
+            ),
             state_write_errors: register(
                 &r,
                 IntCounter::new("rollout_state_write_errors_total", "Failed commits to the state store.")
@@ -322,8 +329,10 @@ impl Metrics {
             self.upstream_weight.with_label_values(&[pool.as_str(), name]).set(i64::from(*weight));
         }
         self.state_last_commit.set(state.state_last_commit_seconds);
-        let errors = self.state_write_errors.get();
-        self.state_write_errors.inc_by(state.state_write_errors.saturating_sub(errors));
+        // The store counts; these counters follow it.
+        self.state_commits.inc_by(state.state_commits.saturating_sub(self.state_commits.get()));
+        self.state_write_errors
+            .inc_by(state.state_write_errors.saturating_sub(self.state_write_errors.get()));
 
         let mut out = Vec::new();
         TextEncoder::new().encode(&self.registry.gather(), &mut out).expect("text encoding does not fail");

@@ -243,6 +243,7 @@ impl Proxy {
             drained: drain.drained,
             upstreams,
             state_last_commit_seconds: health.last_commit.load(Ordering::Relaxed) as f64,
+            state_commits: health.commits.load(Ordering::Relaxed),
             state_write_errors: health.write_errors.load(Ordering::Relaxed),
         }
     }

@@ -62,6 +62,20 @@ async fn upkeep(proxy: Arc<Proxy>, stop: CancellationToken) {
     }
 }
 
+/// What tests may change about a server beyond its config.
+pub struct StartOptions {
+    /// The clock pins and the drain signal read; tests move a [`crate::clock::ManualClock`].
+    pub clock: SharedClock,
+    /// Holds back every state commit, as a slow disk would.
+    pub commit_delay: std::time::Duration,
+}
+
+impl Default for StartOptions {
+    fn default() -> Self {
+        StartOptions { clock: Arc::new(SystemClock), commit_delay: std::time::Duration::ZERO }
+    }
+}
+
 /// A running proxy.
 pub struct Server {
     /// Where the data plane listens (the bound address, so port 0 is resolved).
@@ -73,14 +87,15 @@ pub struct Server {
 }
 
 impl Server {
-    /// Binds both listeners and starts serving with the system clock.
+    /// Binds both listeners and starts serving.
     pub async fn start(config: Config) -> Result<Server, StartError> {
-        Server::start_with_clock(config, Arc::new(SystemClock)).await
+        Server::start_with(config, StartOptions::default()).await
     }
 
-    /// Like [`Server::start`], with the clock pins and the drain signal read (tests move it).
-    pub async fn start_with_clock(config: Config, clock: SharedClock) -> Result<Server, StartError> {
-        let (store, loaded) = Store::open(&config.state_dir)?;
+    /// Like [`Server::start`], with a different clock or store behaviour (tests).
+    pub async fn start_with(config: Config, options: StartOptions) -> Result<Server, StartError> {
+        let StartOptions { clock, commit_delay } = options;
+        let (store, loaded) = Store::open_with_delay(&config.state_dir, commit_delay)?;
         let store = Arc::new(store);
         let started_pins = loaded.pins.len();
         let metrics = Arc::new(Metrics::new());

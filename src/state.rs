@@ -123,6 +123,8 @@ pub enum Op {
 pub struct StoreHealth {
     /// Unix seconds of the last successful commit.
     pub last_commit: AtomicU64,
+    /// Successful commits; with group commit, far fewer than the pins they carry.
+    pub commits: AtomicU64,
     pub write_errors: AtomicU64,
 }
 
@@ -146,6 +148,12 @@ impl std::fmt::Debug for Store {
 impl Store {
     /// Opens (or creates) the store in `dir` and reads everything in it.
     pub fn open(dir: &Path) -> Result<(Store, Loaded), StateError> {
+        Store::open_with_delay(dir, Duration::ZERO)
+    }
+
+    /// Like [`Store::open`], with every commit held back by `commit_delay`: a slow disk, for
+    /// tests that check what waits for durability.
+    pub fn open_with_delay(dir: &Path, commit_delay: Duration) -> Result<(Store, Loaded), StateError> {
         std::fs::create_dir_all(dir)
             .map_err(|source| StateError::CreateDir { dir: dir.to_owned(), source })?;
         let file = dir.join(STATE_FILE);
@@ -162,7 +170,7 @@ impl Store {
         let writer_health = health.clone();
         let writer = std::thread::Builder::new()
             .name("rollout-state".to_owned())
-            .spawn(move || write_loop(db, rx, settled_tx, &writer_health))
+            .spawn(move || write_loop(db, rx, settled_tx, &writer_health, commit_delay))
             .map_err(StateError::Writer)?;
         let store = Store {
             dir: dir.to_owned(),
@@ -186,6 +194,11 @@ impl Store {
         if self.ops.send(op).is_err() {
             warn!("state writer has stopped; change not stored");
         }
+    }
+
+    /// Whether every pin sent so far is committed.
+    pub fn is_all_settled(&self) -> bool {
+        self.is_settled(self.next_seq.load(Ordering::Relaxed) - 1)
     }
 
     pub fn is_settled(&self, seq: u64) -> bool {
@@ -247,6 +260,7 @@ fn write_loop(
     mut rx: mpsc::UnboundedReceiver<Op>,
     settled: watch::Sender<u64>,
     health: &StoreHealth,
+    commit_delay: Duration,
 ) {
     let mut watermark = 0u64;
     let mut committed = BTreeSet::new();
@@ -260,10 +274,14 @@ fn write_loop(
                 Err(_) => break,
             }
         }
+        if !commit_delay.is_zero() {
+            std::thread::sleep(commit_delay);
+        }
         match commit(&db, &batch) {
             Ok(()) => {
                 let now = crate::clock::Clock::now(&crate::clock::SystemClock) / 1000;
                 health.last_commit.store(now, Ordering::Relaxed);
+                health.commits.fetch_add(1, Ordering::Relaxed);
             }
             Err(err) => {
                 health.write_errors.fetch_add(1, Ordering::Relaxed);

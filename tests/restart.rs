@@ -39,10 +39,12 @@ async fn sigkill_loses_no_pin_and_does_not_advance_the_drain_clock() {
     };
     let started = pools_of(urls(&proxy, "/api/studies/{id}/contents")).await;
     assert!(started.iter().any(|p| p == "v1") && started.iter().any(|p| p == "v2"));
-    // The last request is a v1 one; the kill follows at once, before any background flush.
     let last_v1 = started.iter().rposition(|p| p == "v1").unwrap();
     pools_of(vec![proxy.url(&format!("/api/studies/{last_v1}"))]).await;
     let before = last_v1_request_ms(&proxy).await;
+    // A brand-new study, and the kill the moment its answer is in: its pin must already be on
+    // disk, and no background flush has run since the v1 request above.
+    let newcomer = pools_of(vec![proxy.url("/api/studies/newcomer")]).await;
     proxy.signal(libc::SIGKILL);
     let mut proxy = proxy;
     assert_eq!(proxy.exit_status(Duration::from_secs(5)).await.code(), None, "killed by a signal");
@@ -55,11 +57,12 @@ async fn sigkill_loses_no_pin_and_does_not_advance_the_drain_clock() {
         "every pin kept its pool"
     );
     assert_eq!(pools_of(urls(&proxy, "/api/progress?studyId={id}")).await, started);
+    assert_eq!(pools_of(vec![proxy.url("/api/studies/newcomer/contents")]).await, newcomer);
     let after = last_v1_request_ms(&proxy).await;
     assert!(after >= before, "drain clock moved back by {} ms", before - after);
     let text = String::from_utf8(get(&proxy.admin_url("/metrics")).await.body.to_vec()).unwrap();
     let active = |pool| metric(&text, "rollout_sessions_active", &[("pool", pool)]).unwrap();
-    assert_eq!(active("v1") + active("v2"), 300.0);
+    assert_eq!(active("v1") + active("v2"), 301.0);
 }
 
 #[tokio::test]

@@ -9,7 +9,10 @@ use std::time::Duration;
 use http::StatusCode;
 use rollout_proxy::clock::{ManualClock, SharedClock, SystemClock};
 use rollout_proxy::config::PoolName;
-use support::{config_yaml, get, metric, pools_of, spawn_proxy_with, ProxyHandle, Upstream};
+use rollout_proxy::server::StartOptions;
+use support::{
+    config_yaml, get, metric, pools_of, spawn_proxy_opts, spawn_proxy_with, ProxyHandle, Upstream,
+};
 
 struct Pools {
     v1: std::net::SocketAddr,
@@ -68,6 +71,54 @@ async fn studies_keep_their_pool_when_the_percentage_moves_and_across_restarts()
     let text = metrics_text(&proxy).await;
     let active = |pool| metric(&text, "rollout_sessions_active", &[("pool", pool)]).unwrap();
     assert_eq!(active("v1") + active("v2"), 700.0, "500 + 2 × 100 pins survived three restarts");
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_new_pin_is_durable_before_its_response_and_before_anyone_follows_it() {
+    let p = pools().await;
+    let slow_disk = StartOptions { commit_delay: Duration::from_millis(400), ..StartOptions::default() };
+    let proxy = spawn_proxy_opts(&yaml(&p, 50.0, ""), slow_disk, tempfile::tempdir().unwrap()).await;
+    let store = proxy.proxy().sessions().store().clone();
+    let timed_get = |url: String| {
+        let store = store.clone();
+        async move {
+            let started = std::time::Instant::now();
+            let reply = get(&url).await;
+            (reply, started.elapsed(), store.is_all_settled())
+        }
+    };
+
+    let (reply, took, settled) = timed_get(proxy.url("/api/studies/alone")).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert!(
+        settled && took >= Duration::from_millis(400),
+        "answered after {took:?}, before its pin was committed"
+    );
+
+    // Two requests of a new study at once: one makes the pin, the other follows it; neither is
+    // answered before the pin is on disk.
+    let url = proxy.url("/api/studies/pair/contents");
+    let ((a, a_took, a_settled), (b, b_took, b_settled)) =
+        tokio::join!(timed_get(url.clone()), timed_get(url));
+    assert!(a_settled && a_took >= Duration::from_millis(400), "first answered after {a_took:?}");
+    assert!(b_settled && b_took >= Duration::from_millis(400), "second answered after {b_took:?}");
+    assert_eq!(a.header("x-rollout-pool"), b.header("x-rollout-pool"));
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn concurrent_new_pins_share_commits() {
+    let p = pools().await;
+    let proxy =
+        spawn_proxy_with(&yaml(&p, 50.0, ""), Arc::new(SystemClock), tempfile::tempdir().unwrap()).await;
+    let before = metric(&metrics_text(&proxy).await, "rollout_state_commits_total", &[]).unwrap();
+    pools_of(by_path(&proxy, 0..512)).await;
+    proxy.proxy().sessions().store().flush().await;
+    let commits = metric(&metrics_text(&proxy).await, "rollout_state_commits_total", &[]).unwrap() - before;
+    // Requests go 16 at a time and each waits for its pin's commit: without group commit that
+    // is one commit per pin.
+    assert!(commits <= 256.0, "512 new pins took {commits} commits");
     proxy.shutdown().await;
 }
 

@@ -20,7 +20,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use rollout_proxy::clock::{SharedClock, SystemClock};
 use rollout_proxy::config::Config;
-use rollout_proxy::server::Server;
+use rollout_proxy::server::{Server, StartOptions};
 use sha2::{Digest, Sha256};
 use tokio::net::TcpListener;
 
@@ -178,10 +178,19 @@ pub async fn spawn_proxy(yaml: &str) -> ProxyHandle {
 
 /// Starts a proxy with a given clock and state directory.
 pub async fn spawn_proxy_with(yaml: &str, clock: SharedClock, state_dir: tempfile::TempDir) -> ProxyHandle {
+    spawn_proxy_opts(yaml, StartOptions { clock, ..StartOptions::default() }, state_dir).await
+}
+
+/// Starts a proxy with given start options and state directory.
+pub async fn spawn_proxy_opts(
+    yaml: &str,
+    options: StartOptions,
+    state_dir: tempfile::TempDir,
+) -> ProxyHandle {
     let config = Config::from_yaml(yaml, Path::new("test.yaml"))
         .unwrap_or_else(|e| panic!("{}\n{yaml}", rollout_proxy::ErrorChain(&e)))
         .with_state_dir(state_dir.path());
-    let server = Server::start_with_clock(config, clock).await.unwrap();
+    let server = Server::start_with(config, options).await.unwrap();
     ProxyHandle { addr: server.addr, admin_addr: server.admin_addr, server, state_dir }
 }
 
