@@ -36,6 +36,7 @@ fn balancing(c: &mut Criterion) {
                     weight: i + 1,
                 },
                 UpstreamStats::unregistered(),
+                Upstream::new_health(),
             ))
         })
         .collect();

@@ -1,22 +1,37 @@
-//! The admin listener: liveness, readiness, metrics and the drain signal.
+//! The admin listener: health, readiness, metrics, the drain signal, and the operator's API.
 //!
 //! It runs on its own address (`admin.listen`, loopback by default) so the data plane never
-//! exposes it. It reports on the proxy; it does not route traffic (that is [`crate::proxy`]).
+//! exposes it. Reading endpoints are open; changing ones need `Authorization: Bearer <token>`
+//! (compared in constant time) and accept `If-Match: "<revision>"`. Bad input answers 400 with a
+//! JSON `{"error": ...}` naming the field. What a change does is [`crate::control`]'s business;
+//! this module only speaks HTTP.
 
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use axum::extract::State;
-use axum::http::{header, StatusCode};
-use axum::response::IntoResponse;
-use axum::routing::get;
-use axum::Json;
-use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{ConnectInfo, Path as UrlPath, Query, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post, put};
+use axum::{Json, Router};
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use serde_json::json;
+use subtle::ConstantTimeEq;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
+use crate::config::{Percent, PoolName};
+use crate::control::{Actor, Applied, Control, ControlError};
+use crate::drain::rfc3339;
 use crate::proxy::Proxy;
+
+/// Environment variable that may hold the admin token instead of `admin.token_file`.
+pub const TOKEN_ENV: &str = "ROLLOUT_ADMIN_TOKEN";
 
 /// Whether the data plane is serving: false while starting and once a stop has begun.
 #[derive(Debug, Default)]
@@ -32,11 +47,51 @@ impl Readiness {
     }
 }
 
+/// The bearer token that guards changing endpoints.
+pub struct Token(Vec<u8>);
+
+#[derive(Debug, thiserror::Error)]
+pub enum TokenError {
+    #[error("cannot read admin.token_file {}", file.display())]
+    Read {
+        file: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("admin.token_file {} is empty", file.display())]
+    Empty { file: PathBuf },
+}
+
+impl Token {
+    /// The token from `file` if set, else from [`TOKEN_ENV`]; surrounding whitespace is ignored.
+    pub fn load(file: Option<&Path>) -> Result<Option<Token>, TokenError> {
+        let Some(file) = file else {
+            let env = std::env::var(TOKEN_ENV).unwrap_or_default();
+            let env = env.trim();
+            return Ok((!env.is_empty()).then(|| Token(env.as_bytes().to_vec())));
+        };
+        let text = std::fs::read_to_string(file)
+            .map_err(|source| TokenError::Read { file: file.to_owned(), source })?;
+        let text = text.trim();
+        if text.is_empty() {
+            return Err(TokenError::Empty { file: file.to_owned() });
+        }
+        Ok(Some(Token(text.as_bytes().to_vec())))
+    }
+
+    fn matches(&self, presented: &[u8]) -> bool {
+        // Lengths may differ; only equal-length contents are compared, in constant time.
+        self.0.ct_eq(presented).into()
+    }
+}
+
 /// What the handlers share.
 #[derive(Clone)]
 pub struct AdminState {
     pub proxy: Arc<Proxy>,
+    pub control: Arc<Control>,
     pub readiness: Arc<Readiness>,
+    pub token: Option<Arc<Token>>,
 }
 
 pub fn router(state: AdminState) -> Router {
@@ -45,20 +100,123 @@ pub fn router(state: AdminState) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/drain", get(drain))
+        .route("/status", get(status))
+        .route("/routes/legacy", put(put_legacy))
+        .route("/pools/{pool}/upstreams/{name}", put(put_weight))
+        .route("/sessions", get(list_sessions))
+        .route("/sessions/{key}", delete(delete_session))
+        .route("/reload", post(reload))
+        .route("/overrides", delete(delete_overrides))
+        .fallback(|| async { AdminError::NotFound("no such admin endpoint".to_owned()) })
         .with_state(state)
 }
 
 /// Serves the admin API on `listener` until `stop` fires.
-pub async fn serve(
-    listener: TcpListener,
-    proxy: Arc<Proxy>,
-    readiness: Arc<Readiness>,
-    stop: CancellationToken,
-) {
-    let app = router(AdminState { proxy, readiness });
+pub async fn serve(listener: TcpListener, state: AdminState, stop: CancellationToken) {
+    let app = router(state).into_make_service_with_connect_info::<SocketAddr>();
     if let Err(err) = axum::serve(listener, app).with_graceful_shutdown(stop.cancelled_owned()).await {
         warn!(error = %err, "admin listener stopped with an error");
     }
+}
+
+/// An admin request that could not be carried out; rendered as `{"error": ...}`.
+#[derive(Debug, thiserror::Error)]
+enum AdminError {
+    #[error("missing or wrong bearer token")]
+    Unauthorized,
+    #[error(
+        "no admin token is configured (set admin.token_file or ROLLOUT_ADMIN_TOKEN), so changes are disabled"
+    )]
+    NoToken,
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error(transparent)]
+    Control(#[from] ControlError),
+}
+
+impl IntoResponse for AdminError {
+    fn into_response(self) -> Response {
+        let status = match &self {
+            AdminError::Unauthorized => StatusCode::UNAUTHORIZED,
+            AdminError::NoToken => StatusCode::FORBIDDEN,
+            AdminError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            AdminError::NotFound(_) => StatusCode::NOT_FOUND,
+            AdminError::Control(err) => match err {
+                ControlError::Stale { .. } => StatusCode::PRECONDITION_FAILED,
+                ControlError::UnknownPool(_)
+                | ControlError::UnknownUpstream { .. }
+                | ControlError::UnknownSession(_) => StatusCode::NOT_FOUND,
+                ControlError::Invalid { .. } | ControlError::NoConfigFile | ControlError::Reload(_) => {
+                    StatusCode::BAD_REQUEST
+                }
+                ControlError::Store => StatusCode::INTERNAL_SERVER_ERROR,
+            },
+        };
+        let mut response =
+            (status, Json(json!({ "error": crate::ErrorChain(&self).to_string() }))).into_response();
+        if status == StatusCode::UNAUTHORIZED {
+            response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        response
+    }
+}
+
+impl AdminState {
+    /// Checks the bearer token; returns who is asking, for the audit line.
+    fn authorize(&self, headers: &HeaderMap, peer: SocketAddr) -> Result<Actor, AdminError> {
+        let token = self.token.as_ref().ok_or(AdminError::NoToken)?;
+        let presented = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
+            .ok_or(AdminError::Unauthorized)?;
+        if !token.matches(presented) {
+            return Err(AdminError::Unauthorized);
+        }
+        Ok(Actor(peer.to_string()))
+    }
+}
+
+/// The revision an `If-Match` header asks for: `"7"` (or `W/"7"`); `*` or no header means any.
+fn if_match(headers: &HeaderMap) -> Result<Option<u64>, AdminError> {
+    let Some(value) = headers.get(header::IF_MATCH) else { return Ok(None) };
+    let text = value.to_str().unwrap_or_default().trim();
+    if text == "*" {
+        return Ok(None);
+    }
+    let tag = text.strip_prefix("W/").unwrap_or(text).trim_matches('"');
+    tag.parse().map(Some).map_err(|_| {
+        AdminError::BadRequest(format!(
+            "If-Match: {text:?} is not a revision like \"7\" (see the ETag of GET /status)"
+        ))
+    })
+}
+
+/// Parses a JSON body; errors name the field (`weight: invalid type: ...`).
+fn parse_body<T: DeserializeOwned>(body: &Bytes) -> Result<T, AdminError> {
+    let mut de = serde_json::Deserializer::from_slice(body);
+    serde_path_to_error::deserialize(&mut de).map_err(|err| {
+        let path = err.path().to_string();
+        let inner = err.into_inner();
+        let message = if inner.is_syntax() || inner.is_eof() {
+            format!("malformed JSON body: {inner}")
+        } else if path == "." {
+            inner.to_string()
+        } else {
+            format!("{path}: {inner}")
+        };
+        AdminError::BadRequest(message)
+    })
+}
+
+fn etag(revision: u64) -> [(header::HeaderName, HeaderValue); 1] {
+    let value = HeaderValue::from_str(&format!("\"{revision}\"")).expect("digits are a valid header value");
+    [(header::ETAG, value)]
+}
+
+fn applied(applied: Applied) -> Response {
+    (etag(applied.revision), Json(applied)).into_response()
 }
 
 async fn healthz() -> &'static str {
@@ -83,4 +241,125 @@ async fn drain(State(state): State<AdminState>) -> impl IntoResponse {
     let status = state.proxy.drain_status();
     let code = if status.drained { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     (code, Json(status))
+}
+
+async fn status(State(state): State<AdminState>) -> impl IntoResponse {
+    let (revision, status) = state.control.status().await;
+    (etag(revision), Json(status))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LegacyBody {
+    v1_percent: f64,
+}
+
+async fn put_legacy(
+    State(state): State<AdminState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, AdminError> {
+    let actor = state.authorize(&headers, peer)?;
+    let expected = if_match(&headers)?;
+    let body: LegacyBody = parse_body(&body)?;
+    let percent = Percent::try_from_f64(body.v1_percent)
+        .map_err(|message| ControlError::Invalid { field: "v1_percent", message })?;
+    Ok(applied(state.control.set_legacy_percent(percent, expected, &actor).await?))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WeightBody {
+    weight: u32,
+}
+
+async fn put_weight(
+    State(state): State<AdminState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    UrlPath((pool, name)): UrlPath<(String, String)>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, AdminError> {
+    let actor = state.authorize(&headers, peer)?;
+    let expected = if_match(&headers)?;
+    let body: WeightBody = parse_body(&body)?;
+    Ok(applied(state.control.set_weight(&pool, &name, body.weight, expected, &actor).await?))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SessionsQuery {
+    pool: Option<String>,
+    limit: Option<String>,
+}
+
+/// Most pins one `GET /sessions` lists.
+const MAX_LIST: usize = 10_000;
+
+async fn list_sessions(
+    State(state): State<AdminState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    query: Result<Query<SessionsQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, AdminError> {
+    state.authorize(&headers, peer)?;
+    let Query(query) = query.map_err(|e| AdminError::BadRequest(format!("query: {}", e.body_text())))?;
+    let pool = match query.pool.as_deref() {
+        None | Some("") => None,
+        Some(p) => Some(p.parse::<PoolName>().map_err(|m| AdminError::BadRequest(format!("pool: {m}")))?),
+    };
+    let limit = match query.limit.as_deref() {
+        None => 100,
+        Some(l) => l.parse::<usize>().ok().filter(|n| (1..=MAX_LIST).contains(n)).ok_or_else(|| {
+            AdminError::BadRequest(format!("limit: {l:?} is not a number from 1 to {MAX_LIST}"))
+        })?,
+    };
+    let snapshot = state.proxy.snapshot();
+    let sessions = state.proxy.sessions();
+    let pins: Vec<_> = sessions
+        .list(pool, &snapshot.pin_policy, limit)
+        .into_iter()
+        .map(|p| {
+            json!({
+                "key": p.key,
+                "pool": p.pool,
+                "first_seen": rfc3339(u64::from(p.first_seen) * 1000),
+                "last_seen": rfc3339(u64::from(p.last_seen) * 1000),
+            })
+        })
+        .collect();
+    let active = json!({ "v1": sessions.live(PoolName::V1), "v2": sessions.live(PoolName::V2) });
+    Ok(Json(json!({ "sessions": pins, "active": active })).into_response())
+}
+
+async fn delete_session(
+    State(state): State<AdminState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    UrlPath(key): UrlPath<String>,
+    headers: HeaderMap,
+) -> Result<Response, AdminError> {
+    let actor = state.authorize(&headers, peer)?;
+    let expected = if_match(&headers)?;
+    Ok(applied(state.control.delete_session(&key, expected, &actor).await?))
+}
+
+async fn reload(
+    State(state): State<AdminState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+) -> Result<Response, AdminError> {
+    let actor = state.authorize(&headers, peer)?;
+    let expected = if_match(&headers)?;
+    Ok(applied(state.control.reload(expected, &actor).await?))
+}
+
+async fn delete_overrides(
+    State(state): State<AdminState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+) -> Result<Response, AdminError> {
+    let actor = state.authorize(&headers, peer)?;
+    let expected = if_match(&headers)?;
+    Ok(applied(state.control.reset_overrides(expected, &actor).await?))
 }

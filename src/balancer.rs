@@ -66,6 +66,7 @@ mod tests {
                         weight,
                     },
                     crate::metrics::UpstreamStats::unregistered(),
+                    Upstream::new_health(),
                 ))
             })
             .collect();

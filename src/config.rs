@@ -374,7 +374,7 @@ impl FromStr for PoolName {
 }
 
 /// One value per pool.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ByPool<T> {
     pub v1: T,
     pub v2: T,
@@ -410,6 +410,12 @@ impl UpstreamName {
 
     pub fn as_str(&self) -> &str {
         &self.0
+    }
+}
+
+impl Serialize for UpstreamName {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0)
     }
 }
 
@@ -588,6 +594,8 @@ pub struct Config {
     pub client: ClientConfig,
     pub upstream: UpstreamSettings,
     pub grace_period: Duration,
+    /// The file this was read from, for reloads; `None` when built from text.
+    pub source: Option<PathBuf>,
     /// The file as parsed with defaults filled in, for `check` to print.
     raw: RawConfig,
 }
@@ -597,7 +605,9 @@ impl Config {
     pub fn load(file: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(file)
             .map_err(|source| ConfigError::Read { file: file.to_owned(), source })?;
-        Config::from_yaml(&text, file)
+        let mut config = Config::from_yaml(&text, file)?;
+        config.source = Some(file.to_owned());
+        Ok(config)
     }
 
     /// Parses and validates config text; `file` is only used in messages.
@@ -741,6 +751,7 @@ impl RawConfig {
                     max_idle_per_upstream: self.upstream.max_idle_per_upstream,
                 },
                 grace_period: self.shutdown.grace_period,
+                source: None,
                 raw: self.clone(),
             }),
             _ => Err(p.0),

@@ -36,6 +36,7 @@ pub mod admin;
 pub mod balancer;
 pub mod clock;
 pub mod config;
+pub mod control;
 pub mod demo;
 pub mod drain;
 pub mod headers;

@@ -201,6 +201,11 @@ impl Proxy {
         self.snapshot.load_full()
     }
 
+    /// Publishes a new snapshot; the next request uses it, requests in flight finish on theirs.
+    pub fn swap(&self, snapshot: Snapshot) {
+        self.snapshot.store(Arc::new(snapshot));
+    }
+
     pub fn sessions(&self) -> &Arc<Sessions> {
         &self.sessions
     }

@@ -16,16 +16,17 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
-use crate::admin::{self, Readiness};
+use crate::admin::{self, AdminState, Readiness, Token, TokenError};
 use crate::clock::{SharedClock, SystemClock};
 use crate::config::{Config, PoolName};
+use crate::control::{Actor, Control, Overrides};
 use crate::drain::DrainClock;
 use crate::listener;
 use crate::metrics::Metrics;
 use crate::proxy::Proxy;
 use crate::session::{PinPolicy, Sessions};
 use crate::snapshot;
-use crate::state::{StateError, Store};
+use crate::state::{Loaded, StateError, Store};
 use crate::upstream::UpstreamClient;
 
 /// How often pins are expired and flushed and the drain clock is persisted; §4 asks for at least
@@ -45,6 +46,16 @@ pub enum StartError {
     Signals(#[source] io::Error),
     #[error(transparent)]
     State(#[from] StateError),
+    #[error(transparent)]
+    Token(#[from] TokenError),
+    #[error("admin.listen {addr} is not a loopback address and no admin token is configured; set admin.token_file or ROLLOUT_ADMIN_TOKEN")]
+    AdminWithoutToken { addr: SocketAddr },
+    #[error("the admin overrides stored in {} do not parse; refusing to start rather than silently dropping them", dir.display())]
+    Overrides {
+        dir: std::path::PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
 }
 
 /// Runs [`Proxy::maintain`] every second until `stop` fires.
@@ -82,6 +93,7 @@ pub struct Server {
     pub addr: SocketAddr,
     pub admin_addr: SocketAddr,
     proxy: Arc<Proxy>,
+    control: Arc<Control>,
     shutdown: CancellationToken,
     stopped: JoinHandle<()>,
 }
@@ -95,33 +107,53 @@ impl Server {
     /// Like [`Server::start`], with a different clock or store behaviour (tests).
     pub async fn start_with(config: Config, options: StartOptions) -> Result<Server, StartError> {
         let StartOptions { clock, commit_delay } = options;
+        let token = Token::load(config.admin_token_file.as_deref())?;
+        if token.is_none() && !config.admin_listen.ip().is_loopback() {
+            return Err(StartError::AdminWithoutToken { addr: config.admin_listen });
+        }
         let (store, loaded) = Store::open_with_delay(&config.state_dir, commit_delay)?;
         let store = Arc::new(store);
+        match Server::start_on(config, clock, store.clone(), loaded, token).await {
+            Ok(server) => Ok(server),
+            Err(err) => {
+                // Release the state directory for whoever fixes the problem and tries again.
+                store.close().await;
+                Err(err)
+            }
+        }
+    }
+
+    async fn start_on(
+        config: Config,
+        clock: SharedClock,
+        store: Arc<Store>,
+        loaded: Loaded,
+        token: Option<Token>,
+    ) -> Result<Server, StartError> {
+        let mut overrides: Overrides = match &loaded.overrides {
+            None => Overrides::default(),
+            Some(json) => serde_json::from_slice(json)
+                .map_err(|source| StartError::Overrides { dir: config.state_dir.clone(), source })?,
+        };
+        let effective = Control::effective(&config, &mut overrides);
+        if !overrides.is_empty() {
+            info!(overrides = %serde_json::to_string(&overrides).unwrap_or_default(), revision = loaded.revision, "admin overrides in force");
+        }
         let started_pins = loaded.pins.len();
         let metrics = Arc::new(Metrics::new());
-        let policy = PinPolicy::from_config(&config.sessions);
-        let sessions =
-            Arc::new(Sessions::new(loaded.pins, &policy, store.clone(), clock.clone(), metrics.clone()));
+        let policy = PinPolicy::from_config(&effective.sessions);
+        let sessions = Arc::new(Sessions::new(loaded.pins, &policy, store, clock.clone(), metrics.clone()));
         let drain = Arc::new(DrainClock::new(loaded.last_v1_request_ms, clock.now()));
+        let live = sessions.live(PoolName::V1) + sessions.live(PoolName::V2);
         info!(
             state_dir = %config.state_dir.display(),
-            pins = sessions.live(PoolName::V1) + sessions.live(PoolName::V2),
-            expired_while_down = started_pins - sessions.live(PoolName::V1) - sessions.live(PoolName::V2),
+            pins = live,
+            expired_while_down = started_pins - live,
             "state loaded"
         );
 
-        let bound = async {
-            let admin_listener = bind(config.admin_listen, "admin.listen").await?;
-            let data_listener = bind(config.listen, "listen").await?;
-            Ok::<_, StartError>((admin_listener, data_listener))
-        };
-        let (admin_listener, data_listener) = match bound.await {
-            Ok(listeners) => listeners,
-            Err(err) => {
-                store.close().await;
-                return Err(err);
-            }
-        };
+        let admin_listener = bind(config.admin_listen, "admin.listen").await?;
+        let data_listener = bind(config.listen, "listen").await?;
         let addr =
             data_listener.local_addr().map_err(|source| bind_error("listen", config.listen, source))?;
         let admin_addr = admin_listener
@@ -129,17 +161,23 @@ impl Server {
             .map_err(|source| bind_error("admin.listen", config.admin_listen, source))?;
 
         let proxy = Arc::new(Proxy::new(
-            snapshot::shared(&config, &metrics),
+            snapshot::shared(&effective, &metrics),
             UpstreamClient::new(&config.upstream),
             sessions,
             drain,
             metrics,
             clock,
         ));
+        let control = Arc::new(Control::new(proxy.clone(), config.clone(), overrides, loaded.revision));
         let readiness = Arc::new(Readiness::default());
         let admin_stop = CancellationToken::new();
-        let admin_task =
-            tokio::spawn(admin::serve(admin_listener, proxy.clone(), readiness.clone(), admin_stop.clone()));
+        let admin_state = AdminState {
+            proxy: proxy.clone(),
+            control: control.clone(),
+            readiness: readiness.clone(),
+            token: token.map(Arc::new),
+        };
+        let admin_task = tokio::spawn(admin::serve(admin_listener, admin_state, admin_stop.clone()));
         let shutdown = CancellationToken::new();
         let upkeep = tokio::spawn(upkeep(proxy.clone(), shutdown.clone()));
 
@@ -170,12 +208,17 @@ impl Server {
             let _ = admin_task.await;
             info!("stopped");
         });
-        Ok(Server { addr, admin_addr, proxy: proxy_handle, shutdown, stopped })
+        Ok(Server { addr, admin_addr, proxy: proxy_handle, control, shutdown, stopped })
     }
 
     /// The running proxy: its sessions, metrics and drain signal.
     pub fn proxy(&self) -> &Arc<Proxy> {
         &self.proxy
+    }
+
+    /// The control plane: admin changes and reloads.
+    pub fn control(&self) -> &Arc<Control> {
+        &self.control
     }
 
     /// A token that starts a graceful stop when cancelled.
@@ -203,10 +246,20 @@ fn bind_error(key: &'static str, addr: SocketAddr, source: io::Error) -> StartEr
     StartError::Bind { key, addr, source }
 }
 
-/// Serves until SIGTERM or SIGINT, then stops gracefully.
+/// Serves until SIGTERM or SIGINT, then stops gracefully; SIGHUP reloads the config file.
 pub async fn run(config: Config) -> Result<(), StartError> {
+    use tokio::signal::unix::{signal, SignalKind};
     let stop = stop_signal()?;
+    let mut hangup = signal(SignalKind::hangup()).map_err(StartError::Signals)?;
     let server = Server::start(config).await?;
+    let control = server.control().clone();
+    tokio::spawn(async move {
+        while hangup.recv().await.is_some() {
+            info!(signal = "SIGHUP", "reloading the config file");
+            // A refused reload is logged and counted by the control plane.
+            let _ = control.reload(None, &Actor("SIGHUP".to_owned())).await;
+        }
+    });
     let token = server.shutdown_token();
     tokio::spawn(async move {
         stop.await;

@@ -2,7 +2,8 @@
 //!
 //! A request loads the current snapshot once (`load_full`, since the request awaits) and uses it
 //! to the end, so a swap never changes the rules half-way through a request. Building a snapshot
-//! does no I/O; reading and validating the file is [`crate::config`]'s job.
+//! does no I/O; reading and validating the file is [`crate::config`]'s job, deciding when to
+//! swap (admin changes, reloads) is [`crate::control`]'s.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -30,12 +31,19 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
-    pub fn build(config: &Config, metrics: &Metrics) -> Snapshot {
+    /// Builds a snapshot of `config`. Upstreams that `previous` also has (same pool and name)
+    /// keep their health state.
+    pub fn build(config: &Config, metrics: &Metrics, previous: Option<&Snapshot>) -> Snapshot {
         let pools = config.pools.map(|pool, cfg| {
             let upstreams = cfg
                 .upstreams
                 .iter()
-                .map(|u| Arc::new(Upstream::new(u, metrics.upstream_stats(pool, u.name.as_str()))))
+                .map(|u| {
+                    let health = previous
+                        .and_then(|p| p.pool(pool).upstreams().iter().find(|old| old.name() == &u.name))
+                        .map_or_else(Upstream::new_health, |old| old.health().clone());
+                    Arc::new(Upstream::new(u, metrics.upstream_stats(pool, u.name.as_str()), health))
+                })
                 .collect();
             Balancer::new(upstreams)
         });
@@ -60,5 +68,5 @@ impl Snapshot {
 pub type SharedSnapshot = Arc<ArcSwap<Snapshot>>;
 
 pub fn shared(config: &Config, metrics: &Metrics) -> SharedSnapshot {
-    Arc::new(ArcSwap::from_pointee(Snapshot::build(config, metrics)))
+    Arc::new(ArcSwap::from_pointee(Snapshot::build(config, metrics, None)))
 }

@@ -1,4 +1,4 @@
-//! Durable state in `state_dir`: session pins and the drain clock (admin overrides join them).
+//! Durable state in `state_dir`: session pins, the drain clock, and the admin overrides.
 //!
 //! The store is one redb file (crash-safe copy-on-write B-trees, fsync on commit). All writes go
 //! through one writer thread fed by a channel: while one commit is being synced, new operations
@@ -27,7 +27,10 @@ use crate::config::PoolName;
 
 const PINS: TableDefinition<&str, &[u8]> = TableDefinition::new("pins");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+const ADMIN: TableDefinition<&str, &[u8]> = TableDefinition::new("admin");
 const LAST_V1_REQUEST: &str = "last_v1_request_ms";
+const REVISION: &str = "revision";
+const OVERRIDES: &str = "overrides";
 
 /// Most operations committed in one transaction.
 const MAX_BATCH: usize = 16_384;
@@ -98,6 +101,9 @@ fn decode(bytes: &[u8]) -> Option<(PoolName, u32, u32)> {
 pub struct Loaded {
     pub pins: Vec<StoredPin>,
     pub last_v1_request_ms: Option<u64>,
+    /// The admin overrides as last stored (JSON), and the revision they belong to.
+    pub overrides: Option<Vec<u8>>,
+    pub revision: u64,
 }
 
 /// A change to make durable.
@@ -112,8 +118,13 @@ pub enum Op {
     Touch(Vec<(Box<str>, u32)>),
     Remove(Box<str>),
     LastV1Request(u64),
-    /// Answered once everything sent before it is committed.
-    Flush(oneshot::Sender<()>),
+    /// The admin overrides (JSON) and the revision they make current.
+    Overrides {
+        json: Vec<u8>,
+        revision: u64,
+    },
+    /// Answered once everything sent before it is committed: true if that commit succeeded.
+    Flush(oneshot::Sender<bool>),
     /// Commit what is queued, release the file and stop; answered once the file is released.
     Close(oneshot::Sender<()>),
 }
@@ -212,11 +223,12 @@ impl Store {
         matches!(reached, Ok(Ok(_)))
     }
 
-    /// Waits until everything queued so far is committed.
-    pub async fn flush(&self) {
+    /// Waits until everything queued so far is committed. False if that commit failed or the
+    /// writer has stopped.
+    pub async fn flush(&self) -> bool {
         let (tx, rx) = oneshot::channel();
         self.send(Op::Flush(tx));
-        let _ = rx.await;
+        rx.await.unwrap_or(false)
     }
 
     /// Commits everything queued, stops the writer and releases the file, so another process
@@ -237,6 +249,7 @@ fn load(db: &Database) -> Result<Loaded, redb::Error> {
     let txn = db.begin_write()?;
     txn.open_table(PINS)?;
     txn.open_table(META)?;
+    txn.open_table(ADMIN)?;
     txn.commit()?;
 
     let txn = db.begin_read()?;
@@ -251,8 +264,11 @@ fn load(db: &Database) -> Result<Loaded, redb::Error> {
             None => warn!(key = key.value(), "skipping a pin record that does not decode"),
         }
     }
-    let last_v1_request_ms = txn.open_table(META)?.get(LAST_V1_REQUEST)?.map(|v| v.value());
-    Ok(Loaded { pins, last_v1_request_ms })
+    let meta = txn.open_table(META)?;
+    let last_v1_request_ms = meta.get(LAST_V1_REQUEST)?.map(|v| v.value());
+    let revision = meta.get(REVISION)?.map_or(0, |v| v.value());
+    let overrides = txn.open_table(ADMIN)?.get(OVERRIDES)?.map(|v| v.value().to_vec());
+    Ok(Loaded { pins, last_v1_request_ms, overrides, revision })
 }
 
 fn write_loop(
@@ -277,7 +293,9 @@ fn write_loop(
         if !commit_delay.is_zero() {
             std::thread::sleep(commit_delay);
         }
-        match commit(&db, &batch) {
+        let committed_ok = commit(&db, &batch);
+        let ok = committed_ok.is_ok();
+        match committed_ok {
             Ok(()) => {
                 let now = crate::clock::Clock::now(&crate::clock::SystemClock) / 1000;
                 health.last_commit.store(now, Ordering::Relaxed);
@@ -294,7 +312,7 @@ fn write_loop(
                     committed.insert(seq);
                 }
                 Op::Flush(done) => {
-                    let _ = done.send(());
+                    let _ = done.send(ok);
                 }
                 Op::Close(done) => closing = Some(done),
                 _ => {}
@@ -316,6 +334,7 @@ fn commit(db: &Database, batch: &[Op]) -> Result<(), redb::Error> {
     {
         let mut pins = txn.open_table(PINS)?;
         let mut meta = txn.open_table(META)?;
+        let mut admin = txn.open_table(ADMIN)?;
         for op in batch {
             match op {
                 Op::Pin { pin, .. } => {
@@ -334,6 +353,10 @@ fn commit(db: &Database, batch: &[Op]) -> Result<(), redb::Error> {
                 }
                 Op::LastV1Request(ms) => {
                     meta.insert(LAST_V1_REQUEST, ms)?;
+                }
+                Op::Overrides { json, revision } => {
+                    admin.insert(OVERRIDES, json.as_slice())?;
+                    meta.insert(REVISION, revision)?;
                 }
                 Op::Flush(_) | Op::Close(_) => {}
             }

@@ -7,6 +7,7 @@
 
 use std::error::Error as _;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::uri::{Authority, Parts, PathAndQuery, Scheme};
@@ -26,20 +27,23 @@ pub struct Upstream {
     scheme: Scheme,
     authority: Authority,
     weight: u32,
-    /// Cleared by health checking; an unhealthy upstream gets no new requests.
-    healthy: AtomicBool,
+    /// Cleared by health checking; an unhealthy upstream gets no new requests. Shared with the
+    /// same upstream in later snapshots, so a reload or an admin change keeps what was learnt.
+    healthy: Arc<AtomicBool>,
     pub stats: UpstreamStats,
 }
 
 impl Upstream {
-    pub fn new(config: &UpstreamConfig, stats: UpstreamStats) -> Self {
+    /// `healthy` is the shared health flag; pass the previous snapshot's flag for the same
+    /// upstream to keep its state.
+    pub fn new(config: &UpstreamConfig, stats: UpstreamStats, healthy: Arc<AtomicBool>) -> Self {
         Upstream {
             stats,
+            healthy,
             name: config.name.clone(),
             scheme: config.url.scheme.clone(),
             authority: config.url.authority.clone(),
             weight: config.weight,
-            healthy: AtomicBool::new(true),
         }
     }
 
@@ -57,6 +61,16 @@ impl Upstream {
 
     pub fn set_healthy(&self, healthy: bool) {
         self.healthy.store(healthy, Ordering::Relaxed);
+    }
+
+    /// A health flag for an upstream seen for the first time: healthy until checks say otherwise.
+    pub fn new_health() -> Arc<AtomicBool> {
+        Arc::new(AtomicBool::new(true))
+    }
+
+    /// The shared health flag, to carry into the next snapshot.
+    pub fn health(&self) -> &Arc<AtomicBool> {
+        &self.healthy
     }
 
     /// The URI of `path_and_query` on this upstream.

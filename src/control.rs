@@ -1,0 +1,378 @@
+//! The control plane: the config file, the operator's overrides on top of it, and the revision
+//! that names their combination.
+//!
+//! Every change (an admin mutation, a reload, dropping the overrides) is serialised here: it is
+//! checked against the caller's expected revision, made durable in the store, and only then
+//! published as a new [`crate::snapshot::Snapshot`], so a failed change leaves nothing behind and
+//! the very next request sees a successful one. Each change is logged as one audit line.
+//! Speaking HTTP is [`crate::admin`]'s job; this module does not know about requests.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use tokio::sync::Mutex;
+use tracing::{info, warn};
+
+use crate::config::{ByPool, Config, ConfigError, Percent, PoolName, MAX_WEIGHT};
+use crate::proxy::Proxy;
+use crate::session::is_valid_key;
+use crate::snapshot::Snapshot;
+use crate::state::Op;
+use crate::ErrorChain;
+
+/// Values an operator set through the admin API; they win over the config file until dropped.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Overrides {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub legacy_v1_percent: Option<f64>,
+    /// Upstream name → weight, per pool.
+    #[serde(default)]
+    pub weights: ByPool<BTreeMap<String, u32>>,
+}
+
+impl Overrides {
+    pub fn is_empty(&self) -> bool {
+        self.legacy_v1_percent.is_none() && self.weights.v1.is_empty() && self.weights.v2.is_empty()
+    }
+
+    /// `config` with these overrides applied. Overrides naming upstreams the file no longer has
+    /// are dropped (and logged).
+    fn apply(&mut self, config: &Config) -> Config {
+        let mut effective = config.clone();
+        if let Some(percent) = self.legacy_v1_percent.and_then(|p| Percent::try_from_f64(p).ok()) {
+            effective.routes.legacy_v1_percent = percent;
+        }
+        for pool in PoolName::ALL {
+            let upstreams = match pool {
+                PoolName::V1 => &mut effective.pools.v1.upstreams,
+                PoolName::V2 => &mut effective.pools.v2.upstreams,
+            };
+            let weights = match pool {
+                PoolName::V1 => &mut self.weights.v1,
+                PoolName::V2 => &mut self.weights.v2,
+            };
+            weights.retain(|name, weight| match upstreams.iter_mut().find(|u| u.name.as_str() == name) {
+                Some(upstream) => {
+                    upstream.weight = *weight;
+                    true
+                }
+                None => {
+                    warn!(pool = %pool, upstream = %name, "dropping the weight override of an upstream no longer in the config");
+                    false
+                }
+            });
+        }
+        effective
+    }
+}
+
+/// Why a change was refused. Nothing was changed.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("revision {expected} is stale; the current revision is {current}")]
+    Stale { expected: u64, current: u64 },
+    #[error("unknown pool {0:?} (pools are v1 and v2)")]
+    UnknownPool(String),
+    #[error("pool {pool} has no upstream named {name:?}")]
+    UnknownUpstream { pool: PoolName, name: String },
+    #[error("no live session {0:?}")]
+    UnknownSession(String),
+    #[error("{field}: {message}")]
+    Invalid { field: &'static str, message: String },
+    #[error("this proxy was started without a config file, so there is nothing to reload")]
+    NoConfigFile,
+    #[error("config reload failed; the running config is unchanged")]
+    Reload(#[source] ConfigError),
+    #[error("could not store the change; nothing was changed")]
+    Store,
+}
+
+/// Who asked for a change, for the audit line.
+#[derive(Debug, Clone)]
+pub struct Actor(pub String);
+
+/// The outcome of an accepted change.
+#[derive(Debug, Clone, Serialize)]
+pub struct Applied {
+    pub revision: u64,
+    pub old: Value,
+    pub new: Value,
+    /// Config keys a reload found changed that only take effect after a restart.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub restart_required: Vec<&'static str>,
+}
+
+struct Running {
+    /// The config file as last loaded successfully.
+    file: Config,
+    overrides: Overrides,
+    revision: u64,
+}
+
+pub struct Control {
+    proxy: Arc<Proxy>,
+    running: Mutex<Running>,
+}
+
+impl Control {
+    /// Takes over `proxy`, whose snapshot must already be `file` with `overrides` applied.
+    pub fn new(proxy: Arc<Proxy>, file: Config, overrides: Overrides, revision: u64) -> Self {
+        Control { proxy, running: Mutex::new(Running { file, overrides, revision }) }
+    }
+
+    /// The file config with stored overrides applied, for the first snapshot.
+    pub fn effective(file: &Config, overrides: &mut Overrides) -> Config {
+        overrides.apply(file)
+    }
+
+    pub async fn revision(&self) -> u64 {
+        self.running.lock().await.revision
+    }
+
+    /// The `GET /status` document and its revision.
+    pub async fn status(&self) -> (u64, Value) {
+        let running = self.running.lock().await;
+        let snapshot = self.proxy.snapshot();
+        let sessions = self.proxy.sessions();
+        let overrides = &running.overrides;
+        let source = |overridden: bool| if overridden { "admin" } else { "config" };
+        let pools: BTreeMap<&str, Value> = PoolName::ALL
+            .iter()
+            .map(|&pool| {
+                let overridden = overrides.weights.get(pool);
+                let upstreams: Vec<Value> = snapshot
+                    .pool(pool)
+                    .upstreams()
+                    .iter()
+                    .map(|u| {
+                        let configured =
+                            running.file.pools.get(pool).upstreams.iter().find(|c| &c.name == u.name());
+                        json!({
+                            "name": u.name(),
+                            "url": configured.map(|c| c.url.to_string()),
+                            "weight": u.weight(),
+                            "weight_source": source(overridden.contains_key(u.name().as_str())),
+                            "config_weight": configured.map(|c| c.weight),
+                            "healthy": u.is_healthy(),
+                        })
+                    })
+                    .collect();
+                (pool.as_str(), json!({ "upstreams": upstreams, "active_pins": sessions.live(pool) }))
+            })
+            .collect();
+        let prefixes: Vec<&str> = running.file.routes.v2_prefixes.iter().map(|p| p.as_str()).collect();
+        let status = json!({
+            "revision": running.revision,
+            "config_file": running.file.source,
+            "routes": {
+                "v2_prefixes": prefixes,
+                "legacy_v1_percent": snapshot.router.legacy_v1_percent().as_f64(),
+                "legacy_v1_percent_source": source(overrides.legacy_v1_percent.is_some()),
+                "config_legacy_v1_percent": running.file.routes.legacy_v1_percent.as_f64(),
+                "pool_header": snapshot.pool_header,
+            },
+            "pools": pools,
+            "sessions": {
+                "active": { "v1": sessions.live(PoolName::V1), "v2": sessions.live(PoolName::V2) },
+                "max_active": snapshot.pin_policy.max_active,
+            },
+            "drain": self.proxy.drain_status(),
+        });
+        (running.revision, status)
+    }
+
+    /// Sets the share of new legacy sessions sent to v1.
+    pub async fn set_legacy_percent(
+        &self,
+        percent: Percent,
+        expected: Option<u64>,
+        actor: &Actor,
+    ) -> Result<Applied, ControlError> {
+        let mut running = self.running.lock().await;
+        check_revision(&running, expected)?;
+        let old = self.proxy.snapshot().router.legacy_v1_percent().as_f64();
+        let mut overrides = running.overrides.clone();
+        overrides.legacy_v1_percent = Some(percent.as_f64());
+        self.commit(
+            &mut running,
+            None,
+            overrides,
+            "legacy_percent",
+            actor,
+            json!(old),
+            json!(percent.as_f64()),
+        )
+        .await
+    }
+
+    /// Sets one upstream's weight.
+    pub async fn set_weight(
+        &self,
+        pool: &str,
+        name: &str,
+        weight: u32,
+        expected: Option<u64>,
+        actor: &Actor,
+    ) -> Result<Applied, ControlError> {
+        let pool: PoolName = pool.parse().map_err(|_| ControlError::UnknownPool(pool.to_owned()))?;
+        if weight > MAX_WEIGHT {
+            return Err(ControlError::Invalid {
+                field: "weight",
+                message: format!("{weight} is over the maximum {MAX_WEIGHT}"),
+            });
+        }
+        let mut running = self.running.lock().await;
+        let snapshot = self.proxy.snapshot();
+        let Some(upstream) = snapshot.pool(pool).upstreams().iter().find(|u| u.name().as_str() == name)
+        else {
+            return Err(ControlError::UnknownUpstream { pool, name: name.to_owned() });
+        };
+        check_revision(&running, expected)?;
+        let old = upstream.weight();
+        let mut overrides = running.overrides.clone();
+        match pool {
+            PoolName::V1 => overrides.weights.v1.insert(name.to_owned(), weight),
+            PoolName::V2 => overrides.weights.v2.insert(name.to_owned(), weight),
+        };
+        let what = |w: u32| json!({ "pool": pool, "upstream": name, "weight": w });
+        self.commit(&mut running, None, overrides, "weight", actor, what(old), what(weight)).await
+    }
+
+    /// Drops every override: the config file's values apply again.
+    pub async fn reset_overrides(
+        &self,
+        expected: Option<u64>,
+        actor: &Actor,
+    ) -> Result<Applied, ControlError> {
+        let mut running = self.running.lock().await;
+        check_revision(&running, expected)?;
+        let old = serde_json::to_value(&running.overrides).unwrap_or(Value::Null);
+        self.commit(&mut running, None, Overrides::default(), "overrides_reset", actor, old, json!({})).await
+    }
+
+    /// Re-reads the config file. An invalid file changes nothing.
+    pub async fn reload(&self, expected: Option<u64>, actor: &Actor) -> Result<Applied, ControlError> {
+        let mut running = self.running.lock().await;
+        check_revision(&running, expected)?;
+        let result = match &running.file.source {
+            None => Err(ControlError::NoConfigFile),
+            Some(file) => Config::load(file).map_err(ControlError::Reload),
+        };
+        let metrics = self.proxy.metrics();
+        let file = match result {
+            Ok(file) => file,
+            Err(err) => {
+                metrics.config_reloads.with_label_values(&["error"]).inc();
+                warn!(actor = %actor.0, error = %ErrorChain(&err), "config reload refused");
+                return Err(err);
+            }
+        };
+        let restart_required = restart_only_changes(&running.file, &file);
+        if !restart_required.is_empty() {
+            warn!(keys = ?restart_required, "these config changes take effect only after a restart");
+        }
+        let overrides = running.overrides.clone();
+        let source = json!(file.source);
+        let mut applied =
+            self.commit(&mut running, Some(file), overrides, "reload", actor, source.clone(), source).await;
+        let outcome = if applied.is_ok() { "ok" } else { "error" };
+        metrics.config_reloads.with_label_values(&[outcome]).inc();
+        if let Ok(applied) = &mut applied {
+            applied.restart_required = restart_required;
+        }
+        applied
+    }
+
+    /// Ends one session pin.
+    pub async fn delete_session(
+        &self,
+        key: &str,
+        expected: Option<u64>,
+        actor: &Actor,
+    ) -> Result<Applied, ControlError> {
+        if !is_valid_key(key) {
+            return Err(ControlError::Invalid {
+                field: "key",
+                message: format!("{key:?} is not a session key (1-128 of A-Z a-z 0-9 . _ ~ -)"),
+            });
+        }
+        let running = self.running.lock().await;
+        check_revision(&running, expected)?;
+        let pool =
+            self.proxy.sessions().remove(key).ok_or_else(|| ControlError::UnknownSession(key.to_owned()))?;
+        self.proxy.metrics().admin_changes.with_label_values(&["session_delete"]).inc();
+        info!(target: "audit", actor = %actor.0, kind = "session_delete", session = key, pool = %pool, revision = running.revision, "admin change");
+        Ok(Applied {
+            revision: running.revision,
+            old: json!({ "key": key, "pool": pool }),
+            new: Value::Null,
+            restart_required: Vec::new(),
+        })
+    }
+
+    /// Stores `overrides` (and `file`, if given) as the next revision, then publishes them.
+    #[allow(clippy::too_many_arguments)]
+    async fn commit(
+        &self,
+        running: &mut Running,
+        file: Option<Config>,
+        mut overrides: Overrides,
+        kind: &'static str,
+        actor: &Actor,
+        old: Value,
+        new: Value,
+    ) -> Result<Applied, ControlError> {
+        let file = file.unwrap_or_else(|| running.file.clone());
+        let effective = overrides.apply(&file);
+        let revision = running.revision + 1;
+        let json = serde_json::to_vec(&overrides).expect("overrides serialize");
+        let store = self.proxy.sessions().store();
+        store.send(Op::Overrides { json, revision });
+        if !store.flush().await {
+            return Err(ControlError::Store);
+        }
+        let previous = self.proxy.snapshot();
+        self.proxy.swap(Snapshot::build(&effective, self.proxy.metrics(), Some(&previous)));
+        running.file = file;
+        running.overrides = overrides;
+        running.revision = revision;
+        self.proxy.metrics().admin_changes.with_label_values(&[kind]).inc();
+        info!(target: "audit", actor = %actor.0, kind, old = %old, new = %new, revision, "admin change");
+        Ok(Applied { revision, old, new, restart_required: Vec::new() })
+    }
+}
+
+fn check_revision(running: &Running, expected: Option<u64>) -> Result<(), ControlError> {
+    match expected {
+        Some(expected) if expected != running.revision => {
+            Err(ControlError::Stale { expected, current: running.revision })
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Keys whose new value a reload cannot apply to a running process.
+fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
+    let mut keys = Vec::new();
+    let mut check = |changed: bool, key: &'static str| {
+        if changed {
+            keys.push(key);
+        }
+    };
+    check(old.listen != new.listen, "listen");
+    check(old.admin_listen != new.admin_listen, "admin.listen");
+    check(old.state_dir != new.state_dir, "state_dir");
+    check(old.workers != new.workers, "workers");
+    check(old.client.header_read_timeout != new.client.header_read_timeout, "client.header_read_timeout");
+    check(old.grace_period != new.grace_period, "shutdown.grace_period");
+    check(
+        old.upstream.connect_timeout != new.upstream.connect_timeout
+            || old.upstream.idle_timeout != new.upstream.idle_timeout
+            || old.upstream.max_idle_per_upstream != new.upstream.max_idle_per_upstream,
+        "upstream (connect_timeout, idle_timeout, max_idle_per_upstream)",
+    );
+    keys
+}
