@@ -12,8 +12,10 @@
 //!          → router (v2 prefix? else legacy) → session (extract key, look up / create pin)
 //!          → balancer (smooth weighted round-robin inside a pool, skipping unhealthy / weight 0)
 //!          → upstream (hyper client, timeouts) → headers (hop-by-hop, forwarded)
+//!          → metrics
 //! supporting: config (raw serde → validated), snapshot (the running config behind one ArcSwap),
-//!             server (listeners, readiness, graceful stop), admin, demo
+//!             state (durable store), drain, clock, control, admin, ctl,
+//!             server (listeners, readiness, graceful stop), demo
 //! ```
 //!
 //! # Layout
@@ -28,7 +30,14 @@
 //! - [`balancer`]: smooth weighted round-robin inside one pool.
 //! - [`upstream`]: upstream identity and the pooled keep-alive HTTP/1.1 client with timeouts.
 //! - [`headers`]: hop-by-hop removal and `X-Forwarded-*` (RFC 9110 §7.6).
-//! - [`admin`]: the admin listener (`/healthz`, `/readyz`).
+//! - [`session`]: session keys and the sharded pin table.
+//! - [`state`]: the durable store (pins, drain clock, overrides) with group commit.
+//! - [`drain`]: the drain signal and its persisted clock.
+//! - [`clock`]: wall-clock time, injectable for tests.
+//! - [`metrics`]: Prometheus metrics with pre-resolved label handles.
+//! - [`control`]: overrides, revisions, reloads: every change to the running config.
+//! - [`admin`]: the admin listener (health, readiness, metrics, drain, the operator's API).
+//! - [`ctl`]: the operator's command-line client for the admin API.
 //! - [`server`]: starts the data plane and admin listeners, tracks readiness, stops gracefully.
 //! - [`demo`]: the self-contained tour with built-in stub upstreams.
 
@@ -37,6 +46,7 @@ pub mod balancer;
 pub mod clock;
 pub mod config;
 pub mod control;
+pub mod ctl;
 pub mod demo;
 pub mod drain;
 pub mod headers;

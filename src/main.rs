@@ -4,10 +4,12 @@ use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use rollout_proxy::config::Config;
+use rollout_proxy::ctl::{self, CtlCommand, CtlOptions};
 use rollout_proxy::demo::{self, DemoOptions};
 use rollout_proxy::server;
 use tracing_subscriber::EnvFilter;
@@ -35,6 +37,23 @@ enum Command {
         #[arg(long, short, default_value = "config/rollout.yaml")]
         config: PathBuf,
     },
+    /// The operator's client for the admin API.
+    Ctl {
+        /// Admin API base URL.
+        #[arg(long, global = true, default_value = "http://127.0.0.1:9901", env = "ROLLOUT_ADMIN_URL")]
+        admin: String,
+        /// File holding the admin token (default: the ROLLOUT_ADMIN_TOKEN environment variable).
+        #[arg(long, global = true)]
+        token_file: Option<PathBuf>,
+        /// Print the server's JSON instead of a table.
+        #[arg(long, global = true)]
+        json: bool,
+        /// Only change if the current revision is this one (see `status`).
+        #[arg(long, global = true)]
+        if_match: Option<u64>,
+        #[command(subcommand)]
+        command: CtlCmd,
+    },
     /// A self-contained tour: stub v1 and v2 upstreams, the proxy and its admin listener.
     Demo {
         /// Use this config instead of the embedded demo config.
@@ -49,6 +68,39 @@ enum Command {
     },
 }
 
+#[derive(Subcommand)]
+enum CtlCmd {
+    /// Pools, upstreams, weights and where each value comes from, pins, drain.
+    Status,
+    /// The drain signal; exit 0 when drained, 3 when not.
+    Drain {
+        /// Wait until drained (or the timeout passes).
+        #[arg(long)]
+        wait: bool,
+        #[arg(long, default_value = "30d", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+        #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+        interval: Duration,
+    },
+    /// Set the share of new legacy sessions sent to v1 (0-100).
+    LegacyPercent { percent: f64 },
+    /// Set an upstream's weight: `weight v1/was-1 0`.
+    Weight { target: String, weight: u32 },
+    /// List live session pins.
+    Sessions {
+        #[arg(long)]
+        pool: Option<String>,
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
+    /// End one session pin; its next request makes a new one.
+    EndSession { key: String },
+    /// Re-read the config file on the server.
+    Reload,
+    /// Drop every admin override: the config file's values apply again.
+    ResetOverrides,
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
@@ -57,7 +109,7 @@ fn main() -> ExitCode {
         .with_ansi(std::io::stderr().is_terminal())
         .init();
     match execute(cli.command) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => ExitCode::from(code),
         Err(err) => {
             eprintln!("error: {err:#}");
             ExitCode::FAILURE
@@ -65,22 +117,37 @@ fn main() -> ExitCode {
     }
 }
 
-fn execute(command: Command) -> anyhow::Result<()> {
+fn execute(command: Command) -> anyhow::Result<u8> {
     match command {
         Command::Check { config } => {
             let loaded = Config::load(&config)?;
             println!("# {}: ok; effective configuration:", config.display());
             print!("{}", loaded.effective_yaml());
-            Ok(())
+            Ok(0)
         }
         Command::Run { config } => {
             let config = Config::load(&config)?;
             runtime(config.workers)?.block_on(server::run(config))?;
-            Ok(())
+            Ok(0)
         }
         Command::Demo { config, listen, admin_listen } => {
             runtime(2)?.block_on(demo::run(DemoOptions { config, listen, admin_listen }))?;
-            Ok(())
+            Ok(0)
+        }
+        Command::Ctl { admin, token_file, json, if_match, command } => {
+            let options = CtlOptions { admin, token_file, json, if_match };
+            let command = match command {
+                CtlCmd::Status => CtlCommand::Status,
+                CtlCmd::Drain { wait, timeout, interval } => CtlCommand::Drain { wait, timeout, interval },
+                CtlCmd::LegacyPercent { percent } => CtlCommand::LegacyPercent(percent),
+                CtlCmd::Weight { target, weight } => CtlCommand::Weight { target, weight },
+                CtlCmd::Sessions { pool, limit } => CtlCommand::Sessions { pool, limit },
+                CtlCmd::EndSession { key } => CtlCommand::EndSession(key),
+                CtlCmd::Reload => CtlCommand::Reload,
+                CtlCmd::ResetOverrides => CtlCommand::ResetOverrides,
+            };
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            Ok(runtime.block_on(ctl::run(&options, command))?)
         }
     }
 }

@@ -166,7 +166,7 @@ pub fn config_yaml(v1: &[(&str, SocketAddr, u32)], v2: &[(&str, SocketAddr, u32)
 pub struct ProxyHandle {
     pub addr: SocketAddr,
     pub admin_addr: SocketAddr,
-    server: Server,
+    server: Option<Server>,
     /// The state directory; removed when the handle is dropped.
     pub state_dir: tempfile::TempDir,
 }
@@ -191,10 +191,26 @@ pub async fn spawn_proxy_opts(
         .unwrap_or_else(|e| panic!("{}\n{yaml}", rollout_proxy::ErrorChain(&e)))
         .with_state_dir(state_dir.path());
     let server = Server::start_with(config, options).await.unwrap();
-    ProxyHandle { addr: server.addr, admin_addr: server.admin_addr, server, state_dir }
+    ProxyHandle::from_server(server, state_dir)
 }
 
 impl ProxyHandle {
+    /// Wraps a server started by the test itself.
+    pub fn from_server(server: Server, state_dir: tempfile::TempDir) -> ProxyHandle {
+        ProxyHandle { addr: server.addr, admin_addr: server.admin_addr, server: Some(server), state_dir }
+    }
+
+    /// A handle with no server behind it, to stand in while a test swaps proxies.
+    pub fn placeholder() -> ProxyHandle {
+        let nowhere = "127.0.0.1:9".parse().unwrap();
+        ProxyHandle {
+            addr: nowhere,
+            admin_addr: nowhere,
+            server: None,
+            state_dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{}", self.addr, path)
     }
@@ -204,12 +220,14 @@ impl ProxyHandle {
     }
 
     pub fn proxy(&self) -> &Arc<rollout_proxy::proxy::Proxy> {
-        self.server.proxy()
+        self.server.as_ref().expect("a running proxy").proxy()
     }
 
     /// Stops gracefully; returns the state directory for a restart.
     pub async fn shutdown(self) -> tempfile::TempDir {
-        self.server.stop().await;
+        if let Some(server) = self.server {
+            server.stop().await;
+        }
         self.state_dir
     }
 }
@@ -428,4 +446,38 @@ pub async fn pools_of(urls: Vec<String>) -> Vec<String> {
         }
     }
     out
+}
+
+/// `yaml` (from [`config_yaml`]) with an admin token file added.
+pub fn with_token_file(yaml: &str, token_file: &Path) -> String {
+    yaml.replace(
+        "admin: { listen: \"127.0.0.1:0\" }",
+        &format!("admin: {{ listen: \"127.0.0.1:0\", token_file: \"{}\" }}", token_file.display()),
+    )
+}
+
+/// One admin request: `token` as a bearer token, `if_match` as a revision, `body` as JSON text.
+pub async fn admin_call(
+    method: &str,
+    url: &str,
+    token: Option<&str>,
+    if_match: Option<&str>,
+    body: Option<&str>,
+) -> Reply {
+    let mut req = Request::builder().method(method).uri(url);
+    if let Some(token) = token {
+        req = req.header("authorization", format!("Bearer {token}"));
+    }
+    if let Some(tag) = if_match {
+        req = req.header("if-match", tag);
+    }
+    let body = body.map(|b| Full::new(Bytes::from(b.to_owned()))).unwrap_or_default();
+    send(&http1_client(), req.body(body).unwrap()).await
+}
+
+impl Reply {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {} {:?}", self.status, self.body))
+    }
 }

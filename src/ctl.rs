@@ -1,0 +1,312 @@
+//! `rollout-proxy ctl`: the operator's client for the admin API.
+//!
+//! Human-readable output by default, the server's JSON with `--json`. Exit codes: 0 success,
+//! 1 failure (the server's error message is printed), 3 for `drain` when v1 is not drained (or
+//! `--wait` timed out). The API itself is [`crate::admin`].
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use serde_json::{json, Value};
+
+use crate::admin::TOKEN_ENV;
+
+/// Exit code of `drain` when v1 is not drained.
+pub const NOT_DRAINED: u8 = 3;
+
+#[derive(Debug, Clone)]
+pub struct CtlOptions {
+    /// Base URL of the admin listener, e.g. `http://127.0.0.1:9901`.
+    pub admin: String,
+    pub token_file: Option<PathBuf>,
+    pub json: bool,
+    /// Send `If-Match` with this revision on changes.
+    pub if_match: Option<u64>,
+}
+
+#[derive(Debug, Clone)]
+pub enum CtlCommand {
+    Status,
+    Drain {
+        wait: bool,
+        timeout: Duration,
+        interval: Duration,
+    },
+    LegacyPercent(f64),
+    /// `POOL/UPSTREAM`.
+    Weight {
+        target: String,
+        weight: u32,
+    },
+    Sessions {
+        pool: Option<String>,
+        limit: usize,
+    },
+    EndSession(String),
+    Reload,
+    ResetOverrides,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CtlError {
+    #[error("cannot read the token file {}", file.display())]
+    TokenFile {
+        file: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0:?} is not an admin URL like http://127.0.0.1:9901")]
+    BadUrl(String),
+    #[error("{0:?} is not POOL/UPSTREAM (e.g. v1/was-1)")]
+    BadTarget(String),
+    #[error("cannot reach the admin API at {url}")]
+    Unreachable {
+        url: String,
+        #[source]
+        source: hyper_util::client::legacy::Error,
+    },
+    #[error("reading the answer from {url} failed")]
+    Body {
+        url: String,
+        #[source]
+        source: hyper::Error,
+    },
+    #[error("{message} (HTTP {status})")]
+    Server { status: StatusCode, message: String },
+}
+
+struct Api {
+    client: Client<HttpConnector, Full<Bytes>>,
+    base: String,
+    token: Option<String>,
+    if_match: Option<u64>,
+}
+
+impl Api {
+    /// Sends one request; returns the status and the body parsed as JSON (or as a string).
+    async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> Result<(StatusCode, Value), CtlError> {
+        let url = format!("{}{path}", self.base);
+        let mut req = Request::builder().method(method.clone()).uri(&url);
+        if let Some(token) = &self.token {
+            req = req.header(http::header::AUTHORIZATION, format!("Bearer {token}"));
+        }
+        if let (Some(revision), false) = (self.if_match, method == Method::GET) {
+            req = req.header(http::header::IF_MATCH, format!("\"{revision}\""));
+        }
+        let body = match body {
+            Some(json) => {
+                req = req.header(http::header::CONTENT_TYPE, "application/json");
+                Full::new(Bytes::from(json.to_string()))
+            }
+            None => Full::default(),
+        };
+        let req = req.body(body).map_err(|_| CtlError::BadUrl(self.base.clone()))?;
+        let response = self
+            .client
+            .request(req)
+            .await
+            .map_err(|source| CtlError::Unreachable { url: url.clone(), source })?;
+        let status = response.status();
+        let bytes =
+            response.into_body().collect().await.map_err(|source| CtlError::Body { url, source })?.to_bytes();
+        let value = serde_json::from_slice(&bytes)
+            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).trim().to_owned()));
+        Ok((status, value))
+    }
+
+    /// Like [`Api::call`], but a non-2xx answer is an error carrying the server's message.
+    async fn expect_ok(&self, method: Method, path: &str, body: Option<Value>) -> Result<Value, CtlError> {
+        let (status, value) = self.call(method, path, body).await?;
+        if status.is_success() {
+            return Ok(value);
+        }
+        let message =
+            value.get("error").and_then(Value::as_str).map_or_else(|| value.to_string(), str::to_owned);
+        Err(CtlError::Server { status, message })
+    }
+}
+
+fn read_token(file: Option<&PathBuf>) -> Result<Option<String>, CtlError> {
+    match file {
+        Some(file) => std::fs::read_to_string(file)
+            .map(|t| Some(t.trim().to_owned()))
+            .map_err(|source| CtlError::TokenFile { file: file.clone(), source }),
+        None => Ok(std::env::var(TOKEN_ENV).ok().map(|t| t.trim().to_owned()).filter(|t| !t.is_empty())),
+    }
+}
+
+/// Runs one command, printing its result. Returns the process exit code.
+pub async fn run(options: &CtlOptions, command: CtlCommand) -> Result<u8, CtlError> {
+    let base = options.admin.trim_end_matches('/').to_owned();
+    if !base.starts_with("http://") {
+        return Err(CtlError::BadUrl(options.admin.clone()));
+    }
+    let api = Api {
+        client: Client::builder(TokioExecutor::new()).build_http(),
+        base,
+        token: read_token(options.token_file.as_ref())?,
+        if_match: options.if_match,
+    };
+    let print = |value: &Value, human: String| {
+        if options.json {
+            println!("{}", serde_json::to_string_pretty(value).unwrap_or_default());
+        } else {
+            println!("{human}");
+        }
+    };
+    match command {
+        CtlCommand::Status => {
+            let status = api.expect_ok(Method::GET, "/status", None).await?;
+            print(&status, render_status(&status));
+        }
+        CtlCommand::Drain { wait, timeout, interval } => {
+            let started = Instant::now();
+            loop {
+                let (code, body) = api.call(Method::GET, "/drain", None).await?;
+                if code != StatusCode::OK && code != StatusCode::SERVICE_UNAVAILABLE {
+                    return Err(CtlError::Server { status: code, message: body.to_string() });
+                }
+                let drained = body["drained"].as_bool().unwrap_or(false);
+                if drained || !wait || started.elapsed() >= timeout {
+                    print(&body, render_drain(&body));
+                    return Ok(if drained { 0 } else { NOT_DRAINED });
+                }
+                tokio::time::sleep(interval.min(timeout.saturating_sub(started.elapsed()))).await;
+            }
+        }
+        CtlCommand::LegacyPercent(percent) => {
+            let applied =
+                api.expect_ok(Method::PUT, "/routes/legacy", Some(json!({ "v1_percent": percent }))).await?;
+            let human = format!(
+                "legacy traffic to v1: {}% -> {}% (revision {})",
+                applied["old"], applied["new"], applied["revision"]
+            );
+            print(&applied, human);
+        }
+        CtlCommand::Weight { target, weight } => {
+            let (pool, name) = target.split_once('/').ok_or_else(|| CtlError::BadTarget(target.clone()))?;
+            let path = format!("/pools/{pool}/upstreams/{name}");
+            let applied = api.expect_ok(Method::PUT, &path, Some(json!({ "weight": weight }))).await?;
+            let human = format!(
+                "{target} weight: {} -> {} (revision {})",
+                applied["old"]["weight"], applied["new"]["weight"], applied["revision"]
+            );
+            print(&applied, human);
+        }
+        CtlCommand::Sessions { pool, limit } => {
+            let mut path = format!("/sessions?limit={limit}");
+            if let Some(pool) = pool {
+                path += &format!("&pool={pool}");
+            }
+            let list = api.expect_ok(Method::GET, &path, None).await?;
+            print(&list, render_sessions(&list));
+        }
+        CtlCommand::EndSession(key) => {
+            let applied = api.expect_ok(Method::DELETE, &format!("/sessions/{key}"), None).await?;
+            print(
+                &applied,
+                format!("session {key} on {} ended", applied["old"]["pool"].as_str().unwrap_or("?")),
+            );
+        }
+        CtlCommand::Reload => {
+            let applied = api.expect_ok(Method::POST, "/reload", None).await?;
+            let mut human = format!("config reloaded (revision {})", applied["revision"]);
+            if let Some(keys) = applied["restart_required"].as_array() {
+                let keys: Vec<&str> = keys.iter().filter_map(Value::as_str).collect();
+                human += &format!("\nthese changes take effect only after a restart: {}", keys.join(", "));
+            }
+            print(&applied, human);
+        }
+        CtlCommand::ResetOverrides => {
+            let applied = api.expect_ok(Method::DELETE, "/overrides", None).await?;
+            print(
+                &applied,
+                format!("overrides dropped; config file values apply (revision {})", applied["revision"]),
+            );
+        }
+    }
+    Ok(0)
+}
+
+fn render_status(s: &Value) -> String {
+    let routes = &s["routes"];
+    let mut out =
+        format!("revision {}   config {}\n", s["revision"], s["config_file"].as_str().unwrap_or("(none)"));
+    let prefixes: Vec<&str> =
+        routes["v2_prefixes"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
+    out += &format!(
+        "v2 prefixes: {}\nlegacy traffic to v1: {}% ({}; file says {}%)\n\n",
+        prefixes.join(", "),
+        routes["legacy_v1_percent"],
+        routes["legacy_v1_percent_source"].as_str().unwrap_or("?"),
+        routes["config_legacy_v1_percent"]
+    );
+    out += &format!(
+        "{:<5} {:<20} {:<28} {:>6} {:<7} {:<7}\n",
+        "POOL", "UPSTREAM", "URL", "WEIGHT", "SOURCE", "HEALTHY"
+    );
+    for pool in ["v1", "v2"] {
+        for u in s["pools"][pool]["upstreams"].as_array().into_iter().flatten() {
+            out += &format!(
+                "{:<5} {:<20} {:<28} {:>6} {:<7} {:<7}\n",
+                pool,
+                u["name"].as_str().unwrap_or("?"),
+                u["url"].as_str().unwrap_or("?"),
+                u["weight"],
+                u["weight_source"].as_str().unwrap_or("?"),
+                if u["healthy"].as_bool() == Some(true) { "yes" } else { "no" },
+            );
+        }
+    }
+    let active = &s["sessions"]["active"];
+    out += &format!(
+        "\nlive pins: v1 {}, v2 {} (max {})\n",
+        active["v1"], active["v2"], s["sessions"]["max_active"]
+    );
+    out += &render_drain(&s["drain"]);
+    out
+}
+
+fn render_drain(d: &Value) -> String {
+    let quiet = d["quiet_for_seconds"].as_f64().unwrap_or(0.0);
+    let window = d["quiet_window_seconds"].as_f64().unwrap_or(0.0);
+    let period =
+        |secs: f64| humantime::format_duration(Duration::from_secs(secs.max(0.0) as u64)).to_string();
+    if d["drained"].as_bool() == Some(true) {
+        format!("drained: no live v1 pins, v1 quiet for {} (window {})", period(quiet), period(window))
+    } else {
+        format!(
+            "not drained: {} live v1 pins, v1 quiet for {} of {}; drained at {} at the earliest",
+            d["v1_active_pins"],
+            period(quiet),
+            period(window),
+            d["drained_eta"].as_str().unwrap_or("?")
+        )
+    }
+}
+
+fn render_sessions(list: &Value) -> String {
+    let mut out = format!("{:<40} {:<5} {:<25} {:<25}\n", "KEY", "POOL", "FIRST SEEN", "LAST SEEN");
+    for s in list["sessions"].as_array().into_iter().flatten() {
+        out += &format!(
+            "{:<40} {:<5} {:<25} {:<25}\n",
+            s["key"].as_str().unwrap_or("?"),
+            s["pool"].as_str().unwrap_or("?"),
+            s["first_seen"].as_str().unwrap_or("?"),
+            s["last_seen"].as_str().unwrap_or("?"),
+        );
+    }
+    out += &format!("live pins: v1 {}, v2 {}", list["active"]["v1"], list["active"]["v2"]);
+    out
+}

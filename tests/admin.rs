@@ -1,0 +1,408 @@
+//! The admin API: every endpoint's success path, authentication, validation, optimistic
+//! concurrency, persistence of overrides, reloads, and the metrics it exposes.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use http::StatusCode;
+use rollout_proxy::clock::SystemClock;
+use rollout_proxy::config::Config;
+use rollout_proxy::server::{Server, StartOptions};
+use serde_json::Value;
+use support::{
+    admin_call, config_yaml, get, metric, pools_of, with_token_file, ProxyHandle, Reply, Upstream,
+};
+
+const TOKEN: &str = "s3cret-admin-token";
+
+/// A proxy started from a config *file* (so reloads work), with the admin token configured.
+struct Fixture {
+    proxy: ProxyHandle,
+    dir: tempfile::TempDir,
+    v1: std::net::SocketAddr,
+    v2: std::net::SocketAddr,
+}
+
+impl Fixture {
+    async fn start() -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let v1 = Upstream::new("v1-a").spawn().await;
+        let v2 = Upstream::new("v2-a").spawn().await;
+        std::fs::write(dir.path().join("token"), format!("{TOKEN}\n")).unwrap();
+        let fixture_dir = tempfile::tempdir().unwrap();
+        let mut fixture = Fixture { proxy: placeholder(), dir, v1, v2 };
+        fixture.write_config(100.0);
+        fixture.proxy = fixture.spawn(fixture_dir).await;
+        fixture
+    }
+
+    fn config_file(&self) -> PathBuf {
+        self.dir.path().join("rollout.yaml")
+    }
+
+    fn write_config(&self, percent: f64) {
+        let yaml = config_yaml(
+            &[("v1-a", self.v1, 1), ("v1-b", self.v1, 1)],
+            &[("v2-a", self.v2, 1)],
+            &format!("routes: {{ legacy_v1_percent: {percent} }}\n"),
+        );
+        std::fs::write(self.config_file(), with_token_file(&yaml, &self.dir.path().join("token"))).unwrap();
+    }
+
+    async fn spawn(&self, state: tempfile::TempDir) -> ProxyHandle {
+        let config = Config::load(&self.config_file()).unwrap().with_state_dir(state.path());
+        let server = Server::start_with(config, StartOptions::default()).await.unwrap();
+        ProxyHandle::from_server(server, state)
+    }
+
+    async fn restart(&mut self) {
+        let proxy = std::mem::replace(&mut self.proxy, placeholder());
+        let state = proxy.shutdown().await;
+        self.proxy = self.spawn(state).await;
+    }
+
+    async fn call(&self, method: &str, path: &str, body: Option<&str>) -> Reply {
+        admin_call(method, &self.proxy.admin_url(path), Some(TOKEN), None, body).await
+    }
+
+    async fn status(&self) -> Value {
+        get(&self.proxy.admin_url("/status")).await.json()
+    }
+}
+
+fn placeholder() -> ProxyHandle {
+    ProxyHandle::placeholder()
+}
+
+fn error_of(reply: &Reply) -> String {
+    reply.json()["error"].as_str().unwrap_or_default().to_owned()
+}
+
+#[tokio::test]
+async fn every_endpoint_works_for_an_authorised_operator() {
+    let f = Fixture::start().await;
+    let status = get(&f.proxy.admin_url("/status")).await;
+    assert_eq!(status.status, StatusCode::OK);
+    assert_eq!(status.header("etag"), Some("\"0\""));
+    let body = status.json();
+    assert_eq!(body["routes"]["legacy_v1_percent"], 100.0);
+    assert_eq!(body["routes"]["legacy_v1_percent_source"], "config");
+    assert_eq!(body["pools"]["v1"]["upstreams"][0]["weight_source"], "config");
+
+    let reply = f.call("PUT", "/routes/legacy", Some(r#"{"v1_percent": 25}"#)).await;
+    assert_eq!(reply.status, StatusCode::OK, "{:?}", reply.body);
+    assert_eq!(reply.header("etag"), Some("\"1\""));
+    assert_eq!((reply.json()["old"].clone(), reply.json()["new"].clone()), (100.0.into(), 25.0.into()));
+
+    let reply = f.call("PUT", "/pools/v1/upstreams/v1-b", Some(r#"{"weight": 0}"#)).await;
+    assert_eq!(reply.status, StatusCode::OK, "{:?}", reply.body);
+    let body = f.status().await;
+    assert_eq!(body["revision"], 2);
+    assert_eq!(body["routes"]["legacy_v1_percent"], 25.0);
+    assert_eq!(body["routes"]["legacy_v1_percent_source"], "admin");
+    assert_eq!(body["pools"]["v1"]["upstreams"][1]["weight"], 0);
+    assert_eq!(body["pools"]["v1"]["upstreams"][1]["weight_source"], "admin");
+    assert_eq!(body["pools"]["v1"]["upstreams"][1]["config_weight"], 1);
+
+    pools_of((0..40).map(|id| f.proxy.url(&format!("/api/studies/{id}"))).collect()).await;
+    let list = f.call("GET", "/sessions?pool=v2&limit=5", None).await;
+    assert_eq!(list.status, StatusCode::OK);
+    let sessions = list.json()["sessions"].as_array().unwrap().clone();
+    assert_eq!(sessions.len(), 5);
+    assert!(sessions.iter().all(|s| s["pool"] == "v2"));
+    let key = sessions[0]["key"].as_str().unwrap().to_owned();
+
+    let reply = f.call("DELETE", &format!("/sessions/{key}"), None).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(reply.json()["old"]["pool"], "v2");
+    assert_eq!(f.call("DELETE", &format!("/sessions/{key}"), None).await.status, StatusCode::NOT_FOUND);
+
+    let reply = f.call("POST", "/reload", None).await;
+    assert_eq!(reply.status, StatusCode::OK, "{:?}", reply.body);
+    assert_eq!(f.status().await["routes"]["legacy_v1_percent"], 25.0, "a reload keeps the override");
+
+    let reply = f.call("DELETE", "/overrides", None).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    let body = f.status().await;
+    assert_eq!(body["routes"]["legacy_v1_percent"], 100.0);
+    assert_eq!(body["routes"]["legacy_v1_percent_source"], "config");
+    assert_eq!(body["pools"]["v1"]["upstreams"][1]["weight"], 1);
+
+    let text = String::from_utf8(get(&f.proxy.admin_url("/metrics")).await.body.to_vec()).unwrap();
+    for (kind, n) in [
+        ("legacy_percent", 1.0),
+        ("weight", 1.0),
+        ("session_delete", 1.0),
+        ("reload", 1.0),
+        ("overrides_reset", 1.0),
+    ] {
+        assert_eq!(metric(&text, "rollout_admin_changes_total", &[("kind", kind)]), Some(n), "{kind}");
+    }
+    assert_eq!(metric(&text, "rollout_config_reloads_total", &[("result", "ok")]), Some(1.0));
+}
+
+/// Every changing endpoint with a body that would be accepted.
+const MUTATIONS: [(&str, &str, Option<&str>); 6] = [
+    ("PUT", "/routes/legacy", Some(r#"{"v1_percent": 0}"#)),
+    ("PUT", "/pools/v1/upstreams/v1-a", Some(r#"{"weight": 3}"#)),
+    ("GET", "/sessions", None),
+    ("DELETE", "/sessions/1", None),
+    ("POST", "/reload", None),
+    ("DELETE", "/overrides", None),
+];
+
+#[tokio::test]
+async fn changing_endpoints_need_the_right_token_and_a_refusal_changes_nothing() {
+    let f = Fixture::start().await;
+    pools_of(vec![f.proxy.url("/api/studies/1")]).await;
+    let before = f.status().await;
+    for (method, path, body) in MUTATIONS {
+        let url = f.proxy.admin_url(path);
+        let none = admin_call(method, &url, None, None, body).await;
+        assert_eq!(none.status, StatusCode::UNAUTHORIZED, "{method} {path} without a token");
+        assert_eq!(none.header("www-authenticate"), Some("Bearer"));
+        let wrong = admin_call(method, &url, Some("s3cret-admin-tokeN"), None, body).await;
+        assert_eq!(wrong.status, StatusCode::UNAUTHORIZED, "{method} {path} with a wrong token");
+        let prefix = admin_call(method, &url, Some("s3cret"), None, body).await;
+        assert_eq!(prefix.status, StatusCode::UNAUTHORIZED, "{method} {path} with a prefix of the token");
+    }
+    let after = f.status().await;
+    assert_eq!(before["revision"], after["revision"]);
+    assert_eq!(before["routes"], after["routes"]);
+    assert_eq!(after["sessions"]["active"]["v1"], 1, "the session was not deleted");
+}
+
+#[tokio::test]
+async fn without_a_configured_token_changes_are_refused_with_an_explanation() {
+    let v1 = Upstream::new("v1-a").spawn().await;
+    let v2 = Upstream::new("v2-a").spawn().await;
+    let proxy = support::spawn_proxy(&config_yaml(&[("v1-a", v1, 1)], &[("v2-a", v2, 1)], "")).await;
+    for (method, path, body) in MUTATIONS {
+        let reply = admin_call(method, &proxy.admin_url(path), Some(TOKEN), None, body).await;
+        assert_eq!(reply.status, StatusCode::FORBIDDEN, "{method} {path}");
+        assert!(error_of(&reply).contains("no admin token is configured"), "{:?}", reply.body);
+    }
+    assert_eq!(get(&proxy.admin_url("/status")).await.status, StatusCode::OK, "reading stays open");
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_non_loopback_admin_address_without_a_token_refuses_to_start() {
+    let yaml = config_yaml(
+        &[("v1-a", "127.0.0.1:1".parse().unwrap(), 1)],
+        &[("v2-a", "127.0.0.1:2".parse().unwrap(), 1)],
+        "",
+    )
+    .replace("admin: { listen: \"127.0.0.1:0\" }", "admin: { listen: \"0.0.0.0:0\" }");
+    let state = tempfile::tempdir().unwrap();
+    let config = Config::from_yaml(&yaml, Path::new("t.yaml")).unwrap().with_state_dir(state.path());
+    let err =
+        Server::start_with(config, StartOptions { clock: Arc::new(SystemClock), ..StartOptions::default() })
+            .await
+            .err()
+            .expect("refused");
+    assert!(err.to_string().contains("is not a loopback address and no admin token is configured"), "{err}");
+}
+
+#[tokio::test]
+async fn bad_input_answers_400_naming_the_field_and_changes_nothing() {
+    let f = Fixture::start().await;
+    let cases = [
+        ("PUT", "/routes/legacy", r#"{"v1_percent": 101}"#, "v1_percent: 101 is not a percentage"),
+        ("PUT", "/routes/legacy", r#"{"v1_percent": -1}"#, "v1_percent"),
+        ("PUT", "/routes/legacy", r#"{"v1_percent": "half"}"#, "v1_percent: invalid type"),
+        ("PUT", "/routes/legacy", r#"{"v1_percent": 10, "v2_percent": 90}"#, "unknown field `v2_percent`"),
+        ("PUT", "/routes/legacy", r#"{}"#, "missing field `v1_percent`"),
+        ("PUT", "/routes/legacy", r#"{"v1_percent": "#, "malformed JSON body"),
+        ("PUT", "/routes/legacy", "", "malformed JSON body"),
+        ("PUT", "/pools/v1/upstreams/v1-a", r#"{"weight": 20000}"#, "weight: 20000 is over the maximum"),
+        ("PUT", "/pools/v1/upstreams/v1-a", r#"{"weight": -2}"#, "weight: invalid value"),
+        ("PUT", "/pools/v1/upstreams/v1-a", r#"{"wieght": 2}"#, "unknown field `wieght`"),
+        ("GET", "/sessions?pool=v3", "", "pool: unknown pool \"v3\""),
+        ("GET", "/sessions?limit=0", "", "limit: \"0\" is not a number"),
+        ("DELETE", "/sessions/bad%20key", "", "key: \"bad key\" is not a session key"),
+    ];
+    for (method, path, body, expected) in cases {
+        let reply = f.call(method, path, (!body.is_empty()).then_some(body)).await;
+        assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{method} {path} {body}: {:?}", reply.body);
+        assert!(error_of(&reply).contains(expected), "{method} {path} {body}: {:?}", reply.body);
+    }
+    let reply = admin_call(
+        "PUT",
+        &f.proxy.admin_url("/routes/legacy"),
+        Some(TOKEN),
+        Some("seven"),
+        Some(r#"{"v1_percent": 5}"#),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::BAD_REQUEST);
+    assert!(error_of(&reply).contains("If-Match"));
+    let body = f.status().await;
+    assert_eq!(body["revision"], 0);
+    assert_eq!(body["routes"]["legacy_v1_percent"], 100.0);
+    assert_eq!(body["pools"]["v1"]["upstreams"][0]["weight"], 1);
+}
+
+#[tokio::test]
+async fn unknown_pools_upstreams_and_sessions_answer_404() {
+    let f = Fixture::start().await;
+    for (method, path, body, expected) in [
+        ("PUT", "/pools/v3/upstreams/v1-a", Some(r#"{"weight": 1}"#), "unknown pool \"v3\""),
+        (
+            "PUT",
+            "/pools/v2/upstreams/v1-a",
+            Some(r#"{"weight": 1}"#),
+            "pool v2 has no upstream named \"v1-a\"",
+        ),
+        ("DELETE", "/sessions/nobody", None, "no live session \"nobody\""),
+        ("GET", "/no-such-endpoint", None, "no such admin endpoint"),
+    ] {
+        let reply = f.call(method, path, body).await;
+        assert_eq!(reply.status, StatusCode::NOT_FOUND, "{method} {path}");
+        assert!(error_of(&reply).contains(expected), "{:?}", reply.body);
+    }
+    assert_eq!(f.status().await["revision"], 0);
+}
+
+#[tokio::test]
+async fn a_stale_if_match_answers_412_and_a_current_one_succeeds() {
+    let f = Fixture::start().await;
+    let url = f.proxy.admin_url("/routes/legacy");
+    let first = admin_call("PUT", &url, Some(TOKEN), Some("\"0\""), Some(r#"{"v1_percent": 50}"#)).await;
+    assert_eq!(first.status, StatusCode::OK);
+    assert_eq!(first.header("etag"), Some("\"1\""));
+    // A second operator still holding revision 0 loses.
+    let stale = admin_call("PUT", &url, Some(TOKEN), Some("\"0\""), Some(r#"{"v1_percent": 0}"#)).await;
+    assert_eq!(stale.status, StatusCode::PRECONDITION_FAILED);
+    assert!(error_of(&stale).contains("revision 0 is stale; the current revision is 1"));
+    let weight = f.proxy.admin_url("/pools/v1/upstreams/v1-a");
+    let stale = admin_call("PUT", &weight, Some(TOKEN), Some("\"0\""), Some(r#"{"weight": 7}"#)).await;
+    assert_eq!(stale.status, StatusCode::PRECONDITION_FAILED);
+    let reset =
+        admin_call("DELETE", &f.proxy.admin_url("/overrides"), Some(TOKEN), Some("W/\"0\""), None).await;
+    assert_eq!(reset.status, StatusCode::PRECONDITION_FAILED);
+    let body = f.status().await;
+    assert_eq!(body["routes"]["legacy_v1_percent"], 50.0);
+    assert_eq!(body["pools"]["v1"]["upstreams"][0]["weight"], 1);
+    let current = admin_call("PUT", &url, Some(TOKEN), Some("\"1\""), Some(r#"{"v1_percent": 0}"#)).await;
+    assert_eq!(current.status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn an_invalid_config_file_is_refused_on_reload_and_changes_nothing() {
+    let f = Fixture::start().await;
+    std::fs::write(f.config_file(), "pools: { v1: { upstreams: [] } }\n").unwrap();
+    let reply = f.call("POST", "/reload", None).await;
+    assert_eq!(reply.status, StatusCode::BAD_REQUEST);
+    let error = error_of(&reply);
+    assert!(error.contains("config reload failed; the running config is unchanged"), "{error}");
+    assert!(error.contains("missing field `v2`"), "{error}");
+    assert_eq!(f.status().await["revision"], 0);
+    assert_eq!(get(&f.proxy.url("/api/studies/1")).await.status, StatusCode::OK);
+    let text = String::from_utf8(get(&f.proxy.admin_url("/metrics")).await.body.to_vec()).unwrap();
+    assert_eq!(metric(&text, "rollout_config_reloads_total", &[("result", "error")]), Some(1.0));
+}
+
+#[tokio::test]
+async fn the_percentage_moves_under_traffic_and_the_override_survives_restart_and_reload() {
+    let mut f = Fixture::start().await;
+    // Studies 0..50 begin on v1 (100 %).
+    assert!(pools_of((0..50).map(|i| f.proxy.url(&format!("/api/studies/{i}"))).collect())
+        .await
+        .iter()
+        .all(|p| p == "v1"));
+
+    // Continuous traffic: pinned studies and new ones, while the operator moves the percentage.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let traffic = {
+        let (stop, url) = (stop.clone(), f.proxy.url(""));
+        tokio::spawn(async move {
+            let mut moved = Vec::new();
+            let mut i = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let pinned = pools_of(vec![format!("{url}/api/studies/{}", i % 50)]).await;
+                if pinned[0] != "v1" {
+                    moved.push(i % 50);
+                }
+                i += 1;
+            }
+            moved
+        })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let reply = f.call("PUT", "/routes/legacy", Some(r#"{"v1_percent": 0}"#)).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    // The very next new study goes to v2.
+    assert_eq!(pools_of(vec![f.proxy.url("/api/studies/new-1")]).await, ["v2"]);
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(traffic.await.unwrap(), Vec::<usize>::new(), "pinned studies moved");
+
+    // A restart keeps the override.
+    f.restart().await;
+    assert_eq!(f.status().await["routes"]["legacy_v1_percent"], 0.0);
+    assert_eq!(pools_of(vec![f.proxy.url("/api/studies/new-2")]).await, ["v2"]);
+    assert_eq!(pools_of(vec![f.proxy.url("/api/studies/7")]).await, ["v1"]);
+
+    // A reload with a different file value: the override still wins...
+    f.write_config(100.0);
+    assert_eq!(f.call("POST", "/reload", None).await.status, StatusCode::OK);
+    assert_eq!(f.status().await["routes"]["config_legacy_v1_percent"], 100.0);
+    assert_eq!(pools_of(vec![f.proxy.url("/api/studies/new-3")]).await, ["v2"]);
+    // ...until the overrides are dropped.
+    assert_eq!(f.call("DELETE", "/overrides", None).await.status, StatusCode::OK);
+    assert_eq!(pools_of(vec![f.proxy.url("/api/studies/new-4")]).await, ["v1"]);
+}
+
+#[tokio::test]
+async fn metrics_carry_every_section_6_name() {
+    let f = Fixture::start().await;
+    pools_of(vec![f.proxy.url("/api/studies/1"), f.proxy.url("/api/v2/x")]).await;
+    let reply = get(&f.proxy.admin_url("/metrics")).await;
+    assert!(reply.header("content-type").unwrap().starts_with("text/plain; version=0.0.4"));
+    let text = String::from_utf8(reply.body.to_vec()).unwrap();
+    for name in [
+        "rollout_requests_total",
+        "rollout_request_duration_seconds",
+        "rollout_upstream_requests_total",
+        "rollout_upstream_errors_total",
+        "rollout_upstream_healthy",
+        "rollout_upstream_weight",
+        "rollout_legacy_v1_percent",
+        "rollout_sessions_active",
+        "rollout_sessions_started_total",
+        "rollout_sessions_ended_total",
+        "rollout_session_keys_rejected_total",
+        "rollout_v1_last_request_timestamp_seconds",
+        "rollout_v1_quiet_seconds",
+        "rollout_drain_quiet_window_seconds",
+        "rollout_v1_drained",
+        "rollout_config_reloads_total",
+        "rollout_admin_changes_total",
+        "rollout_build_info",
+    ] {
+        assert!(text.contains(&format!("# TYPE {name} ")), "{name} missing");
+    }
+    assert_eq!(
+        metric(
+            &text,
+            "rollout_requests_total",
+            &[("route", "v2_prefix"), ("pool", "v2"), ("decision", "prefix"), ("code_class", "2xx")]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric(
+            &text,
+            "rollout_requests_total",
+            &[("route", "legacy"), ("pool", "v1"), ("decision", "new_pin"), ("code_class", "2xx")]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(metric(&text, "rollout_upstream_weight", &[("pool", "v1"), ("upstream", "v1-b")]), Some(1.0));
+    assert_eq!(metric(&text, "rollout_legacy_v1_percent", &[]), Some(100.0));
+    // Labels are bounded: no path or session key ever appears.
+    assert!(!text.contains("/api/") && !text.contains("studies"), "a path leaked into a label");
+}

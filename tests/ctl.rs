@@ -1,0 +1,155 @@
+//! `rollout-proxy ctl` end to end against a running proxy.
+
+mod support;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use rollout_proxy::config::Config;
+use rollout_proxy::server::{Server, StartOptions};
+use support::{config_yaml, pools_of, with_token_file, ProxyHandle, Upstream};
+
+const TOKEN: &str = "ctl-test-token";
+
+async fn proxy(dir: &Path, extra: &str) -> ProxyHandle {
+    let v1 = Upstream::new("v1-a").spawn().await;
+    let v2 = Upstream::new("v2-a").spawn().await;
+    std::fs::write(dir.join("token"), TOKEN).unwrap();
+    let yaml =
+        with_token_file(&config_yaml(&[("v1-a", v1, 1)], &[("v2-a", v2, 1)], extra), &dir.join("token"));
+    std::fs::write(dir.join("rollout.yaml"), yaml).unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let config = Config::load(&dir.join("rollout.yaml")).unwrap().with_state_dir(state.path());
+    ProxyHandle::from_server(Server::start_with(config, StartOptions::default()).await.unwrap(), state)
+}
+
+/// Runs `ctl` with `args` against `proxy`; returns (exit code, stdout, stderr).
+async fn ctl(proxy: &ProxyHandle, token_file: Option<&Path>, args: &[&str]) -> (i32, String, String) {
+    let mut command = support::binary();
+    command.args(["ctl", "--admin", &format!("http://{}", proxy.admin_addr)]);
+    if let Some(file) = token_file {
+        command.arg("--token-file").arg(file);
+    }
+    command.args(args).env_remove("ROLLOUT_ADMIN_TOKEN");
+    let out = tokio::task::spawn_blocking(move || command.output().unwrap()).await.unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8(out.stdout).unwrap(),
+        String::from_utf8(out.stderr).unwrap(),
+    )
+}
+
+#[tokio::test]
+async fn every_command_works_against_a_running_proxy() {
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = proxy(dir.path(), "").await;
+    let token = dir.path().join("token");
+    let token = Some(token.as_path());
+
+    let (code, out, err) = ctl(&proxy, None, &["status"]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("legacy traffic to v1: 100.0% (config; file says 100.0%)"), "{out}");
+    assert!(out.contains("v1    v1-a"), "{out}");
+
+    let (code, out, err) = ctl(&proxy, token, &["legacy-percent", "30"]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("legacy traffic to v1: 100.0% -> 30.0% (revision 1)"), "{out}");
+
+    let (code, out, err) = ctl(&proxy, token, &["weight", "v1/v1-a", "4"]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("v1/v1-a weight: 1 -> 4 (revision 2)"), "{out}");
+
+    pools_of((0..10).map(|i| proxy.url(&format!("/api/studies/s{i}"))).collect()).await;
+    let (code, out, err) = ctl(&proxy, token, &["sessions", "--limit", "3"]).await;
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out.lines().filter(|l| l.starts_with('s')).count(), 3, "{out}");
+    assert!(out.contains("live pins: v1"), "{out}");
+
+    let (code, out, _) = ctl(&proxy, token, &["--json", "status"]).await;
+    assert_eq!(code, 0);
+    let status: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(status["routes"]["legacy_v1_percent"], 30.0);
+    assert_eq!(status["pools"]["v1"]["upstreams"][0]["weight"], 4);
+
+    let (code, out, _) = ctl(&proxy, token, &["end-session", "s3"]).await;
+    assert_eq!(code, 0);
+    assert!(out.contains("session s3 on"), "{out}");
+
+    let (code, out, err) = ctl(&proxy, token, &["reload"]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("config reloaded (revision 3)"), "{out}");
+
+    let (code, _, err) = ctl(&proxy, token, &["--if-match", "1", "legacy-percent", "0"]).await;
+    assert_eq!(code, 1);
+    assert!(err.contains("revision 1 is stale; the current revision is 3 (HTTP 412"), "{err}");
+
+    let (code, out, _) = ctl(&proxy, token, &["reset-overrides"]).await;
+    assert_eq!(code, 0);
+    assert!(out.contains("overrides dropped"), "{out}");
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_bad_token_or_bad_input_exits_non_zero_with_the_servers_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = proxy(dir.path(), "").await;
+    std::fs::write(dir.path().join("wrong"), "not-the-token").unwrap();
+    let (code, _, err) = ctl(&proxy, Some(&dir.path().join("wrong")), &["legacy-percent", "10"]).await;
+    assert_eq!(code, 1);
+    assert!(err.contains("missing or wrong bearer token (HTTP 401"), "{err}");
+
+    let token = dir.path().join("token");
+    let (code, _, err) = ctl(&proxy, Some(&token), &["legacy-percent", "150"]).await;
+    assert_eq!(code, 1);
+    assert!(err.contains("v1_percent: 150 is not a percentage between 0 and 100 (HTTP 400"), "{err}");
+    let (code, _, err) = ctl(&proxy, Some(&token), &["weight", "v1/nobody", "1"]).await;
+    assert_eq!(code, 1);
+    assert!(err.contains("pool v1 has no upstream named \"nobody\" (HTTP 404"), "{err}");
+    let (code, _, err) = ctl(&proxy, Some(&token), &["weight", "v1-a", "1"]).await;
+    assert_eq!(code, 1);
+    assert!(err.contains("is not POOL/UPSTREAM"), "{err}");
+    let gone = ProxyHandle::placeholder();
+    proxy.shutdown().await;
+
+    let (code, _, err) = ctl(&gone, Some(&token), &["status"]).await;
+    assert_eq!(code, 1);
+    assert!(err.contains("cannot reach the admin API"), "{err}");
+}
+
+#[tokio::test]
+async fn drain_wait_returns_when_the_signal_turns_on() {
+    let dir = tempfile::tempdir().unwrap();
+    // Legacy traffic all to v2, and a 2-second quiet window counted from the start.
+    let proxy = proxy(dir.path(), "routes: { legacy_v1_percent: 0 }\ndrain: { quiet_window: 2s }\n").await;
+    let (code, out, _) = ctl(&proxy, None, &["drain"]).await;
+    assert_eq!(code, 3, "not drained yet: {out}");
+    assert!(out.starts_with("not drained"), "{out}");
+
+    let started = Instant::now();
+    let (code, out, err) =
+        ctl(&proxy, None, &["drain", "--wait", "--interval", "200ms", "--timeout", "30s"]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.starts_with("drained"), "{out}");
+    assert!(started.elapsed() < Duration::from_secs(20));
+
+    // Timing out while not drained exits 3.
+    pools_of(vec![proxy.url("/api/v2/x")]).await;
+    let busy = proxy_with_v1_traffic(&proxy).await;
+    let (code, _, _) =
+        ctl(&proxy, None, &["drain", "--wait", "--interval", "100ms", "--timeout", "300ms"]).await;
+    assert_eq!(code, 3, "v1 traffic {busy} ms ago");
+    proxy.shutdown().await;
+}
+
+/// Sends a v1 request (by pinning a study to v1 through the admin API's percentage) and returns
+/// how long ago it was, in milliseconds.
+async fn proxy_with_v1_traffic(proxy: &ProxyHandle) -> u128 {
+    let token = std::env::temp_dir().join(format!("ctl-token-{}", std::process::id()));
+    std::fs::write(&token, TOKEN).unwrap();
+    let (code, _, err) = ctl(proxy, Some(&token), &["legacy-percent", "100"]).await;
+    assert_eq!(code, 0, "{err}");
+    let at = Instant::now();
+    assert_eq!(pools_of(vec![proxy.url("/api/members/me")]).await, ["v1"]);
+    let _ = std::fs::remove_file(token);
+    at.elapsed().as_millis()
+}
