@@ -14,7 +14,7 @@ use rollout_proxy::config::{Percent, Prefix, UpstreamConfig, UpstreamName, Upstr
 use rollout_proxy::headers;
 use rollout_proxy::metrics::UpstreamStats;
 use rollout_proxy::router::Router;
-use rollout_proxy::upstream::Upstream;
+use rollout_proxy::upstream::{Upstream, UpstreamState};
 
 fn routing(c: &mut Criterion) {
     let router = Router::new(
@@ -36,7 +36,7 @@ fn balancing(c: &mut Criterion) {
                     weight: i + 1,
                 },
                 UpstreamStats::unregistered(),
-                Upstream::new_health(),
+                UpstreamState::new(&Default::default()),
             ))
         })
         .collect();

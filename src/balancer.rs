@@ -53,6 +53,7 @@ impl Balancer {
 mod tests {
     use super::*;
     use crate::config::{UpstreamConfig, UpstreamName, UpstreamUrl};
+    use crate::upstream::UpstreamState;
 
     fn balancer(weights: &[u32]) -> Balancer {
         let upstreams = weights
@@ -66,7 +67,7 @@ mod tests {
                         weight,
                     },
                     crate::metrics::UpstreamStats::unregistered(),
-                    Upstream::new_health(),
+                    UpstreamState::new(&Default::default()),
                 ))
             })
             .collect();
@@ -88,9 +89,9 @@ mod tests {
     fn weight_zero_and_unhealthy_are_skipped() {
         let b = balancer(&[0, 1, 1]);
         assert!(names(&b, 10).iter().all(|n| n != "u0"));
-        b.upstreams()[1].set_healthy(false);
+        b.upstreams()[1].health().set_probed(false);
         assert!(names(&b, 10).iter().all(|n| n == "u2"));
-        b.upstreams()[2].set_healthy(false);
+        b.upstreams()[2].health().set_probed(false);
         assert!(b.pick().is_none());
     }
 }

@@ -189,6 +189,54 @@ pub struct RawPools {
 #[serde(deny_unknown_fields)]
 pub struct RawPool {
     pub upstreams: Vec<RawUpstream>,
+    /// Active health checks; none when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<RawHealth>,
+    #[serde(default)]
+    pub ejection: RawEjection,
+}
+
+/// Active health checks of a pool's upstreams.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawHealth {
+    pub path: String,
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Good probes in a row that bring an upstream back.
+    pub healthy_threshold: u32,
+    /// Failed probes in a row that take an upstream out.
+    pub unhealthy_threshold: u32,
+}
+
+impl Default for RawHealth {
+    fn default() -> Self {
+        RawHealth {
+            path: "/healthz".to_owned(),
+            interval: Duration::from_secs(5),
+            timeout: Duration::from_secs(2),
+            healthy_threshold: 2,
+            unhealthy_threshold: 3,
+        }
+    }
+}
+
+/// Passive ejection: an upstream failing real requests in a row is skipped for a while.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawEjection {
+    /// Connect errors, timeouts or 5xx answers in a row that eject; 0 turns ejection off.
+    pub consecutive_failures: u32,
+    #[serde(with = "humantime_serde")]
+    pub duration: Duration,
+}
+
+impl Default for RawEjection {
+    fn default() -> Self {
+        RawEjection { consecutive_failures: 5, duration: Duration::from_secs(30) }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -301,6 +349,10 @@ pub struct RawUpstreamSettings {
     #[serde(with = "humantime_serde")]
     pub idle_timeout: Duration,
     pub max_idle_per_upstream: usize,
+    /// Further attempts on other upstreams of the same pool when a request could not be
+    /// delivered (connect failure; or connection closed before a response head, for
+    /// idempotent requests without a body).
+    pub retries: u32,
 }
 
 impl Default for RawUpstreamSettings {
@@ -310,6 +362,7 @@ impl Default for RawUpstreamSettings {
             response_timeout: Duration::from_secs(60),
             idle_timeout: Duration::from_secs(90),
             max_idle_per_upstream: 256,
+            retries: 2,
         }
     }
 }
@@ -505,6 +558,24 @@ pub struct UpstreamConfig {
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct PoolConfig {
     pub upstreams: Vec<UpstreamConfig>,
+    pub health: Option<HealthCheck>,
+    pub ejection: Ejection,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthCheck {
+    pub path: String,
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub healthy_threshold: u32,
+    pub unhealthy_threshold: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Ejection {
+    /// 0 = never eject.
+    pub consecutive_failures: u32,
+    pub duration: Duration,
 }
 
 /// A path prefix matched on segment boundaries: `/api/v2` matches `/api/v2` and `/api/v2/x`.
@@ -577,6 +648,20 @@ pub struct UpstreamSettings {
     pub response_timeout: Duration,
     pub idle_timeout: Duration,
     pub max_idle_per_upstream: usize,
+    pub retries: u32,
+}
+
+impl Default for UpstreamSettings {
+    fn default() -> Self {
+        let raw = RawUpstreamSettings::default();
+        UpstreamSettings {
+            connect_timeout: raw.connect_timeout,
+            response_timeout: raw.response_timeout,
+            idle_timeout: raw.idle_timeout,
+            max_idle_per_upstream: raw.max_idle_per_upstream,
+            retries: raw.retries,
+        }
+    }
 }
 
 /// A validated configuration.
@@ -728,6 +813,9 @@ impl RawConfig {
         let upstream_path = root.key("upstream");
         p.check(upstream_path.key("connect_timeout"), positive(self.upstream.connect_timeout));
         p.check(upstream_path.key("response_timeout"), positive(self.upstream.response_timeout));
+        if self.upstream.retries > 10 {
+            p.add(upstream_path.key("retries"), format!("{} retries is more than 10", self.upstream.retries));
+        }
 
         match (listen, admin_listen, legacy_v1_percent, sessions, p.0.is_empty()) {
             (Some(listen), Some(admin_listen), Some(legacy_v1_percent), Some(sessions), true) => Ok(Config {
@@ -749,6 +837,7 @@ impl RawConfig {
                     response_timeout: self.upstream.response_timeout,
                     idle_timeout: self.upstream.idle_timeout,
                     max_idle_per_upstream: self.upstream.max_idle_per_upstream,
+                    retries: self.upstream.retries,
                 },
                 grace_period: self.shutdown.grace_period,
                 source: None,
@@ -783,7 +872,42 @@ fn validate_pool(raw: &RawPool, path: &KeyPath, p: &mut Problems) -> PoolConfig 
             upstreams.push(UpstreamConfig { name, url, weight: u.weight });
         }
     }
-    PoolConfig { upstreams }
+    let health = raw.health.as_ref().and_then(|h| {
+        let at = path.key("health");
+        let checked = (
+            p.check(at.key("path"), health_path(&h.path)),
+            p.check(at.key("interval"), positive(h.interval)),
+            p.check(at.key("timeout"), positive(h.timeout)),
+            p.check(at.key("healthy_threshold"), at_least_one(h.healthy_threshold)),
+            p.check(at.key("unhealthy_threshold"), at_least_one(h.unhealthy_threshold)),
+        );
+        match checked {
+            (Some(path), Some(interval), Some(timeout), Some(healthy_threshold), Some(unhealthy_threshold)) => {
+                Some(HealthCheck { path, interval, timeout, healthy_threshold, unhealthy_threshold })
+            }
+            _ => None,
+        }
+    });
+    let ejection = Ejection {
+        consecutive_failures: raw.ejection.consecutive_failures,
+        duration: raw.ejection.duration,
+    };
+    PoolConfig { upstreams, health, ejection }
+}
+
+fn health_path(path: &str) -> Result<String, String> {
+    match path.parse::<http::uri::PathAndQuery>() {
+        Ok(pq) if path.starts_with('/') => Ok(pq.as_str().to_owned()),
+        _ => Err(format!("health check path {path:?} must be a path starting with '/'")),
+    }
+}
+
+fn at_least_one(n: u32) -> Result<u32, String> {
+    if n == 0 {
+        Err("must be at least 1".to_owned())
+    } else {
+        Ok(n)
+    }
 }
 
 fn validate_sessions(raw: &RawSessions, path: &KeyPath, p: &mut Problems) -> Option<SessionsConfig> {

@@ -24,6 +24,28 @@ static HOP_BY_HOP: [HeaderName; 7] = [
     HeaderName::from_static("proxy-authorization"),
 ];
 
+/// Whether a request asks to switch protocols (RFC 9110 §7.8), e.g. to WebSocket.
+pub fn is_upgrade(headers: &HeaderMap) -> bool {
+    headers.contains_key(UPGRADE)
+        && headers
+            .get_all(CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|token| token.trim().eq_ignore_ascii_case("upgrade"))
+}
+
+/// Removes hop-by-hop headers like [`remove_hop_by_hop`], except that a protocol switch keeps
+/// `Upgrade` and `Connection: upgrade`: the proxy passes the switch through to the next hop.
+pub fn remove_hop_by_hop_keeping_upgrade(headers: &mut HeaderMap) {
+    let upgrade = headers.get(UPGRADE).cloned();
+    remove_hop_by_hop(headers);
+    if let Some(protocol) = upgrade {
+        headers.insert(UPGRADE, protocol);
+        headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
+    }
+}
+
 /// Removes hop-by-hop headers, including every header the `Connection` header names
 /// (RFC 9110 §7.6.1: "a proxy MUST ... remove any header fields it lists").
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
@@ -44,11 +66,16 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-/// Prepares a client request's headers for the upstream: hop-by-hop removed, `Host` kept (or
+/// Prepares a client request's headers for the upstream: hop-by-hop removed (a protocol switch
+/// keeps its `Upgrade`), `Host` kept (or
 /// taken from the HTTP/2 `:authority`), `X-Forwarded-For` appended, `X-Forwarded-Proto` and
 /// `X-Forwarded-Host` set.
 pub fn prepare_request(headers: &mut HeaderMap, uri: &Uri, client_ip: IpAddr, proto: &'static str) {
-    remove_hop_by_hop(headers);
+    if is_upgrade(headers) {
+        remove_hop_by_hop_keeping_upgrade(headers);
+    } else {
+        remove_hop_by_hop(headers);
+    }
 
     if !headers.contains_key(HOST) {
         // HTTP/2 carries the host in the URI; the HTTP/1.1 upstream needs it as a header.
@@ -109,6 +136,16 @@ mod tests {
         remove_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1, "{h:?}");
         assert_eq!(h["x-kept"], "yes");
+    }
+
+    #[test]
+    fn an_upgrade_keeps_only_its_own_hop_by_hop_headers() {
+        let mut h = map(&[("connection", "Upgrade, x-secret"), ("upgrade", "websocket"), ("x-secret", "1"), ("keep-alive", "5")]);
+        assert!(is_upgrade(&h));
+        remove_hop_by_hop_keeping_upgrade(&mut h);
+        assert_eq!(h.len(), 2, "{h:?}");
+        assert_eq!((h["upgrade"].to_str().unwrap(), h["connection"].to_str().unwrap()), ("websocket", "upgrade"));
+        assert!(!is_upgrade(&map(&[("upgrade", "websocket")])), "Upgrade without Connection: upgrade");
     }
 
     #[test]

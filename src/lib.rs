@@ -50,6 +50,7 @@ pub mod ctl;
 pub mod demo;
 pub mod drain;
 pub mod headers;
+pub mod health;
 pub mod listener;
 pub mod metrics;
 pub mod proxy;

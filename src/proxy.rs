@@ -14,7 +14,9 @@ use bytes::Bytes;
 use http::header::{HeaderName, HeaderValue, CONTENT_TYPE};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{Either, Full};
-use hyper::body::Incoming;
+use hyper::body::{Body as _, Incoming};
+use hyper_util::rt::TokioIo;
+use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
 use crate::clock::SharedClock;
@@ -27,11 +29,12 @@ use crate::router::Route;
 use crate::session::{KeyOutcome, Resolution, Sessions};
 use crate::snapshot::{SharedSnapshot, Snapshot};
 use crate::state::Op;
-use crate::upstream::{UpstreamClient, UpstreamError};
+use crate::config::Ejection;
+use crate::upstream::{empty_body, SendError, Upstream, UpstreamBody, UpstreamClient, UpstreamError, UpstreamResponseBody};
 use crate::ErrorChain;
 
 /// Response body: the upstream's streamed body, or a short body the proxy wrote itself.
-pub type Body = Either<Incoming, Full<Bytes>>;
+pub type Body = Either<UpstreamResponseBody, Full<Bytes>>;
 
 pub static X_ROLLOUT_POOL: HeaderName = HeaderName::from_static("x-rollout-pool");
 pub static X_ROLLOUT_ERROR: HeaderName = HeaderName::from_static("x-rollout-error");
@@ -57,6 +60,8 @@ pub struct Proxy {
     drain: Arc<DrainClock>,
     metrics: Arc<Metrics>,
     clock: SharedClock,
+    /// Upgraded connections (WebSocket) being relayed; a graceful stop waits for them.
+    tunnels: TaskTracker,
     /// `X-Forwarded-Proto` of this listener.
     proto: &'static str,
 }
@@ -77,7 +82,7 @@ impl Proxy {
         metrics: Arc<Metrics>,
         clock: SharedClock,
     ) -> Self {
-        Proxy { snapshot, client, sessions, drain, metrics, clock, proto: "http" }
+        Proxy { snapshot, client, sessions, drain, metrics, clock, tunnels: TaskTracker::new(), proto: "http" }
     }
 
     /// Answers one client request. Infallible: failures come back as proxy-made responses.
@@ -138,39 +143,111 @@ impl Proxy {
             self.sessions.settle(seq).await;
         }
         *routed = Some(Routed { pool, decision });
-        let upstream = snapshot.pool(pool).pick().ok_or(ProxyError::NoUpstream { pool })?;
         if pool == PoolName::V1 {
             self.drain.record_v1(self.clock.now());
         }
 
+        let mut req = req;
+        let client_upgrade = headers::is_upgrade(req.headers()).then(|| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
         headers::prepare_request(&mut parts.headers, &parts.uri, peer.ip(), self.proto);
-        let send = self.client.send(upstream, Request::from_parts(parts, body), snapshot.response_timeout);
+        // A request without a body can be rebuilt and sent again; one with a body only while it
+        // has not left the proxy.
+        let body = if body.is_end_stream() { empty_body() } else { Either::Left(body) };
+        let replay = (matches!(body, Either::Right(_)) && is_idempotent(&parts.method) && client_upgrade.is_none())
+            .then(|| (parts.method.clone(), parts.uri.clone(), parts.headers.clone()));
+        let req = Request::from_parts(parts, body);
+
+        let exchange = self.exchange(snapshot, pool, req, replay);
         let result = match (decision, new_pin) {
             // The pin is made durable while the upstream works; the response waits for both.
             (Decision::NewPin, Some(seq)) => {
-                let (result, durable) = tokio::join!(send, self.sessions.settle(seq));
+                let (result, durable) = tokio::join!(exchange, self.sessions.settle(seq));
                 if !durable {
                     warn!(pool = %pool, "new session pin not confirmed durable in time; answering anyway");
                 }
                 result
             }
-            _ => send.await,
+            _ => exchange.await,
         };
-        let mut response = match result {
-            Ok(response) => response,
-            Err(err) => {
-                upstream.stats.error(err.kind());
-                return Err(err.into());
-            }
-        };
-        upstream.stats.response(response.status().as_u16());
+        let mut response = result?;
 
-        headers::remove_hop_by_hop(response.headers_mut());
+        if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+            headers::remove_hop_by_hop_keeping_upgrade(response.headers_mut());
+            if let Some(client) = client_upgrade {
+                let upstream = hyper::upgrade::on(&mut response);
+                self.tunnels.spawn(tunnel(client, upstream));
+            }
+        } else {
+            headers::remove_hop_by_hop(response.headers_mut());
+        }
         if snapshot.pool_header {
             response.headers_mut().insert(X_ROLLOUT_POOL.clone(), pool_value(pool));
         }
         Ok(response.map(Either::Left))
+    }
+
+    /// Sends the request to an upstream of `pool`, moving on to another one of the same pool
+    /// (never the other pool) up to `retries` times when it could not be delivered. Feeds passive
+    /// ejection and the upstream metrics.
+    async fn exchange(
+        &self,
+        snapshot: &Snapshot,
+        pool: PoolName,
+        mut req: Request<UpstreamBody>,
+        replay: Option<(Method, http::Uri, http::HeaderMap)>,
+    ) -> Result<Response<UpstreamResponseBody>, ProxyError> {
+        let balancer = snapshot.pool(pool);
+        let ejection = snapshot.ejection.get(pool);
+        let mut failed: Option<&Arc<Upstream>> = None;
+        let mut attempt = 0;
+        loop {
+            let mut upstream = balancer.pick().ok_or(ProxyError::NoUpstream { pool })?;
+            if failed.is_some_and(|f| Arc::ptr_eq(f, upstream)) {
+                // Prefer a different upstream for the retry when the pool has one.
+                upstream = balancer.pick().unwrap_or(upstream);
+            }
+            match self.client.send(upstream, req, snapshot.response_timeout).await {
+                Ok(response) => {
+                    let status = response.status();
+                    upstream.stats.response(status.as_u16());
+                    if status.is_server_error() {
+                        self.note_failure(pool, upstream, ejection);
+                    } else {
+                        upstream.health().record_success();
+                    }
+                    return Ok(response);
+                }
+                Err(SendError { error, request }) => {
+                    upstream.stats.error(error.kind());
+                    self.note_failure(pool, upstream, ejection);
+                    let again = request.or_else(|| {
+                        replay.as_ref().map(|(method, uri, headers)| {
+                            let mut rebuilt = Request::new(empty_body());
+                            *rebuilt.method_mut() = method.clone();
+                            *rebuilt.uri_mut() = uri.clone();
+                            *rebuilt.headers_mut() = headers.clone();
+                            rebuilt
+                        })
+                    });
+                    match again {
+                        Some(again) if attempt < snapshot.retries && !matches!(error, UpstreamError::Timeout { .. }) => {
+                            debug!(pool = %pool, upstream = %upstream.name(), error = %ErrorChain(&error), "retrying on the same pool");
+                            req = again;
+                            attempt += 1;
+                            failed = Some(upstream);
+                        }
+                        _ => return Err(error.into()),
+                    }
+                }
+            }
+        }
+    }
+
+    fn note_failure(&self, pool: PoolName, upstream: &Upstream, ejection: &Ejection) {
+        if upstream.health().record_failure(ejection.consecutive_failures, ejection.duration) {
+            warn!(pool = %pool, upstream = %upstream.name(), for_ = ?ejection.duration, "upstream ejected after consecutive failures");
+        }
     }
 
     /// The pool for a request, how it was decided, and the store sequence number of the pin
@@ -195,6 +272,15 @@ impl Proxy {
             Resolution::NewPin { pool, seq } => (pool, Decision::NewPin, Some(seq)),
             Resolution::Full { pool } => (pool, Decision::Unkeyed, None),
         }
+    }
+
+    pub fn client(&self) -> &UpstreamClient {
+        &self.client
+    }
+
+    /// Upgraded connections in flight.
+    pub fn tunnels(&self) -> &TaskTracker {
+        &self.tunnels
     }
 
     pub fn snapshot(&self) -> Arc<Snapshot> {
@@ -261,6 +347,24 @@ impl Proxy {
         if let Some(ms) = self.drain.take_unstored() {
             self.sessions.store().send(Op::LastV1Request(ms));
         }
+    }
+}
+
+/// Methods whose repetition has the same effect as one request (RFC 9110 §9.2.2).
+fn is_idempotent(method: &Method) -> bool {
+    matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE)
+}
+
+/// Relays bytes both ways between an upgraded client connection and its upstream.
+async fn tunnel(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
+    match tokio::try_join!(client, upstream) {
+        Ok((client, upstream)) => {
+            let (mut client, mut upstream) = (TokioIo::new(client), TokioIo::new(upstream));
+            if let Err(err) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+                debug!(error = %err, "tunnel ended with an error");
+            }
+        }
+        Err(err) => debug!(error = %err, "protocol switch did not complete"),
     }
 }
 

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::admin::{self, AdminState, Readiness, Token, TokenError};
 use crate::clock::{SharedClock, SystemClock};
@@ -180,6 +180,7 @@ impl Server {
         let admin_task = tokio::spawn(admin::serve(admin_listener, admin_state, admin_stop.clone()));
         let shutdown = CancellationToken::new();
         let upkeep = tokio::spawn(upkeep(proxy.clone(), shutdown.clone()));
+        let checks = tokio::spawn(crate::health::run_checks(proxy.clone(), shutdown.clone()));
 
         let stopping = shutdown.clone();
         let proxy_handle = proxy.clone();
@@ -200,7 +201,14 @@ impl Server {
                 ),
                 not_ready
             );
+            // Upgraded connections (WebSocket) are no longer HTTP connections the listener
+            // tracks; they get what is left of the grace period.
+            proxy.tunnels().close();
+            if tokio::time::timeout(config.grace_period, proxy.tunnels().wait()).await.is_err() {
+                warn!(open = proxy.tunnels().len(), "grace period over; closing open tunnels");
+            }
             let _ = upkeep.await;
+            let _ = checks.await;
             // Last flush of pin activity and the drain clock, then release the state directory.
             proxy.maintain();
             proxy.sessions().store().close().await;

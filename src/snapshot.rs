@@ -11,11 +11,11 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 
 use crate::balancer::Balancer;
-use crate::config::{ByPool, Config, PoolName};
+use crate::config::{ByPool, Config, Ejection, HealthCheck, PoolName};
 use crate::metrics::Metrics;
 use crate::router::Router;
 use crate::session::{KeyExtractor, PinPolicy};
-use crate::upstream::Upstream;
+use crate::upstream::{Upstream, UpstreamState};
 
 #[derive(Debug)]
 pub struct Snapshot {
@@ -28,21 +28,24 @@ pub struct Snapshot {
     pub keys: KeyExtractor,
     pub pin_policy: PinPolicy,
     pub quiet_window: Duration,
+    pub health_checks: ByPool<Option<HealthCheck>>,
+    pub ejection: ByPool<Ejection>,
+    pub retries: u32,
 }
 
 impl Snapshot {
     /// Builds a snapshot of `config`. Upstreams that `previous` also has (same pool and name)
-    /// keep their health state.
+    /// keep their health and their idle connections.
     pub fn build(config: &Config, metrics: &Metrics, previous: Option<&Snapshot>) -> Snapshot {
         let pools = config.pools.map(|pool, cfg| {
             let upstreams = cfg
                 .upstreams
                 .iter()
                 .map(|u| {
-                    let health = previous
+                    let state = previous
                         .and_then(|p| p.pool(pool).upstreams().iter().find(|old| old.name() == &u.name))
-                        .map_or_else(Upstream::new_health, |old| old.health().clone());
-                    Arc::new(Upstream::new(u, metrics.upstream_stats(pool, u.name.as_str()), health))
+                        .map_or_else(|| UpstreamState::new(&config.upstream), |old| old.state().clone());
+                    Arc::new(Upstream::new(u, metrics.upstream_stats(pool, u.name.as_str()), state))
                 })
                 .collect();
             Balancer::new(upstreams)
@@ -56,6 +59,9 @@ impl Snapshot {
             keys: KeyExtractor::new(config.sessions.keys.clone()),
             pin_policy: PinPolicy::from_config(&config.sessions),
             quiet_window: config.quiet_window,
+            health_checks: config.pools.map(|_, p| p.health.clone()),
+            ejection: config.pools.map(|_, p| p.ejection),
+            retries: config.upstream.retries,
         }
     }
 

@@ -1,54 +1,82 @@
 //! Upstream servers and the client that talks to them.
 //!
-//! One [`UpstreamClient`] is shared by every request: pooled keep-alive HTTP/1.1 connections with
-//! a connect timeout and a response-head timeout. Errors are classified here
-//! ([`UpstreamError`]) and turned into responses by [`crate::proxy`]. Which upstream to use is
-//! [`crate::balancer`]'s choice; header rewriting is [`crate::headers`]'.
+//! Each upstream keeps its own pool of idle keep-alive HTTP/1.1 connections. A connection is
+//! taken from the pool (or made) *before* the request is handed over, so a connect failure
+//! gives the request back untouched and [`crate::proxy`] can retry it on another upstream of
+//! the same pool, body and all. A connection goes back to the pool when its response body has
+//! been read to the end. Errors are classified here ([`UpstreamError`]) and turned into
+//! responses by [`crate::proxy`]. Which upstream to use is [`crate::balancer`]'s choice; header
+//! rewriting is [`crate::headers`]'; whether an upstream is healthy is [`crate::health`]'s.
 
-use std::error::Error as _;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
-use http::uri::{Authority, Parts, PathAndQuery, Scheme};
+use bytes::Bytes;
+use http::uri::{Authority, PathAndQuery};
 use http::{Request, Response, Uri, Version};
-use hyper::body::Incoming;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+use http_body_util::{Either, Empty};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+use tracing::debug;
 
 use crate::config::{UpstreamConfig, UpstreamName, UpstreamSettings};
+use crate::health::Health;
 use crate::metrics::{UpstreamErrorKind, UpstreamStats};
+
+/// What the proxy sends upstream: the client's streamed body, or nothing (which can be resent).
+pub type UpstreamBody = Either<Incoming, Empty<Bytes>>;
+
+pub fn empty_body() -> UpstreamBody {
+    Either::Right(Empty::new())
+}
+
+/// State of one upstream that outlives snapshots: its health and its idle connections.
+#[derive(Debug)]
+pub struct UpstreamState {
+    pub health: Health,
+    pool: ConnPool,
+}
+
+impl UpstreamState {
+    pub fn new(settings: &UpstreamSettings) -> Arc<Self> {
+        Arc::new(UpstreamState {
+            health: Health::default(),
+            pool: ConnPool {
+                idle: Mutex::new(Vec::new()),
+                max_idle: settings.max_idle_per_upstream,
+                idle_timeout: settings.idle_timeout,
+            },
+        })
+    }
+}
 
 /// One application server inside a pool.
 #[derive(Debug)]
 pub struct Upstream {
     name: UpstreamName,
-    scheme: Scheme,
     authority: Authority,
     weight: u32,
-    /// Cleared by health checking; an unhealthy upstream gets no new requests. Shared with the
-    /// same upstream in later snapshots, so a reload or an admin change keeps what was learnt.
-    healthy: Arc<AtomicBool>,
+    state: Arc<UpstreamState>,
     pub stats: UpstreamStats,
 }
 
 impl Upstream {
-    /// `healthy` is the shared health flag; pass the previous snapshot's flag for the same
-    /// upstream to keep its state.
-    pub fn new(config: &UpstreamConfig, stats: UpstreamStats, healthy: Arc<AtomicBool>) -> Self {
-        Upstream {
-            stats,
-            healthy,
-            name: config.name.clone(),
-            scheme: config.url.scheme.clone(),
-            authority: config.url.authority.clone(),
-            weight: config.weight,
-        }
+    /// `state` carries health and connections; pass the previous snapshot's state for the same
+    /// upstream to keep them.
+    pub fn new(config: &UpstreamConfig, stats: UpstreamStats, state: Arc<UpstreamState>) -> Self {
+        Upstream { name: config.name.clone(), authority: config.url.authority.clone(), weight: config.weight, state, stats }
     }
 
     pub fn name(&self) -> &UpstreamName {
         &self.name
+    }
+
+    pub fn authority(&self) -> &Authority {
+        &self.authority
     }
 
     pub fn weight(&self) -> u32 {
@@ -56,30 +84,16 @@ impl Upstream {
     }
 
     pub fn is_healthy(&self) -> bool {
-        self.healthy.load(Ordering::Relaxed)
+        self.state.health.is_healthy()
     }
 
-    pub fn set_healthy(&self, healthy: bool) {
-        self.healthy.store(healthy, Ordering::Relaxed);
+    pub fn health(&self) -> &Health {
+        &self.state.health
     }
 
-    /// A health flag for an upstream seen for the first time: healthy until checks say otherwise.
-    pub fn new_health() -> Arc<AtomicBool> {
-        Arc::new(AtomicBool::new(true))
-    }
-
-    /// The shared health flag, to carry into the next snapshot.
-    pub fn health(&self) -> &Arc<AtomicBool> {
-        &self.healthy
-    }
-
-    /// The URI of `path_and_query` on this upstream.
-    fn uri_for(&self, path_and_query: PathAndQuery) -> Uri {
-        let mut parts = Parts::default();
-        parts.scheme = Some(self.scheme.clone());
-        parts.authority = Some(self.authority.clone());
-        parts.path_and_query = Some(path_and_query);
-        Uri::from_parts(parts).expect("scheme, authority and path always form a URI")
+    /// The long-lived state, to carry into the next snapshot.
+    pub fn state(&self) -> &Arc<UpstreamState> {
+        &self.state
     }
 }
 
@@ -90,64 +104,18 @@ pub enum UpstreamError {
     Connect {
         upstream: UpstreamName,
         #[source]
-        source: hyper_util::client::legacy::Error,
+        source: std::io::Error,
     },
-    #[error("upstream {upstream} did not accept a connection in time")]
-    ConnectTimeout {
-        upstream: UpstreamName,
-        #[source]
-        source: hyper_util::client::legacy::Error,
-    },
+    #[error("upstream {upstream} did not accept a connection within {after:?}")]
+    ConnectTimeout { upstream: UpstreamName, after: Duration },
     #[error("upstream {upstream} sent no response head within {after:?}")]
     Timeout { upstream: UpstreamName, after: Duration },
     #[error("upstream {upstream} closed the connection before a response head")]
     Closed {
         upstream: UpstreamName,
         #[source]
-        source: hyper_util::client::legacy::Error,
+        source: hyper::Error,
     },
-}
-
-/// The shared client for all upstreams.
-#[derive(Clone)]
-pub struct UpstreamClient {
-    client: Client<HttpConnector, Incoming>,
-}
-
-impl UpstreamClient {
-    pub fn new(settings: &UpstreamSettings) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(settings.connect_timeout));
-        connector.set_nodelay(true);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(settings.idle_timeout)
-            .pool_max_idle_per_host(settings.max_idle_per_upstream)
-            .build(connector);
-        UpstreamClient { client }
-    }
-
-    /// Sends `req` to `upstream`, waiting at most `response_timeout` for the response head.
-    /// The request keeps its path and query; its headers must already be rewritten.
-    pub async fn send(
-        &self,
-        upstream: &Upstream,
-        mut req: Request<Incoming>,
-        response_timeout: Duration,
-    ) -> Result<Response<Incoming>, UpstreamError> {
-        let path_and_query =
-            req.uri().path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
-        *req.uri_mut() = upstream.uri_for(path_and_query);
-        // Upstream connections are HTTP/1.1 whatever the client spoke.
-        *req.version_mut() = Version::HTTP_11;
-        match tokio::time::timeout(response_timeout, self.client.request(req)).await {
-            Ok(Ok(response)) => Ok(response),
-            Ok(Err(source)) => Err(classify(upstream, source)),
-            Err(_) => {
-                Err(UpstreamError::Timeout { upstream: upstream.name.clone(), after: response_timeout })
-            }
-        }
-    }
 }
 
 impl UpstreamError {
@@ -155,25 +123,183 @@ impl UpstreamError {
     pub fn kind(&self) -> UpstreamErrorKind {
         match self {
             UpstreamError::Connect { .. } => UpstreamErrorKind::Connect,
-            UpstreamError::ConnectTimeout { .. } | UpstreamError::Timeout { .. } => {
-                UpstreamErrorKind::Timeout
-            }
+            UpstreamError::ConnectTimeout { .. } | UpstreamError::Timeout { .. } => UpstreamErrorKind::Timeout,
             UpstreamError::Closed { .. } => UpstreamErrorKind::Io,
+        }
+    }
+
+    /// Whether the upstream itself looks broken (for passive ejection), as opposed to slow.
+    pub fn is_connect(&self) -> bool {
+        matches!(self, UpstreamError::Connect { .. } | UpstreamError::ConnectTimeout { .. })
+    }
+}
+
+/// A failed send. `request` is the request itself when it never left the proxy, so it can be
+/// sent elsewhere.
+#[derive(Debug)]
+pub struct SendError {
+    pub error: UpstreamError,
+    pub request: Option<Request<UpstreamBody>>,
+}
+
+#[derive(Debug)]
+struct ConnPool {
+    idle: Mutex<Vec<Idle>>,
+    max_idle: usize,
+    idle_timeout: Duration,
+}
+
+#[derive(Debug)]
+struct Idle {
+    sender: http1::SendRequest<UpstreamBody>,
+    since: Instant,
+}
+
+impl ConnPool {
+    /// The most recently used idle connection that is still open.
+    fn checkout(&self) -> Option<http1::SendRequest<UpstreamBody>> {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        while let Some(conn) = idle.pop() {
+            if !conn.sender.is_closed() && conn.since.elapsed() < self.idle_timeout {
+                return Some(conn.sender);
+            }
+        }
+        None
+    }
+
+    fn checkin(&self, sender: http1::SendRequest<UpstreamBody>) {
+        if sender.is_closed() {
+            return;
+        }
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        if idle.len() < self.max_idle {
+            idle.push(Idle { sender, since: Instant::now() });
         }
     }
 }
 
-fn classify(upstream: &Upstream, source: hyper_util::client::legacy::Error) -> UpstreamError {
-    let upstream = upstream.name.clone();
-    if !source.is_connect() {
-        return UpstreamError::Closed { upstream, source };
-    }
-    let mut cause = source.source();
-    while let Some(err) = cause {
-        if err.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut) {
-            return UpstreamError::ConnectTimeout { upstream, source };
+/// A response body from an upstream; returns its connection to the pool once read to the end.
+pub struct UpstreamResponseBody {
+    inner: Incoming,
+    /// The connection and its pool, until the body ends.
+    give_back: Option<(http1::SendRequest<UpstreamBody>, Arc<UpstreamState>)>,
+}
+
+impl UpstreamResponseBody {
+    fn finish(&mut self) {
+        if let Some((sender, state)) = self.give_back.take() {
+            state.pool.checkin(sender);
         }
-        cause = err.source();
     }
-    UpstreamError::Connect { upstream, source }
+}
+
+impl Body for UpstreamResponseBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(None) => self.finish(),
+            Poll::Ready(Some(Ok(_))) if self.inner.is_end_stream() => self.finish(),
+            // An error leaves the connection in an unknown state: it is not reused.
+            Poll::Ready(Some(Err(_))) => self.give_back = None,
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// The client for all upstreams.
+#[derive(Clone, Debug)]
+pub struct UpstreamClient {
+    connect_timeout: Duration,
+}
+
+impl UpstreamClient {
+    pub fn new(settings: &UpstreamSettings) -> Self {
+        UpstreamClient { connect_timeout: settings.connect_timeout }
+    }
+
+    /// Sends `req` (headers already rewritten, target in any form) to `upstream`, waiting at most
+    /// `response_timeout` for the response head.
+    pub async fn send(
+        &self,
+        upstream: &Upstream,
+        mut req: Request<UpstreamBody>,
+        response_timeout: Duration,
+    ) -> Result<Response<UpstreamResponseBody>, SendError> {
+        // Upstream connections are HTTP/1.1 with an origin-form target, whatever the client spoke.
+        let target = req.uri().path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
+        *req.uri_mut() = Uri::from(target);
+        *req.version_mut() = Version::HTTP_11;
+
+        loop {
+            let (mut sender, reused) = match upstream.state.pool.checkout() {
+                Some(sender) => (sender, true),
+                None => match self.connect(upstream).await {
+                    Ok(sender) => (sender, false),
+                    Err(error) => return Err(SendError { error, request: Some(req) }),
+                },
+            };
+            if reused && sender.ready().await.is_err() {
+                continue; // closed while idle: try the next one
+            }
+            let sent = tokio::time::timeout(response_timeout, sender.try_send_request(req)).await;
+            match sent {
+                Err(_) => {
+                    let error = UpstreamError::Timeout { upstream: upstream.name.clone(), after: response_timeout };
+                    return Err(SendError { error, request: None });
+                }
+                Ok(Ok(response)) => {
+                    // A switched connection belongs to its tunnel from now on.
+                    let reusable = response.status() != http::StatusCode::SWITCHING_PROTOCOLS;
+                    let give_back = reusable.then(|| (sender, upstream.state.clone()));
+                    return Ok(response.map(|inner| UpstreamResponseBody { inner, give_back }));
+                }
+                Ok(Err(mut err)) => match err.take_message() {
+                    // Never written: a kept-alive connection closed under us. Another one will do.
+                    Some(unsent) if reused => {
+                        debug!(upstream = %upstream.name, "idle upstream connection was closed; retrying on another");
+                        req = unsent;
+                    }
+                    unsent => {
+                        let error = UpstreamError::Closed { upstream: upstream.name.clone(), source: err.into_error() };
+                        return Err(SendError { error, request: unsent });
+                    }
+                },
+            }
+        }
+    }
+
+    async fn connect(&self, upstream: &Upstream) -> Result<http1::SendRequest<UpstreamBody>, UpstreamError> {
+        let name = || upstream.name.clone();
+        let host = upstream.authority.host();
+        let port = upstream.authority.port_u16().unwrap_or(80);
+        let stream = match tokio::time::timeout(self.connect_timeout, TcpStream::connect((host, port))).await {
+            Err(_) => return Err(UpstreamError::ConnectTimeout { upstream: name(), after: self.connect_timeout }),
+            Ok(Err(source)) => return Err(UpstreamError::Connect { upstream: name(), source }),
+            Ok(Ok(stream)) => stream,
+        };
+        let _ = stream.set_nodelay(true);
+        let (sender, connection) = http1::Builder::new()
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(|source| UpstreamError::Closed { upstream: name(), source })?;
+        let upstream_name = name();
+        tokio::spawn(async move {
+            if let Err(err) = connection.with_upgrades().await {
+                debug!(upstream = %upstream_name, error = %err, "upstream connection ended with an error");
+            }
+        });
+        Ok(sender)
+    }
 }

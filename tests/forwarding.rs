@@ -101,7 +101,7 @@ async fn h2c_prior_knowledge_is_served_and_forwarded_as_http1() {
 
 #[tokio::test]
 async fn refused_upstream_answers_502_upstream_connect() {
-    let dead = support::refused_addr().await;
+    let (dead, _reserved) = support::refused_addr();
     let v2 = Upstream::new("v2-a").spawn().await;
     let proxy = spawn_proxy(&config_yaml(&[("v1-dead", dead, 1)], &[("v2-a", v2, 1)], "")).await;
     let reply = get(&proxy.url("/api/studies/1")).await;

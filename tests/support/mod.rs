@@ -142,10 +142,12 @@ impl Body for Pattern {
     }
 }
 
-/// An address where nothing listens: connections to it are refused.
-pub async fn refused_addr() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    listener.local_addr().unwrap()
+/// An address where nothing listens: connections to it are refused. The port stays bound (but
+/// not listening) while the returned socket lives, so no other test can take it meanwhile.
+pub fn refused_addr() -> (SocketAddr, tokio::net::TcpSocket) {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    (socket.local_addr().unwrap(), socket)
 }
 
 /// YAML for a config with the given upstreams (`(name, addr, weight)`) and extra top-level YAML.
