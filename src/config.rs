@@ -764,9 +764,20 @@ fn socket_addr(value: &str) -> Result<SocketAddr, String> {
     value.parse().map_err(|_| format!("{value:?} is not an IP:port address (e.g. 0.0.0.0:8080)"))
 }
 
+/// Longest duration accepted anywhere: ten years, far below where time arithmetic could wrap.
+const MAX_DURATION: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
 fn positive(value: Duration) -> Result<Duration, String> {
     if value.is_zero() {
         Err("must be longer than 0s".to_owned())
+    } else {
+        bounded(value)
+    }
+}
+
+fn bounded(value: Duration) -> Result<Duration, String> {
+    if value > MAX_DURATION {
+        Err(format!("{} is longer than the maximum of 10 years", humantime::format_duration(value)))
     } else {
         Ok(value)
     }
@@ -801,6 +812,9 @@ impl RawConfig {
         );
 
         let sessions = validate_sessions(&self.sessions, &root.key("sessions"), &mut p);
+        p.check(root.key("drain").key("quiet_window"), bounded(self.drain.quiet_window));
+        p.check(root.key("shutdown").key("grace_period"), bounded(self.shutdown.grace_period));
+        p.check(root.key("upstream").key("idle_timeout"), bounded(self.upstream.idle_timeout));
 
         let client_path = root.key("client");
         p.check(client_path.key("header_read_timeout"), positive(self.client.header_read_timeout));
@@ -882,16 +896,18 @@ fn validate_pool(raw: &RawPool, path: &KeyPath, p: &mut Problems) -> PoolConfig 
             p.check(at.key("unhealthy_threshold"), at_least_one(h.unhealthy_threshold)),
         );
         match checked {
-            (Some(path), Some(interval), Some(timeout), Some(healthy_threshold), Some(unhealthy_threshold)) => {
-                Some(HealthCheck { path, interval, timeout, healthy_threshold, unhealthy_threshold })
-            }
+            (
+                Some(path),
+                Some(interval),
+                Some(timeout),
+                Some(healthy_threshold),
+                Some(unhealthy_threshold),
+            ) => Some(HealthCheck { path, interval, timeout, healthy_threshold, unhealthy_threshold }),
             _ => None,
         }
     });
-    let ejection = Ejection {
-        consecutive_failures: raw.ejection.consecutive_failures,
-        duration: raw.ejection.duration,
-    };
+    let ejection =
+        Ejection { consecutive_failures: raw.ejection.consecutive_failures, duration: raw.ejection.duration };
     PoolConfig { upstreams, health, ejection }
 }
 

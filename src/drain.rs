@@ -7,7 +7,7 @@
 //! restart can delay the signal but never advance it. Counting live pins is
 //! [`crate::session`]'s job.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, UNIX_EPOCH};
 
 use serde::Serialize;
@@ -24,7 +24,13 @@ pub const READ_BACK_SLACK: Duration = Duration::from_secs(2);
 #[derive(Debug)]
 pub struct DrainClock {
     last_v1_request: AtomicU64,
+    /// The last value sent to the store.
     stored: AtomicU64,
+    /// The last value the store confirmed.
+    durable: AtomicU64,
+    /// True until something is stored: a restart would then start the clock at its own start,
+    /// which is later than any request of this process, so nothing needs writing ahead.
+    nothing_stored: AtomicBool,
 }
 
 /// The answer of `GET /drain`.
@@ -51,14 +57,32 @@ impl DrainClock {
         // A read-back value counts as stored: writing it back would add the slack again at every
         // restart. With nothing stored, the first flush writes the start time.
         let stored_marker = if stored.is_some() { start } else { 0 };
-        DrainClock { last_v1_request: AtomicU64::new(start), stored: AtomicU64::new(stored_marker) }
+        DrainClock {
+            last_v1_request: AtomicU64::new(start),
+            stored: AtomicU64::new(stored_marker),
+            durable: AtomicU64::new(stored.unwrap_or(0)),
+            nothing_stored: AtomicBool::new(stored.is_none()),
+        }
     }
 
-    /// Records a request forwarded to a v1 upstream.
-    pub fn record_v1(&self, now: UnixMillis) {
+    /// Records a request forwarded to a v1 upstream. Returns `Some(now)` when what the store
+    /// holds would not cover this request after a crash (the first v1 request after a quiet
+    /// spell): the caller must store it, and have it committed, before answering.
+    pub fn record_v1(&self, now: UnixMillis) -> Option<UnixMillis> {
         if self.last_v1_request.load(Ordering::Relaxed) < now {
             self.last_v1_request.fetch_max(now, Ordering::Relaxed);
         }
+        if self.nothing_stored.load(Ordering::Relaxed) {
+            return None;
+        }
+        let covered = self.durable.load(Ordering::Relaxed).saturating_add(READ_BACK_SLACK.as_millis() as u64);
+        (covered < now).then_some(now)
+    }
+
+    /// The store confirmed it holds `value`.
+    pub fn mark_durable(&self, value: UnixMillis) {
+        self.durable.fetch_max(value, Ordering::Relaxed);
+        self.nothing_stored.store(false, Ordering::Relaxed);
     }
 
     pub fn last_v1_request(&self) -> UnixMillis {
@@ -126,6 +150,17 @@ mod tests {
         let clock = DrainClock::new(None, 99_000);
         assert_eq!(clock.take_unstored(), Some(99_000));
         assert_eq!(clock.take_unstored(), None);
+    }
+
+    #[test]
+    fn a_request_the_store_would_not_cover_must_be_written_ahead() {
+        let clock = DrainClock::new(None, 10_000);
+        assert_eq!(clock.record_v1(50_000), None, "nothing stored: a restart starts later anyway");
+        clock.mark_durable(50_000);
+        assert_eq!(clock.record_v1(51_000), None, "within the read-back slack of the stored value");
+        assert_eq!(clock.record_v1(90_000), Some(90_000), "the first request after a quiet spell");
+        clock.mark_durable(90_000);
+        assert_eq!(clock.record_v1(90_500), None);
     }
 
     #[test]

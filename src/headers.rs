@@ -7,9 +7,9 @@ use std::net::IpAddr;
 use http::header::{HeaderName, HeaderValue, CONNECTION, HOST, TE, TRANSFER_ENCODING, UPGRADE};
 use http::{HeaderMap, Uri};
 
-pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
-pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
-pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+pub const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+pub const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
 /// Connection-specific headers (RFC 9110 §7.6.1), the non-standard `Keep-Alive` and
 /// `Proxy-Connection` that clients still send, and `Proxy-Authorization`, which is meant for the
@@ -46,6 +46,10 @@ pub fn remove_hop_by_hop_keeping_upgrade(headers: &mut HeaderMap) {
     }
 }
 
+/// Headers that naming in `Connection` does not remove.
+static PROTECTED: [HeaderName; 5] =
+    [HOST, http::header::CONTENT_LENGTH, X_FORWARDED_FOR, X_FORWARDED_PROTO, X_FORWARDED_HOST];
+
 /// Removes hop-by-hop headers, including every header the `Connection` header names
 /// (RFC 9110 §7.6.1: "a proxy MUST ... remove any header fields it lists").
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
@@ -56,6 +60,9 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
             .filter_map(|token| HeaderName::from_bytes(token.trim().as_bytes()).ok())
+            // A client cannot make end-to-end fields disappear by naming them in Connection:
+            // Host and the message framing must reach the upstream whatever it says.
+            .filter(|name| !PROTECTED.contains(name))
             .collect();
         for name in named {
             headers.remove(name);
@@ -140,12 +147,34 @@ mod tests {
 
     #[test]
     fn an_upgrade_keeps_only_its_own_hop_by_hop_headers() {
-        let mut h = map(&[("connection", "Upgrade, x-secret"), ("upgrade", "websocket"), ("x-secret", "1"), ("keep-alive", "5")]);
+        let mut h = map(&[
+            ("connection", "Upgrade, x-secret"),
+            ("upgrade", "websocket"),
+            ("x-secret", "1"),
+            ("keep-alive", "5"),
+        ]);
         assert!(is_upgrade(&h));
         remove_hop_by_hop_keeping_upgrade(&mut h);
         assert_eq!(h.len(), 2, "{h:?}");
-        assert_eq!((h["upgrade"].to_str().unwrap(), h["connection"].to_str().unwrap()), ("websocket", "upgrade"));
+        assert_eq!(
+            (h["upgrade"].to_str().unwrap(), h["connection"].to_str().unwrap()),
+            ("websocket", "upgrade")
+        );
         assert!(!is_upgrade(&map(&[("upgrade", "websocket")])), "Upgrade without Connection: upgrade");
+    }
+
+    #[test]
+    fn connection_cannot_remove_host_or_framing() {
+        let mut h = map(&[
+            ("connection", "host, content-length, x-gone"),
+            ("host", "a.example"),
+            ("content-length", "3"),
+            ("x-gone", "1"),
+        ]);
+        remove_hop_by_hop(&mut h);
+        assert_eq!(h["host"], "a.example");
+        assert_eq!(h["content-length"], "3");
+        assert!(!h.contains_key("x-gone"));
     }
 
     #[test]

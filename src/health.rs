@@ -130,7 +130,9 @@ pub async fn run_checks(proxy: Arc<Proxy>, stop: CancellationToken) {
             let Some(check) = snapshot.health_checks.get(pool).clone() else { continue };
             for upstream in snapshot.pool(pool).upstreams() {
                 let health = upstream.health();
-                if health.next_probe.load(Ordering::Relaxed) > now || health.probing.swap(true, Ordering::Relaxed) {
+                if health.next_probe.load(Ordering::Relaxed) > now
+                    || health.probing.swap(true, Ordering::Relaxed)
+                {
                     continue;
                 }
                 health.next_probe.store(now + check.interval.as_millis() as u64, Ordering::Relaxed);
@@ -140,8 +142,12 @@ pub async fn run_checks(proxy: Arc<Proxy>, stop: CancellationToken) {
                     let health = upstream.health();
                     health.probing.store(false, Ordering::Relaxed);
                     match health.record_probe(ok, &check) {
-                        Some(true) => info!(pool = %pool, upstream = %upstream.name(), "upstream healthy again"),
-                        Some(false) => warn!(pool = %pool, upstream = %upstream.name(), "upstream failed its health checks"),
+                        Some(true) => {
+                            info!(pool = %pool, upstream = %upstream.name(), "upstream healthy again")
+                        }
+                        Some(false) => {
+                            warn!(pool = %pool, upstream = %upstream.name(), "upstream failed its health checks")
+                        }
                         None => {}
                     }
                 });

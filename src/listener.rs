@@ -50,6 +50,8 @@ pub async fn serve(
 ) {
     let builder = http_builder(client);
     let graceful = GracefulShutdown::new();
+    // Fired when the grace period is over: connections still open are dropped.
+    let hard_stop = CancellationToken::new();
     loop {
         let (stream, peer) = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -71,9 +73,13 @@ pub async fn serve(
         });
         let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service).into_owned();
         let connection = graceful.watch(connection);
+        let hard_stop = hard_stop.clone();
         tokio::spawn(async move {
-            if let Err(err) = connection.await {
-                debug!(peer = %peer, error = %err, "client connection ended with an error");
+            tokio::select! {
+                ended = connection => if let Err(err) = ended {
+                    debug!(peer = %peer, error = %err, "client connection ended with an error");
+                },
+                _ = hard_stop.cancelled() => debug!(peer = %peer, "connection closed at the end of the grace period"),
             }
         });
     }
@@ -81,7 +87,10 @@ pub async fn serve(
     info!(open_connections = graceful.count(), grace = ?grace, "stopped accepting; draining connections");
     tokio::select! {
         _ = graceful.shutdown() => info!("all client connections finished"),
-        _ = tokio::time::sleep(grace) => warn!("grace period over; closing the remaining connections"),
+        _ = tokio::time::sleep(grace) => {
+            warn!("grace period over; closing the remaining connections");
+            hard_stop.cancel();
+        }
     }
 }
 

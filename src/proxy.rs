@@ -16,10 +16,12 @@ use http::{Method, Request, Response, StatusCode};
 use http_body_util::{Either, Full};
 use hyper::body::{Body as _, Incoming};
 use hyper_util::rt::TokioIo;
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
-use crate::clock::SharedClock;
+use crate::clock::{SharedClock, UnixMillis};
+use crate::config::Ejection;
 use crate::config::{ByPool, PoolName};
 use crate::drain::{DrainClock, DrainStatus};
 use crate::headers;
@@ -29,8 +31,9 @@ use crate::router::Route;
 use crate::session::{KeyOutcome, Resolution, Sessions};
 use crate::snapshot::{SharedSnapshot, Snapshot};
 use crate::state::Op;
-use crate::config::Ejection;
-use crate::upstream::{empty_body, SendError, Upstream, UpstreamBody, UpstreamClient, UpstreamError, UpstreamResponseBody};
+use crate::upstream::{
+    empty_body, SendError, Upstream, UpstreamBody, UpstreamClient, UpstreamError, UpstreamResponseBody,
+};
 use crate::ErrorChain;
 
 /// Response body: the upstream's streamed body, or a short body the proxy wrote itself.
@@ -62,6 +65,8 @@ pub struct Proxy {
     clock: SharedClock,
     /// Upgraded connections (WebSocket) being relayed; a graceful stop waits for them.
     tunnels: TaskTracker,
+    /// Fired when a stop's grace period is over: open tunnels are closed.
+    closing: CancellationToken,
     /// `X-Forwarded-Proto` of this listener.
     proto: &'static str,
 }
@@ -82,7 +87,17 @@ impl Proxy {
         metrics: Arc<Metrics>,
         clock: SharedClock,
     ) -> Self {
-        Proxy { snapshot, client, sessions, drain, metrics, clock, tunnels: TaskTracker::new(), proto: "http" }
+        Proxy {
+            snapshot,
+            client,
+            sessions,
+            drain,
+            metrics,
+            clock,
+            tunnels: TaskTracker::new(),
+            closing: CancellationToken::new(),
+            proto: "http",
+        }
     }
 
     /// Answers one client request. Infallible: failures come back as proxy-made responses.
@@ -137,15 +152,13 @@ impl Proxy {
             return Err(ProxyError::HeadersTooLarge { size, limit: snapshot.max_header_bytes });
         }
 
-        let (pool, decision, new_pin) = self.choose_pool(snapshot, &req);
-        if let (Decision::Pinned, Some(seq)) = (decision, new_pin) {
+        let (pool, decision, pending, write_ahead) = self.choose_pool(snapshot, &req);
+        if let (Decision::Pinned, Some(seq)) = (decision, pending) {
             // A pin another request made a moment ago: follow it only once it is durable.
             self.sessions.settle(seq).await;
         }
         *routed = Some(Routed { pool, decision });
-        if pool == PoolName::V1 {
-            self.drain.record_v1(self.clock.now());
-        }
+        let drain_ahead = if pool == PoolName::V1 { self.drain.record_v1(self.clock.now()) } else { None };
 
         let mut req = req;
         let client_upgrade = headers::is_upgrade(req.headers()).then(|| hyper::upgrade::on(&mut req));
@@ -154,21 +167,23 @@ impl Proxy {
         // A request without a body can be rebuilt and sent again; one with a body only while it
         // has not left the proxy.
         let body = if body.is_end_stream() { empty_body() } else { Either::Left(body) };
-        let replay = (matches!(body, Either::Right(_)) && is_idempotent(&parts.method) && client_upgrade.is_none())
-            .then(|| (parts.method.clone(), parts.uri.clone(), parts.headers.clone()));
+        let replay =
+            (matches!(body, Either::Right(_)) && is_idempotent(&parts.method) && client_upgrade.is_none())
+                .then(|| (parts.method.clone(), parts.uri.clone(), parts.headers.clone()));
         let req = Request::from_parts(parts, body);
 
         let exchange = self.exchange(snapshot, pool, req, replay);
-        let result = match (decision, new_pin) {
-            // The pin is made durable while the upstream works; the response waits for both.
-            (Decision::NewPin, Some(seq)) => {
-                let (result, durable) = tokio::join!(exchange, self.sessions.settle(seq));
-                if !durable {
-                    warn!(pool = %pool, "new session pin not confirmed durable in time; answering anyway");
-                }
-                result
+        let must_persist = decision == Decision::NewPin || write_ahead || drain_ahead.is_some();
+        let result = if must_persist {
+            // What this request changed is made durable while the upstream works; the response
+            // waits for both.
+            let (result, durable) = tokio::join!(exchange, self.persist(drain_ahead));
+            if !durable {
+                warn!(pool = %pool, "session or drain state not confirmed durable; answering anyway");
             }
-            _ => exchange.await,
+            result
+        } else {
+            exchange.await
         };
         let mut response = result?;
 
@@ -176,7 +191,13 @@ impl Proxy {
             headers::remove_hop_by_hop_keeping_upgrade(response.headers_mut());
             if let Some(client) = client_upgrade {
                 let upstream = hyper::upgrade::on(&mut response);
-                self.tunnels.spawn(tunnel(client, upstream));
+                let closing = self.closing.clone();
+                self.tunnels.spawn(async move {
+                    tokio::select! {
+                        _ = tunnel(client, upstream) => {}
+                        _ = closing.cancelled() => debug!("tunnel closed at the end of the grace period"),
+                    }
+                });
             }
         } else {
             headers::remove_hop_by_hop(response.headers_mut());
@@ -231,7 +252,10 @@ impl Proxy {
                         })
                     });
                     match again {
-                        Some(again) if attempt < snapshot.retries && !matches!(error, UpstreamError::Timeout { .. }) => {
+                        Some(again)
+                            if attempt < snapshot.retries
+                                && !matches!(error, UpstreamError::Timeout { .. }) =>
+                        {
                             debug!(pool = %pool, upstream = %upstream.name(), error = %ErrorChain(&error), "retrying on the same pool");
                             req = again;
                             attempt += 1;
@@ -250,37 +274,62 @@ impl Proxy {
         }
     }
 
-    /// The pool for a request, how it was decided, and the store sequence number of the pin
-    /// followed or made (`None` when no pin is involved or the pin is already durable).
-    fn choose_pool(&self, snapshot: &Snapshot, req: &Request<Incoming>) -> (PoolName, Decision, Option<u64>) {
+    /// The pool for a request, how it was decided, the store sequence number of the pin followed
+    /// or made (`None` when no pin is involved or it is already durable), and whether the pin's
+    /// activity was sent to the store ahead of the response.
+    fn choose_pool(
+        &self,
+        snapshot: &Snapshot,
+        req: &Request<Incoming>,
+    ) -> (PoolName, Decision, Option<u64>, bool) {
         if snapshot.router.route(req.uri().path()) == Route::V2Prefix {
-            return (PoolName::V2, Decision::Prefix, None);
+            return (PoolName::V2, Decision::Prefix, None, false);
         }
         let key = match snapshot.keys.extract(req.uri(), req.headers()) {
             KeyOutcome::Key(key) => key,
             KeyOutcome::Invalid => {
                 self.metrics.keys_rejected_invalid.inc();
-                return (snapshot.router.split(), Decision::Unkeyed, None);
+                return (snapshot.router.split(), Decision::Unkeyed, None, false);
             }
-            KeyOutcome::Absent => return (snapshot.router.split(), Decision::Unkeyed, None),
+            KeyOutcome::Absent => return (snapshot.router.split(), Decision::Unkeyed, None, false),
         };
         match self.sessions.resolve(key, &snapshot.pin_policy, || snapshot.router.split()) {
-            Resolution::Pinned { pool, seq } => {
+            Resolution::Pinned { pool, seq, write_ahead } => {
                 let pending = (!self.sessions.store().is_settled(seq)).then_some(seq);
-                (pool, Decision::Pinned, pending)
+                (pool, Decision::Pinned, pending, write_ahead)
             }
-            Resolution::NewPin { pool, seq } => (pool, Decision::NewPin, Some(seq)),
-            Resolution::Full { pool } => (pool, Decision::Unkeyed, None),
+            Resolution::NewPin { pool, seq } => (pool, Decision::NewPin, Some(seq), false),
+            Resolution::Full { pool } => (pool, Decision::Unkeyed, None, false),
         }
+    }
+
+    /// Commits everything this request sent to the store (a new pin, a pin's activity, and the
+    /// drain clock if `drain_ahead`), within a bound. False if that could not be confirmed.
+    async fn persist(&self, drain_ahead: Option<UnixMillis>) -> bool {
+        let store = self.sessions.store();
+        if let Some(at) = drain_ahead {
+            store.send(Op::LastV1Request(at));
+        }
+        let flushed = tokio::time::timeout(std::time::Duration::from_secs(5), store.flush()).await;
+        let durable = matches!(flushed, Ok(true));
+        if let (true, Some(at)) = (durable, drain_ahead) {
+            self.drain.mark_durable(at);
+        }
+        durable
     }
 
     pub fn client(&self) -> &UpstreamClient {
         &self.client
     }
 
-    /// Upgraded connections in flight.
-    pub fn tunnels(&self) -> &TaskTracker {
-        &self.tunnels
+    /// Waits up to `grace` for open tunnels to end, then closes the rest.
+    pub async fn close_tunnels(&self, grace: std::time::Duration) {
+        self.tunnels.close();
+        if tokio::time::timeout(grace, self.tunnels.wait()).await.is_err() {
+            warn!(open = self.tunnels.len(), "grace period over; closing open tunnels");
+            self.closing.cancel();
+            self.tunnels.wait().await;
+        }
     }
 
     pub fn snapshot(&self) -> Arc<Snapshot> {
@@ -340,19 +389,35 @@ impl Proxy {
     }
 
     /// Background upkeep, run about once a second: pin expiry and `last_seen` flushing, and
-    /// persisting the drain clock.
-    pub fn maintain(&self) {
+    /// persisting the drain clock. Returns the drain clock value it sent, if any; see
+    /// [`Proxy::confirm_upkeep`].
+    pub fn maintain(&self) -> Option<UnixMillis> {
         let snapshot = self.snapshot.load();
         self.sessions.maintain(&snapshot.pin_policy);
-        if let Some(ms) = self.drain.take_unstored() {
+        let sent = self.drain.take_unstored();
+        if let Some(ms) = sent {
             self.sessions.store().send(Op::LastV1Request(ms));
+        }
+        sent
+    }
+
+    /// Waits for the upkeep's writes to be committed (so passes never pile up in the store's
+    /// queue) and records the drain clock value as durable.
+    pub async fn confirm_upkeep(&self, sent: Option<UnixMillis>) {
+        if self.sessions.store().flush().await {
+            if let Some(ms) = sent {
+                self.drain.mark_durable(ms);
+            }
         }
     }
 }
 
 /// Methods whose repetition has the same effect as one request (RFC 9110 §9.2.2).
 fn is_idempotent(method: &Method) -> bool {
-    matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE)
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    )
 }
 
 /// Relays bytes both ways between an upgraded client connection and its upstream.

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::info;
 
 use crate::admin::{self, AdminState, Readiness, Token, TokenError};
 use crate::clock::{SharedClock, SystemClock};
@@ -67,9 +67,10 @@ async fn upkeep(proxy: Arc<Proxy>, stop: CancellationToken) {
             _ = stop.cancelled() => return,
             _ = tick.tick() => {}
         }
-        let proxy = proxy.clone();
+        let scanning = proxy.clone();
         // A scan of a large pin table is blocking work; keep it off the request threads' hot path.
-        let _ = tokio::task::spawn_blocking(move || proxy.maintain()).await;
+        let sent = tokio::task::spawn_blocking(move || scanning.maintain()).await.unwrap_or(None);
+        proxy.confirm_upkeep(sent).await;
     }
 }
 
@@ -179,7 +180,8 @@ impl Server {
         };
         let admin_task = tokio::spawn(admin::serve(admin_listener, admin_state, admin_stop.clone()));
         let shutdown = CancellationToken::new();
-        let upkeep = tokio::spawn(upkeep(proxy.clone(), shutdown.clone()));
+        let upkeep_stop = CancellationToken::new();
+        let upkeep = tokio::spawn(upkeep(proxy.clone(), upkeep_stop.clone()));
         let checks = tokio::spawn(crate::health::run_checks(proxy.clone(), shutdown.clone()));
 
         let stopping = shutdown.clone();
@@ -202,15 +204,14 @@ impl Server {
                 not_ready
             );
             // Upgraded connections (WebSocket) are no longer HTTP connections the listener
-            // tracks; they get what is left of the grace period.
-            proxy.tunnels().close();
-            if tokio::time::timeout(config.grace_period, proxy.tunnels().wait()).await.is_err() {
-                warn!(open = proxy.tunnels().len(), "grace period over; closing open tunnels");
-            }
+            // tracks; they get a grace period of their own.
+            proxy.close_tunnels(config.grace_period).await;
+            // Pin activity and the drain clock kept being flushed during the drain; stop now.
+            upkeep_stop.cancel();
             let _ = upkeep.await;
             let _ = checks.await;
             // Last flush of pin activity and the drain clock, then release the state directory.
-            proxy.maintain();
+            let _ = proxy.maintain();
             proxy.sessions().store().close().await;
             admin_stop.cancel();
             let _ = admin_task.await;

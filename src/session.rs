@@ -143,8 +143,10 @@ impl EndReason {
 struct Pin {
     pool: PoolName,
     first_seen: u32,
+    /// For a pin loaded at start-up, the stored value plus the read-back slack.
     last_seen: AtomicU32,
-    /// The `last_seen` the store has; the background flush sends newer values.
+    /// The `last_seen` the store has (or has been sent). A request this value would not cover
+    /// after a crash writes ahead; the background flush keeps it fresh for active pins.
     stored_last_seen: AtomicU32,
     /// The store sequence number of this pin's creation; 0 for pins loaded from disk.
     seq: u64,
@@ -180,8 +182,10 @@ impl Pin {
 /// How a legacy request with a key was routed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Resolution {
-    /// An existing pin; `seq` is its creation's store sequence number.
-    Pinned { pool: PoolName, seq: u64 },
+    /// An existing pin; `seq` is its creation's store sequence number. `write_ahead`: the
+    /// stored `last_seen` would not cover this request after a crash, so a touch was sent that
+    /// must be committed before the response.
+    Pinned { pool: PoolName, seq: u64, write_ahead: bool },
     /// A pin made by this request; it must be durable before the response goes out.
     NewPin { pool: PoolName, seq: u64 },
     /// The pin table is full: routed by the split, without a pin.
@@ -226,6 +230,8 @@ pub struct Sessions {
     /// Unix seconds at which the last live v1 pin ends if no request comes; refreshed by
     /// [`Sessions::maintain`].
     v1_pins_end: AtomicU32,
+    /// Unix seconds when the table was loaded.
+    loaded_at: u32,
     store: Arc<Store>,
     clock: SharedClock,
     metrics: Arc<Metrics>,
@@ -259,7 +265,7 @@ impl Sessions {
                 pool: stored.pool,
                 first_seen: stored.first_seen,
                 last_seen: AtomicU32::new(last_seen),
-                stored_last_seen: AtomicU32::new(last_seen),
+                stored_last_seen: AtomicU32::new(stored.last_seen),
                 seq: 0,
             };
             if pin.ended(now, policy).is_some() {
@@ -278,6 +284,7 @@ impl Sessions {
             live: AtomicUsize::new(live),
             live_by_pool,
             v1_pins_end: AtomicU32::new(0),
+            loaded_at: now,
             store,
             clock,
             metrics,
@@ -298,7 +305,8 @@ impl Sessions {
             if let Some(Entry { pin, .. }) = table.find(hash, |e| e.key == key) {
                 if pin.ended(now, policy).is_none() {
                     pin.touch(now);
-                    return Resolution::Pinned { pool: pin.pool, seq: pin.seq };
+                    let write_ahead = self.write_ahead(key, pin, now);
+                    return Resolution::Pinned { pool: pin.pool, seq: pin.seq, write_ahead };
                 }
             }
         }
@@ -308,7 +316,7 @@ impl Sessions {
                 // Another request pinned it between our two locks.
                 None => {
                     pin.touch(now);
-                    return Resolution::Pinned { pool: pin.pool, seq: pin.seq };
+                    return Resolution::Pinned { pool: pin.pool, seq: pin.seq, write_ahead: false };
                 }
                 Some(reason) => {
                     self.count_end(pin.pool, reason);
@@ -350,6 +358,19 @@ impl Sessions {
         Resolution::NewPin { pool, seq }
     }
 
+    /// Sends this request's time to the store if the stored `last_seen` would not cover it after
+    /// a crash (read back plus [`READ_BACK_SLACK`]). Called under the shard lock, so the touch
+    /// is ordered with the key's other changes.
+    fn write_ahead(&self, key: &str, pin: &Pin, now: u32) -> bool {
+        let stored = pin.stored_last_seen.load(Ordering::Relaxed);
+        if stored.saturating_add(READ_BACK_SLACK.as_secs() as u32) >= now {
+            return false;
+        }
+        pin.stored_last_seen.store(now, Ordering::Relaxed);
+        self.store.send(Op::Touch(vec![(key.into(), now)]));
+        true
+    }
+
     fn count_end(&self, pool: PoolName, reason: EndReason) {
         self.live.fetch_sub(1, Ordering::Relaxed);
         self.live_by_pool.get(pool).fetch_sub(1, Ordering::Relaxed);
@@ -376,7 +397,9 @@ impl Sessions {
                     return false;
                 }
                 let last_seen = pin.last_seen.load(Ordering::Relaxed);
-                if last_seen > pin.stored_last_seen.load(Ordering::Relaxed) {
+                // Only activity since the start is flushed: a loaded pin's `last_seen` is the
+                // read-back estimate, and storing it would add the slack again at every restart.
+                if last_seen > pin.stored_last_seen.load(Ordering::Relaxed) && last_seen > self.loaded_at {
                     pin.stored_last_seen.store(last_seen, Ordering::Relaxed);
                     touches.push((key.as_str().into(), last_seen));
                 }

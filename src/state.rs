@@ -13,7 +13,7 @@
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -146,7 +146,9 @@ pub struct Store {
     next_seq: AtomicU64,
     /// Highest `seq` such that every pin up to it has been committed (or its commit failed).
     settled: watch::Receiver<u64>,
-    pub health: std::sync::Arc<StoreHealth>,
+    /// Pins whose commit failed for good: settled, but not durable.
+    failed: Arc<Mutex<BTreeSet<u64>>>,
+    pub health: Arc<StoreHealth>,
     writer: Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -177,17 +179,20 @@ impl Store {
 
         let (ops, rx) = mpsc::unbounded_channel();
         let (settled_tx, settled) = watch::channel(0);
-        let health = std::sync::Arc::new(StoreHealth::default());
+        let health = Arc::new(StoreHealth::default());
         let writer_health = health.clone();
+        let failed = Arc::new(Mutex::new(BTreeSet::new()));
+        let writer_failed = failed.clone();
         let writer = std::thread::Builder::new()
             .name("rollout-state".to_owned())
-            .spawn(move || write_loop(db, rx, settled_tx, &writer_health, commit_delay))
+            .spawn(move || write_loop(db, rx, settled_tx, &writer_failed, &writer_health, commit_delay))
             .map_err(StateError::Writer)?;
         let store = Store {
             dir: dir.to_owned(),
             ops,
             next_seq: AtomicU64::new(1),
             settled,
+            failed,
             health,
             writer: Mutex::new(Some(writer)),
         };
@@ -216,11 +221,12 @@ impl Store {
         *self.settled.borrow() >= seq
     }
 
-    /// Waits until pin `seq` has been committed, at most `limit`. Returns false on time-out.
+    /// Waits until pin `seq` has been committed, at most `limit`. False on time-out or when the
+    /// commit failed.
     pub async fn settle(&self, seq: u64, limit: Duration) -> bool {
         let mut settled = self.settled.clone();
         let reached = tokio::time::timeout(limit, settled.wait_for(|s| *s >= seq)).await;
-        matches!(reached, Ok(Ok(_)))
+        matches!(reached, Ok(Ok(_))) && !self.failed.lock().unwrap_or_else(|p| p.into_inner()).contains(&seq)
     }
 
     /// Waits until everything queued so far is committed. False if that commit failed or the
@@ -271,16 +277,22 @@ fn load(db: &Database) -> Result<Loaded, redb::Error> {
     Ok(Loaded { pins, last_v1_request_ms, overrides, revision })
 }
 
+/// Pauses between attempts at a failing commit.
+const COMMIT_RETRY_PAUSES: [Duration; 3] =
+    [Duration::from_millis(50), Duration::from_millis(200), Duration::from_millis(800)];
+
 fn write_loop(
     db: Database,
     mut rx: mpsc::UnboundedReceiver<Op>,
     settled: watch::Sender<u64>,
+    failed: &Mutex<BTreeSet<u64>>,
     health: &StoreHealth,
     commit_delay: Duration,
 ) {
     let mut watermark = 0u64;
     let mut committed = BTreeSet::new();
     let mut closing = None;
+    let mut flushes = Vec::new();
     while closing.is_none() {
         let Some(first) = rx.blocking_recv() else { break };
         let mut batch = vec![first];
@@ -293,9 +305,18 @@ fn write_loop(
         if !commit_delay.is_zero() {
             std::thread::sleep(commit_delay);
         }
-        let committed_ok = commit(&db, &batch);
-        let ok = committed_ok.is_ok();
-        match committed_ok {
+        // A failed commit changes nothing on disk; try the same batch again a few times before
+        // giving up on it (a full disk, say), so a passing hiccup loses nothing.
+        let mut result = commit(&db, &batch);
+        for pause in COMMIT_RETRY_PAUSES {
+            if result.is_ok() {
+                break;
+            }
+            std::thread::sleep(pause);
+            result = commit(&db, &batch);
+        }
+        let ok = result.is_ok();
+        match result {
             Ok(()) => {
                 let now = crate::clock::Clock::now(&crate::clock::SystemClock) / 1000;
                 health.last_commit.store(now, Ordering::Relaxed);
@@ -310,10 +331,11 @@ fn write_loop(
             match op {
                 Op::Pin { seq, .. } => {
                     committed.insert(seq);
+                    if !ok {
+                        failed.lock().unwrap_or_else(|p| p.into_inner()).insert(seq);
+                    }
                 }
-                Op::Flush(done) => {
-                    let _ = done.send(ok);
-                }
+                Op::Flush(done) => flushes.push(done),
                 Op::Close(done) => closing = Some(done),
                 _ => {}
             }
@@ -322,6 +344,10 @@ fn write_loop(
             watermark += 1;
         }
         settled.send_replace(watermark);
+        // Answered last, so whoever waited on a flush also sees the pins in it as settled.
+        for done in flushes.drain(..) {
+            let _ = done.send(ok);
+        }
     }
     drop(db);
     if let Some(done) = closing {

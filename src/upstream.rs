@@ -68,7 +68,13 @@ impl Upstream {
     /// `state` carries health and connections; pass the previous snapshot's state for the same
     /// upstream to keep them.
     pub fn new(config: &UpstreamConfig, stats: UpstreamStats, state: Arc<UpstreamState>) -> Self {
-        Upstream { name: config.name.clone(), authority: config.url.authority.clone(), weight: config.weight, state, stats }
+        Upstream {
+            name: config.name.clone(),
+            authority: config.url.authority.clone(),
+            weight: config.weight,
+            state,
+            stats,
+        }
     }
 
     pub fn name(&self) -> &UpstreamName {
@@ -123,7 +129,9 @@ impl UpstreamError {
     pub fn kind(&self) -> UpstreamErrorKind {
         match self {
             UpstreamError::Connect { .. } => UpstreamErrorKind::Connect,
-            UpstreamError::ConnectTimeout { .. } | UpstreamError::Timeout { .. } => UpstreamErrorKind::Timeout,
+            UpstreamError::ConnectTimeout { .. } | UpstreamError::Timeout { .. } => {
+                UpstreamErrorKind::Timeout
+            }
             UpstreamError::Closed { .. } => UpstreamErrorKind::Io,
         }
     }
@@ -197,7 +205,10 @@ impl Body for UpstreamResponseBody {
     type Data = Bytes;
     type Error = hyper::Error;
 
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
         match &polled {
             Poll::Ready(None) => self.finish(),
@@ -256,7 +267,8 @@ impl UpstreamClient {
             let sent = tokio::time::timeout(response_timeout, sender.try_send_request(req)).await;
             match sent {
                 Err(_) => {
-                    let error = UpstreamError::Timeout { upstream: upstream.name.clone(), after: response_timeout };
+                    let error =
+                        UpstreamError::Timeout { upstream: upstream.name.clone(), after: response_timeout };
                     return Err(SendError { error, request: None });
                 }
                 Ok(Ok(response)) => {
@@ -272,7 +284,10 @@ impl UpstreamClient {
                         req = unsent;
                     }
                     unsent => {
-                        let error = UpstreamError::Closed { upstream: upstream.name.clone(), source: err.into_error() };
+                        let error = UpstreamError::Closed {
+                            upstream: upstream.name.clone(),
+                            source: err.into_error(),
+                        };
                         return Err(SendError { error, request: unsent });
                     }
                 },
@@ -284,8 +299,11 @@ impl UpstreamClient {
         let name = || upstream.name.clone();
         let host = upstream.authority.host();
         let port = upstream.authority.port_u16().unwrap_or(80);
-        let stream = match tokio::time::timeout(self.connect_timeout, TcpStream::connect((host, port))).await {
-            Err(_) => return Err(UpstreamError::ConnectTimeout { upstream: name(), after: self.connect_timeout }),
+        let stream = match tokio::time::timeout(self.connect_timeout, TcpStream::connect((host, port))).await
+        {
+            Err(_) => {
+                return Err(UpstreamError::ConnectTimeout { upstream: name(), after: self.connect_timeout })
+            }
             Ok(Err(source)) => return Err(UpstreamError::Connect { upstream: name(), source }),
             Ok(Ok(stream)) => stream,
         };

@@ -161,3 +161,11 @@ fn shipped_configs_pass() {
         assert!(out.status.success(), "{file}: {}", String::from_utf8_lossy(&out.stderr));
     }
 }
+
+#[test]
+fn absurd_durations_are_refused() {
+    assert_rejected(
+        &GOOD.replace("quiet_window: 24h", "quiet_window: 10000years"),
+        "14:17: drain.quiet_window: 10000years is longer than the maximum of 10 years",
+    );
+}

@@ -82,3 +82,88 @@ async fn a_second_process_on_the_same_state_dir_is_refused() {
     // The first one is unharmed.
     assert_eq!(get(&first.url("/api/studies/1")).await.status, http::StatusCode::OK);
 }
+
+/// Writes a config with `percent` and `extra` into `dir`, returning its path.
+fn config_with(
+    dir: &std::path::Path,
+    v1: std::net::SocketAddr,
+    v2: std::net::SocketAddr,
+    percent: u32,
+    extra: &str,
+) -> String {
+    let file = dir.join(format!("rollout-{percent}.yaml"));
+    let extra = format!(
+        "routes: {{ legacy_v1_percent: {percent} }}\nstate_dir: {}\n{extra}",
+        dir.join("state").display()
+    );
+    std::fs::write(&file, config_yaml(&[("v1-a", v1, 1)], &[("v2-a", v2, 1)], &extra)).unwrap();
+    file.to_str().unwrap().to_owned()
+}
+
+fn unix_now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64
+}
+
+#[tokio::test]
+async fn the_first_v1_request_after_a_quiet_spell_survives_an_immediate_kill() {
+    let v1 = Upstream::new("v1-a").spawn().await;
+    let v2 = Upstream::new("v2-a").spawn().await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = config_with(dir.path(), v1, v2, 100, "");
+
+    // A first run stores the drain clock, then v1 stays quiet for longer than the read-back slack.
+    let mut first = ProxyProcess::start(&["run", "--config", &file]).await;
+    first.signal(libc::SIGTERM);
+    assert_eq!(first.exit_status(Duration::from_secs(10)).await.code(), Some(0));
+    drop(first);
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+
+    let second = ProxyProcess::start(&["run", "--config", &file]).await;
+    let sent_at = unix_now_ms();
+    assert_eq!(get(&second.url("/api/members/me")).await.header("x-rollout-pool"), Some("v1"));
+    second.signal(libc::SIGKILL);
+    drop(second);
+
+    let third = ProxyProcess::start(&["run", "--config", &file]).await;
+    let after = last_v1_request_ms(&third).await;
+    assert!(
+        after + 1000 >= sent_at,
+        "the drain clock went back {} ms: a crash made v1 look quieter",
+        sent_at - after
+    );
+}
+
+#[tokio::test]
+async fn a_pin_touched_just_before_a_kill_keeps_its_idle_time() {
+    let v1 = Upstream::new("v1-a").spawn().await;
+    let v2 = Upstream::new("v2-a").spawn().await;
+    let dir = tempfile::tempdir().unwrap();
+    let idle = "sessions: { idle_timeout: 5s }\n";
+    let all_v1 = config_with(dir.path(), v1, v2, 100, idle);
+    let all_v2 = config_with(dir.path(), v1, v2, 0, idle);
+
+    let mut first = ProxyProcess::start(&["run", "--config", &all_v1]).await;
+    assert_eq!(pools_of(vec![first.url("/api/studies/77")]).await, ["v1"]);
+    first.signal(libc::SIGTERM);
+    assert_eq!(first.exit_status(Duration::from_secs(10)).await.code(), Some(0));
+    drop(first);
+    tokio::time::sleep(Duration::from_millis(3200)).await;
+
+    // The study comes back three seconds later, and the proxy dies right after answering.
+    let second = ProxyProcess::start(&["run", "--config", &all_v1]).await;
+    assert_eq!(pools_of(vec![second.url("/api/studies/77")]).await, ["v1"]);
+    second.signal(libc::SIGKILL);
+    drop(second);
+
+    // Eight seconds after its first request (past what the first run stored, plus the read-back
+    // slack, plus the idle timeout), but under five seconds after its last one: the pin must
+    // still hold, even though new studies now go to v2.
+    tokio::time::sleep(Duration::from_millis(4500)).await;
+    let third = ProxyProcess::start(&["run", "--config", &all_v2]).await;
+    assert_eq!(
+        pools_of(vec![third.url("/api/studies/77")]).await,
+        ["v1"],
+        "the pin ended early after a crash"
+    );
+    assert_eq!(pools_of(vec![third.url("/api/studies/new")]).await, ["v2"]);
+}

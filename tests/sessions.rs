@@ -153,7 +153,7 @@ async fn pins_end_on_idle_timeout_and_max_duration_and_come_back_as_new_pins() {
     for _ in 0..11 {
         clock.advance(Duration::from_secs(300));
         pools_of(by_path(&proxy, 100..105)).await;
-        proxy.proxy().maintain();
+        let _ = proxy.proxy().maintain();
     }
     let text = metrics_text(&proxy).await;
     let ended = |reason| {
@@ -164,7 +164,7 @@ async fn pins_end_on_idle_timeout_and_max_duration_and_come_back_as_new_pins() {
     assert_eq!(proxy.proxy().sessions().live(PoolName::V1), 5);
 
     clock.advance(Duration::from_secs(300)); // 60 minutes after the busy studies began
-    proxy.proxy().maintain();
+    let _ = proxy.proxy().maintain();
     let text = metrics_text(&proxy).await;
     let ended = |reason| {
         metric(&text, "rollout_sessions_ended_total", &[("pool", "v1"), ("reason", reason)]).unwrap()
