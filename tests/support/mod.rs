@@ -41,23 +41,90 @@ impl Upstream {
     }
 
     pub async fn spawn(self) -> SocketAddr {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let name = self.name;
-        tokio::spawn(async move {
-            loop {
-                let Ok((stream, _)) = listener.accept().await else { continue };
-                let name = name.clone();
-                tokio::spawn(async move {
-                    let service = service_fn(move |req| answer(name.clone(), req));
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
-                });
-            }
-        });
+        let stub = self.spawn_killable().await;
+        let addr = stub.addr;
+        std::mem::forget(stub); // serves for the rest of the test process
         addr
     }
+
+    /// Like [`Upstream::spawn`], with a handle that can kill the server (listener and every open
+    /// connection, as a crashed process would) and bring it back on the same address.
+    pub async fn spawn_killable(self) -> Stub {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let kill = serve_stub(listener, self.name.clone());
+        Stub { addr, name: self.name, kill }
+    }
+}
+
+/// A running stub upstream; see [`Upstream::spawn_killable`].
+pub struct Stub {
+    pub addr: SocketAddr,
+    name: String,
+    kill: tokio_util::sync::CancellationToken,
+}
+
+impl Stub {
+    /// Closes the listener and every connection at once.
+    pub fn kill(&self) {
+        self.kill.cancel();
+    }
+
+    /// Serves again on the same address after [`Stub::kill`].
+    pub async fn restart(&mut self) {
+        let listener = TcpListener::bind(self.addr).await.unwrap();
+        self.kill = serve_stub(listener, self.name.clone());
+    }
+}
+
+impl Drop for Stub {
+    fn drop(&mut self) {
+        self.kill.cancel();
+    }
+}
+
+fn serve_stub(listener: TcpListener, name: String) -> tokio_util::sync::CancellationToken {
+    let kill = tokio_util::sync::CancellationToken::new();
+    let stop = kill.clone();
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = tokio::select! {
+                _ = stop.cancelled() => return,
+                accepted = listener.accept() => match accepted { Ok(a) => a, Err(_) => continue },
+            };
+            let (name, stop) = (name.clone(), stop.clone());
+            tokio::spawn(async move {
+                let service = service_fn(move |req| answer(name.clone(), req));
+                let connection = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service);
+                tokio::select! {
+                    _ = connection => {}
+                    _ = stop.cancelled() => {}
+                }
+            });
+        }
+    });
+    kill
+}
+
+/// A WebSocket echo server (a real WebSocket implementation, not the proxy's code).
+pub async fn spawn_websocket_echo() -> SocketAddr {
+    use futures_util::{SinkExt, StreamExt};
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let Ok(mut ws) = tokio_tungstenite::accept_async(stream).await else { return };
+                while let Some(Ok(message)) = ws.next().await {
+                    if (message.is_text() || message.is_binary()) && ws.send(message).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
 }
 
 /// What a stub upstream saw.

@@ -1,0 +1,194 @@
+//! Upstream failures under load, and WebSocket pass-through.
+
+mod support;
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use http::StatusCode;
+use support::{config_yaml, get, spawn_proxy, Upstream};
+use tokio_tungstenite::tungstenite::Message;
+
+const RESILIENT: &str = "\
+upstream: { retries: 2, connect_timeout: 500ms }
+";
+
+fn with_checks(yaml: &str) -> String {
+    // Health checks and fast ejection on the v1 pool.
+    yaml.replace(
+        "  v2:\n",
+        "    health: { path: /healthz, interval: 200ms, timeout: 200ms, healthy_threshold: 2, unhealthy_threshold: 2 }\n    ejection: { consecutive_failures: 3, duration: 1s }\n  v2:\n",
+    )
+}
+
+async fn status(proxy: &support::ProxyHandle) -> serde_json::Value {
+    get(&proxy.admin_url("/status")).await.json()
+}
+
+async fn v1_health(proxy: &support::ProxyHandle, name: &str) -> bool {
+    let status = status(proxy).await;
+    let upstreams = status["pools"]["v1"]["upstreams"].as_array().unwrap().clone();
+    upstreams.iter().find(|u| u["name"] == name).unwrap()["healthy"].as_bool().unwrap()
+}
+
+async fn wait_for_health(proxy: &support::ProxyHandle, name: &str, healthy: bool) {
+    let started = Instant::now();
+    while v1_health(proxy, name).await != healthy {
+        assert!(started.elapsed() < Duration::from_secs(10), "{name} never became healthy={healthy}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn killing_one_of_two_v1_upstreams_fails_no_request_and_it_comes_back() {
+    let a = Upstream::new("v1-a").spawn_killable().await;
+    let mut b = Upstream::new("v1-b").spawn_killable().await;
+    let v2 = Upstream::new("v2-a").spawn().await;
+    let yaml =
+        with_checks(&config_yaml(&[("v1-a", a.addr, 1), ("v1-b", b.addr, 1)], &[("v2-a", v2, 1)], RESILIENT));
+    let proxy = spawn_proxy(&yaml).await;
+
+    // Four clients sending GETs back to back (keyed and unkeyed legacy, all to v1 at 100 %).
+    let stop = Arc::new(AtomicBool::new(false));
+    let (sent, failed, served_by_b) =
+        (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let mut load = Vec::new();
+    for worker in 0..4 {
+        let (stop, sent, failed, by_b) = (stop.clone(), sent.clone(), failed.clone(), served_by_b.clone());
+        let url = proxy.url(&format!("/api/studies/w{worker}/contents"));
+        let unkeyed = proxy.url("/api/members/me");
+        load.push(tokio::spawn(async move {
+            let client = support::http1_client();
+            let mut i = 0usize;
+            while !stop.load(Ordering::Relaxed) {
+                let target = if i.is_multiple_of(2) { &url } else { &unkeyed };
+                let req = http::Request::get(target.as_str()).body(Default::default()).unwrap();
+                match client.request(req).await {
+                    Ok(response) if response.status() == StatusCode::OK => {
+                        if response.headers()["x-upstream"] == "v1-b" {
+                            by_b.fetch_add(1, Ordering::Relaxed);
+                        }
+                        let _ = http_body_util::BodyExt::collect(response.into_body()).await;
+                    }
+                    _ => {
+                        failed.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                sent.fetch_add(1, Ordering::Relaxed);
+                i += 1;
+            }
+        }));
+    }
+
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    b.kill();
+    wait_for_health(&proxy, "v1-b", false).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let by_b_while_down = served_by_b.load(Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(served_by_b.load(Ordering::Relaxed), by_b_while_down, "a dead upstream served requests");
+
+    b.restart().await;
+    wait_for_health(&proxy, "v1-b", true).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Ordering::Relaxed);
+    for worker in load {
+        worker.await.unwrap();
+    }
+    assert!(served_by_b.load(Ordering::Relaxed) > by_b_while_down, "v1-b never returned to service");
+    let sent = sent.load(Ordering::Relaxed);
+    assert!(sent > 200, "only {sent} requests sent");
+    assert_eq!(failed.load(Ordering::Relaxed), 0, "failed requests out of {sent}");
+    drop(a);
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn all_v1_upstreams_down_answers_503_no_upstream_quickly() {
+    let a = Upstream::new("v1-a").spawn_killable().await;
+    let b = Upstream::new("v1-b").spawn_killable().await;
+    let v2 = Upstream::new("v2-a").spawn().await;
+    let yaml =
+        with_checks(&config_yaml(&[("v1-a", a.addr, 1), ("v1-b", b.addr, 1)], &[("v2-a", v2, 1)], RESILIENT));
+    let proxy = spawn_proxy(&yaml).await;
+    assert_eq!(get(&proxy.url("/api/studies/1")).await.status, StatusCode::OK);
+    a.kill();
+    b.kill();
+    wait_for_health(&proxy, "v1-a", false).await;
+    wait_for_health(&proxy, "v1-b", false).await;
+    let started = Instant::now();
+    let reply = get(&proxy.url("/api/studies/1")).await;
+    assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(reply.header("x-rollout-error"), Some("no_upstream"));
+    assert!(started.elapsed() < Duration::from_millis(500), "took {:?}", started.elapsed());
+    // The v2 pool is untouched, and a v1 study never crosses to it.
+    assert_eq!(get(&proxy.url("/api/v2/x")).await.status, StatusCode::OK);
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_failed_connection_is_retried_on_another_upstream_of_the_same_pool_with_its_body() {
+    let (dead, _reserved) = support::refused_addr();
+    let alive = Upstream::new("v1-alive").spawn().await;
+    let v2 = Upstream::new("v2-a").spawn().await;
+    let yaml = config_yaml(&[("v1-dead", dead, 1), ("v1-alive", alive, 1)], &[("v2-a", v2, 1)], RESILIENT);
+    let proxy = spawn_proxy(&yaml).await;
+    let body = support::pattern_bytes(200_000);
+    for _ in 0..6 {
+        let req = http::Request::post(proxy.url("/api/studies/9/contents"))
+            .body(http_body_util::Full::new(bytes::Bytes::from(body.clone())))
+            .unwrap();
+        let echo = support::send(&support::http1_client(), req).await.echo();
+        assert_eq!(echo.upstream, "v1-alive");
+        assert_eq!(echo.body_sha256, support::sha256(&body), "the body survived the retry");
+    }
+    let text = String::from_utf8(get(&proxy.admin_url("/metrics")).await.body.to_vec()).unwrap();
+    let errors = support::metric(
+        &text,
+        "rollout_upstream_errors_total",
+        &[("pool", "v1"), ("upstream", "v1-dead"), ("kind", "connect")],
+    );
+    assert!(errors.unwrap_or(0.0) >= 1.0, "the dead upstream was tried");
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn websocket_echo_passes_through_and_a_graceful_stop_waits_for_the_tunnel() {
+    let echo = support::spawn_websocket_echo().await;
+    let v1 = Upstream::new("v1-a").spawn().await;
+    let yaml = config_yaml(&[("v1-a", v1, 1)], &[("ws", echo, 1)], "shutdown: { grace_period: 10s }\n");
+    let proxy = spawn_proxy(&yaml).await;
+
+    let (mut ws, response) =
+        tokio_tungstenite::connect_async(format!("ws://{}/api/v2/live", proxy.addr)).await.unwrap();
+    assert_eq!(response.headers()["x-rollout-pool"], "v2");
+    ws.send(Message::text("hello through the proxy")).await.unwrap();
+    assert_eq!(ws.next().await.unwrap().unwrap(), Message::text("hello through the proxy"));
+
+    // Stop while the tunnel is open: the stop waits for it.
+    let stopped = Arc::new(AtomicBool::new(false));
+    let stopping = {
+        let stopped = stopped.clone();
+        tokio::spawn(async move {
+            proxy.shutdown().await;
+            stopped.store(true, Ordering::SeqCst);
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!stopped.load(Ordering::SeqCst), "the stop did not wait for the open tunnel");
+    ws.send(Message::binary(vec![1u8, 2, 3])).await.unwrap();
+    assert_eq!(
+        ws.next().await.unwrap().unwrap(),
+        Message::binary(vec![1u8, 2, 3]),
+        "the tunnel still works while draining"
+    );
+    ws.close(None).await.unwrap();
+    while let Some(Ok(_)) = ws.next().await {}
+    drop(ws);
+    tokio::time::timeout(Duration::from_secs(5), stopping)
+        .await
+        .expect("the stop finished once the tunnel closed")
+        .unwrap();
+}
