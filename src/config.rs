@@ -323,16 +323,23 @@ impl Default for RawDrain {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RawClient {
-    /// Time a client has to send a complete request head (slowloris guard).
+    /// Time a client has to send a complete request head (slowloris guard). It also bounds how
+    /// long an idle HTTP/1.1 keep-alive connection waits for its next request.
     #[serde(with = "humantime_serde")]
     pub header_read_timeout: Duration,
     /// Largest request head (request line plus headers) accepted; larger answers 431.
     pub max_header_bytes: usize,
+    /// Most client connections open at once; more are answered 503 and closed.
+    pub max_connections: usize,
 }
 
 impl Default for RawClient {
     fn default() -> Self {
-        RawClient { header_read_timeout: Duration::from_secs(10), max_header_bytes: 16 * 1024 }
+        RawClient {
+            header_read_timeout: Duration::from_secs(10),
+            max_header_bytes: 16 * 1024,
+            max_connections: 10_000,
+        }
     }
 }
 
@@ -640,6 +647,7 @@ pub struct SessionsConfig {
 pub struct ClientConfig {
     pub header_read_timeout: Duration,
     pub max_header_bytes: usize,
+    pub max_connections: usize,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -824,6 +832,9 @@ impl RawConfig {
                 format!("{} is outside 1024..=1048576 bytes", self.client.max_header_bytes),
             );
         }
+        if self.client.max_connections == 0 {
+            p.add(client_path.key("max_connections"), "must be at least 1");
+        }
         let upstream_path = root.key("upstream");
         p.check(upstream_path.key("connect_timeout"), positive(self.upstream.connect_timeout));
         p.check(upstream_path.key("response_timeout"), positive(self.upstream.response_timeout));
@@ -845,6 +856,7 @@ impl RawConfig {
                 client: ClientConfig {
                     header_read_timeout: self.client.header_read_timeout,
                     max_header_bytes: self.client.max_header_bytes,
+                    max_connections: self.client.max_connections,
                 },
                 upstream: UpstreamSettings {
                     connect_timeout: self.upstream.connect_timeout,

@@ -13,7 +13,9 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
@@ -49,6 +51,7 @@ pub async fn serve(
     grace: Duration,
 ) {
     let builder = http_builder(client);
+    let slots = Arc::new(Semaphore::new(client.max_connections));
     let graceful = GracefulShutdown::new();
     // Fired when the grace period is over: connections still open are dropped.
     let hard_stop = CancellationToken::new();
@@ -63,9 +66,15 @@ pub async fn serve(
                 }
             },
         };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            proxy.metrics().client_rejected.max_connections.inc();
+            tokio::spawn(refuse(stream));
+            continue;
+        };
         if let Err(err) = stream.set_nodelay(true) {
             debug!(peer = %peer, error = %err, "could not set TCP_NODELAY");
         }
+        let header_timeouts = proxy.metrics().client_rejected.header_timeout.clone();
         let proxy = proxy.clone();
         let service = service_fn(move |req| {
             let proxy = proxy.clone();
@@ -75,8 +84,12 @@ pub async fn serve(
         let connection = graceful.watch(connection);
         let hard_stop = hard_stop.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             tokio::select! {
                 ended = connection => if let Err(err) = ended {
+                    if err.downcast_ref::<hyper::Error>().is_some_and(hyper::Error::is_timeout) {
+                        header_timeouts.inc();
+                    }
                     debug!(peer = %peer, error = %err, "client connection ended with an error");
                 },
                 _ = hard_stop.cancelled() => debug!(peer = %peer, "connection closed at the end of the grace period"),
@@ -92,6 +105,14 @@ pub async fn serve(
             hard_stop.cancel();
         }
     }
+}
+
+/// Answers a connection over `client.max_connections` with a plain 503 and closes it.
+async fn refuse(mut stream: tokio::net::TcpStream) {
+    const BUSY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nx-rollout-error: too_many_connections\r\n\
+content-type: text/plain; charset=utf-8\r\ncontent-length: 21\r\nconnection: close\r\n\r\ntoo many connections\n";
+    let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(BUSY)).await;
+    let _ = stream.shutdown().await;
 }
 
 /// Errors about one connection are skipped at once; resource exhaustion gets a short pause so

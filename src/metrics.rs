@@ -68,6 +68,15 @@ impl UpstreamStats {
     }
 }
 
+/// Counters of `rollout_client_rejected_total`, one per reason.
+#[derive(Debug, Clone)]
+pub struct ClientRejections {
+    pub max_connections: IntCounter,
+    pub header_timeout: IntCounter,
+    pub headers_too_large: IntCounter,
+    pub bad_request: IntCounter,
+}
+
 /// Values only known when scraped.
 #[derive(Debug, Clone)]
 pub struct ScrapeState {
@@ -99,6 +108,8 @@ pub struct Metrics {
     pub sessions_started: ByPool<IntCounter>,
     sessions_ended: Vec<IntCounter>,
     pub keys_rejected_invalid: IntCounter,
+    /// Client connections or requests refused by a limit, by reason.
+    pub client_rejected: ClientRejections,
     pub keys_rejected_full: IntCounter,
     v1_last_request: Gauge,
     v1_quiet: Gauge,
@@ -249,6 +260,19 @@ impl Metrics {
             },
             sessions_ended,
             keys_rejected_invalid: rejected.with_label_values(&["invalid"]),
+            client_rejected: {
+                let vec = counter_vec(
+                    "rollout_client_rejected_total",
+                    "Client connections or requests refused by a limit, by reason.",
+                    &["reason"],
+                );
+                ClientRejections {
+                    max_connections: vec.with_label_values(&["max_connections"]),
+                    header_timeout: vec.with_label_values(&["header_timeout"]),
+                    headers_too_large: vec.with_label_values(&["headers_too_large"]),
+                    bad_request: vec.with_label_values(&["bad_request"]),
+                }
+            },
             keys_rejected_full: rejected.with_label_values(&["table_full"]),
             v1_last_request: gauge(
                 "rollout_v1_last_request_timestamp_seconds",

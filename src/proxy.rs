@@ -116,8 +116,14 @@ impl Proxy {
             }
         };
         let elapsed = started.elapsed();
-        if let Some(Routed { pool, decision }) = routed {
-            self.metrics.request(decision, pool, response.status().as_u16(), elapsed.as_secs_f64());
+        match routed {
+            Some(Routed { pool, decision }) => {
+                self.metrics.request(decision, pool, response.status().as_u16(), elapsed.as_secs_f64())
+            }
+            None if response.status() == StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE => {
+                self.metrics.client_rejected.headers_too_large.inc()
+            }
+            None => self.metrics.client_rejected.bad_request.inc(),
         }
         if let Some((method, uri)) = logged {
             debug!(

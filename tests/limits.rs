@@ -44,6 +44,9 @@ async fn a_trickled_request_head_is_cut_off_while_others_are_served() {
     }
     assert!(closed, "the slow connection was not closed");
     assert!(started.elapsed() < Duration::from_secs(4), "closed after {:?}", started.elapsed());
+    let text = String::from_utf8(get(&proxy.admin_url("/metrics")).await.body.to_vec()).unwrap();
+    let counted = support::metric(&text, "rollout_client_rejected_total", &[("reason", "header_timeout")]);
+    assert!(counted.unwrap_or(0.0) >= 1.0, "the cut-off connection was not counted");
     proxy.shutdown().await;
 }
 
@@ -100,4 +103,49 @@ async fn running_out_of_descriptors_does_not_stop_the_accept_loop() {
 async fn get_checked(url: &str) -> Result<StatusCode, ()> {
     let url = url.to_owned();
     tokio::spawn(async move { get(&url).await.status }).await.map_err(|_| ())
+}
+
+/// Sends one GET on `stream` and reads the answer's head; returns the status line.
+async fn exchange(stream: &mut TcpStream) -> String {
+    stream.write_all(b"GET /api/members/me HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf)).await.unwrap().unwrap();
+    String::from_utf8_lossy(&buf[..n]).lines().next().unwrap_or_default().to_owned()
+}
+
+#[tokio::test]
+async fn connections_over_the_limit_get_503_and_an_idle_keep_alive_is_closed() {
+    let v1 = Upstream::new("v1-a").spawn().await;
+    let v2 = Upstream::new("v2-a").spawn().await;
+    let extra = "client: { max_connections: 3, header_read_timeout: 1s }\n";
+    let proxy = spawn_proxy(&config_yaml(&[("v1-a", v1, 1)], &[("v2-a", v2, 1)], extra)).await;
+
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
+        assert_eq!(exchange(&mut stream).await, "HTTP/1.1 200 OK");
+        held.push(stream);
+    }
+    let mut extra_conn = TcpStream::connect(proxy.addr).await.unwrap();
+    let mut answer = String::new();
+    extra_conn.read_to_string(&mut answer).await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 503 Service Unavailable"), "{answer}");
+    assert!(answer.contains("x-rollout-error: too_many_connections"), "{answer}");
+    let text = String::from_utf8(get(&proxy.admin_url("/metrics")).await.body.to_vec()).unwrap();
+    assert_eq!(
+        support::metric(&text, "rollout_client_rejected_total", &[("reason", "max_connections")]),
+        Some(1.0)
+    );
+
+    // An idle keep-alive connection is closed once it has waited header_read_timeout for a
+    // next request, which frees its slot.
+    let started = Instant::now();
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), held[0].read_to_end(&mut rest)).await;
+    assert!(matches!(read, Ok(Ok(0))), "idle connection still open: {read:?}");
+    assert!(started.elapsed() < Duration::from_secs(3));
+    drop(held);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(get(&proxy.url("/api/members/me")).await.status, StatusCode::OK);
+    proxy.shutdown().await;
 }
