@@ -148,9 +148,10 @@ impl IntoResponse for AdminError {
                 ControlError::UnknownPool(_)
                 | ControlError::UnknownUpstream { .. }
                 | ControlError::UnknownSession(_) => StatusCode::NOT_FOUND,
-                ControlError::Invalid { .. } | ControlError::NoConfigFile | ControlError::Reload(_) => {
-                    StatusCode::BAD_REQUEST
-                }
+                ControlError::Invalid { .. }
+                | ControlError::NoConfigFile
+                | ControlError::Reload(_)
+                | ControlError::Certificate(_) => StatusCode::BAD_REQUEST,
                 ControlError::Store => StatusCode::INTERNAL_SERVER_ERROR,
             },
         };

@@ -139,6 +139,9 @@ pub struct RawConfig {
     pub workers: usize,
     #[serde(default = "default_state_dir")]
     pub state_dir: PathBuf,
+    /// TLS on the data-plane listener; plain HTTP when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<RawTls>,
     #[serde(default)]
     pub admin: RawAdmin,
     pub pools: RawPools,
@@ -162,6 +165,14 @@ fn default_listen() -> String {
 
 fn default_state_dir() -> PathBuf {
     PathBuf::from("/var/lib/rollout-proxy")
+}
+
+/// PEM files of the served certificate chain and its private key.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct RawTls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -360,6 +371,9 @@ pub struct RawUpstreamSettings {
     /// delivered (connect failure; or connection closed before a response head, for
     /// idempotent requests without a body).
     pub retries: u32,
+    /// Extra CA certificates (PEM) trusted for `https://` upstreams, besides the Mozilla roots.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
 }
 
 impl Default for RawUpstreamSettings {
@@ -370,6 +384,7 @@ impl Default for RawUpstreamSettings {
             idle_timeout: Duration::from_secs(90),
             max_idle_per_upstream: 256,
             retries: 2,
+            ca_file: None,
         }
     }
 }
@@ -520,7 +535,7 @@ impl fmt::Display for Percent {
     }
 }
 
-/// Where an upstream is reached: an `http://host:port` URL without path.
+/// Where an upstream is reached: an `http://` or `https://` URL without path.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UpstreamUrl {
     pub scheme: Scheme,
@@ -533,8 +548,8 @@ impl UpstreamUrl {
         let (Some(scheme), Some(authority)) = (uri.scheme(), uri.authority()) else {
             return Err(format!("{url:?} must be an absolute URL like http://10.0.1.11:8080"));
         };
-        if scheme != &Scheme::HTTP {
-            return Err(format!("{url:?}: scheme {scheme} is not supported (use http)"));
+        if scheme != &Scheme::HTTP && scheme != &Scheme::HTTPS {
+            return Err(format!("{url:?}: scheme {scheme} is not supported (use http or https)"));
         }
         if authority.as_str().contains('@') {
             return Err(format!("{url:?}: credentials in upstream URLs are not supported"));
@@ -545,6 +560,16 @@ impl UpstreamUrl {
             ));
         }
         Ok(UpstreamUrl { scheme: scheme.clone(), authority: authority.clone() })
+    }
+}
+
+impl UpstreamUrl {
+    pub fn is_tls(&self) -> bool {
+        self.scheme == Scheme::HTTPS
+    }
+
+    pub fn port(&self) -> u16 {
+        self.authority.port_u16().unwrap_or(if self.is_tls() { 443 } else { 80 })
     }
 }
 
@@ -657,6 +682,7 @@ pub struct UpstreamSettings {
     pub idle_timeout: Duration,
     pub max_idle_per_upstream: usize,
     pub retries: u32,
+    pub ca_file: Option<PathBuf>,
 }
 
 impl Default for UpstreamSettings {
@@ -668,6 +694,7 @@ impl Default for UpstreamSettings {
             idle_timeout: raw.idle_timeout,
             max_idle_per_upstream: raw.max_idle_per_upstream,
             retries: raw.retries,
+            ca_file: raw.ca_file,
         }
     }
 }
@@ -687,6 +714,8 @@ pub struct Config {
     pub client: ClientConfig,
     pub upstream: UpstreamSettings,
     pub grace_period: Duration,
+    /// Certificate and key files when the data plane speaks TLS.
+    pub tls: Option<RawTls>,
     /// The file this was read from, for reloads; `None` when built from text.
     pub source: Option<PathBuf>,
     /// The file as parsed with defaults filled in, for `check` to print.
@@ -864,7 +893,9 @@ impl RawConfig {
                     idle_timeout: self.upstream.idle_timeout,
                     max_idle_per_upstream: self.upstream.max_idle_per_upstream,
                     retries: self.upstream.retries,
+                    ca_file: self.upstream.ca_file.clone(),
                 },
+                tls: self.tls.clone(),
                 grace_period: self.shutdown.grace_period,
                 source: None,
                 raw: self.clone(),

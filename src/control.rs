@@ -20,6 +20,7 @@ use crate::proxy::Proxy;
 use crate::session::is_valid_key;
 use crate::snapshot::Snapshot;
 use crate::state::Op;
+use crate::tls::{CertStore, TlsError};
 use crate::ErrorChain;
 
 /// Values an operator set through the admin API; they win over the config file until dropped.
@@ -86,6 +87,8 @@ pub enum ControlError {
     NoConfigFile,
     #[error("config reload failed; the running config is unchanged")]
     Reload(#[source] ConfigError),
+    #[error("certificate reload failed; the running config and certificate are unchanged")]
+    Certificate(#[source] TlsError),
     #[error("could not store the change; nothing was changed")]
     Store,
 }
@@ -115,12 +118,20 @@ struct Running {
 pub struct Control {
     proxy: Arc<Proxy>,
     running: Mutex<Running>,
+    /// The served certificate, re-read on every reload.
+    certs: Option<Arc<CertStore>>,
 }
 
 impl Control {
     /// Takes over `proxy`, whose snapshot must already be `file` with `overrides` applied.
-    pub fn new(proxy: Arc<Proxy>, file: Config, overrides: Overrides, revision: u64) -> Self {
-        Control { proxy, running: Mutex::new(Running { file, overrides, revision }) }
+    pub fn new(
+        proxy: Arc<Proxy>,
+        file: Config,
+        overrides: Overrides,
+        revision: u64,
+        certs: Option<Arc<CertStore>>,
+    ) -> Self {
+        Control { proxy, running: Mutex::new(Running { file, overrides, revision }), certs }
     }
 
     /// The file config with stored overrides applied, for the first snapshot.
@@ -261,6 +272,11 @@ impl Control {
             None => Err(ControlError::NoConfigFile),
             Some(file) => Config::load(file).map_err(ControlError::Reload),
         };
+        // The certificate files are read again too; a bad pair refuses the whole reload.
+        let result = result.and_then(|file| match &self.certs {
+            Some(certs) => certs.reload().map(|()| file).map_err(ControlError::Certificate),
+            None => Ok(file),
+        });
         let metrics = self.proxy.metrics();
         let file = match result {
             Ok(file) => file,
@@ -366,6 +382,7 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
     check(old.admin_listen != new.admin_listen, "admin.listen");
     check(old.state_dir != new.state_dir, "state_dir");
     check(old.workers != new.workers, "workers");
+    check(old.tls != new.tls, "tls (file paths; the files themselves are re-read)");
     check(old.client.header_read_timeout != new.client.header_read_timeout, "client.header_read_timeout");
     check(old.grace_period != new.grace_period, "shutdown.grace_period");
     check(

@@ -59,6 +59,7 @@ pub mod server;
 pub mod session;
 pub mod snapshot;
 pub mod state;
+pub mod tls;
 pub mod upstream;
 
 /// Displays an error with its chain of causes: `outer: inner: root`.

@@ -1,4 +1,5 @@
-//! Accepts client connections and serves HTTP/1.1 and h2c (prior knowledge) on them.
+//! Accepts client connections and serves HTTP/1.1 and HTTP/2 on them: h2c (prior knowledge) on
+//! plain TCP, ALPN-negotiated over TLS.
 //!
 //! The accept loop survives accept errors (a full file-descriptor table must not stop the proxy)
 //! and, on shutdown, stops accepting and lets open connections finish within the grace period.
@@ -6,16 +7,18 @@
 
 use std::convert::Infallible;
 use std::io;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
@@ -45,6 +48,7 @@ fn http_builder(client: &ClientConfig) -> auto::Builder<TokioExecutor> {
 /// Serves `listener` until `shutdown` fires, then waits up to `grace` for open connections.
 pub async fn serve(
     listener: TcpListener,
+    tls: Option<TlsAcceptor>,
     proxy: Arc<Proxy>,
     client: &ClientConfig,
     shutdown: CancellationToken,
@@ -74,25 +78,29 @@ pub async fn serve(
         if let Err(err) = stream.set_nodelay(true) {
             debug!(peer = %peer, error = %err, "could not set TCP_NODELAY");
         }
-        let header_timeouts = proxy.metrics().client_rejected.header_timeout.clone();
-        let proxy = proxy.clone();
-        let service = service_fn(move |req| {
-            let proxy = proxy.clone();
-            async move { Ok::<_, Infallible>(proxy.handle(req, peer).await) }
-        });
-        let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service).into_owned();
-        let connection = graceful.watch(connection);
-        let hard_stop = hard_stop.clone();
+        let connection = Connection {
+            builder: builder.clone(),
+            proxy: proxy.clone(),
+            peer,
+            watcher: graceful.watcher(),
+            hard_stop: hard_stop.clone(),
+        };
+        let tls = tls.clone();
+        let handshake_timeout = client.header_read_timeout;
         tokio::spawn(async move {
             let _slot = slot;
-            tokio::select! {
-                ended = connection => if let Err(err) = ended {
-                    if err.downcast_ref::<hyper::Error>().is_some_and(hyper::Error::is_timeout) {
-                        header_timeouts.inc();
+            match tls {
+                None => connection.serve(stream).await,
+                Some(acceptor) => {
+                    match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
+                        Ok(Ok(tls_stream)) => connection.serve(tls_stream).await,
+                        Ok(Err(err)) => debug!(peer = %peer, error = %err, "TLS handshake failed"),
+                        Err(_) => {
+                            connection.proxy.metrics().client_rejected.header_timeout.inc();
+                            debug!(peer = %peer, "TLS handshake timed out");
+                        }
                     }
-                    debug!(peer = %peer, error = %err, "client connection ended with an error");
-                },
-                _ = hard_stop.cancelled() => debug!(peer = %peer, "connection closed at the end of the grace period"),
+                }
             }
         });
     }
@@ -103,6 +111,42 @@ pub async fn serve(
         _ = tokio::time::sleep(grace) => {
             warn!("grace period over; closing the remaining connections");
             hard_stop.cancel();
+        }
+    }
+}
+
+/// Everything one accepted connection needs to be served.
+struct Connection {
+    builder: auto::Builder<TokioExecutor>,
+    proxy: Arc<Proxy>,
+    peer: SocketAddr,
+    watcher: Watcher,
+    hard_stop: CancellationToken,
+}
+
+impl Connection {
+    /// Serves HTTP/1.1 or HTTP/2 on `io` until the client leaves, a graceful stop finishes it,
+    /// or the grace period ends.
+    async fn serve<I>(self, io: I)
+    where
+        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let Connection { builder, proxy, peer, watcher, hard_stop } = self;
+        let header_timeouts = proxy.metrics().client_rejected.header_timeout.clone();
+        let service = service_fn(move |req| {
+            let proxy = proxy.clone();
+            async move { Ok::<_, Infallible>(proxy.handle(req, peer).await) }
+        });
+        let connection =
+            watcher.watch(builder.serve_connection_with_upgrades(TokioIo::new(io), service).into_owned());
+        tokio::select! {
+            ended = connection => if let Err(err) = ended {
+                if err.downcast_ref::<hyper::Error>().is_some_and(hyper::Error::is_timeout) {
+                    header_timeouts.inc();
+                }
+                debug!(peer = %peer, error = %err, "client connection ended with an error");
+            },
+            _ = hard_stop.cancelled() => debug!(peer = %peer, "connection closed at the end of the grace period"),
         }
     }
 }

@@ -86,6 +86,7 @@ impl Proxy {
         drain: Arc<DrainClock>,
         metrics: Arc<Metrics>,
         clock: SharedClock,
+        proto: &'static str,
     ) -> Self {
         Proxy {
             snapshot,
@@ -96,7 +97,7 @@ impl Proxy {
             clock,
             tunnels: TaskTracker::new(),
             closing: CancellationToken::new(),
-            proto: "http",
+            proto,
         }
     }
 
@@ -454,7 +455,7 @@ pub fn error_response(err: &ProxyError, pool: Option<PoolName>) -> Response<Body
         ProxyError::NoUpstream { .. } => {
             (StatusCode::SERVICE_UNAVAILABLE, "no_upstream", "no upstream available")
         }
-        ProxyError::Upstream(UpstreamError::Connect { .. }) => {
+        ProxyError::Upstream(UpstreamError::Connect { .. } | UpstreamError::Tls { .. }) => {
             (StatusCode::BAD_GATEWAY, "upstream_connect", "upstream connection failed")
         }
         ProxyError::Upstream(UpstreamError::Closed { .. }) => {

@@ -27,6 +27,7 @@ use crate::proxy::Proxy;
 use crate::session::{PinPolicy, Sessions};
 use crate::snapshot;
 use crate::state::{Loaded, StateError, Store};
+use crate::tls::CertStore;
 use crate::upstream::UpstreamClient;
 
 /// How often pins are expired and flushed and the drain clock is persisted; §4 asks for at least
@@ -48,6 +49,8 @@ pub enum StartError {
     State(#[from] StateError),
     #[error(transparent)]
     Token(#[from] TokenError),
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
     #[error("admin.listen {addr} is not a loopback address and no admin token is configured; set admin.token_file or ROLLOUT_ADMIN_TOKEN")]
     AdminWithoutToken { addr: SocketAddr },
     #[error("the admin overrides stored in {} do not parse; refusing to start rather than silently dropping them", dir.display())]
@@ -161,15 +164,23 @@ impl Server {
             .local_addr()
             .map_err(|source| bind_error("admin.listen", config.admin_listen, source))?;
 
+        let certs = match &config.tls {
+            Some(tls) => Some(CertStore::load(&tls.cert, &tls.key)?),
+            None => None,
+        };
+        let acceptor =
+            certs.clone().map(|store| tokio_rustls::TlsAcceptor::from(crate::tls::server_config(store)));
         let proxy = Arc::new(Proxy::new(
             snapshot::shared(&effective, &metrics),
-            UpstreamClient::new(&config.upstream),
+            UpstreamClient::new(&config.upstream)?,
             sessions,
             drain,
             metrics,
             clock,
+            if certs.is_some() { "https" } else { "http" },
         ));
-        let control = Arc::new(Control::new(proxy.clone(), config.clone(), overrides, loaded.revision));
+        let control =
+            Arc::new(Control::new(proxy.clone(), config.clone(), overrides, loaded.revision, certs));
         let readiness = Arc::new(Readiness::default());
         let admin_stop = CancellationToken::new();
         let admin_state = AdminState {
@@ -196,6 +207,7 @@ impl Server {
             tokio::join!(
                 listener::serve(
                     data_listener,
+                    acceptor,
                     proxy.clone(),
                     &config.client,
                     stopping.clone(),

@@ -20,12 +20,15 @@ use http_body_util::{Either, Empty};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
+use rustls_pki_types::ServerName;
 use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
 use tracing::debug;
 
 use crate::config::{UpstreamConfig, UpstreamName, UpstreamSettings};
 use crate::health::Health;
 use crate::metrics::{UpstreamErrorKind, UpstreamStats};
+use crate::tls::TlsError;
 
 /// What the proxy sends upstream: the client's streamed body, or nothing (which can be resent).
 pub type UpstreamBody = Either<Incoming, Empty<Bytes>>;
@@ -59,6 +62,9 @@ impl UpstreamState {
 pub struct Upstream {
     name: UpstreamName,
     authority: Authority,
+    port: u16,
+    /// `https://`: connections are TLS, verified against the upstream's host name.
+    tls: bool,
     weight: u32,
     state: Arc<UpstreamState>,
     pub stats: UpstreamStats,
@@ -71,6 +77,8 @@ impl Upstream {
         Upstream {
             name: config.name.clone(),
             authority: config.url.authority.clone(),
+            port: config.url.port(),
+            tls: config.url.is_tls(),
             weight: config.weight,
             state,
             stats,
@@ -114,6 +122,12 @@ pub enum UpstreamError {
     },
     #[error("upstream {upstream} did not accept a connection within {after:?}")]
     ConnectTimeout { upstream: UpstreamName, after: Duration },
+    #[error("TLS with upstream {upstream} failed")]
+    Tls {
+        upstream: UpstreamName,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("upstream {upstream} sent no response head within {after:?}")]
     Timeout { upstream: UpstreamName, after: Duration },
     #[error("upstream {upstream} closed the connection before a response head")]
@@ -128,7 +142,7 @@ impl UpstreamError {
     /// The `kind` label of `rollout_upstream_errors_total`.
     pub fn kind(&self) -> UpstreamErrorKind {
         match self {
-            UpstreamError::Connect { .. } => UpstreamErrorKind::Connect,
+            UpstreamError::Connect { .. } | UpstreamError::Tls { .. } => UpstreamErrorKind::Connect,
             UpstreamError::ConnectTimeout { .. } | UpstreamError::Timeout { .. } => {
                 UpstreamErrorKind::Timeout
             }
@@ -138,7 +152,10 @@ impl UpstreamError {
 
     /// Whether the upstream itself looks broken (for passive ejection), as opposed to slow.
     pub fn is_connect(&self) -> bool {
-        matches!(self, UpstreamError::Connect { .. } | UpstreamError::ConnectTimeout { .. })
+        matches!(
+            self,
+            UpstreamError::Connect { .. } | UpstreamError::ConnectTimeout { .. } | UpstreamError::Tls { .. }
+        )
     }
 }
 
@@ -230,14 +247,17 @@ impl Body for UpstreamResponseBody {
 }
 
 /// The client for all upstreams.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct UpstreamClient {
     connect_timeout: Duration,
+    tls: TlsConnector,
 }
 
 impl UpstreamClient {
-    pub fn new(settings: &UpstreamSettings) -> Self {
-        UpstreamClient { connect_timeout: settings.connect_timeout }
+    /// Fails only when `upstream.ca_file` cannot be used.
+    pub fn new(settings: &UpstreamSettings) -> Result<Self, TlsError> {
+        let tls = TlsConnector::from(crate::tls::client_config(settings.ca_file.as_deref())?);
+        Ok(UpstreamClient { connect_timeout: settings.connect_timeout, tls })
     }
 
     /// Sends `req` (headers already rewritten, target in any form) to `upstream`, waiting at most
@@ -298,21 +318,46 @@ impl UpstreamClient {
     async fn connect(&self, upstream: &Upstream) -> Result<http1::SendRequest<UpstreamBody>, UpstreamError> {
         let name = || upstream.name.clone();
         let host = upstream.authority.host();
-        let port = upstream.authority.port_u16().unwrap_or(80);
-        let stream = match tokio::time::timeout(self.connect_timeout, TcpStream::connect((host, port))).await
-        {
+        let connect = async {
+            let stream = TcpStream::connect((host, upstream.port))
+                .await
+                .map_err(|source| UpstreamError::Connect { upstream: name(), source })?;
+            let _ = stream.set_nodelay(true);
+            if !upstream.tls {
+                return Ok(Either::Left(stream));
+            }
+            let server_name = ServerName::try_from(host.to_owned()).map_err(|e| UpstreamError::Tls {
+                upstream: name(),
+                source: std::io::Error::new(std::io::ErrorKind::InvalidInput, e),
+            })?;
+            let tls = self.tls.connect(server_name, stream).await;
+            tls.map(Either::Right).map_err(|source| UpstreamError::Tls { upstream: name(), source })
+        };
+        let stream = match tokio::time::timeout(self.connect_timeout, connect).await {
             Err(_) => {
                 return Err(UpstreamError::ConnectTimeout { upstream: name(), after: self.connect_timeout })
             }
-            Ok(Err(source)) => return Err(UpstreamError::Connect { upstream: name(), source }),
-            Ok(Ok(stream)) => stream,
+            Ok(result) => result?,
         };
-        let _ = stream.set_nodelay(true);
+        match stream {
+            Either::Left(tcp) => self.handshake(upstream, tcp).await,
+            Either::Right(tls) => self.handshake(upstream, tls).await,
+        }
+    }
+
+    async fn handshake<I>(
+        &self,
+        upstream: &Upstream,
+        io: I,
+    ) -> Result<http1::SendRequest<UpstreamBody>, UpstreamError>
+    where
+        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
         let (sender, connection) = http1::Builder::new()
-            .handshake(TokioIo::new(stream))
+            .handshake(TokioIo::new(io))
             .await
-            .map_err(|source| UpstreamError::Closed { upstream: name(), source })?;
-        let upstream_name = name();
+            .map_err(|source| UpstreamError::Closed { upstream: upstream.name.clone(), source })?;
+        let upstream_name = upstream.name.clone();
         tokio::spawn(async move {
             if let Err(err) = connection.with_upgrades().await {
                 debug!(upstream = %upstream_name, error = %err, "upstream connection ended with an error");
