@@ -49,6 +49,7 @@ pub mod control;
 pub mod ctl;
 pub mod demo;
 pub mod drain;
+pub mod handover;
 pub mod headers;
 pub mod health;
 pub mod listener;

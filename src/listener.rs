@@ -23,7 +23,12 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::config::ClientConfig;
-use crate::proxy::Proxy;
+use crate::metrics::Metrics;
+use crate::proxy::Gate;
+
+/// How long connections accepted just before a stop get to send their first request before the
+/// drain closes idle connections.
+const ACCEPT_LINGER: Duration = Duration::from_millis(250);
 
 /// How long the accept loop pauses after a resource error such as EMFILE before trying again.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
@@ -49,7 +54,8 @@ fn http_builder(client: &ClientConfig) -> auto::Builder<TokioExecutor> {
 pub async fn serve(
     listener: TcpListener,
     tls: Option<TlsAcceptor>,
-    proxy: Arc<Proxy>,
+    gate: Arc<Gate>,
+    metrics: Arc<Metrics>,
     client: &ClientConfig,
     shutdown: CancellationToken,
     grace: Duration,
@@ -71,7 +77,7 @@ pub async fn serve(
             },
         };
         let Ok(slot) = slots.clone().try_acquire_owned() else {
-            proxy.metrics().client_rejected.max_connections.inc();
+            metrics.client_rejected.max_connections.inc();
             tokio::spawn(refuse(stream));
             continue;
         };
@@ -80,7 +86,8 @@ pub async fn serve(
         }
         let connection = Connection {
             builder: builder.clone(),
-            proxy: proxy.clone(),
+            gate: gate.clone(),
+            metrics: metrics.clone(),
             peer,
             watcher: graceful.watcher(),
             hard_stop: hard_stop.clone(),
@@ -96,7 +103,7 @@ pub async fn serve(
                         Ok(Ok(tls_stream)) => connection.serve(tls_stream).await,
                         Ok(Err(err)) => debug!(peer = %peer, error = %err, "TLS handshake failed"),
                         Err(_) => {
-                            connection.proxy.metrics().client_rejected.header_timeout.inc();
+                            connection.metrics.client_rejected.header_timeout.inc();
                             debug!(peer = %peer, "TLS handshake timed out");
                         }
                     }
@@ -105,6 +112,9 @@ pub async fn serve(
         });
     }
     drop(listener);
+    // A connection accepted a moment ago may not have sent its request yet, and a graceful
+    // shutdown closes such "idle" connections at once: give them time to be read first.
+    tokio::time::sleep(ACCEPT_LINGER.min(grace)).await;
     info!(open_connections = graceful.count(), grace = ?grace, "stopped accepting; draining connections");
     tokio::select! {
         _ = graceful.shutdown() => info!("all client connections finished"),
@@ -118,7 +128,8 @@ pub async fn serve(
 /// Everything one accepted connection needs to be served.
 struct Connection {
     builder: auto::Builder<TokioExecutor>,
-    proxy: Arc<Proxy>,
+    gate: Arc<Gate>,
+    metrics: Arc<Metrics>,
     peer: SocketAddr,
     watcher: Watcher,
     hard_stop: CancellationToken,
@@ -131,11 +142,11 @@ impl Connection {
     where
         I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
-        let Connection { builder, proxy, peer, watcher, hard_stop } = self;
-        let header_timeouts = proxy.metrics().client_rejected.header_timeout.clone();
+        let Connection { builder, gate, metrics, peer, watcher, hard_stop } = self;
+        let header_timeouts = metrics.client_rejected.header_timeout.clone();
         let service = service_fn(move |req| {
-            let proxy = proxy.clone();
-            async move { Ok::<_, Infallible>(proxy.handle(req, peer).await) }
+            let gate = gate.clone();
+            async move { Ok::<_, Infallible>(gate.handle(req, peer).await) }
         });
         let connection =
             watcher.watch(builder.serve_connection_with_upgrades(TokioIo::new(io), service).into_owned());

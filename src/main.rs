@@ -31,6 +31,13 @@ enum Command {
     Run {
         #[arg(long, short, default_value = "config/rollout.yaml")]
         config: PathBuf,
+        /// Hitless restart: take the listening sockets and the state over from the process
+        /// running on the same state_dir, which then drains and exits.
+        #[arg(long)]
+        takeover: bool,
+        /// How long requests wait for the old process to hand over the state.
+        #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+        takeover_timeout: Duration,
     },
     /// Validate a config file and print the effective configuration.
     Check {
@@ -125,9 +132,9 @@ fn execute(command: Command) -> anyhow::Result<u8> {
             print!("{}", loaded.effective_yaml());
             Ok(0)
         }
-        Command::Run { config } => {
+        Command::Run { config, takeover, takeover_timeout } => {
             let config = Config::load(&config)?;
-            runtime(config.workers)?.block_on(server::run(config))?;
+            runtime(config.workers)?.block_on(server::run(config, takeover.then_some(takeover_timeout)))?;
             Ok(0)
         }
         Command::Demo { config, listen, admin_listen } => {

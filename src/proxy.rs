@@ -42,6 +42,56 @@ pub type Body = Either<UpstreamResponseBody, Full<Bytes>>;
 pub static X_ROLLOUT_POOL: HeaderName = HeaderName::from_static("x-rollout-pool");
 pub static X_ROLLOUT_ERROR: HeaderName = HeaderName::from_static("x-rollout-error");
 
+/// The proxy once it is ready. During a takeover the listeners accept before the state store is
+/// free; requests wait here (up to `patience`) instead of failing.
+pub struct Gate {
+    proxy: std::sync::OnceLock<Arc<Proxy>>,
+    opened: tokio::sync::Notify,
+    patience: std::time::Duration,
+}
+
+impl Gate {
+    pub fn new(patience: std::time::Duration) -> Arc<Gate> {
+        Arc::new(Gate { proxy: std::sync::OnceLock::new(), opened: tokio::sync::Notify::new(), patience })
+    }
+
+    pub fn patience(&self) -> std::time::Duration {
+        self.patience
+    }
+
+    pub fn open(&self, proxy: Arc<Proxy>) {
+        let _ = self.proxy.set(proxy);
+        self.opened.notify_waiters();
+    }
+
+    /// The proxy, waiting for it while it starts; `None` if it did not come in time.
+    pub async fn proxy(&self) -> Option<&Arc<Proxy>> {
+        if let Some(proxy) = self.proxy.get() {
+            return Some(proxy);
+        }
+        let wait = async {
+            loop {
+                let opened = self.opened.notified();
+                tokio::pin!(opened);
+                opened.as_mut().enable();
+                if let Some(proxy) = self.proxy.get() {
+                    return proxy;
+                }
+                opened.await;
+            }
+        };
+        tokio::time::timeout(self.patience, wait).await.ok()
+    }
+
+    /// Answers `req` with the proxy, or with 503 `starting` if it is not ready in time.
+    pub async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+        match self.proxy().await {
+            Some(proxy) => proxy.handle(req, peer).await,
+            None => error_response(&ProxyError::Starting, None),
+        }
+    }
+}
+
 /// Why the proxy answered a request itself.
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
@@ -51,6 +101,8 @@ pub enum ProxyError {
     HeadersTooLarge { size: usize, limit: usize },
     #[error("pool {pool} has no usable upstream")]
     NoUpstream { pool: PoolName },
+    #[error("the proxy is still starting")]
+    Starting,
     #[error(transparent)]
     Upstream(#[from] UpstreamError),
 }
@@ -455,6 +507,7 @@ pub fn error_response(err: &ProxyError, pool: Option<PoolName>) -> Response<Body
         ProxyError::NoUpstream { .. } => {
             (StatusCode::SERVICE_UNAVAILABLE, "no_upstream", "no upstream available")
         }
+        ProxyError::Starting => (StatusCode::SERVICE_UNAVAILABLE, "starting", "starting, try again"),
         ProxyError::Upstream(UpstreamError::Connect { .. } | UpstreamError::Tls { .. }) => {
             (StatusCode::BAD_GATEWAY, "upstream_connect", "upstream connection failed")
         }

@@ -10,6 +10,7 @@
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
@@ -21,9 +22,10 @@ use crate::clock::{SharedClock, SystemClock};
 use crate::config::{Config, PoolName};
 use crate::control::{Actor, Control, Overrides};
 use crate::drain::DrainClock;
+use crate::handover;
 use crate::listener;
 use crate::metrics::Metrics;
-use crate::proxy::Proxy;
+use crate::proxy::{Gate, Proxy};
 use crate::session::{PinPolicy, Sessions};
 use crate::snapshot;
 use crate::state::{Loaded, StateError, Store};
@@ -51,6 +53,8 @@ pub enum StartError {
     Token(#[from] TokenError),
     #[error(transparent)]
     Tls(#[from] crate::tls::TlsError),
+    #[error(transparent)]
+    Handover(#[from] handover::HandoverError),
     #[error("admin.listen {addr} is not a loopback address and no admin token is configured; set admin.token_file or ROLLOUT_ADMIN_TOKEN")]
     AdminWithoutToken { addr: SocketAddr },
     #[error("the admin overrides stored in {} do not parse; refusing to start rather than silently dropping them", dir.display())]
@@ -77,17 +81,33 @@ async fn upkeep(proxy: Arc<Proxy>, stop: CancellationToken) {
     }
 }
 
-/// What tests may change about a server beyond its config.
+/// How a server starts, beyond its config.
 pub struct StartOptions {
     /// The clock pins and the drain signal read; tests move a [`crate::clock::ManualClock`].
     pub clock: SharedClock,
-    /// Holds back every state commit, as a slow disk would.
-    pub commit_delay: std::time::Duration,
+    /// Holds back every state commit, as a slow disk would (tests).
+    pub commit_delay: Duration,
+    /// Take over from the process running on the same `state_dir` (hitless restart): take its
+    /// listening sockets, serve at once, and let requests wait up to this long for the store.
+    pub takeover: Option<Duration>,
 }
 
 impl Default for StartOptions {
     fn default() -> Self {
-        StartOptions { clock: Arc::new(SystemClock), commit_delay: std::time::Duration::ZERO }
+        StartOptions { clock: Arc::new(SystemClock), commit_delay: Duration::ZERO, takeover: None }
+    }
+}
+
+/// Opens the store, retrying while another process holds it, for at most `patience`.
+async fn wait_for_store(dir: &std::path::Path, patience: Duration) -> Result<(Store, Loaded), StartError> {
+    let deadline = tokio::time::Instant::now() + patience;
+    loop {
+        match Store::open(dir) {
+            Err(StateError::Locked { .. }) if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            other => return Ok(other?),
+        }
     }
 }
 
@@ -108,79 +128,118 @@ impl Server {
         Server::start_with(config, StartOptions::default()).await
     }
 
-    /// Like [`Server::start`], with a different clock or store behaviour (tests).
+    /// Like [`Server::start`], with a different clock or store behaviour (tests) or a takeover.
     pub async fn start_with(config: Config, options: StartOptions) -> Result<Server, StartError> {
-        let StartOptions { clock, commit_delay } = options;
         let token = Token::load(config.admin_token_file.as_deref())?;
         if token.is_none() && !config.admin_listen.ip().is_loopback() {
             return Err(StartError::AdminWithoutToken { addr: config.admin_listen });
         }
-        let (store, loaded) = Store::open_with_delay(&config.state_dir, commit_delay)?;
-        let store = Arc::new(store);
-        match Server::start_on(config, clock, store.clone(), loaded, token).await {
-            Ok(server) => Ok(server),
-            Err(err) => {
-                // Release the state directory for whoever fixes the problem and tries again.
-                store.close().await;
-                Err(err)
-            }
-        }
+        let Some(patience) = options.takeover else {
+            // A plain start opens the store first: a second process on the same directory fails
+            // before it takes any port.
+            let (store, loaded) = Store::open_with_delay(&config.state_dir, options.commit_delay)?;
+            let store = Arc::new(store);
+            let listeners = async {
+                let admin = bind(config.admin_listen, "admin.listen").await?;
+                let data = bind(config.listen, "listen").await?;
+                Ok::<_, StartError>((data, admin))
+            };
+            let (data, admin) = match listeners.await {
+                Ok(listeners) => listeners,
+                Err(err) => {
+                    store.close().await;
+                    return Err(err);
+                }
+            };
+            let gate = Gate::new(Duration::ZERO);
+            let metrics = Arc::new(Metrics::new());
+            return Server::launch(
+                config,
+                options.clock,
+                Some((store, loaded)),
+                data,
+                admin,
+                gate,
+                metrics,
+                token,
+            )
+            .await;
+        };
+        // A takeover gets the running process's sockets (or binds its own if none is running)
+        // and serves at once; requests wait at the gate until the store is free.
+        let (data, admin) = match handover::take(&config.state_dir)? {
+            Some(listeners) => listeners,
+            None => (bind(config.listen, "listen").await?, bind(config.admin_listen, "admin.listen").await?),
+        };
+        let gate = Gate::new(patience);
+        let metrics = Arc::new(Metrics::new());
+        let _ = options.commit_delay;
+        Server::launch(config, options.clock, None, data, admin, gate, metrics, token).await
     }
 
-    async fn start_on(
+    /// Serves on `data` (at once, through `gate`) and `admin` (once the proxy is ready). With no
+    /// `opened` store, the store is opened here, waiting as long as the gate's patience for the
+    /// process being taken over to release it.
+    #[allow(clippy::too_many_arguments)]
+    async fn launch(
         config: Config,
         clock: SharedClock,
-        store: Arc<Store>,
-        loaded: Loaded,
+        opened: Option<(Arc<Store>, Loaded)>,
+        data_listener: TcpListener,
+        admin_listener: TcpListener,
+        gate: Arc<Gate>,
+        metrics: Arc<Metrics>,
         token: Option<Token>,
     ) -> Result<Server, StartError> {
-        let mut overrides: Overrides = match &loaded.overrides {
-            None => Overrides::default(),
-            Some(json) => serde_json::from_slice(json)
-                .map_err(|source| StartError::Overrides { dir: config.state_dir.clone(), source })?,
-        };
-        let effective = Control::effective(&config, &mut overrides);
-        if !overrides.is_empty() {
-            info!(overrides = %serde_json::to_string(&overrides).unwrap_or_default(), revision = loaded.revision, "admin overrides in force");
-        }
-        let started_pins = loaded.pins.len();
-        let metrics = Arc::new(Metrics::new());
-        let policy = PinPolicy::from_config(&effective.sessions);
-        let sessions = Arc::new(Sessions::new(loaded.pins, &policy, store, clock.clone(), metrics.clone()));
-        let drain = Arc::new(DrainClock::new(loaded.last_v1_request_ms, clock.now()));
-        let live = sessions.live(PoolName::V1) + sessions.live(PoolName::V2);
-        info!(
-            state_dir = %config.state_dir.display(),
-            pins = live,
-            expired_while_down = started_pins - live,
-            "state loaded"
-        );
-
-        let admin_listener = bind(config.admin_listen, "admin.listen").await?;
-        let data_listener = bind(config.listen, "listen").await?;
         let addr =
             data_listener.local_addr().map_err(|source| bind_error("listen", config.listen, source))?;
         let admin_addr = admin_listener
             .local_addr()
             .map_err(|source| bind_error("admin.listen", config.admin_listen, source))?;
-
         let certs = match &config.tls {
             Some(tls) => Some(CertStore::load(&tls.cert, &tls.key)?),
             None => None,
         };
         let acceptor =
             certs.clone().map(|store| tokio_rustls::TlsAcceptor::from(crate::tls::server_config(store)));
-        let proxy = Arc::new(Proxy::new(
-            snapshot::shared(&effective, &metrics),
-            UpstreamClient::new(&config.upstream)?,
-            sessions,
-            drain,
-            metrics,
-            clock,
-            if certs.is_some() { "https" } else { "http" },
-        ));
-        let control =
-            Arc::new(Control::new(proxy.clone(), config.clone(), overrides, loaded.revision, certs));
+        let client = UpstreamClient::new(&config.upstream)?;
+
+        let shutdown = CancellationToken::new();
+        let data_socket = handover::duplicate(&data_listener)
+            .map_err(|source| bind_error("listen", config.listen, source))?;
+        let data_plane = {
+            let (gate, metrics, client_config, stop) =
+                (gate.clone(), metrics.clone(), config.client.clone(), shutdown.clone());
+            let grace = config.grace_period;
+            tokio::spawn(async move {
+                info!(listen = %addr, "accepting");
+                listener::serve(data_listener, acceptor, gate, metrics, &client_config, stop, grace).await;
+            })
+        };
+
+        let (store, loaded) = match opened {
+            Some(opened) => opened,
+            None => match wait_for_store(&config.state_dir, gate.patience()).await {
+                Ok((store, loaded)) => (Arc::new(store), loaded),
+                Err(err) => {
+                    shutdown.cancel();
+                    let _ = data_plane.await;
+                    return Err(err);
+                }
+            },
+        };
+        let prepared = Server::prepare(&config, &clock, &metrics, store.clone(), loaded, client, certs);
+        let (proxy, control) = match prepared {
+            Ok(prepared) => prepared,
+            Err(err) => {
+                shutdown.cancel();
+                let _ = data_plane.await;
+                store.close().await;
+                return Err(err);
+            }
+        };
+        gate.open(proxy.clone());
+
         let readiness = Arc::new(Readiness::default());
         let admin_stop = CancellationToken::new();
         let admin_state = AdminState {
@@ -189,35 +248,30 @@ impl Server {
             readiness: readiness.clone(),
             token: token.map(Arc::new),
         };
+        let handed_over = shutdown.clone();
+        // A successor started with --takeover gets these sockets and makes this process stop.
+        let offered =
+            handover::offer(&config.state_dir, data_socket, &admin_listener, handed_over, shutdown.clone());
+        if let Err(err) = &offered {
+            tracing::warn!(error = %crate::ErrorChain(err), "hitless restart is unavailable for this process");
+        }
         let admin_task = tokio::spawn(admin::serve(admin_listener, admin_state, admin_stop.clone()));
-        let shutdown = CancellationToken::new();
         let upkeep_stop = CancellationToken::new();
         let upkeep = tokio::spawn(upkeep(proxy.clone(), upkeep_stop.clone()));
         let checks = tokio::spawn(crate::health::run_checks(proxy.clone(), shutdown.clone()));
 
         let stopping = shutdown.clone();
         let proxy_handle = proxy.clone();
+        let grace = config.grace_period;
         let stopped = tokio::spawn(async move {
-            let not_ready = async {
-                stopping.cancelled().await;
-                readiness.set(false);
-            };
             readiness.set(true);
             info!(listen = %addr, admin = %admin_addr, "serving");
-            tokio::join!(
-                listener::serve(
-                    data_listener,
-                    acceptor,
-                    proxy.clone(),
-                    &config.client,
-                    stopping.clone(),
-                    config.grace_period
-                ),
-                not_ready
-            );
+            stopping.cancelled().await;
+            readiness.set(false);
+            let _ = data_plane.await;
             // Upgraded connections (WebSocket) are no longer HTTP connections the listener
             // tracks; they get a grace period of their own.
-            proxy.close_tunnels(config.grace_period).await;
+            proxy.close_tunnels(grace).await;
             // Pin activity and the drain clock kept being flushed during the drain; stop now.
             upkeep_stop.cancel();
             let _ = upkeep.await;
@@ -230,6 +284,45 @@ impl Server {
             info!("stopped");
         });
         Ok(Server { addr, admin_addr, proxy: proxy_handle, control, shutdown, stopped })
+    }
+
+    /// Builds the proxy and its control plane from what the store held.
+    fn prepare(
+        config: &Config,
+        clock: &SharedClock,
+        metrics: &Arc<Metrics>,
+        store: Arc<Store>,
+        loaded: Loaded,
+        client: UpstreamClient,
+        certs: Option<Arc<CertStore>>,
+    ) -> Result<(Arc<Proxy>, Arc<Control>), StartError> {
+        let mut overrides: Overrides = match &loaded.overrides {
+            None => Overrides::default(),
+            Some(json) => serde_json::from_slice(json)
+                .map_err(|source| StartError::Overrides { dir: config.state_dir.clone(), source })?,
+        };
+        let effective = Control::effective(config, &mut overrides);
+        if !overrides.is_empty() {
+            info!(overrides = %serde_json::to_string(&overrides).unwrap_or_default(), revision = loaded.revision, "admin overrides in force");
+        }
+        let started_pins = loaded.pins.len();
+        let policy = PinPolicy::from_config(&effective.sessions);
+        let sessions = Arc::new(Sessions::new(loaded.pins, &policy, store, clock.clone(), metrics.clone()));
+        let drain = Arc::new(DrainClock::new(loaded.last_v1_request_ms, clock.now()));
+        let live = sessions.live(PoolName::V1) + sessions.live(PoolName::V2);
+        info!(state_dir = %config.state_dir.display(), pins = live, expired_while_down = started_pins - live, "state loaded");
+        let proxy = Arc::new(Proxy::new(
+            snapshot::shared(&effective, metrics),
+            client,
+            sessions,
+            drain,
+            metrics.clone(),
+            clock.clone(),
+            if certs.is_some() { "https" } else { "http" },
+        ));
+        let control =
+            Arc::new(Control::new(proxy.clone(), config.clone(), overrides, loaded.revision, certs));
+        Ok((proxy, control))
     }
 
     /// The running proxy: its sessions, metrics and drain signal.
@@ -268,11 +361,12 @@ fn bind_error(key: &'static str, addr: SocketAddr, source: io::Error) -> StartEr
 }
 
 /// Serves until SIGTERM or SIGINT, then stops gracefully; SIGHUP reloads the config file.
-pub async fn run(config: Config) -> Result<(), StartError> {
+/// With `takeover`, first takes over from the process running on the same state directory.
+pub async fn run(config: Config, takeover: Option<Duration>) -> Result<(), StartError> {
     use tokio::signal::unix::{signal, SignalKind};
     let stop = stop_signal()?;
     let mut hangup = signal(SignalKind::hangup()).map_err(StartError::Signals)?;
-    let server = Server::start(config).await?;
+    let server = Server::start_with(config, StartOptions { takeover, ..StartOptions::default() }).await?;
     let control = server.control().clone();
     tokio::spawn(async move {
         while hangup.recv().await.is_some() {

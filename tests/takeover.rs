@@ -1,0 +1,125 @@
+//! Hitless restart: a second process takes the sockets and the state over under load.
+
+mod support;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use http::{Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use support::{config_yaml, ProxyProcess, Upstream};
+
+#[tokio::test]
+async fn a_takeover_under_load_fails_no_request_and_keeps_every_pin() {
+    let v1 = Upstream::new("v1-a").spawn().await;
+    let v2 = Upstream::new("v2-a").spawn().await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("rollout.yaml");
+    let extra = format!(
+        "routes: {{ legacy_v1_percent: 50 }}\nshutdown: {{ grace_period: 10s }}\nstate_dir: {}\n",
+        dir.path().join("state").display()
+    );
+    std::fs::write(&file, config_yaml(&[("v1-a", v1, 1)], &[("v2-a", v2, 1)], &extra)).unwrap();
+    let file = file.to_str().unwrap().to_owned();
+    let mut old = ProxyProcess::start(&["run", "--config", &file]).await;
+    let base = old.url("");
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let (sent, failures) = (Arc::new(AtomicUsize::new(0)), Arc::new(Mutex::new(Vec::new())));
+    let retried = Arc::new(AtomicUsize::new(0));
+    let pools: Arc<Mutex<HashMap<String, String>>> = Arc::default();
+    let mut workers = Vec::new();
+    for worker in 0..4 {
+        let (stop, sent, failures, pools, base) =
+            (stop.clone(), sent.clone(), failures.clone(), pools.clone(), base.clone());
+        let retried = retried.clone();
+        workers.push(tokio::spawn(async move {
+            // Workers 0 and 1 keep their connections alive; 2 and 3 open one per request.
+            let keep_alive = worker < 2;
+            let shared = support::http1_client();
+            let mut i = 0usize;
+            while !stop.load(Ordering::Relaxed) {
+                let study = format!("s{}", (worker * 1000 + i) % 40);
+                let path =
+                    if i % 3 == 0 { "/api/members/me".to_owned() } else { format!("/api/studies/{study}") };
+                let mut req = Request::get(format!("{base}{path}")).body(Full::default()).unwrap();
+                if !keep_alive {
+                    req.headers_mut().insert("connection", "close".parse().unwrap());
+                }
+                let client = if keep_alive { shared.clone() } else { support::http1_client() };
+                let mut result = client.request(req).await;
+                // A server may close an idle keep-alive connection just as the client reuses it;
+                // HTTP clients retry an idempotent request once in that case (RFC 9112 §9.3.1).
+                // Only the keep-alive workers may do so; a fresh connection must never fail.
+                if keep_alive && matches!(&result, Err(e) if is_closed_before_response(e)) {
+                    retried.fetch_add(1, Ordering::Relaxed);
+                    let again = Request::get(format!("{base}{path}")).body(Full::default()).unwrap();
+                    result = client.request(again).await;
+                }
+                match result {
+                    Ok(response) if response.status() == StatusCode::OK => {
+                        let pool = response.headers()["x-rollout-pool"].to_str().unwrap().to_owned();
+                        let _ = response.into_body().collect().await;
+                        if path.starts_with("/api/studies/") {
+                            let mut pools = pools.lock().unwrap();
+                            let first = pools.entry(study.clone()).or_insert_with(|| pool.clone());
+                            if *first != pool {
+                                failures
+                                    .lock()
+                                    .unwrap()
+                                    .push(format!("study {study} moved from {first} to {pool}"));
+                            }
+                        }
+                    }
+                    Ok(response) => {
+                        failures.lock().unwrap().push(format!("{path}: HTTP {}", response.status()))
+                    }
+                    Err(err) => failures
+                        .lock()
+                        .unwrap()
+                        .push(format!("worker {worker} (keep-alive: {keep_alive}) {path}: {err:?}")),
+                }
+                sent.fetch_add(1, Ordering::Relaxed);
+                i += 1;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }));
+    }
+
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let before = sent.load(Ordering::Relaxed);
+    let new = ProxyProcess::start(&["run", "--config", &file, "--takeover"]).await;
+    assert_eq!(new.addr, old.addr, "the new process serves on the same socket");
+    let status = old.exit_status(Duration::from_secs(15)).await;
+    assert_eq!(status.code(), Some(0), "the old process drained and exited: {}", old.stderr.lock().unwrap());
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    stop.store(true, Ordering::Relaxed);
+    for worker in workers {
+        worker.await.unwrap();
+    }
+
+    let sent = sent.load(Ordering::Relaxed);
+    assert!(before > 100 && sent > before + 100, "too little load: {before} before, {sent} in all");
+    let failures = failures.lock().unwrap();
+    assert!(
+        failures.is_empty(),
+        "{} of {sent} requests failed: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(10)]
+    );
+    assert_eq!(pools.lock().unwrap().len(), 40);
+    eprintln!(
+        "{sent} requests, {} keep-alive requests retried once after an idle close",
+        retried.load(Ordering::Relaxed)
+    );
+    drop(new);
+}
+
+fn is_closed_before_response(err: &hyper_util::client::legacy::Error) -> bool {
+    use std::error::Error as _;
+    err.source()
+        .and_then(|e| e.downcast_ref::<hyper::Error>())
+        .is_some_and(hyper::Error::is_incomplete_message)
+}
