@@ -43,7 +43,7 @@ async fn a_takeover_under_load_fails_no_request_and_keeps_every_pin() {
             while !stop.load(Ordering::Relaxed) {
                 let study = format!("s{}", (worker * 1000 + i) % 40);
                 let path =
-                    if i % 3 == 0 { "/api/members/me".to_owned() } else { format!("/api/studies/{study}") };
+                    if i.is_multiple_of(3) { "/api/members/me".to_owned() } else { format!("/api/studies/{study}") };
                 let mut req = Request::get(format!("{base}{path}")).body(Full::default()).unwrap();
                 if !keep_alive {
                     req.headers_mut().insert("connection", "close".parse().unwrap());
