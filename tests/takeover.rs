@@ -42,8 +42,11 @@ async fn a_takeover_under_load_fails_no_request_and_keeps_every_pin() {
             let mut i = 0usize;
             while !stop.load(Ordering::Relaxed) {
                 let study = format!("s{}", (worker * 1000 + i) % 40);
-                let path =
-                    if i.is_multiple_of(3) { "/api/members/me".to_owned() } else { format!("/api/studies/{study}") };
+                let path = if i.is_multiple_of(3) {
+                    "/api/members/me".to_owned()
+                } else {
+                    format!("/api/studies/{study}")
+                };
                 let mut req = Request::get(format!("{base}{path}")).body(Full::default()).unwrap();
                 if !keep_alive {
                     req.headers_mut().insert("connection", "close".parse().unwrap());

@@ -443,6 +443,10 @@ impl ProxyProcess {
         format!("http://{}{}", self.admin_addr, path)
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn signal(&self, signal: i32) {
         let pid = i32::try_from(self.child.id()).unwrap();
         // SAFETY: kill(2) with a pid this test spawned and still owns.
