@@ -22,8 +22,7 @@ fn resident_kib(pid: u32) -> u64 {
 
 #[tokio::test]
 async fn twenty_seconds_of_mixed_traffic_with_upstream_kills() {
-    let mut v1 =
-        vec![Upstream::new("v1-a").spawn_killable().await, Upstream::new("v1-b").spawn_killable().await];
+    let mut v1 = [Upstream::new("v1-a").spawn_killable().await, Upstream::new("v1-b").spawn_killable().await];
     let v2 = Upstream::new("v2-a").spawn().await;
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("rollout.yaml");
