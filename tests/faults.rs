@@ -23,19 +23,16 @@ fn with_checks(yaml: &str) -> String {
     )
 }
 
-async fn status(proxy: &support::ProxyHandle) -> serde_json::Value {
-    get(&proxy.admin_url("/status")).await.json()
-}
-
-async fn v1_health(proxy: &support::ProxyHandle, name: &str) -> bool {
-    let status = status(proxy).await;
+/// The health of a v1 upstream as `GET /status` on `admin` reports it.
+async fn v1_health_at(admin: &str, name: &str) -> bool {
+    let status = get(&format!("{admin}/status")).await.json();
     let upstreams = status["pools"]["v1"]["upstreams"].as_array().unwrap().clone();
     upstreams.iter().find(|u| u["name"] == name).unwrap()["healthy"].as_bool().unwrap()
 }
 
-async fn wait_for_health(proxy: &support::ProxyHandle, name: &str, healthy: bool) {
+async fn wait_for_health_at(admin: &str, name: &str, healthy: bool) {
     let started = Instant::now();
-    while v1_health(proxy, name).await != healthy {
+    while v1_health_at(admin, name).await != healthy {
         assert!(started.elapsed() < Duration::from_secs(10), "{name} never became healthy={healthy}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -46,9 +43,15 @@ async fn killing_one_of_two_v1_upstreams_fails_no_request_and_it_comes_back() {
     let a = Upstream::new("v1-a").spawn_killable().await;
     let mut b = Upstream::new("v1-b").spawn_killable().await;
     let v2 = Upstream::new("v2-a").spawn().await;
+    let dir = tempfile::tempdir().unwrap();
+    let extra = format!("{RESILIENT}state_dir: {}\n", dir.path().join("state").display());
     let yaml =
-        with_checks(&config_yaml(&[("v1-a", a.addr, 1), ("v1-b", b.addr, 1)], &[("v2-a", v2, 1)], RESILIENT));
-    let proxy = spawn_proxy(&yaml).await;
+        with_checks(&config_yaml(&[("v1-a", a.addr, 1), ("v1-b", b.addr, 1)], &[("v2-a", v2, 1)], &extra));
+    std::fs::write(dir.path().join("rollout.yaml"), yaml).unwrap();
+    // The proxy as operators run it: the binary, in its own process.
+    let config = dir.path().join("rollout.yaml");
+    let proxy = support::ProxyProcess::start(&["run", "--config", config.to_str().unwrap()]).await;
+    let admin = proxy.admin_url("");
 
     // Four clients sending GETs back to back (keyed and unkeyed legacy, all to v1 at 100 %).
     let stop = Arc::new(AtomicBool::new(false));
@@ -84,14 +87,14 @@ async fn killing_one_of_two_v1_upstreams_fails_no_request_and_it_comes_back() {
 
     tokio::time::sleep(Duration::from_millis(500)).await;
     b.kill();
-    wait_for_health(&proxy, "v1-b", false).await;
+    wait_for_health_at(&admin, "v1-b", false).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let by_b_while_down = served_by_b.load(Ordering::Relaxed);
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(served_by_b.load(Ordering::Relaxed), by_b_while_down, "a dead upstream served requests");
 
     b.restart().await;
-    wait_for_health(&proxy, "v1-b", true).await;
+    wait_for_health_at(&admin, "v1-b", true).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     stop.store(true, Ordering::Relaxed);
     for worker in load {
@@ -102,6 +105,20 @@ async fn killing_one_of_two_v1_upstreams_fails_no_request_and_it_comes_back() {
     assert!(sent > 200, "only {sent} requests sent");
     assert_eq!(failed.load(Ordering::Relaxed), 0, "failed requests out of {sent}");
     drop(a);
+}
+
+#[tokio::test]
+async fn health_probes_are_not_v1_traffic() {
+    let a = Upstream::new("v1-a").spawn().await;
+    let v2 = Upstream::new("v2-a").spawn().await;
+    let extra = "routes: { legacy_v1_percent: 0 }\ndrain: { quiet_window: 1500ms }\n";
+    let proxy = spawn_proxy(&with_checks(&config_yaml(&[("v1-a", a, 1)], &[("v2-a", v2, 1)], extra))).await;
+    // Probes every 200 ms for two seconds: v1 still counts as quiet.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let text = String::from_utf8(get(&proxy.admin_url("/metrics")).await.body.to_vec()).unwrap();
+    assert!(text.contains("rollout_upstream_healthy{pool=\"v1\",upstream=\"v1-a\"} 1"), "{text}");
+    let drain = get(&proxy.admin_url("/drain")).await;
+    assert_eq!(drain.status, StatusCode::OK, "{:?}", drain.body);
     proxy.shutdown().await;
 }
 
@@ -116,8 +133,8 @@ async fn all_v1_upstreams_down_answers_503_no_upstream_quickly() {
     assert_eq!(get(&proxy.url("/api/studies/1")).await.status, StatusCode::OK);
     a.kill();
     b.kill();
-    wait_for_health(&proxy, "v1-a", false).await;
-    wait_for_health(&proxy, "v1-b", false).await;
+    wait_for_health_at(&proxy.admin_url(""), "v1-a", false).await;
+    wait_for_health_at(&proxy.admin_url(""), "v1-b", false).await;
     let started = Instant::now();
     let reply = get(&proxy.url("/api/studies/1")).await;
     assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE);
