@@ -11,10 +11,10 @@
 //! listener → proxy (per-request orchestration; the ONE place errors become responses)
 //!          → router (v2 prefix? else legacy) → session (extract key, look up / create pin)
 //!          → balancer (smooth weighted round-robin inside a pool, skipping unhealthy / weight 0)
-//!          → upstream (hyper client, timeouts) → headers (hop-by-hop, forwarded)
-//!          → metrics
+//!          → upstream (pooled connections, timeouts, retries in the pool) → headers (hop-by-hop,
+//!            forwarded) → metrics
 //! supporting: config (raw serde → validated), snapshot (the running config behind one ArcSwap),
-//!             state (durable store), drain, clock, control, admin, ctl,
+//!             state (durable store), drain, clock, health, control, admin, ctl, tls, handover,
 //!             server (listeners, readiness, graceful stop), demo
 //! ```
 //!
@@ -24,11 +24,13 @@
 //!   every problem is reported with file, line and column.
 //! - [`snapshot`]: the running routing state built from a config and published through one
 //!   `ArcSwap`.
-//! - [`listener`]: accept loop and per-connection HTTP/1.1 + h2c serving with graceful stop.
+//! - [`listener`]: accept loop, connection limits, TLS handshakes, HTTP/1.1 + HTTP/2 serving
+//!   with graceful stop.
 //! - [`proxy`]: the per-request service; maps every failure to its response in one function.
 //! - [`router`]: v2-prefix matching and the legacy percentage split.
 //! - [`balancer`]: smooth weighted round-robin inside one pool.
-//! - [`upstream`]: upstream identity and the pooled keep-alive HTTP/1.1 client with timeouts.
+//! - [`upstream`]: upstream identity and the per-upstream keep-alive HTTP/1.1 connection pools.
+//! - [`health`]: active health checks and passive ejection.
 //! - [`headers`]: hop-by-hop removal and `X-Forwarded-*` (RFC 9110 §7.6).
 //! - [`session`]: session keys and the sharded pin table.
 //! - [`state`]: the durable store (pins, drain clock, overrides) with group commit.
@@ -38,6 +40,8 @@
 //! - [`control`]: overrides, revisions, reloads: every change to the running config.
 //! - [`admin`]: the admin listener (health, readiness, metrics, drain, the operator's API).
 //! - [`ctl`]: the operator's command-line client for the admin API.
+//! - [`tls`]: rustls termination with reloadable certificates, and TLS to `https://` upstreams.
+//! - [`handover`]: hitless restart by passing the listening sockets to a successor.
 //! - [`server`]: starts the data plane and admin listeners, tracks readiness, stops gracefully.
 //! - [`demo`]: the self-contained tour with built-in stub upstreams.
 
