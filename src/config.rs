@@ -238,7 +238,8 @@ impl Default for RawHealth {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RawEjection {
-    /// Connect errors, timeouts or 5xx answers in a row that eject; 0 turns ejection off.
+    /// Connect errors, closed connections or 502/503/504 answers in a row that eject; 0 turns
+    /// ejection off.
     pub consecutive_failures: u32,
     #[serde(with = "humantime_serde")]
     pub duration: Duration,

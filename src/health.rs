@@ -127,7 +127,11 @@ pub async fn run_checks(proxy: Arc<Proxy>, stop: CancellationToken) {
         let snapshot = proxy.snapshot();
         let now = now_ms();
         for pool in PoolName::ALL {
-            let Some(check) = snapshot.health_checks.get(pool).clone() else { continue };
+            let Some(check) = snapshot.health_checks.get(pool).clone() else {
+                // Checks removed by a reload: nothing will ever probe these again.
+                snapshot.pool(pool).upstreams().iter().for_each(|u| u.health().set_probed(true));
+                continue;
+            };
             for upstream in snapshot.pool(pool).upstreams() {
                 let health = upstream.health();
                 if health.next_probe.load(Ordering::Relaxed) > now
@@ -138,10 +142,11 @@ pub async fn run_checks(proxy: Arc<Proxy>, stop: CancellationToken) {
                 health.next_probe.store(now + check.interval.as_millis() as u64, Ordering::Relaxed);
                 let (upstream, proxy, check) = (upstream.clone(), proxy.clone(), check.clone());
                 tokio::spawn(async move {
-                    let ok = probe(&proxy, &upstream, &check).await;
-                    let health = upstream.health();
-                    health.probing.store(false, Ordering::Relaxed);
-                    match health.record_probe(ok, &check) {
+                    let _probing = ProbeGuard(&upstream);
+                    // The whole probe, body included, is bounded: a hung one counts as failed.
+                    let ok = tokio::time::timeout(check.timeout, probe(&proxy, &upstream, &check)).await
+                        == Ok(true);
+                    match upstream.health().record_probe(ok, &check) {
                         Some(true) => {
                             info!(pool = %pool, upstream = %upstream.name(), "upstream healthy again")
                         }
@@ -153,6 +158,15 @@ pub async fn run_checks(proxy: Arc<Proxy>, stop: CancellationToken) {
                 });
             }
         }
+    }
+}
+
+/// Clears the upstream's "probe running" mark however the probe task ends.
+struct ProbeGuard<'a>(&'a crate::upstream::Upstream);
+
+impl Drop for ProbeGuard<'_> {
+    fn drop(&mut self) {
+        self.0.health().probing.store(false, Ordering::Relaxed);
     }
 }
 

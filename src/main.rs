@@ -35,8 +35,9 @@ enum Command {
         /// running on the same state_dir, which then drains and exits.
         #[arg(long)]
         takeover: bool,
-        /// How long requests wait for the old process to hand over the state.
-        #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+        /// How long requests wait for the old process to hand over the state; make it longer
+        /// than shutdown.grace_period, which bounds the old process's drain.
+        #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
         takeover_timeout: Duration,
     },
     /// Validate a config file and print the effective configuration.

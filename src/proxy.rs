@@ -20,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
+use crate::balancer::Balancer;
 use crate::clock::{SharedClock, UnixMillis};
 use crate::config::Ejection;
 use crate::config::{ByPool, PoolName};
@@ -236,7 +237,8 @@ impl Proxy {
         let result = if must_persist {
             // What this request changed is made durable while the upstream works; the response
             // waits for both.
-            let (result, durable) = tokio::join!(exchange, self.persist(drain_ahead));
+            let made = if decision == Decision::NewPin { pending } else { None };
+            let (result, durable) = tokio::join!(exchange, self.persist(made, drain_ahead));
             if !durable {
                 warn!(pool = %pool, "session or drain state not confirmed durable; answering anyway");
             }
@@ -291,8 +293,10 @@ impl Proxy {
                 Ok(response) => {
                     let status = response.status();
                     upstream.stats.response(status.as_u16());
-                    if status.is_server_error() {
-                        self.note_failure(pool, upstream, ejection);
+                    // 502/503/504 say the upstream itself is in trouble; a 500 is one request's
+                    // application error and ejects nothing.
+                    if matches!(status.as_u16(), 502..=504) {
+                        self.note_failure(pool, balancer, upstream, ejection);
                     } else {
                         upstream.health().record_success();
                     }
@@ -300,7 +304,10 @@ impl Proxy {
                 }
                 Err(SendError { error, request }) => {
                     upstream.stats.error(error.kind());
-                    self.note_failure(pool, upstream, ejection);
+                    // A response timeout may be a slow client's upload, not the upstream's fault.
+                    if !matches!(error, UpstreamError::Timeout { .. }) {
+                        self.note_failure(pool, balancer, upstream, ejection);
+                    }
                     let again = request.or_else(|| {
                         replay.as_ref().map(|(method, uri, headers)| {
                             let mut rebuilt = Request::new(empty_body());
@@ -327,8 +334,15 @@ impl Proxy {
         }
     }
 
-    fn note_failure(&self, pool: PoolName, upstream: &Upstream, ejection: &Ejection) {
-        if upstream.health().record_failure(ejection.consecutive_failures, ejection.duration) {
+    /// Counts a failure towards passive ejection. The last healthy upstream of a pool is never
+    /// ejected: with nowhere else to go, trying it beats answering 503 for the whole period.
+    fn note_failure(&self, pool: PoolName, balancer: &Balancer, upstream: &Upstream, ejection: &Ejection) {
+        let others_healthy = balancer
+            .upstreams()
+            .iter()
+            .any(|u| !std::ptr::eq(&**u, upstream) && u.weight() > 0 && u.is_healthy());
+        let threshold = if others_healthy { ejection.consecutive_failures } else { 0 };
+        if upstream.health().record_failure(threshold, ejection.duration) {
             warn!(pool = %pool, upstream = %upstream.name(), for_ = ?ejection.duration, "upstream ejected after consecutive failures");
         }
     }
@@ -362,15 +376,21 @@ impl Proxy {
         }
     }
 
-    /// Commits everything this request sent to the store (a new pin, a pin's activity, and the
-    /// drain clock if `drain_ahead`), within a bound. False if that could not be confirmed.
-    async fn persist(&self, drain_ahead: Option<UnixMillis>) -> bool {
+    /// Commits everything this request sent to the store (the pin `new_pin` it made, a pin's
+    /// activity, and the drain clock if `drain_ahead`), within a bound. False if that could not
+    /// be confirmed.
+    async fn persist(&self, new_pin: Option<u64>, drain_ahead: Option<UnixMillis>) -> bool {
         let store = self.sessions.store();
         if let Some(at) = drain_ahead {
             store.send(Op::LastV1Request(at));
         }
         let flushed = tokio::time::timeout(std::time::Duration::from_secs(5), store.flush()).await;
-        let durable = matches!(flushed, Ok(true));
+        // The flush reports its own commit; a new pin may have been in an earlier one that failed.
+        let pin_durable = match new_pin {
+            Some(seq) => self.sessions.settle(seq).await,
+            None => true,
+        };
+        let durable = matches!(flushed, Ok(true)) && pin_durable;
         if let (true, Some(at)) = (durable, drain_ahead) {
             self.drain.mark_durable(at);
         }

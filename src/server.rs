@@ -98,11 +98,16 @@ impl Default for StartOptions {
     }
 }
 
-/// Opens the store, retrying while another process holds it, for at most `patience`.
+/// Opens the store, retrying while another process holds it, for at most `patience`. Opening
+/// reads every pin: blocking work, kept off the threads already serving connections.
 async fn wait_for_store(dir: &std::path::Path, patience: Duration) -> Result<(Store, Loaded), StartError> {
     let deadline = tokio::time::Instant::now() + patience;
     loop {
-        match Store::open(dir) {
+        let path = dir.to_owned();
+        let opened = tokio::task::spawn_blocking(move || Store::open(&path))
+            .await
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic.into_panic()));
+        match opened {
             Err(StateError::Locked { .. }) if tokio::time::Instant::now() < deadline => {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
@@ -162,19 +167,21 @@ impl Server {
                 gate,
                 metrics,
                 token,
+                None,
             )
             .await;
         };
         // A takeover gets the running process's sockets (or binds its own if none is running)
         // and serves at once; requests wait at the gate until the store is free.
-        let (data, admin) = match handover::take(&config.state_dir)? {
-            Some(listeners) => listeners,
-            None => (bind(config.listen, "listen").await?, bind(config.admin_listen, "admin.listen").await?),
+        let (data, admin, predecessor) = match handover::take(&config.state_dir).await? {
+            Some((data, admin, predecessor)) => (data, admin, Some(predecessor)),
+            None => {
+                (bind(config.listen, "listen").await?, bind(config.admin_listen, "admin.listen").await?, None)
+            }
         };
         let gate = Gate::new(patience);
         let metrics = Arc::new(Metrics::new());
-        let _ = options.commit_delay;
-        Server::launch(config, options.clock, None, data, admin, gate, metrics, token).await
+        Server::launch(config, options.clock, None, data, admin, gate, metrics, token, predecessor).await
     }
 
     /// Serves on `data` (at once, through `gate`) and `admin` (once the proxy is ready). With no
@@ -190,6 +197,7 @@ impl Server {
         gate: Arc<Gate>,
         metrics: Arc<Metrics>,
         token: Option<Token>,
+        predecessor: Option<std::os::unix::net::UnixStream>,
     ) -> Result<Server, StartError> {
         let addr =
             data_listener.local_addr().map_err(|source| bind_error("listen", config.listen, source))?;
@@ -207,38 +215,54 @@ impl Server {
         let shutdown = CancellationToken::new();
         let data_socket = handover::duplicate(&data_listener)
             .map_err(|source| bind_error("listen", config.listen, source))?;
-        let data_plane = {
+        let mut serve_data = Some({
             let (gate, metrics, client_config, stop) =
                 (gate.clone(), metrics.clone(), config.client.clone(), shutdown.clone());
             let grace = config.grace_period;
-            tokio::spawn(async move {
-                info!(listen = %addr, "accepting");
-                listener::serve(data_listener, acceptor, gate, metrics, &client_config, stop, grace).await;
-            })
-        };
+            move || {
+                tokio::spawn(async move {
+                    info!(listen = %addr, "accepting");
+                    listener::serve(data_listener, acceptor, gate, metrics, &client_config, stop, grace)
+                        .await;
+                })
+            }
+        });
+        let mut start_data_plane =
+            || serve_data.take().map(|serve| serve()).expect("the data plane starts once");
 
-        let (store, loaded) = match opened {
-            Some(opened) => opened,
-            None => match wait_for_store(&config.state_dir, gate.patience()).await {
-                Ok((store, loaded)) => (Arc::new(store), loaded),
-                Err(err) => {
-                    shutdown.cancel();
-                    let _ = data_plane.await;
-                    return Err(err);
+        // With the store in hand, the proxy is built before the first connection is accepted.
+        // In a takeover, connections are accepted first and wait at the gate for the store.
+        let (data_plane, store, loaded) = match opened {
+            Some((store, loaded)) => (None, store, loaded),
+            None => {
+                let data_plane = start_data_plane();
+                if let Some(predecessor) = predecessor {
+                    handover::acknowledge(predecessor);
                 }
-            },
+                match wait_for_store(&config.state_dir, gate.patience()).await {
+                    Ok((store, loaded)) => (Some(data_plane), Arc::new(store), loaded),
+                    Err(err) => {
+                        shutdown.cancel();
+                        let _ = data_plane.await;
+                        return Err(err);
+                    }
+                }
+            }
         };
         let prepared = Server::prepare(&config, &clock, &metrics, store.clone(), loaded, client, certs);
         let (proxy, control) = match prepared {
             Ok(prepared) => prepared,
             Err(err) => {
                 shutdown.cancel();
-                let _ = data_plane.await;
+                if let Some(data_plane) = data_plane {
+                    let _ = data_plane.await;
+                }
                 store.close().await;
                 return Err(err);
             }
         };
         gate.open(proxy.clone());
+        let data_plane = data_plane.unwrap_or_else(start_data_plane);
 
         let readiness = Arc::new(Readiness::default());
         let admin_stop = CancellationToken::new();
@@ -248,12 +272,30 @@ impl Server {
             readiness: readiness.clone(),
             token: token.map(Arc::new),
         };
-        let handed_over = shutdown.clone();
-        // A successor started with --takeover gets these sockets and makes this process stop.
-        let offered =
-            handover::offer(&config.state_dir, data_socket, &admin_listener, handed_over, shutdown.clone());
+        // A successor started with --takeover gets these sockets; this process then stops, and
+        // leaves the shared admin socket to the successor at once.
+        let handed_over = CancellationToken::new();
+        let offered = handover::offer(
+            &config.state_dir,
+            data_socket,
+            &admin_listener,
+            handed_over.clone(),
+            shutdown.clone(),
+        );
         if let Err(err) = &offered {
             tracing::warn!(error = %crate::ErrorChain(err), "hitless restart is unavailable for this process");
+        }
+        {
+            let (shutdown, admin_stop) = (shutdown.clone(), admin_stop.clone());
+            tokio::spawn(async move {
+                tokio::select! {
+                    _ = handed_over.cancelled() => {
+                        admin_stop.cancel();
+                        shutdown.cancel();
+                    }
+                    _ = shutdown.cancelled() => {}
+                }
+            });
         }
         let admin_task = tokio::spawn(admin::serve(admin_listener, admin_state, admin_stop.clone()));
         let upkeep_stop = CancellationToken::new();
@@ -269,16 +311,17 @@ impl Server {
             stopping.cancelled().await;
             readiness.set(false);
             let _ = data_plane.await;
-            // Upgraded connections (WebSocket) are no longer HTTP connections the listener
-            // tracks; they get a grace period of their own.
-            proxy.close_tunnels(grace).await;
-            // Pin activity and the drain clock kept being flushed during the drain; stop now.
+            // Pin activity and the drain clock kept being flushed during the drain; stop now,
+            // write the last of both and release the state directory (a successor waits for
+            // it). Tunnels still open need no state.
             upkeep_stop.cancel();
             let _ = upkeep.await;
             let _ = checks.await;
-            // Last flush of pin activity and the drain clock, then release the state directory.
             let _ = proxy.maintain();
             proxy.sessions().store().close().await;
+            // Upgraded connections (WebSocket) are no longer HTTP connections the listener
+            // tracks; they get a grace period of their own.
+            proxy.close_tunnels(grace).await;
             admin_stop.cancel();
             let _ = admin_task.await;
             info!("stopped");

@@ -34,8 +34,8 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
-    /// Builds a snapshot of `config`. Upstreams that `previous` also has (same pool and name)
-    /// keep their health and their idle connections.
+    /// Builds a snapshot of `config`. Upstreams that `previous` also has (same pool, name and
+    /// URL) keep their health and their idle connections.
     pub fn build(config: &Config, metrics: &Metrics, previous: Option<&Snapshot>) -> Snapshot {
         let pools = config.pools.map(|pool, cfg| {
             let upstreams = cfg
@@ -43,7 +43,12 @@ impl Snapshot {
                 .iter()
                 .map(|u| {
                     let state = previous
-                        .and_then(|p| p.pool(pool).upstreams().iter().find(|old| old.name() == &u.name))
+                        .and_then(|p| {
+                            p.pool(pool)
+                                .upstreams()
+                                .iter()
+                                .find(|old| old.name() == &u.name && old.url() == &u.url)
+                        })
                         .map_or_else(|| UpstreamState::new(&config.upstream), |old| old.state().clone());
                     Arc::new(Upstream::new(u, metrics.upstream_stats(pool, u.name.as_str()), state))
                 })

@@ -25,10 +25,13 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tracing::debug;
 
-use crate::config::{UpstreamConfig, UpstreamName, UpstreamSettings};
+use crate::config::{UpstreamConfig, UpstreamName, UpstreamSettings, UpstreamUrl};
 use crate::health::Health;
 use crate::metrics::{UpstreamErrorKind, UpstreamStats};
 use crate::tls::TlsError;
+
+/// How long a pooled connection may take to be ready for a new request before another is used.
+const READY_WAIT: Duration = Duration::from_millis(100);
 
 /// What the proxy sends upstream: the client's streamed body, or nothing (which can be resent).
 pub type UpstreamBody = Either<Incoming, Empty<Bytes>>;
@@ -61,6 +64,7 @@ impl UpstreamState {
 #[derive(Debug)]
 pub struct Upstream {
     name: UpstreamName,
+    url: UpstreamUrl,
     authority: Authority,
     port: u16,
     /// `https://`: connections are TLS, verified against the upstream's host name.
@@ -76,6 +80,7 @@ impl Upstream {
     pub fn new(config: &UpstreamConfig, stats: UpstreamStats, state: Arc<UpstreamState>) -> Self {
         Upstream {
             name: config.name.clone(),
+            url: config.url.clone(),
             authority: config.url.authority.clone(),
             port: config.url.port(),
             tls: config.url.is_tls(),
@@ -87,6 +92,10 @@ impl Upstream {
 
     pub fn name(&self) -> &UpstreamName {
         &self.name
+    }
+
+    pub fn url(&self) -> &UpstreamUrl {
+        &self.url
     }
 
     pub fn authority(&self) -> &Authority {
@@ -281,8 +290,10 @@ impl UpstreamClient {
                     Err(error) => return Err(SendError { error, request: Some(req) }),
                 },
             };
-            if reused && sender.ready().await.is_err() {
-                continue; // closed while idle: try the next one
+            // A pooled connection is normally ready at once; one still busy (its last response
+            // ended before its request did) or closing is dropped rather than waited on.
+            if reused && !matches!(tokio::time::timeout(READY_WAIT, sender.ready()).await, Ok(Ok(()))) {
+                continue;
             }
             let sent = tokio::time::timeout(response_timeout, sender.try_send_request(req)).await;
             match sent {
@@ -294,7 +305,14 @@ impl UpstreamClient {
                 Ok(Ok(response)) => {
                     // A switched connection belongs to its tunnel from now on.
                     let reusable = response.status() != http::StatusCode::SWITCHING_PROTOCOLS;
-                    let give_back = reusable.then(|| (sender, upstream.state.clone()));
+                    let mut give_back = reusable.then(|| (sender, upstream.state.clone()));
+                    // An empty body (HEAD, 204, 304, Content-Length: 0) may never be polled: the
+                    // connection goes back now.
+                    if response.body().is_end_stream() {
+                        if let Some((sender, state)) = give_back.take() {
+                            state.pool.checkin(sender);
+                        }
+                    }
                     return Ok(response.map(|inner| UpstreamResponseBody { inner, give_back }));
                 }
                 Ok(Err(mut err)) => match err.take_message() {

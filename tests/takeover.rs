@@ -126,3 +126,24 @@ fn is_closed_before_response(err: &hyper_util::client::legacy::Error) -> bool {
         .and_then(|e| e.downcast_ref::<hyper::Error>())
         .is_some_and(hyper::Error::is_incomplete_message)
 }
+
+#[tokio::test]
+async fn a_successor_that_dies_before_confirming_leaves_the_old_process_serving() {
+    let v1 = Upstream::new("v1-a").spawn().await;
+    let v2 = Upstream::new("v2-a").spawn().await;
+    let proxy = support::spawn_proxy(&config_yaml(&[("v1-a", v1, 1)], &[("v2-a", v2, 1)], "")).await;
+    for _ in 0..2 {
+        // Take the sockets, then vanish without a word, as a crashing successor would.
+        let (data, admin, confirm) = rollout_proxy::handover::take(proxy.state_dir.path())
+            .await
+            .unwrap()
+            .expect("the running proxy offers its sockets");
+        assert_eq!(data.local_addr().unwrap(), proxy.addr);
+        assert_eq!(admin.local_addr().unwrap(), proxy.admin_addr);
+        drop((data, admin, confirm));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(support::get(&proxy.url("/api/studies/1")).await.status, StatusCode::OK);
+        assert_eq!(support::get(&proxy.admin_url("/readyz")).await.status, StatusCode::OK);
+    }
+    proxy.shutdown().await;
+}
