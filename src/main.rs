@@ -160,11 +160,18 @@ fn execute(command: Command) -> anyhow::Result<u8> {
     }
 }
 
-/// A multi-threaded runtime with `workers` threads (0: one per core).
+/// A runtime with `workers` threads (0: one per core). One worker runs everything on the main
+/// thread (tokio's current-thread scheduler): no work-stealing queues to synchronise and no
+/// cross-thread wake-ups, which is the cheapest way to serve from a single core.
 fn runtime(workers: usize) -> anyhow::Result<tokio::runtime::Runtime> {
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if workers > 0 {
-        builder.worker_threads(workers);
-    }
+    let mut builder = if workers == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut builder = tokio::runtime::Builder::new_multi_thread();
+        if workers > 1 {
+            builder.worker_threads(workers);
+        }
+        builder
+    };
     builder.enable_all().build().context("cannot start the async runtime")
 }

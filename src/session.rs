@@ -105,15 +105,24 @@ pub struct PinPolicy {
     pub idle_secs: u32,
     pub max_secs: u32,
     pub max_active: usize,
+    /// How stale a stored `last_seen` may be: one per mille of the idle timeout, at least the
+    /// read-back slack. A request the stored value covers to within this is not written ahead
+    /// (the background flush stores it), and after a restart every pin is read back this much
+    /// later, so a crash can lengthen a pin by up to this much but never shorten it. With the
+    /// default 10h40m idle timeout that is 38 s: a study that makes a request every few seconds
+    /// never waits for a commit.
+    pub stale_secs: u32,
 }
 
 impl PinPolicy {
     pub fn from_config(config: &SessionsConfig) -> Self {
         let secs = |d: Duration| u32::try_from(d.as_secs().max(1)).unwrap_or(u32::MAX);
+        let idle_secs = secs(config.idle_timeout);
         PinPolicy {
-            idle_secs: secs(config.idle_timeout),
+            idle_secs,
             max_secs: secs(config.max_duration),
             max_active: config.max_active,
+            stale_secs: (idle_secs / 1000).max(READ_BACK_SLACK.as_secs() as u32),
         }
     }
 }
@@ -244,7 +253,7 @@ fn secs(ms: UnixMillis) -> u32 {
 impl Sessions {
     /// Builds the table from the pins the store loaded, dropping (and deleting) those that ended
     /// while the proxy was down. `last_seen` reaches the store by the background flush, so the
-    /// stored value may be stale by up to [`READ_BACK_SLACK`]; it is read back that much later
+    /// stored value may be stale by up to `policy.stale_secs`; it is read back that much later
     /// (never past now): a restart never ends a pin early.
     pub fn new(
         loaded: Vec<StoredPin>,
@@ -257,7 +266,7 @@ impl Sessions {
         let mut tables: Vec<HashTable<Entry>> =
             (0..SHARDS).map(|_| HashTable::with_capacity(loaded.len() / SHARDS + 1)).collect();
         let now = secs(clock.now());
-        let slack = READ_BACK_SLACK.as_secs() as u32;
+        let slack = policy.stale_secs;
         let live_by_pool = ByPool::<AtomicUsize>::default();
         for stored in loaded {
             let last_seen = stored.last_seen.saturating_add(slack).min(now.max(stored.last_seen));
@@ -305,7 +314,7 @@ impl Sessions {
             if let Some(Entry { pin, .. }) = table.find(hash, |e| e.key == key) {
                 if pin.ended(now, policy).is_none() {
                     pin.touch(now);
-                    let write_ahead = self.write_ahead(key, pin, now);
+                    let write_ahead = self.write_ahead(key, pin, now, policy);
                     return Resolution::Pinned { pool: pin.pool, seq: pin.seq, write_ahead };
                 }
             }
@@ -359,11 +368,11 @@ impl Sessions {
     }
 
     /// Sends this request's time to the store if the stored `last_seen` would not cover it after
-    /// a crash (read back plus [`READ_BACK_SLACK`]). Called under the shard lock, so the touch
+    /// a crash (read back plus `policy.stale_secs`). Called under the shard lock, so the touch
     /// is ordered with the key's other changes.
-    fn write_ahead(&self, key: &str, pin: &Pin, now: u32) -> bool {
+    fn write_ahead(&self, key: &str, pin: &Pin, now: u32, policy: &PinPolicy) -> bool {
         let stored = pin.stored_last_seen.load(Ordering::Relaxed);
-        if stored.saturating_add(READ_BACK_SLACK.as_secs() as u32) >= now {
+        if stored.saturating_add(policy.stale_secs) >= now {
             return false;
         }
         pin.stored_last_seen.store(now, Ordering::Relaxed);

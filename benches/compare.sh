@@ -1,0 +1,246 @@
+#!/usr/bin/env bash
+#! Load benchmark: rollout-proxy against NGINX and HAProxy doing the same job on this machine.
+#!
+#! Operators pick a proxy partly on cost per request, so this measures CPU time per proxied
+#! request (from each proxy process's own /proc/PID/stat), throughput and latency, with every
+#! proxy on one worker pinned to CPU 1 and the upstreams plus the load generator (wrk) on CPU 0.
+#! Routing is the same everywhere: /api/v2/ to the v2 upstream, everything else to v1, with
+#! upstream keep-alive. A direct-to-upstream run is the baseline. Each scenario runs twice,
+#! interleaved across proxies, and the table gives ratios against NGINX from the same run.
+#!
+#! Scenarios: (a) keep-alive GETs at 64 connections; (b) legacy requests carrying one of 100,000
+#! study ids, all pinned beforehand in rollout-proxy; (c) 1 KiB POST bodies; (d) a new connection
+#! per request.
+#!
+#! Usage: benches/compare.sh [--quick]   (--quick: 2 s per run, one round; checks the script)
+#! Needs root for apt-get (nginx, haproxy, wrk are installed when missing). Loopback only.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+duration=10
+rounds=2
+if [ "${1:-}" = "--quick" ]; then duration=2; rounds=1; fi
+
+need=()
+for tool in nginx haproxy wrk taskset curl; do command -v "$tool" >/dev/null || need+=("$tool"); done
+if [ ${#need[@]} -gt 0 ]; then
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nginx haproxy wrk util-linux curl >/dev/null
+fi
+cargo build --release --quiet
+bin=$PWD/target/release/rollout-proxy
+
+work=$(mktemp -d)
+pids=()
+cleanup() {
+  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+V1=19101 V2=19102 DIRECT=19101 NGINX=19201 HAPROXY=19202 ROLLOUT=19203 ADMIN=19204
+
+wait_port() {
+  for _ in $(seq 100); do
+    curl -s -o /dev/null "http://127.0.0.1:$1/" && return 0
+    sleep 0.1
+  done
+  echo "nothing answers on port $1" >&2
+  exit 1
+}
+
+# --- Upstreams: one NGINX answering 200 per pool, on CPU 0. --------------------------------
+mkdir -p "$work/upstream"
+cat >"$work/upstream/nginx.conf" <<EOF
+worker_processes 1;
+user root;
+daemon off;
+pid $work/upstream/nginx.pid;
+error_log $work/upstream/error.log error;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  keepalive_requests 1000000;
+  client_body_temp_path $work/upstream/body;
+  server { listen 127.0.0.1:$V1 reuseport; location / { return 200 "v1\n"; } }
+  server { listen 127.0.0.1:$V2 reuseport; location / { return 200 "v2\n"; } }
+}
+EOF
+taskset -c 0 nginx -c "$work/upstream/nginx.conf" -p "$work/upstream" &
+pids+=($!)
+
+# --- The proxies, one worker each, on CPU 1. ------------------------------------------------
+mkdir -p "$work/nginx"
+cat >"$work/nginx/nginx.conf" <<EOF
+worker_processes 1;
+user root;
+daemon off;
+pid $work/nginx/nginx.pid;
+error_log $work/nginx/error.log error;
+events { worker_connections 8192; }
+http {
+  access_log off;
+  keepalive_requests 1000000;
+  client_body_temp_path $work/nginx/body;
+  proxy_temp_path $work/nginx/proxy;
+  upstream v1 { server 127.0.0.1:$V1; keepalive 128; }
+  upstream v2 { server 127.0.0.1:$V2; keepalive 128; }
+  server {
+    listen 127.0.0.1:$NGINX;
+    proxy_http_version 1.1;
+    proxy_set_header Connection "";
+    proxy_set_header Host \$host;
+    proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
+    proxy_buffering off;
+    proxy_request_buffering off;
+    location /api/v2/ { proxy_pass http://v2; }
+    location / { proxy_pass http://v1; }
+  }
+}
+EOF
+taskset -c 1 nginx -c "$work/nginx/nginx.conf" -p "$work/nginx" &
+pids+=($!)
+
+cat >"$work/haproxy.cfg" <<EOF
+global
+  nbthread 1
+  maxconn 8000
+defaults
+  mode http
+  timeout connect 2s
+  timeout client 60s
+  timeout server 60s
+  option http-keep-alive
+  option forwardfor
+  http-reuse always
+frontend front
+  bind 127.0.0.1:$HAPROXY
+  acl v2 path_beg /api/v2/
+  use_backend v2 if v2
+  default_backend v1
+backend v1
+  server v1 127.0.0.1:$V1
+backend v2
+  server v2 127.0.0.1:$V2
+EOF
+taskset -c 1 haproxy -f "$work/haproxy.cfg" -db &
+pids+=($!)
+
+cat >"$work/rollout.yaml" <<EOF
+listen: "127.0.0.1:$ROLLOUT"
+workers: 1
+state_dir: $work/state
+admin: { listen: "127.0.0.1:$ADMIN" }
+pools:
+  v1: { upstreams: [ { name: v1, url: "http://127.0.0.1:$V1" } ] }
+  v2: { upstreams: [ { name: v2, url: "http://127.0.0.1:$V2" } ] }
+routes: { v2_prefixes: ["/api/v2"], legacy_v1_percent: 100 }
+client: { max_connections: 20000 }
+EOF
+RUST_LOG=warn taskset -c 1 "$bin" run --config "$work/rollout.yaml" &
+pids+=($!)
+
+for port in $V1 $V2 $NGINX $HAPROXY $ROLLOUT; do wait_port "$port"; done
+
+# The process whose CPU time counts: NGINX's worker, HAProxy, rollout-proxy, the upstream worker.
+worker_of() { pgrep -P "$(cat "$1")" | head -1; }
+pid_of() {
+  case $1 in
+    direct) worker_of "$work/upstream/nginx.pid" ;;
+    nginx) worker_of "$work/nginx/nginx.pid" ;;
+    haproxy) pgrep -f "haproxy -f $work/haproxy.cfg" | head -1 ;;
+    rollout) pgrep -f "$bin run --config $work/rollout.yaml" | head -1 ;;
+  esac
+}
+port_of() { case $1 in direct) echo $DIRECT ;; nginx) echo $NGINX ;; haproxy) echo $HAPROXY ;; rollout) echo $ROLLOUT ;; esac; }
+cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
+
+# --- wrk scripts. ----------------------------------------------------------------------------
+cat >"$work/studies.lua" <<'EOF'
+-- Legacy requests for one of 100,000 studies, in a shuffled but repeatable order.
+local i = 0
+request = function()
+  i = i + 1
+  local id = (i * 7919) % 100000
+  return wrk.format("GET", "/api/studies/" .. id .. "/contents")
+end
+EOF
+cat >"$work/warm.lua" <<'EOF'
+-- Visits every one of the 100,000 studies once (each thread a share), to pin them all.
+local counter = 0
+local threads = {}
+setup = function(thread) thread:set("offset", counter); counter = counter + 1 end
+local i = -1
+request = function()
+  i = i + 1
+  local id = offset + i * 4
+  if id >= 100000 then id = id % 100000 end
+  return wrk.format("GET", "/api/studies/" .. id .. "/contents")
+end
+EOF
+cat >"$work/post.lua" <<EOF
+wrk.method = "POST"
+wrk.body = string.rep("x", 1024)
+wrk.headers["Content-Type"] = "application/octet-stream"
+EOF
+
+# Pin all 100,000 studies in rollout-proxy before the runs (scenario b measures lookups).
+echo "pinning 100,000 studies in rollout-proxy..." >&2
+taskset -c 0 wrk -t4 -c64 -d8s -s "$work/warm.lua" "http://127.0.0.1:$ROLLOUT" >/dev/null
+pins=$(curl -s "http://127.0.0.1:$ADMIN/metrics" | awk '/^rollout_sessions_active/ { n += $2 } END { print n + 0 }')
+echo "live pins: $pins" >&2
+
+# run TARGET SCENARIO: one wrk run; prints "rps p50_ms p99_ms cpu_us_per_request".
+run() {
+  local target=$1 scenario=$2 port pid before after out args=()
+  port=$(port_of "$target")
+  pid=$(pid_of "$target")
+  case $scenario in
+    a) args=(-c64 "http://127.0.0.1:$port/api/members/me") ;;
+    b) args=(-c64 -s "$work/studies.lua" "http://127.0.0.1:$port") ;;
+    c) args=(-c64 -s "$work/post.lua" "http://127.0.0.1:$port/api/studies/1/contents") ;;
+    d) args=(-c16 -H "Connection: close" "http://127.0.0.1:$port/api/members/me") ;;
+  esac
+  before=$(cpu_ticks "$pid")
+  out=$(taskset -c 0 wrk -t1 -d"${duration}s" --latency "${args[@]}")
+  after=$(cpu_ticks "$pid")
+  awk -v ticks=$((after - before)) -v hz="$(getconf CLK_TCK)" -v d="$duration" '
+    function ms(v) { if (v ~ /us$/) return v / 1000; if (v ~ /ms$/) return v + 0; if (v ~ /s$/) return v * 1000; return v }
+    /^Requests\/sec:/ { rps = $2 }
+    /^ +50%/ { p50 = ms($2) }
+    /^ +99%/ { p99 = ms($2) }
+    /requests in/ { n = $1 }
+    END { printf "%.0f %.3f %.3f %.2f\n", rps, p50, p99, (n > 0 ? ticks / hz * 1e6 / n : 0) }' <<<"$out"
+}
+
+declare -A rps p50 p99 cpu
+for round in $(seq "$rounds"); do
+  for scenario in a b c d; do
+    for target in direct nginx haproxy rollout; do
+      read -r r a b c < <(run "$target" "$scenario")
+      key="$scenario/$target"
+      rps[$key]="${rps[$key]:-} $r"; p50[$key]="${p50[$key]:-} $a"; p99[$key]="${p99[$key]:-} $b"; cpu[$key]="${cpu[$key]:-} $c"
+      echo "round $round  scenario $scenario  $target: $r req/s, p50 $a ms, p99 $b ms, $c µs CPU/request" >&2
+    done
+  done
+done
+
+median() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{ v[NR] = $1 } END { print (NR % 2 ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2) }'; }
+
+echo
+echo "rollout-proxy $($bin --version | awk '{print $2}'), nginx $(nginx -v 2>&1 | sed 's/.*\///'), haproxy $(haproxy -v | awk 'NR==1{print $3}'); $(nproc) CPUs: $(awk -F': ' '/model name/ { print $2; exit }' /proc/cpuinfo)"
+echo "$rounds round(s) of ${duration}s per cell, median shown; ratios against NGINX in the same run"
+echo
+printf '| scenario | target | req/s | p50 ms | p99 ms | CPU µs/req | req/s vs NGINX | p99 vs NGINX | CPU vs NGINX |\n'
+printf '|---|---|---:|---:|---:|---:|---:|---:|---:|\n'
+for scenario in a b c d; do
+  n_rps=$(median <<<"${rps[$scenario/nginx]}"); n_p99=$(median <<<"${p99[$scenario/nginx]}"); n_cpu=$(median <<<"${cpu[$scenario/nginx]}")
+  for target in direct nginx haproxy rollout; do
+    key="$scenario/$target"
+    r=$(median <<<"${rps[$key]}"); a=$(median <<<"${p50[$key]}"); b=$(median <<<"${p99[$key]}"); c=$(median <<<"${cpu[$key]}")
+    awk -v s="$scenario" -v t="$target" -v r="$r" -v a="$a" -v b="$b" -v c="$c" -v nr="$n_rps" -v nb="$n_p99" -v nc="$n_cpu" 'BEGIN {
+      printf "| %s | %s | %.0f | %.2f | %.2f | %.1f | %.2f | %.2f | %s |\n", s, t, r, a, b, c, (nr > 0 ? r / nr : 0), (nb > 0 ? b / nb : 0), (t == "direct" ? "-" : sprintf("%.2f", (nc > 0 ? c / nc : 0)))
+    }'
+  done
+done
