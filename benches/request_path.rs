@@ -57,11 +57,11 @@ fn header_rewrite(c: &mut Criterion) {
         template.insert(k, HeaderValue::from_static(v));
     }
     let uri = Uri::from_static("/api/studies/42/contents");
-    let client = "192.0.2.10".parse().unwrap();
+    let client = headers::ClientIp::new("192.0.2.10".parse().unwrap());
     c.bench_function("prepare request headers", |b| {
         b.iter_batched_ref(
             || template.clone(),
-            |h| headers::prepare_request(h, &uri, client, "http"),
+            |h| headers::prepare_request(h, &uri, &client, "http"),
             criterion::BatchSize::SmallInput,
         )
     });

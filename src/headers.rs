@@ -53,6 +53,10 @@ static PROTECTED: [HeaderName; 5] =
 /// Removes hop-by-hop headers, including every header the `Connection` header names
 /// (RFC 9110 §7.6.1: "a proxy MUST ... remove any header fields it lists").
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
+    // Most messages carry none of them: one pass over the names instead of a lookup per name.
+    if !headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
+        return;
+    }
     if headers.contains_key(CONNECTION) {
         let named: Vec<HeaderName> = headers
             .get_all(CONNECTION)
@@ -77,7 +81,22 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
 /// keeps its `Upgrade`), `Host` kept (or
 /// taken from the HTTP/2 `:authority`), `X-Forwarded-For` appended, `X-Forwarded-Proto` and
 /// `X-Forwarded-Host` set.
-pub fn prepare_request(headers: &mut HeaderMap, uri: &Uri, client_ip: IpAddr, proto: &'static str) {
+/// A client's address as an `X-Forwarded-For` entry, rendered once per connection rather than
+/// once per request.
+#[derive(Debug, Clone)]
+pub struct ClientIp(HeaderValue);
+
+impl ClientIp {
+    pub fn new(ip: IpAddr) -> Self {
+        ClientIp(HeaderValue::from_str(&ip.to_string()).expect("an IP address is a valid header value"))
+    }
+
+    fn as_str(&self) -> &str {
+        self.0.to_str().expect("an IP address is ASCII")
+    }
+}
+
+pub fn prepare_request(headers: &mut HeaderMap, uri: &Uri, client: &ClientIp, proto: &'static str) {
     if is_upgrade(headers) {
         remove_hop_by_hop_keeping_upgrade(headers);
     } else {
@@ -95,13 +114,11 @@ pub fn prepare_request(headers: &mut HeaderMap, uri: &Uri, client_ip: IpAddr, pr
     }
 
     let forwarded_for = match joined(headers, &X_FORWARDED_FOR) {
-        Some(previous) => format!("{previous}, {client_ip}"),
-        None => client_ip.to_string(),
+        Some(previous) => HeaderValue::from_str(&format!("{previous}, {}", client.as_str()))
+            .expect("an address appended to valid values is valid"),
+        None => client.0.clone(),
     };
-    headers.insert(
-        X_FORWARDED_FOR.clone(),
-        HeaderValue::from_str(&forwarded_for).expect("addresses and existing values are valid"),
-    );
+    headers.insert(X_FORWARDED_FOR.clone(), forwarded_for);
     headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(proto));
 }
 
@@ -181,7 +198,7 @@ mod tests {
     fn forwarded_for_is_appended_to_every_previous_value() {
         let mut h =
             map(&[("host", "app.example"), ("x-forwarded-for", "1.1.1.1"), ("x-forwarded-for", "2.2.2.2")]);
-        prepare_request(&mut h, &Uri::from_static("/x"), "10.0.0.9".parse().unwrap(), "http");
+        prepare_request(&mut h, &Uri::from_static("/x"), &ClientIp::new("10.0.0.9".parse().unwrap()), "http");
         assert_eq!(h["x-forwarded-for"], "1.1.1.1, 2.2.2.2, 10.0.0.9");
         assert_eq!(h["x-forwarded-host"], "app.example");
         assert_eq!(h["x-forwarded-proto"], "http");
@@ -194,7 +211,7 @@ mod tests {
         prepare_request(
             &mut h,
             &Uri::from_static("http://app.example:8080/x"),
-            "::1".parse().unwrap(),
+            &ClientIp::new("::1".parse().unwrap()),
             "http",
         );
         assert_eq!(h["host"], "app.example:8080");

@@ -24,7 +24,7 @@ use tracing::{debug, info, warn};
 
 use crate::config::ClientConfig;
 use crate::metrics::Metrics;
-use crate::proxy::Gate;
+use crate::proxy::{Gate, Peer};
 
 /// How long connections accepted just before a stop get to send their first request before the
 /// drain closes idle connections.
@@ -144,9 +144,10 @@ impl Connection {
     {
         let Connection { builder, gate, metrics, peer, watcher, hard_stop } = self;
         let header_timeouts = metrics.client_rejected.header_timeout.clone();
+        let client = Arc::new(Peer::new(peer));
         let service = service_fn(move |req| {
-            let gate = gate.clone();
-            async move { Ok::<_, Infallible>(gate.handle(req, peer).await) }
+            let (gate, client) = (gate.clone(), client.clone());
+            async move { Ok::<_, Infallible>(gate.handle(req, &client).await) }
         });
         let connection =
             watcher.watch(builder.serve_connection_with_upgrades(TokioIo::new(io), service).into_owned());

@@ -25,7 +25,7 @@ use crate::clock::{SharedClock, UnixMillis};
 use crate::config::Ejection;
 use crate::config::{ByPool, PoolName};
 use crate::drain::{DrainClock, DrainStatus};
-use crate::headers;
+use crate::headers::{self, ClientIp};
 use crate::metrics::{Metrics, ScrapeState};
 use crate::router::Decision;
 use crate::router::Route;
@@ -85,11 +85,24 @@ impl Gate {
     }
 
     /// Answers `req` with the proxy, or with 503 `starting` if it is not ready in time.
-    pub async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+    pub async fn handle(&self, req: Request<Incoming>, peer: &Peer) -> Response<Body> {
         match self.proxy().await {
             Some(proxy) => proxy.handle(req, peer).await,
             None => error_response(&ProxyError::Starting, None),
         }
+    }
+}
+
+/// The client end of a connection, worked out once per connection.
+#[derive(Debug, Clone)]
+pub struct Peer {
+    pub addr: SocketAddr,
+    pub ip: ClientIp,
+}
+
+impl Peer {
+    pub fn new(addr: SocketAddr) -> Self {
+        Peer { addr, ip: ClientIp::new(addr.ip()) }
     }
 }
 
@@ -155,17 +168,17 @@ impl Proxy {
     }
 
     /// Answers one client request. Infallible: failures come back as proxy-made responses.
-    pub async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+    pub async fn handle(&self, req: Request<Incoming>, peer: &Peer) -> Response<Body> {
         let started = Instant::now();
         let logged =
             tracing::enabled!(tracing::Level::DEBUG).then(|| (req.method().clone(), req.uri().clone()));
         let snapshot = self.snapshot.load_full();
         let mut routed = None;
-        let response = match self.forward(&snapshot, req, peer, &mut routed).await {
+        let response = match self.forward(&snapshot, req, &peer.ip, &mut routed).await {
             Ok(response) => response,
             Err(err) => {
                 let pool = routed.map(|r| r.pool);
-                warn!(peer = %peer, pool = pool.map(PoolName::as_str), error = %ErrorChain(&err), "request failed");
+                warn!(peer = %peer.addr, pool = pool.map(PoolName::as_str), error = %ErrorChain(&err), "request failed");
                 error_response(&err, pool.filter(|_| snapshot.pool_header))
             }
         };
@@ -181,7 +194,7 @@ impl Proxy {
         }
         if let Some((method, uri)) = logged {
             debug!(
-                peer = %peer,
+                peer = %peer.addr,
                 method = %method,
                 path = uri.path(),
                 pool = routed.map(|r| r.pool.as_str()),
@@ -198,7 +211,7 @@ impl Proxy {
         &self,
         snapshot: &Snapshot,
         req: Request<Incoming>,
-        peer: SocketAddr,
+        client: &ClientIp,
         routed: &mut Option<Routed>,
     ) -> Result<Response<Body>, ProxyError> {
         if req.method() == Method::CONNECT {
@@ -223,7 +236,7 @@ impl Proxy {
         let mut req = req;
         let client_upgrade = headers::is_upgrade(req.headers()).then(|| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
-        headers::prepare_request(&mut parts.headers, &parts.uri, peer.ip(), self.proto);
+        headers::prepare_request(&mut parts.headers, &parts.uri, client, self.proto);
         // A request without a body can be rebuilt and sent again; one with a body only while it
         // has not left the proxy.
         let body = if body.is_end_stream() { empty_body() } else { Either::Left(body) };
