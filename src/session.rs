@@ -105,12 +105,12 @@ pub struct PinPolicy {
     pub idle_secs: u32,
     pub max_secs: u32,
     pub max_active: usize,
-    /// How stale a stored `last_seen` may be: one per mille of the idle timeout, at least the
-    /// read-back slack. A request the stored value covers to within this is not written ahead
-    /// (the background flush stores it), and after a restart every pin is read back this much
-    /// later, so a crash can lengthen a pin by up to this much but never shorten it. With the
-    /// default 10h40m idle timeout that is 38 s: a study that makes a request every few seconds
-    /// never waits for a commit.
+    /// How stale a stored `last_seen` may be: half a percent of the idle timeout, at least the
+    /// read-back slack. A request the stored value covers to within this is not written ahead,
+    /// and after a restart every pin is read back this much later, so a crash can lengthen a pin
+    /// by up to this much but never shorten it. The background flush refreshes an active pin's
+    /// stored value once it is half that old. With the default 10h40m idle timeout that is
+    /// 192 s: an active study costs one store write every ~96 s and never waits for a commit.
     pub stale_secs: u32,
 }
 
@@ -122,7 +122,7 @@ impl PinPolicy {
             idle_secs,
             max_secs: secs(config.max_duration),
             max_active: config.max_active,
-            stale_secs: (idle_secs / 1000).max(READ_BACK_SLACK.as_secs() as u32),
+            stale_secs: (idle_secs / 200).max(READ_BACK_SLACK.as_secs() as u32),
         }
     }
 }
@@ -408,7 +408,9 @@ impl Sessions {
                 let last_seen = pin.last_seen.load(Ordering::Relaxed);
                 // Only activity since the start is flushed: a loaded pin's `last_seen` is the
                 // read-back estimate, and storing it would add the slack again at every restart.
-                if last_seen > pin.stored_last_seen.load(Ordering::Relaxed) && last_seen > self.loaded_at {
+                let stored = pin.stored_last_seen.load(Ordering::Relaxed);
+                let refresh = last_seen > stored && last_seen - stored >= policy.stale_secs / 2;
+                if refresh && last_seen > self.loaded_at {
                     pin.stored_last_seen.store(last_seen, Ordering::Relaxed);
                     touches.push((key.as_str().into(), last_seen));
                 }
