@@ -44,13 +44,11 @@ async fn killing_one_of_two_v1_upstreams_fails_no_request_and_it_comes_back() {
     let mut b = Upstream::new("v1-b").spawn_killable().await;
     let v2 = Upstream::new("v2-a").spawn().await;
     let dir = tempfile::tempdir().unwrap();
-    let extra = format!("{RESILIENT}state_dir: {}\n", dir.path().join("state").display());
     let yaml =
-        with_checks(&config_yaml(&[("v1-a", a.addr, 1), ("v1-b", b.addr, 1)], &[("v2-a", v2, 1)], &extra));
-    std::fs::write(dir.path().join("rollout.yaml"), yaml).unwrap();
+        with_checks(&config_yaml(&[("v1-a", a.addr, 1), ("v1-b", b.addr, 1)], &[("v2-a", v2, 1)], RESILIENT));
     // The proxy as operators run it: the binary, in its own process.
-    let config = dir.path().join("rollout.yaml");
-    let proxy = support::ProxyProcess::start(&["run", "--config", config.to_str().unwrap()]).await;
+    let file = support::write_config(dir.path(), &yaml);
+    let proxy = support::ProxyProcess::start(&["run", "--config", &file]).await;
     let admin = proxy.admin_url("");
 
     // Four clients sending GETs back to back (keyed and unkeyed legacy, all to v1 at 100 %).

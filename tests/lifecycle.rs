@@ -12,20 +12,9 @@ async fn sigterm_lets_an_in_flight_request_finish_then_exits_0() {
     let v1 = Upstream::new("v1-a").spawn().await;
     let v2 = Upstream::new("v2-a").spawn().await;
     let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("rollout.yaml");
-    std::fs::write(
-        &file,
-        config_yaml(
-            &[("v1-a", v1, 1)],
-            &[("v2-a", v2, 1)],
-            &format!(
-                "shutdown: {{ grace_period: 20s }}\nstate_dir: {}\n",
-                dir.path().join("state").display()
-            ),
-        ),
-    )
-    .unwrap();
-    let mut proxy = ProxyProcess::start(&["run", "--config", file.to_str().unwrap()]).await;
+    let yaml = config_yaml(&[("v1-a", v1, 1)], &[("v2-a", v2, 1)], "shutdown: { grace_period: 20s }\n");
+    let file = support::write_config(dir.path(), &yaml);
+    let mut proxy = ProxyProcess::start(&["run", "--config", &file]).await;
     assert_eq!(get(&proxy.admin_url("/readyz")).await.status, StatusCode::OK);
 
     let slow_url = proxy.url("/__slow/1500");

@@ -55,21 +55,12 @@ async fn running_out_of_descriptors_does_not_stop_the_accept_loop() {
     let v1 = Upstream::new("v1-a").spawn().await;
     let v2 = Upstream::new("v2-a").spawn().await;
     let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("rollout.yaml");
-    std::fs::write(
-        &file,
-        config_yaml(
-            &[("v1-a", v1, 1)],
-            &[("v2-a", v2, 1)],
-            &format!("workers: 1\nstate_dir: {}\n", dir.path().join("state").display()),
-        ),
-    )
-    .unwrap();
-    let command = format!(
-        "ulimit -n 48 && exec {} run --config {}",
-        env!("CARGO_BIN_EXE_rollout-proxy"),
-        file.display()
+    let file = support::write_config(
+        dir.path(),
+        &config_yaml(&[("v1-a", v1, 1)], &[("v2-a", v2, 1)], "workers: 1\n"),
     );
+    let command =
+        format!("ulimit -n 48 && exec {} run --config {}", env!("CARGO_BIN_EXE_rollout-proxy"), file);
     let proxy = ProxyProcess::start_shell(&command).await;
 
     // Hold more connections than the process has descriptors for.

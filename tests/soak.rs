@@ -25,17 +25,13 @@ async fn twenty_seconds_of_mixed_traffic_with_upstream_kills() {
     let mut v1 = [Upstream::new("v1-a").spawn_killable().await, Upstream::new("v1-b").spawn_killable().await];
     let v2 = Upstream::new("v2-a").spawn().await;
     let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("rollout.yaml");
-    let extra = format!(
-        "routes: {{ legacy_v1_percent: 50 }}\nupstream: {{ retries: 2, connect_timeout: 500ms }}\nstate_dir: {}\n",
-        dir.path().join("state").display()
-    );
-    let yaml = config_yaml(&[("v1-a", v1[0].addr, 1), ("v1-b", v1[1].addr, 1)], &[("v2-a", v2, 1)], &extra).replace(
+    let extra = "routes: { legacy_v1_percent: 50 }\nupstream: { retries: 2, connect_timeout: 500ms }\n";
+    let yaml = config_yaml(&[("v1-a", v1[0].addr, 1), ("v1-b", v1[1].addr, 1)], &[("v2-a", v2, 1)], extra).replace(
         "  v2:\n",
         "    health: { path: /healthz, interval: 200ms, timeout: 200ms, healthy_threshold: 2, unhealthy_threshold: 2 }\n    ejection: { consecutive_failures: 3, duration: 1s }\n  v2:\n",
     );
-    std::fs::write(&file, yaml).unwrap();
-    let proxy = ProxyProcess::start(&["run", "--config", file.to_str().unwrap()]).await;
+    let file = support::write_config(dir.path(), &yaml);
+    let proxy = ProxyProcess::start(&["run", "--config", &file]).await;
     let pid = proxy.pid();
 
     let stop = Arc::new(AtomicBool::new(false));

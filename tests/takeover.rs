@@ -16,13 +16,8 @@ async fn a_takeover_under_load_fails_no_request_and_keeps_every_pin() {
     let v1 = Upstream::new("v1-a").spawn().await;
     let v2 = Upstream::new("v2-a").spawn().await;
     let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("rollout.yaml");
-    let extra = format!(
-        "routes: {{ legacy_v1_percent: 50 }}\nshutdown: {{ grace_period: 10s }}\nstate_dir: {}\n",
-        dir.path().join("state").display()
-    );
-    std::fs::write(&file, config_yaml(&[("v1-a", v1, 1)], &[("v2-a", v2, 1)], &extra)).unwrap();
-    let file = file.to_str().unwrap().to_owned();
+    let extra = "routes: { legacy_v1_percent: 50 }\nshutdown: { grace_period: 10s }\n";
+    let file = support::write_config(dir.path(), &config_yaml(&[("v1-a", v1, 1)], &[("v2-a", v2, 1)], extra));
     let mut old = ProxyProcess::start(&["run", "--config", &file]).await;
     let base = old.url("");
 

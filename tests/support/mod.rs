@@ -231,6 +231,14 @@ pub fn config_yaml(v1: &[(&str, SocketAddr, u32)], v2: &[(&str, SocketAddr, u32)
     )
 }
 
+/// Writes `yaml` (from [`config_yaml`]) as `dir/rollout.yaml` with its state in `dir/state`,
+/// for a proxy run as a child process; returns the file's path.
+pub fn write_config(dir: &Path, yaml: &str) -> String {
+    let file = dir.join("rollout.yaml");
+    std::fs::write(&file, format!("{yaml}state_dir: {}\n", dir.join("state").display())).unwrap();
+    file.to_str().unwrap().to_owned()
+}
+
 /// A proxy running inside the test process.
 pub struct ProxyHandle {
     pub addr: SocketAddr,
