@@ -12,7 +12,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use axum::body::Bytes;
-use axum::extract::{ConnectInfo, Path as UrlPath, Query, State};
+use axum::extract::{ConnectInfo, FromRequestParts, Path as UrlPath, Query, State};
+use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post, put};
@@ -179,6 +180,28 @@ impl AdminState {
     }
 }
 
+/// What every changing endpoint checks first: the bearer token (who is asking, for the audit
+/// line) and the revision `If-Match` expects.
+struct Mutation {
+    actor: Actor,
+    expected: Option<u64>,
+}
+
+impl FromRequestParts<AdminState> for Mutation {
+    type Rejection = AdminError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AdminState) -> Result<Self, AdminError> {
+        let peer = parts
+            .extensions
+            .get::<ConnectInfo<SocketAddr>>()
+            .map(|ConnectInfo(peer)| *peer)
+            .expect("the admin listener is served with connect info");
+        let actor = state.authorize(&parts.headers, peer)?;
+        let expected = if_match(&parts.headers)?;
+        Ok(Mutation { actor, expected })
+    }
+}
+
 /// The revision an `If-Match` header asks for: `"7"` (or `W/"7"`); `*` or no header means any.
 fn if_match(headers: &HeaderMap) -> Result<Option<u64>, AdminError> {
     let Some(value) = headers.get(header::IF_MATCH) else { return Ok(None) };
@@ -257,12 +280,9 @@ struct LegacyBody {
 
 async fn put_legacy(
     State(state): State<AdminState>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
+    Mutation { actor, expected }: Mutation,
     body: Bytes,
 ) -> Result<Response, AdminError> {
-    let actor = state.authorize(&headers, peer)?;
-    let expected = if_match(&headers)?;
     let body: LegacyBody = parse_body(&body)?;
     let percent = Percent::try_from_f64(body.v1_percent)
         .map_err(|message| ControlError::Invalid { field: "v1_percent", message })?;
@@ -277,13 +297,10 @@ struct WeightBody {
 
 async fn put_weight(
     State(state): State<AdminState>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     UrlPath((pool, name)): UrlPath<(String, String)>,
-    headers: HeaderMap,
+    Mutation { actor, expected }: Mutation,
     body: Bytes,
 ) -> Result<Response, AdminError> {
-    let actor = state.authorize(&headers, peer)?;
-    let expected = if_match(&headers)?;
     let body: WeightBody = parse_body(&body)?;
     Ok(applied(state.control.set_weight(&pool, &name, body.weight, expected, &actor).await?))
 }
@@ -336,31 +353,22 @@ async fn list_sessions(
 
 async fn delete_session(
     State(state): State<AdminState>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     UrlPath(key): UrlPath<String>,
-    headers: HeaderMap,
+    Mutation { actor, expected }: Mutation,
 ) -> Result<Response, AdminError> {
-    let actor = state.authorize(&headers, peer)?;
-    let expected = if_match(&headers)?;
     Ok(applied(state.control.delete_session(&key, expected, &actor).await?))
 }
 
 async fn reload(
     State(state): State<AdminState>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
+    Mutation { actor, expected }: Mutation,
 ) -> Result<Response, AdminError> {
-    let actor = state.authorize(&headers, peer)?;
-    let expected = if_match(&headers)?;
     Ok(applied(state.control.reload(expected, &actor).await?))
 }
 
 async fn delete_overrides(
     State(state): State<AdminState>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
+    Mutation { actor, expected }: Mutation,
 ) -> Result<Response, AdminError> {
-    let actor = state.authorize(&headers, peer)?;
-    let expected = if_match(&headers)?;
     Ok(applied(state.control.reset_overrides(expected, &actor).await?))
 }

@@ -151,19 +151,28 @@ fn control_buffer(fds: usize) -> (Vec<u64>, usize) {
     (vec![0u64; space.div_ceil(size_of::<u64>())], space)
 }
 
+/// A message of one byte (`iov`) with room for control data (`control`, `space` bytes).
+///
+/// # Safety
+/// The returned header points into `iov` and `control`; it must not outlive them.
+unsafe fn message(iov: &mut libc::iovec, control: &mut [u64], space: usize) -> libc::msghdr {
+    // SAFETY: a zeroed msghdr is a valid empty message.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = space as _;
+    msg
+}
+
 fn send_fds(stream: &UnixStream, fds: &[RawFd; 2]) -> io::Result<()> {
     let mut byte = [b'L'];
     let mut iov = libc::iovec { iov_base: byte.as_mut_ptr().cast(), iov_len: 1 };
     let (mut control, space) = control_buffer(fds.len());
-    // SAFETY: a zeroed msghdr is valid; every pointer set below outlives the sendmsg call; the
-    // control buffer is aligned for cmsghdr and CMSG_SPACE bytes long, enough for one header
-    // carrying `fds`, which is written unaligned.
+    // SAFETY: `iov` and `control` outlive the sendmsg call; the control buffer is aligned for
+    // cmsghdr and CMSG_SPACE bytes long, enough for one header carrying `fds`, written unaligned.
     unsafe {
-        let mut msg: libc::msghdr = std::mem::zeroed();
-        msg.msg_iov = &mut iov;
-        msg.msg_iovlen = 1;
-        msg.msg_control = control.as_mut_ptr().cast();
-        msg.msg_controllen = space as _;
+        let msg = message(&mut iov, &mut control, space);
         let cmsg = libc::CMSG_FIRSTHDR(&msg);
         (*cmsg).cmsg_level = libc::SOL_SOCKET;
         (*cmsg).cmsg_type = libc::SCM_RIGHTS;
@@ -183,11 +192,7 @@ fn receive_fds(stream: &UnixStream) -> io::Result<[OwnedFd; 2]> {
     // SAFETY: as in `send_fds`; the kernel writes at most `msg_controllen` bytes of control data.
     // Received descriptors are owned (closed on every error path) before anything is checked.
     unsafe {
-        let mut msg: libc::msghdr = std::mem::zeroed();
-        msg.msg_iov = &mut iov;
-        msg.msg_iovlen = 1;
-        msg.msg_control = control.as_mut_ptr().cast();
-        msg.msg_controllen = space as _;
+        let mut msg = message(&mut iov, &mut control, space);
         if libc::recvmsg(stream.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) < 0 {
             return Err(io::Error::last_os_error());
         }
