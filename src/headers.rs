@@ -91,7 +91,7 @@ impl ClientIp {
         ClientIp(HeaderValue::from_str(&ip.to_string()).expect("an IP address is a valid header value"))
     }
 
-    fn as_str(&self) -> &str {
+    pub fn as_str(&self) -> &str {
         self.0.to_str().expect("an IP address is ASCII")
     }
 }

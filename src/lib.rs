@@ -53,6 +53,7 @@ pub mod control;
 pub mod ctl;
 pub mod demo;
 pub mod drain;
+pub mod h1;
 pub mod handover;
 pub mod headers;
 pub mod health;

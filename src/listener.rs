@@ -16,15 +16,17 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use tokio::io::AsyncWriteExt;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use crate::config::ClientConfig;
+use crate::h1::Rewind;
 use crate::metrics::Metrics;
-use crate::proxy::{Gate, Peer};
+use crate::proxy::{ClientConn, Gate, H1Plan, Peer};
 
 /// How long connections accepted just before a stop get to send their first request before the
 /// drain closes idle connections.
@@ -63,6 +65,10 @@ pub async fn serve(
     let builder = http_builder(client);
     let slots = Arc::new(Semaphore::new(client.max_connections));
     let graceful = GracefulShutdown::new();
+    // Every connection's task; hyper's connections are also watched by `graceful`.
+    let connections = TaskTracker::new();
+    // Fired when the proxy stops accepting: idle fast-path connections close.
+    let draining = CancellationToken::new();
     // Fired when the grace period is over: connections still open are dropped.
     let hard_stop = CancellationToken::new();
     loop {
@@ -91,13 +97,16 @@ pub async fn serve(
             peer,
             watcher: graceful.watcher(),
             hard_stop: hard_stop.clone(),
+            draining: draining.clone(),
+            header_read_timeout: client.header_read_timeout,
+            max_head_bytes: client.max_header_bytes * 2,
         };
         let tls = tls.clone();
         let handshake_timeout = client.header_read_timeout;
-        tokio::spawn(async move {
+        connections.spawn(async move {
             let _slot = slot;
             match tls {
-                None => connection.serve(stream).await,
+                None => connection.serve_h1(stream).await,
                 Some(acceptor) => {
                     match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
                         Ok(Ok(tls_stream)) => connection.serve(tls_stream).await,
@@ -115,9 +124,15 @@ pub async fn serve(
     // A connection accepted a moment ago may not have sent its request yet, and a graceful
     // shutdown closes such "idle" connections at once: give them time to be read first.
     tokio::time::sleep(ACCEPT_LINGER.min(grace)).await;
-    info!(open_connections = graceful.count(), grace = ?grace, "stopped accepting; draining connections");
+    info!(open_connections = connections.len(), grace = ?grace, "stopped accepting; draining connections");
+    draining.cancel();
+    connections.close();
+    let finished = async {
+        graceful.shutdown().await;
+        connections.wait().await;
+    };
     tokio::select! {
-        _ = graceful.shutdown() => info!("all client connections finished"),
+        _ = finished => info!("all client connections finished"),
         _ = tokio::time::sleep(grace) => {
             warn!("grace period over; closing the remaining connections");
             hard_stop.cancel();
@@ -133,16 +148,80 @@ struct Connection {
     peer: SocketAddr,
     watcher: Watcher,
     hard_stop: CancellationToken,
+    draining: CancellationToken,
+    header_read_timeout: Duration,
+    /// Buffered bytes without a complete head after which the connection goes to hyper, which
+    /// answers 431.
+    max_head_bytes: usize,
 }
 
 impl Connection {
+    /// Serves a plain-TCP connection on the HTTP/1.1 fast path ([`crate::h1`]) for as long as
+    /// its requests allow, then hands it, with the bytes already read, to hyper.
+    async fn serve_h1(self, stream: TcpStream) {
+        let Some(proxy) = self.gate.proxy_now().cloned() else {
+            // Starting up: hyper's path waits for the proxy or answers 503.
+            return self.serve(stream).await;
+        };
+        let mut conn = ClientConn::new(stream, Peer::new(self.peer));
+        let deadline = tokio::time::sleep(self.header_read_timeout);
+        tokio::pin!(deadline);
+        loop {
+            deadline.as_mut().reset(tokio::time::Instant::now() + self.header_read_timeout);
+            let (snapshot, request) = loop {
+                if !conn.buf.is_empty() {
+                    let snapshot = proxy.snapshot();
+                    match proxy.plan_h1(&snapshot, &mut conn) {
+                        H1Plan::Ready(request) => break (snapshot, request),
+                        H1Plan::Unsupported => return self.hand_over(conn).await,
+                        H1Plan::Partial if conn.buf.len() > self.max_head_bytes => {
+                            return self.hand_over(conn).await
+                        }
+                        H1Plan::Partial => {}
+                    }
+                }
+                tokio::select! {
+                    biased;
+                    read = conn.fill() => match read {
+                        Ok(0) | Err(_) => return,
+                        Ok(_) => {}
+                    },
+                    _ = &mut deadline => {
+                        if !conn.buf.is_empty() {
+                            self.metrics.client_rejected.header_timeout.inc();
+                            debug!(peer = %self.peer, "request head not complete within header_read_timeout");
+                        }
+                        return;
+                    }
+                    _ = self.draining.cancelled(), if conn.buf.is_empty() => return,
+                    _ = self.hard_stop.cancelled() => return,
+                }
+            };
+            let closing = self.draining.is_cancelled();
+            let keep = tokio::select! {
+                keep = proxy.serve_h1(&snapshot, request, &mut conn, closing) => keep,
+                _ = self.hard_stop.cancelled() => false,
+            };
+            if !keep {
+                let _ = conn.stream.shutdown().await;
+                return;
+            }
+        }
+    }
+
+    /// Hands a fast-path connection to hyper, bytes read so far included.
+    async fn hand_over(self, conn: ClientConn) {
+        let ClientConn { stream, buf, .. } = conn;
+        self.serve(Rewind::new(buf.freeze(), stream)).await
+    }
+
     /// Serves HTTP/1.1 or HTTP/2 on `io` until the client leaves, a graceful stop finishes it,
     /// or the grace period ends.
     async fn serve<I>(self, io: I)
     where
         I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
-        let Connection { builder, gate, metrics, peer, watcher, hard_stop } = self;
+        let Connection { builder, gate, metrics, peer, watcher, hard_stop, .. } = self;
         let header_timeouts = metrics.client_rejected.header_timeout.clone();
         let client = Arc::new(Peer::new(peer));
         let service = service_fn(move |req| {
@@ -164,7 +243,7 @@ impl Connection {
 }
 
 /// Answers a connection over `client.max_connections` with a plain 503 and closes it.
-async fn refuse(mut stream: tokio::net::TcpStream) {
+async fn refuse(mut stream: TcpStream) {
     const BUSY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nx-rollout-error: too_many_connections\r\n\
 content-type: text/plain; charset=utf-8\r\ncontent-length: 21\r\nconnection: close\r\n\r\ntoo many connections\n";
     let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(BUSY)).await;

@@ -5,17 +5,20 @@
 //! handling are [`crate::listener`]'s; the routing rules live in [`crate::router`] and
 //! [`crate::balancer`].
 
+use std::mem::MaybeUninit;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
-use bytes::Bytes;
+use bytes::{Buf, Bytes, BytesMut};
 use http::header::{HeaderName, HeaderValue, CONTENT_TYPE};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{Either, Full};
 use hyper::body::{Body as _, Incoming};
 use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
@@ -25,15 +28,17 @@ use crate::clock::{SharedClock, UnixMillis};
 use crate::config::Ejection;
 use crate::config::{ByPool, PoolName};
 use crate::drain::{DrainClock, DrainStatus};
+use crate::h1;
 use crate::headers::{self, ClientIp};
 use crate::metrics::{Metrics, ScrapeState};
 use crate::router::Decision;
 use crate::router::Route;
-use crate::session::{KeyOutcome, Resolution, Sessions};
+use crate::session::{HeaderSource, KeyOutcome, Resolution, Sessions};
 use crate::snapshot::{SharedSnapshot, Snapshot};
 use crate::state::Op;
 use crate::upstream::{
-    empty_body, SendError, Upstream, UpstreamBody, UpstreamClient, UpstreamError, UpstreamResponseBody,
+    empty_body, H1SendError, SendError, Upstream, UpstreamBody, UpstreamClient, UpstreamConn, UpstreamError,
+    UpstreamResponseBody,
 };
 use crate::ErrorChain;
 
@@ -63,6 +68,11 @@ impl Gate {
     pub fn open(&self, proxy: Arc<Proxy>) {
         let _ = self.proxy.set(proxy);
         self.opened.notify_waiters();
+    }
+
+    /// The proxy if it is ready.
+    pub fn proxy_now(&self) -> Option<&Arc<Proxy>> {
+        self.proxy.get()
     }
 
     /// The proxy, waiting for it while it starts; `None` if it did not come in time.
@@ -104,6 +114,65 @@ impl Peer {
     pub fn new(addr: SocketAddr) -> Self {
         Peer { addr, ip: ClientIp::new(addr.ip()) }
     }
+}
+
+/// A client connection served on the HTTP/1.1 fast path ([`crate::h1`]), with buffers reused
+/// from one request to the next.
+pub struct ClientConn {
+    pub stream: TcpStream,
+    /// Bytes read from the client and not used yet.
+    pub buf: BytesMut,
+    pub peer: Peer,
+    /// The upstream request, head and body, kept until the exchange is over for a retry.
+    request: Vec<u8>,
+    /// The response head being written to the client.
+    out: Vec<u8>,
+}
+
+impl ClientConn {
+    pub fn new(stream: TcpStream, peer: Peer) -> Self {
+        ClientConn {
+            stream,
+            buf: BytesMut::with_capacity(8 * 1024),
+            peer,
+            request: Vec::with_capacity(1024),
+            out: Vec::with_capacity(1024),
+        }
+    }
+
+    /// Reads more from the client; 0 when it has closed its side.
+    pub async fn fill(&mut self) -> std::io::Result<usize> {
+        if self.buf.capacity() - self.buf.len() < 2048 {
+            self.buf.reserve(8 * 1024);
+        }
+        self.stream.read_buf(&mut self.buf).await
+    }
+}
+
+/// What [`Proxy::plan_h1`] made of the bytes a fast-path connection has read.
+pub enum H1Plan {
+    /// The request head is not complete yet.
+    Partial,
+    /// A request for hyper's path: the connection is handed over.
+    Unsupported,
+    Ready(H1Request),
+}
+
+/// A fast-path request whose head has been read and routed, and whose upstream head is written.
+pub struct H1Request {
+    head_len: usize,
+    body_len: usize,
+    /// The client asked to close the connection after this exchange.
+    close: bool,
+    head_request: bool,
+    /// Idempotent: may be sent again after it reached an upstream.
+    replayable: bool,
+    routed: Routed,
+    pending: Option<u64>,
+    write_ahead: bool,
+    started: Instant,
+    /// Method and path, when request lines are logged.
+    logged: Option<(String, String)>,
 }
 
 /// Why the proxy answered a request itself.
@@ -225,7 +294,8 @@ impl Proxy {
             return Err(ProxyError::HeadersTooLarge { size, limit: snapshot.max_header_bytes });
         }
 
-        let (pool, decision, pending, write_ahead) = self.choose_pool(snapshot, &req);
+        let (pool, decision, pending, write_ahead) =
+            self.choose_pool(snapshot, req.uri().path(), req.uri().query(), req.headers());
         if let (Decision::Pinned, Some(seq)) = (decision, pending) {
             // A pin another request made a moment ago: follow it only once it is durable.
             self.sessions.settle(seq).await;
@@ -282,6 +352,131 @@ impl Proxy {
         Ok(response.map(Either::Left))
     }
 
+    /// Reads the request head at the start of `conn.buf`, routes it and writes its upstream head
+    /// into the connection's request buffer. Requests the fast path does not serve, including
+    /// any that hyper's path answers with an error, are [`H1Plan::Unsupported`].
+    pub fn plan_h1(&self, snapshot: &Snapshot, conn: &mut ClientConn) -> H1Plan {
+        if !snapshot.plain_upstreams {
+            return H1Plan::Unsupported;
+        }
+        let mut headers = [const { MaybeUninit::uninit() }; h1::MAX_HEADERS];
+        let head = match h1::parse_request(&conn.buf, &mut headers) {
+            h1::ParsedRequest::Partial => return H1Plan::Partial,
+            h1::ParsedRequest::Unsupported => return H1Plan::Unsupported,
+            h1::ParsedRequest::Complete(head) => head,
+        };
+        if head.len > snapshot.max_header_bytes {
+            return H1Plan::Unsupported;
+        }
+        let started = Instant::now();
+        let (pool, decision, pending, write_ahead) =
+            self.choose_pool(snapshot, head.path(), head.query(), &head);
+        h1::write_request(&mut conn.request, &head, conn.peer.ip.as_str(), self.proto);
+        let logged = tracing::enabled!(tracing::Level::DEBUG)
+            .then(|| (head.method.to_owned(), head.path().to_owned()));
+        H1Plan::Ready(H1Request {
+            head_len: head.len,
+            body_len: head.content_length as usize,
+            close: head.close,
+            head_request: head.method == "HEAD",
+            replayable: head.is_idempotent(),
+            routed: Routed { pool, decision },
+            pending,
+            write_ahead,
+            started,
+            logged,
+        })
+    }
+
+    /// Serves a request [`Proxy::plan_h1`] planned: reads its body, exchanges it with an upstream
+    /// and relays the response. `closing`: the connection closes after this response. Returns
+    /// whether the connection can take another request.
+    pub async fn serve_h1(
+        &self,
+        snapshot: &Snapshot,
+        req: H1Request,
+        conn: &mut ClientConn,
+        closing: bool,
+    ) -> bool {
+        conn.buf.advance(req.head_len);
+        while conn.buf.len() < req.body_len {
+            match tokio::time::timeout(snapshot.response_timeout, conn.fill()).await {
+                Ok(Ok(n)) if n > 0 => {}
+                _ => {
+                    debug!(peer = %conn.peer.addr, "client left or stalled while sending its body");
+                    return false;
+                }
+            }
+        }
+        conn.request.extend_from_slice(&conn.buf[..req.body_len]);
+        conn.buf.advance(req.body_len);
+
+        let Routed { pool, decision } = req.routed;
+        if let (Decision::Pinned, Some(seq)) = (decision, req.pending) {
+            // A pin another request made a moment ago: follow it only once it is durable.
+            self.sessions.settle(seq).await;
+        }
+        let drain_ahead = if pool == PoolName::V1 { self.drain.record_v1(self.clock.now()) } else { None };
+        let close = req.close || closing;
+        let rules = h1::ResponseRules {
+            head_request: req.head_request,
+            pool: snapshot.pool_header.then(|| pool.as_str()),
+            close,
+        };
+        let exchange = self.exchange_h1(snapshot, pool, &conn.request, req.replayable, rules, &mut conn.out);
+        let result = if decision == Decision::NewPin || req.write_ahead || drain_ahead.is_some() {
+            let made = if decision == Decision::NewPin { req.pending } else { None };
+            let (result, durable) = tokio::join!(exchange, self.persist(made, drain_ahead));
+            if !durable {
+                warn!(pool = %pool, "session or drain state not confirmed durable; answering anyway");
+            }
+            result
+        } else {
+            exchange.await
+        };
+        let elapsed = req.started.elapsed();
+        let (status, keep) = match result {
+            Ok((mut upstream, head)) => {
+                let status = head.status;
+                let until_close = matches!(head.framing, h1::Framing::UntilClose);
+                self.metrics.request(decision, pool, status, elapsed.as_secs_f64());
+                let keep = match upstream.relay(head, &mut conn.out, &mut conn.stream).await {
+                    Ok(reusable) => {
+                        if reusable {
+                            upstream.release();
+                        }
+                        !close && !until_close
+                    }
+                    Err(err) => {
+                        debug!(peer = %conn.peer.addr, pool = %pool, error = %ErrorChain(&err), "response relay stopped");
+                        false
+                    }
+                };
+                (status, keep)
+            }
+            Err(err) => {
+                warn!(peer = %conn.peer.addr, pool = %pool, error = %ErrorChain(&err), "request failed");
+                let shown = snapshot.pool_header.then_some(pool);
+                let status = write_error_response(&mut conn.out, &err, shown, close).as_u16();
+                self.metrics.request(decision, pool, status, elapsed.as_secs_f64());
+                (status, conn.stream.write_all(&conn.out).await.is_ok() && !close)
+            }
+        };
+        if let Some((method, path)) = req.logged {
+            debug!(
+                peer = %conn.peer.addr,
+                method = %method,
+                path = %path,
+                pool = pool.as_str(),
+                decision = decision.as_str(),
+                status,
+                elapsed_us = elapsed.as_micros() as u64,
+                "request"
+            );
+        }
+        keep
+    }
+
     /// Sends the request to an upstream of `pool`, moving on to another one of the same pool
     /// (never the other pool) up to `retries` times when it could not be delivered. Feeds passive
     /// ejection and the upstream metrics.
@@ -293,34 +488,17 @@ impl Proxy {
         replay: Option<(Method, http::Uri, http::HeaderMap)>,
     ) -> Result<Response<UpstreamResponseBody>, ProxyError> {
         let balancer = snapshot.pool(pool);
-        let ejection = snapshot.ejection.get(pool);
         let mut failed: Option<&Arc<Upstream>> = None;
         let mut attempt = 0;
         loop {
-            let mut upstream = balancer.pick().ok_or(ProxyError::NoUpstream { pool })?;
-            if failed.is_some_and(|f| Arc::ptr_eq(f, upstream)) {
-                // Prefer a different upstream for the retry when the pool has one.
-                upstream = balancer.pick().unwrap_or(upstream);
-            }
+            let upstream = pick(balancer, failed).ok_or(ProxyError::NoUpstream { pool })?;
             match self.client.send(upstream, req, snapshot.response_timeout).await {
                 Ok(response) => {
-                    let status = response.status();
-                    upstream.stats.response(status.as_u16());
-                    // 502/503/504 say the upstream itself is in trouble; a 500 is one request's
-                    // application error and ejects nothing.
-                    if matches!(status.as_u16(), 502..=504) {
-                        self.note_failure(pool, balancer, upstream, ejection);
-                    } else {
-                        upstream.health().record_success();
-                    }
+                    self.note_response(snapshot, pool, upstream, response.status().as_u16());
                     return Ok(response);
                 }
                 Err(SendError { error, request }) => {
-                    upstream.stats.error(error.kind());
-                    // A response timeout may be a slow client's upload, not the upstream's fault.
-                    if !matches!(error, UpstreamError::Timeout { .. }) {
-                        self.note_failure(pool, balancer, upstream, ejection);
-                    }
+                    self.note_error(snapshot, pool, upstream, &error);
                     let again = request.or_else(|| {
                         replay.as_ref().map(|(method, uri, headers)| {
                             let mut rebuilt = Request::new(empty_body());
@@ -331,10 +509,7 @@ impl Proxy {
                         })
                     });
                     match again {
-                        Some(again)
-                            if attempt < snapshot.retries
-                                && !matches!(error, UpstreamError::Timeout { .. }) =>
-                        {
+                        Some(again) if may_retry(snapshot, attempt, &error) => {
                             debug!(pool = %pool, upstream = %upstream.name(), error = %ErrorChain(&error), "retrying on the same pool");
                             req = again;
                             attempt += 1;
@@ -344,6 +519,66 @@ impl Proxy {
                     }
                 }
             }
+        }
+    }
+
+    /// [`Proxy::exchange`] on the fast path: `request` is the whole upstream request, sent again
+    /// as is on a retry.
+    async fn exchange_h1(
+        &self,
+        snapshot: &Snapshot,
+        pool: PoolName,
+        request: &[u8],
+        replayable: bool,
+        rules: h1::ResponseRules,
+        out: &mut Vec<u8>,
+    ) -> Result<(UpstreamConn, h1::ResponseHead), ProxyError> {
+        let balancer = snapshot.pool(pool);
+        let mut failed: Option<&Arc<Upstream>> = None;
+        let mut attempt = 0;
+        loop {
+            let upstream = pick(balancer, failed).ok_or(ProxyError::NoUpstream { pool })?;
+            let sent = self
+                .client
+                .send_h1(upstream, request, replayable, rules, out, snapshot.response_timeout)
+                .await;
+            match sent {
+                Ok((conn, head)) => {
+                    self.note_response(snapshot, pool, upstream, head.status);
+                    return Ok((conn, head));
+                }
+                Err(H1SendError { error, written }) => {
+                    self.note_error(snapshot, pool, upstream, &error);
+                    if (!written || replayable) && may_retry(snapshot, attempt, &error) {
+                        debug!(pool = %pool, upstream = %upstream.name(), error = %ErrorChain(&error), "retrying on the same pool");
+                        attempt += 1;
+                        failed = Some(upstream);
+                    } else {
+                        return Err(error.into());
+                    }
+                }
+            }
+        }
+    }
+
+    /// Records an upstream's response head for the metrics and passive ejection.
+    fn note_response(&self, snapshot: &Snapshot, pool: PoolName, upstream: &Upstream, status: u16) {
+        upstream.stats.response(status);
+        // 502/503/504 say the upstream itself is in trouble; a 500 is one request's application
+        // error and ejects nothing.
+        if matches!(status, 502..=504) {
+            self.note_failure(pool, snapshot.pool(pool), upstream, snapshot.ejection.get(pool));
+        } else {
+            upstream.health().record_success();
+        }
+    }
+
+    /// Records a failed send for the metrics and passive ejection.
+    fn note_error(&self, snapshot: &Snapshot, pool: PoolName, upstream: &Upstream, error: &UpstreamError) {
+        upstream.stats.error(error.kind());
+        // A response timeout may be a slow client's upload, not the upstream's fault.
+        if !matches!(error, UpstreamError::Timeout { .. }) {
+            self.note_failure(pool, snapshot.pool(pool), upstream, snapshot.ejection.get(pool));
         }
     }
 
@@ -366,12 +601,14 @@ impl Proxy {
     fn choose_pool(
         &self,
         snapshot: &Snapshot,
-        req: &Request<Incoming>,
+        path: &str,
+        query: Option<&str>,
+        headers: &impl HeaderSource,
     ) -> (PoolName, Decision, Option<u64>, bool) {
-        if snapshot.router.route(req.uri().path()) == Route::V2Prefix {
+        if snapshot.router.route(path) == Route::V2Prefix {
             return (PoolName::V2, Decision::Prefix, None, false);
         }
-        let key = match snapshot.keys.extract(req.uri(), req.headers()) {
+        let key = match snapshot.keys.extract_from(path, query, headers) {
             KeyOutcome::Key(key) => key,
             KeyOutcome::Invalid => {
                 self.metrics.keys_rejected_invalid.inc();
@@ -504,6 +741,21 @@ impl Proxy {
     }
 }
 
+/// An upstream of `balancer`, preferring one other than `failed` (a retry) when the pool has one.
+fn pick<'b>(balancer: &'b Balancer, failed: Option<&Arc<Upstream>>) -> Option<&'b Arc<Upstream>> {
+    let upstream = balancer.pick()?;
+    if failed.is_some_and(|f| Arc::ptr_eq(f, upstream)) {
+        return Some(balancer.pick().unwrap_or(upstream));
+    }
+    Some(upstream)
+}
+
+/// Whether a failed send may go to another upstream of the same pool. A response timeout is
+/// not retried: the upstream may still be working on the request.
+fn may_retry(snapshot: &Snapshot, attempt: u32, error: &UpstreamError) -> bool {
+    attempt < snapshot.retries && !matches!(error, UpstreamError::Timeout { .. })
+}
+
 /// Methods whose repetition has the same effect as one request (RFC 9110 §9.2.2).
 fn is_idempotent(method: &Method) -> bool {
     matches!(
@@ -529,10 +781,11 @@ fn pool_value(pool: PoolName) -> HeaderValue {
     HeaderValue::from_static(pool.as_str())
 }
 
-/// The response for a request the proxy could not forward: status, `x-rollout-error` naming the
-/// cause, and a one-line plain-text body. Details stay in the log, not in the client's answer.
-pub fn error_response(err: &ProxyError, pool: Option<PoolName>) -> Response<Body> {
-    let (status, cause, text) = match err {
+/// Status, `x-rollout-error` cause and body text for a request the proxy could not forward:
+/// the one place failures are mapped to answers. Details stay in the log, not in the client's
+/// answer.
+fn error_parts(err: &ProxyError) -> (StatusCode, &'static str, &'static str) {
+    match err {
         ProxyError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request", "bad request"),
         ProxyError::HeadersTooLarge { .. } => {
             (StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, "headers_too_large", "request headers too large")
@@ -550,7 +803,13 @@ pub fn error_response(err: &ProxyError, pool: Option<PoolName>) -> Response<Body
         ProxyError::Upstream(UpstreamError::ConnectTimeout { .. } | UpstreamError::Timeout { .. }) => {
             (StatusCode::GATEWAY_TIMEOUT, "upstream_timeout", "upstream timed out")
         }
-    };
+    }
+}
+
+/// The response for a request the proxy could not forward: status, `x-rollout-error` naming the
+/// cause, and a one-line plain-text body.
+pub fn error_response(err: &ProxyError, pool: Option<PoolName>) -> Response<Body> {
+    let (status, cause, text) = error_parts(err);
     let mut response = Response::new(Either::Right(Full::from(format!("{text}\n"))));
     *response.status_mut() = status;
     let headers = response.headers_mut();
@@ -560,4 +819,20 @@ pub fn error_response(err: &ProxyError, pool: Option<PoolName>) -> Response<Body
         headers.insert(X_ROLLOUT_POOL.clone(), pool_value(pool));
     }
     response
+}
+
+/// [`error_response`] written as bytes for the fast path; returns the status.
+fn write_error_response(
+    out: &mut Vec<u8>,
+    err: &ProxyError,
+    pool: Option<PoolName>,
+    close: bool,
+) -> StatusCode {
+    let (status, cause, text) = error_parts(err);
+    let mut headers = vec![("content-type", "text/plain; charset=utf-8"), ("x-rollout-error", cause)];
+    if let Some(pool) = pool {
+        headers.push(("x-rollout-pool", pool.as_str()));
+    }
+    h1::write_simple_response(out, status, &headers, text, close);
+    status
 }

@@ -40,6 +40,18 @@ pub enum KeyOutcome<'r> {
     Absent,
 }
 
+/// Header values of a request, whether parsed into a [`HeaderMap`] or still in the read buffer.
+pub trait HeaderSource {
+    /// Every value of header `name` (lower-case) that is valid UTF-8, in order.
+    fn values<'a>(&'a self, name: &str) -> impl Iterator<Item = &'a str>;
+}
+
+impl HeaderSource for HeaderMap {
+    fn values<'a>(&'a self, name: &str) -> impl Iterator<Item = &'a str> {
+        self.get_all(name).iter().filter_map(|v| v.to_str().ok())
+    }
+}
+
 /// The ordered list of `sessions.keys`; the first extractor that yields a value names the session.
 #[derive(Debug, Clone)]
 pub struct KeyExtractor {
@@ -52,11 +64,22 @@ impl KeyExtractor {
     }
 
     pub fn extract<'r>(&self, uri: &'r Uri, headers: &'r HeaderMap) -> KeyOutcome<'r> {
+        self.extract_from(uri.path(), uri.query(), headers)
+    }
+
+    /// [`KeyExtractor::extract`] for a request whose head is not parsed into a [`Uri`] and a
+    /// [`HeaderMap`].
+    pub fn extract_from<'r>(
+        &self,
+        path: &'r str,
+        query: Option<&'r str>,
+        headers: &'r impl HeaderSource,
+    ) -> KeyOutcome<'r> {
         for spec in &self.specs {
             let found = match spec {
-                SessionKeySpec::Path { segments, .. } => from_path(uri.path(), segments),
-                SessionKeySpec::Query(name) => uri.query().and_then(|q| from_query(q, name)),
-                SessionKeySpec::Header(name) => headers.get(name).and_then(|v| v.to_str().ok()),
+                SessionKeySpec::Path { segments, .. } => from_path(path, segments),
+                SessionKeySpec::Query(name) => query.and_then(|q| from_query(q, name)),
+                SessionKeySpec::Header(name) => headers.values(name.as_str()).next(),
                 SessionKeySpec::Cookie(name) => from_cookies(headers, name),
             };
             if let Some(value) = found {
@@ -90,8 +113,8 @@ fn from_query<'r>(query: &'r str, name: &str) -> Option<&'r str> {
     })
 }
 
-fn from_cookies<'r>(headers: &'r HeaderMap, name: &str) -> Option<&'r str> {
-    headers.get_all(http::header::COOKIE).iter().filter_map(|v| v.to_str().ok()).find_map(|line| {
+fn from_cookies<'r>(headers: &'r impl HeaderSource, name: &str) -> Option<&'r str> {
+    headers.values("cookie").find_map(|line| {
         line.split(';').find_map(|pair| {
             let (k, v) = pair.trim().split_once('=')?;
             (k == name).then_some(v.trim_matches('"'))

@@ -31,6 +31,8 @@ pub struct Snapshot {
     pub health_checks: ByPool<Option<HealthCheck>>,
     pub ejection: ByPool<Ejection>,
     pub retries: u32,
+    /// No upstream speaks TLS: plain HTTP/1.1 clients can be served on [`crate::h1`]'s fast path.
+    pub plain_upstreams: bool,
 }
 
 impl Snapshot {
@@ -67,6 +69,13 @@ impl Snapshot {
             health_checks: config.pools.map(|_, p| p.health.clone()),
             ejection: config.pools.map(|_, p| p.ejection),
             retries: config.upstream.retries,
+            plain_upstreams: config
+                .pools
+                .v1
+                .upstreams
+                .iter()
+                .chain(&config.pools.v2.upstreams)
+                .all(|u| !u.url.is_tls()),
         }
     }
 

@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use bytes::{Buf, Bytes, BytesMut};
 use http::uri::{Authority, PathAndQuery};
 use http::{Request, Response, Uri, Version};
 use http_body_util::{Either, Empty};
@@ -21,11 +21,13 @@ use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
 use rustls_pki_types::ServerName;
+use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tracing::debug;
 
 use crate::config::{UpstreamConfig, UpstreamName, UpstreamSettings, UpstreamUrl};
+use crate::h1;
 use crate::health::Health;
 use crate::metrics::{UpstreamErrorKind, UpstreamStats};
 use crate::tls::TlsError;
@@ -53,6 +55,7 @@ impl UpstreamState {
             health: Health::default(),
             pool: ConnPool {
                 idle: Mutex::new(Vec::new()),
+                idle_h1: Mutex::new(Vec::new()),
                 max_idle: settings.max_idle_per_upstream,
                 idle_timeout: settings.idle_timeout,
             },
@@ -106,6 +109,10 @@ impl Upstream {
         self.weight
     }
 
+    pub fn is_tls(&self) -> bool {
+        self.tls
+    }
+
     pub fn is_healthy(&self) -> bool {
         self.state.health.is_healthy()
     }
@@ -143,7 +150,7 @@ pub enum UpstreamError {
     Closed {
         upstream: UpstreamName,
         #[source]
-        source: hyper::Error,
+        source: Box<dyn std::error::Error + Send + Sync>,
     },
 }
 
@@ -179,6 +186,8 @@ pub struct SendError {
 #[derive(Debug)]
 struct ConnPool {
     idle: Mutex<Vec<Idle>>,
+    /// Connections of the HTTP/1.1 fast path, most recently used last.
+    idle_h1: Mutex<Vec<(UpstreamConn, Instant)>>,
     max_idle: usize,
     idle_timeout: Duration,
 }
@@ -210,6 +219,176 @@ impl ConnPool {
             idle.push(Idle { sender, since: Instant::now() });
         }
     }
+}
+
+impl ConnPool {
+    /// The most recently used idle fast-path connection that is still open. The reactor has
+    /// already seen any close or stray bytes on it, so checking costs no system call.
+    fn checkout_h1(&self) -> Option<UpstreamConn> {
+        let mut idle = self.idle_h1.lock().unwrap_or_else(|p| p.into_inner());
+        while let Some((conn, since)) = idle.pop() {
+            let mut cx = Context::from_waker(std::task::Waker::noop());
+            if since.elapsed() < self.idle_timeout && conn.stream.poll_read_ready(&mut cx).is_pending() {
+                return Some(conn);
+            }
+        }
+        None
+    }
+
+    fn checkin_h1(&self, conn: UpstreamConn) {
+        let mut idle = self.idle_h1.lock().unwrap_or_else(|p| p.into_inner());
+        if idle.len() < self.max_idle {
+            idle.push((conn, Instant::now()));
+        }
+    }
+}
+
+/// An upstream connection of the HTTP/1.1 fast path: the socket and what was read from it.
+#[derive(Debug)]
+pub struct UpstreamConn {
+    stream: TcpStream,
+    buf: BytesMut,
+    /// The upstream whose pool the connection returns to.
+    home: Arc<UpstreamState>,
+}
+
+/// Largest upstream response head accepted on the fast path.
+const MAX_RESPONSE_HEAD: usize = 64 * 1024;
+
+/// How a fast-path exchange failed, before any response head.
+#[derive(Debug, thiserror::Error)]
+enum ExchangeError {
+    #[error("writing the request failed")]
+    Write(#[source] std::io::Error),
+    #[error("reading the response failed")]
+    Read(#[source] std::io::Error),
+    #[error("the connection closed before a response")]
+    Eof,
+    #[error(transparent)]
+    Response(#[from] h1::ResponseError),
+}
+
+/// A failed fast-path send; `written` says whether the request may have reached the upstream.
+#[derive(Debug)]
+pub struct H1SendError {
+    pub error: UpstreamError,
+    pub written: bool,
+}
+
+/// Why relaying a response body stopped early.
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    #[error("reading the upstream body failed")]
+    Upstream(#[source] std::io::Error),
+    #[error("the upstream closed before the end of the body")]
+    Truncated,
+    #[error(transparent)]
+    Chunks(#[from] h1::ChunkError),
+    #[error("writing to the client failed")]
+    Client(#[source] std::io::Error),
+}
+
+impl UpstreamConn {
+    fn new(stream: TcpStream, home: Arc<UpstreamState>) -> Self {
+        UpstreamConn { stream, buf: BytesMut::with_capacity(16 * 1024), home }
+    }
+
+    async fn fill(&mut self) -> std::io::Result<usize> {
+        if self.buf.capacity() - self.buf.len() < 4096 {
+            self.buf.reserve(16 * 1024);
+        }
+        self.stream.read_buf(&mut self.buf).await
+    }
+
+    /// Writes `request` and reads the response head, writing the client's version to `out`.
+    async fn exchange(
+        &mut self,
+        request: &[u8],
+        rules: h1::ResponseRules,
+        out: &mut Vec<u8>,
+    ) -> Result<h1::ResponseHead, ExchangeError> {
+        self.stream.write_all(request).await.map_err(ExchangeError::Write)?;
+        self.buf.clear();
+        loop {
+            if !self.buf.is_empty() {
+                match h1::rewrite_response(&self.buf, rules, out)? {
+                    Some(head) if (100..200).contains(&head.status) => {
+                        self.buf.advance(head.len);
+                        continue;
+                    }
+                    Some(head) => return Ok(head),
+                    None if self.buf.len() > MAX_RESPONSE_HEAD => {
+                        return Err(h1::ResponseError::TooLarge(MAX_RESPONSE_HEAD).into())
+                    }
+                    None => {}
+                }
+            }
+            if self.fill().await.map_err(ExchangeError::Read)? == 0 {
+                return Err(ExchangeError::Eof);
+            }
+        }
+    }
+
+    /// Sends the response whose head is `head` to `client`: `out` (the rewritten head) with the
+    /// body bytes already read, then the rest of the body as it arrives. Returns whether the
+    /// connection can carry another request.
+    pub async fn relay<W: AsyncWrite + Unpin>(
+        &mut self,
+        head: h1::ResponseHead,
+        out: &mut Vec<u8>,
+        client: &mut W,
+    ) -> Result<bool, RelayError> {
+        let mut framing = head.framing;
+        self.buf.advance(head.len);
+        let (take, mut done) = body_part(&mut framing, &self.buf)?;
+        if take <= 16 * 1024 {
+            out.extend_from_slice(&self.buf[..take]);
+            client.write_all(out).await.map_err(RelayError::Client)?;
+        } else {
+            client.write_all(out).await.map_err(RelayError::Client)?;
+            client.write_all(&self.buf[..take]).await.map_err(RelayError::Client)?;
+        }
+        self.buf.advance(take);
+        while !done {
+            self.buf.clear();
+            if self.fill().await.map_err(RelayError::Upstream)? == 0 {
+                return match framing {
+                    h1::Framing::UntilClose => Ok(false),
+                    _ => Err(RelayError::Truncated),
+                };
+            }
+            let take;
+            (take, done) = body_part(&mut framing, &self.buf)?;
+            client.write_all(&self.buf[..take]).await.map_err(RelayError::Client)?;
+            self.buf.advance(take);
+        }
+        // Bytes after the body would be a response nobody asked for: such a connection is not
+        // reused.
+        Ok(self.buf.is_empty())
+    }
+
+    /// Returns the connection to its upstream's pool.
+    pub fn release(self) {
+        let home = self.home.clone();
+        home.pool.checkin_h1(self);
+    }
+}
+
+/// How many of `buf`'s bytes belong to the body, and whether the body ends with them.
+fn body_part(framing: &mut h1::Framing, buf: &[u8]) -> Result<(usize, bool), h1::ChunkError> {
+    Ok(match framing {
+        h1::Framing::Empty => (0, true),
+        h1::Framing::Length(left) => {
+            let take = (*left).min(buf.len() as u64);
+            *left -= take;
+            (take as usize, *left == 0)
+        }
+        h1::Framing::Chunked(scanner) => match scanner.scan(buf)? {
+            Some(end) => (end, true),
+            None => (buf.len(), false),
+        },
+        h1::Framing::UntilClose => (buf.len(), false),
+    })
 }
 
 /// A response body from an upstream; returns its connection to the pool once read to the end.
@@ -324,7 +503,7 @@ impl UpstreamClient {
                     unsent => {
                         let error = UpstreamError::Closed {
                             upstream: upstream.name.clone(),
-                            source: err.into_error(),
+                            source: err.into_error().into(),
                         };
                         return Err(SendError { error, request: unsent });
                     }
@@ -333,33 +512,75 @@ impl UpstreamClient {
         }
     }
 
-    async fn connect(&self, upstream: &Upstream) -> Result<http1::SendRequest<UpstreamBody>, UpstreamError> {
-        let name = || upstream.name.clone();
-        let host = upstream.authority.host();
-        let connect = async {
-            let stream = TcpStream::connect((host, upstream.port))
-                .await
-                .map_err(|source| UpstreamError::Connect { upstream: name(), source })?;
-            let _ = stream.set_nodelay(true);
-            if !upstream.tls {
-                return Ok(Either::Left(stream));
+    /// Sends `request` (a complete upstream request, head and body) on the HTTP/1.1 fast path
+    /// and reads the response head, writing the client's version to `out`. A pooled connection
+    /// that turns out closed is replaced without counting as a failure when `replayable`.
+    pub async fn send_h1(
+        &self,
+        upstream: &Upstream,
+        request: &[u8],
+        replayable: bool,
+        rules: h1::ResponseRules,
+        out: &mut Vec<u8>,
+        response_timeout: Duration,
+    ) -> Result<(UpstreamConn, h1::ResponseHead), H1SendError> {
+        loop {
+            let (mut conn, reused) = match upstream.state.pool.checkout_h1() {
+                Some(conn) => (conn, true),
+                None => match self.connect_tcp(upstream).await {
+                    Ok(stream) => (UpstreamConn::new(stream, upstream.state.clone()), false),
+                    Err(error) => return Err(H1SendError { error, written: false }),
+                },
+            };
+            let error = match tokio::time::timeout(response_timeout, conn.exchange(request, rules, out)).await
+            {
+                Ok(Ok(head)) => return Ok((conn, head)),
+                Err(_) => UpstreamError::Timeout { upstream: upstream.name.clone(), after: response_timeout },
+                Ok(Err(ExchangeError::Write(_) | ExchangeError::Eof)) if reused && replayable => {
+                    debug!(upstream = %upstream.name, "idle upstream connection was closed; retrying on another");
+                    continue;
+                }
+                Ok(Err(err)) => UpstreamError::Closed { upstream: upstream.name.clone(), source: err.into() },
+            };
+            return Err(H1SendError { error, written: true });
+        }
+    }
+
+    /// A plain TCP connection to `upstream`, within the connect timeout.
+    async fn connect_tcp(&self, upstream: &Upstream) -> Result<TcpStream, UpstreamError> {
+        let connect = TcpStream::connect((upstream.authority.host(), upstream.port));
+        let stream = match tokio::time::timeout(self.connect_timeout, connect).await {
+            Err(_) => {
+                let after = self.connect_timeout;
+                return Err(UpstreamError::ConnectTimeout { upstream: upstream.name.clone(), after });
             }
-            let server_name = ServerName::try_from(host.to_owned()).map_err(|e| UpstreamError::Tls {
+            Ok(result) => {
+                result.map_err(|source| UpstreamError::Connect { upstream: upstream.name.clone(), source })?
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        Ok(stream)
+    }
+
+    /// A connection for hyper's client, TLS for `https://` upstreams; TCP and TLS together
+    /// within the connect timeout.
+    async fn connect(&self, upstream: &Upstream) -> Result<http1::SendRequest<UpstreamBody>, UpstreamError> {
+        let started = Instant::now();
+        let stream = self.connect_tcp(upstream).await?;
+        if !upstream.tls {
+            return self.handshake(upstream, stream).await;
+        }
+        let name = || upstream.name.clone();
+        let server_name =
+            ServerName::try_from(upstream.authority.host().to_owned()).map_err(|e| UpstreamError::Tls {
                 upstream: name(),
                 source: std::io::Error::new(std::io::ErrorKind::InvalidInput, e),
             })?;
-            let tls = self.tls.connect(server_name, stream).await;
-            tls.map(Either::Right).map_err(|source| UpstreamError::Tls { upstream: name(), source })
-        };
-        let stream = match tokio::time::timeout(self.connect_timeout, connect).await {
-            Err(_) => {
-                return Err(UpstreamError::ConnectTimeout { upstream: name(), after: self.connect_timeout })
-            }
-            Ok(result) => result?,
-        };
-        match stream {
-            Either::Left(tcp) => self.handshake(upstream, tcp).await,
-            Either::Right(tls) => self.handshake(upstream, tls).await,
+        let left = self.connect_timeout.saturating_sub(started.elapsed());
+        match tokio::time::timeout(left, self.tls.connect(server_name, stream)).await {
+            Err(_) => Err(UpstreamError::ConnectTimeout { upstream: name(), after: self.connect_timeout }),
+            Ok(Err(source)) => Err(UpstreamError::Tls { upstream: name(), source }),
+            Ok(Ok(tls)) => self.handshake(upstream, tls).await,
         }
     }
 
@@ -371,10 +592,10 @@ impl UpstreamClient {
     where
         I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
-        let (sender, connection) = http1::Builder::new()
-            .handshake(TokioIo::new(io))
-            .await
-            .map_err(|source| UpstreamError::Closed { upstream: upstream.name.clone(), source })?;
+        let (sender, connection) =
+            http1::Builder::new().handshake(TokioIo::new(io)).await.map_err(|source| {
+                UpstreamError::Closed { upstream: upstream.name.clone(), source: source.into() }
+            })?;
         let upstream_name = upstream.name.clone();
         tokio::spawn(async move {
             if let Err(err) = connection.with_upgrades().await {
