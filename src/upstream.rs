@@ -237,6 +237,10 @@ impl ConnPool {
 
     fn checkin_h1(&self, conn: UpstreamConn) {
         let mut idle = self.idle_h1.lock().unwrap_or_else(|p| p.into_inner());
+        // The oldest connections come first; those past the idle timeout are closed now rather
+        // than held until a checkout reaches them.
+        let expired = idle.iter().take_while(|(_, since)| since.elapsed() >= self.idle_timeout).count();
+        idle.drain(..expired);
         if idle.len() < self.max_idle {
             idle.push((conn, Instant::now()));
         }

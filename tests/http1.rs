@@ -1,0 +1,259 @@
+//! The HTTP/1.1 fast path, byte by byte: pipelining, every response framing, upstream
+//! connection reuse and replacement, and the hand-over to hyper part-way through a connection.
+//! Clients and upstreams here are raw sockets so the exact bytes are under the test's control.
+
+mod support;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use support::{config_yaml, spawn_proxy, Upstream};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// A raw upstream: `serve` runs once per accepted connection. Returns the address and the
+/// number of connections accepted so far.
+async fn raw_upstream<F, Fut>(serve: F) -> (SocketAddr, Arc<AtomicUsize>)
+where
+    F: Fn(TcpStream) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counter = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            counter.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(serve(stream));
+        }
+    });
+    (addr, accepted)
+}
+
+/// Reads one request head from `stream` (bodies are not used by these upstreams).
+async fn read_head(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Option<String> {
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end + 4]).into_owned();
+            buf.drain(..end + 4);
+            return Some(head);
+        }
+        let mut chunk = [0u8; 4096];
+        match stream.read(&mut chunk).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
+/// Answers each request on a connection with `answer(request line)`, keeping it open.
+async fn answering(mut stream: TcpStream, answer: fn(&str) -> String) {
+    let mut buf = Vec::new();
+    while let Some(head) = read_head(&mut stream, &mut buf).await {
+        let line = head.lines().next().unwrap_or_default().to_owned();
+        if stream.write_all(answer(&line).as_bytes()).await.is_err() {
+            return;
+        }
+    }
+}
+
+async fn proxy_to(v1: SocketAddr) -> support::ProxyHandle {
+    let v2 = Upstream::new("v2-a").spawn().await;
+    spawn_proxy(&config_yaml(&[("v1-a", v1, 1)], &[("v2-a", v2, 1)], "")).await
+}
+
+/// Reads from `stream` until `done` says the text so far is complete, or the peer closes.
+async fn read_until(stream: &mut TcpStream, done: impl Fn(&str) -> bool) -> (String, bool) {
+    let mut text = Vec::new();
+    let mut chunk = [0u8; 8192];
+    loop {
+        if done(&String::from_utf8_lossy(&text)) {
+            return (String::from_utf8_lossy(&text).into_owned(), false);
+        }
+        match tokio::time::timeout(Duration::from_secs(5), stream.read(&mut chunk)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return (String::from_utf8_lossy(&text).into_owned(), true),
+            Ok(Ok(n)) => text.extend_from_slice(&chunk[..n]),
+            Err(_) => panic!("no answer within 5 s; got so far: {:?}", String::from_utf8_lossy(&text)),
+        }
+    }
+}
+
+#[tokio::test]
+async fn pipelined_requests_are_answered_in_order_on_one_upstream_connection() {
+    let (v1, accepted) = raw_upstream(|s| {
+        answering(s, |line| {
+            let path = line.split(' ').nth(1).unwrap_or_default().to_owned();
+            format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{path}", path.len())
+        })
+    })
+    .await;
+    let proxy = proxy_to(v1).await;
+    let mut client = TcpStream::connect(proxy.addr).await.unwrap();
+    client
+        .write_all(
+            b"GET /one HTTP/1.1\r\nHost: a\r\n\r\nGET /two HTTP/1.1\r\nHost: a\r\n\r\n\
+              GET /three HTTP/1.1\r\nHost: a\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let (text, closed) = read_until(&mut client, |t| t.ends_with("/three")).await;
+    assert!(!closed);
+    let bodies: Vec<&str> =
+        text.split("\r\n\r\n").skip(1).map(|part| part.split("HTTP/1.1").next().unwrap()).collect();
+    assert_eq!(bodies, ["/one", "/two", "/three"], "{text}");
+    assert_eq!(text.matches("x-rollout-pool: v1").count(), 3, "{text}");
+    assert_eq!(accepted.load(Ordering::SeqCst), 1, "the upstream connection was reused");
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_chunked_response_passes_through_and_both_connections_are_reused() {
+    let (v1, accepted) = raw_upstream(|s| {
+        answering(s, |_| {
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nConnection: keep-alive\r\n\r\n\
+             5\r\nhello\r\n6;ext=x\r\n world\r\n0\r\nX-Trailer: t\r\n\r\n"
+                .to_owned()
+        })
+    })
+    .await;
+    let proxy = proxy_to(v1).await;
+    let mut client = TcpStream::connect(proxy.addr).await.unwrap();
+    for _ in 0..3 {
+        client.write_all(b"GET /chunks HTTP/1.1\r\nHost: a\r\n\r\n").await.unwrap();
+        let (text, closed) = read_until(&mut client, |t| t.ends_with("X-Trailer: t\r\n\r\n")).await;
+        assert!(!closed);
+        assert!(text.contains("Transfer-Encoding: chunked\r\n"), "{text}");
+        assert!(!text.to_ascii_lowercase().contains("connection:"), "hop-by-hop header passed: {text}");
+        assert!(text.ends_with("5\r\nhello\r\n6;ext=x\r\n world\r\n0\r\nX-Trailer: t\r\n\r\n"), "{text}");
+    }
+    assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_response_without_length_ends_with_the_connection() {
+    let (v1, accepted) = raw_upstream(|mut s| async move {
+        let mut buf = Vec::new();
+        if read_head(&mut s, &mut buf).await.is_some() {
+            let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nuntil the end").await;
+        }
+    })
+    .await;
+    let proxy = proxy_to(v1).await;
+    let mut client = TcpStream::connect(proxy.addr).await.unwrap();
+    client.write_all(b"GET /eof HTTP/1.1\r\nHost: a\r\n\r\n").await.unwrap();
+    let (text, closed) = read_until(&mut client, |_| false).await;
+    assert!(closed, "the client connection must end with the body");
+    assert!(text.contains("connection: close\r\n"), "{text}");
+    assert!(text.ends_with("\r\n\r\nuntil the end"), "{text}");
+
+    // The next client gets a fresh upstream connection.
+    let mut client = TcpStream::connect(proxy.addr).await.unwrap();
+    client.write_all(b"GET /eof HTTP/1.1\r\nHost: a\r\n\r\n").await.unwrap();
+    assert!(read_until(&mut client, |_| false).await.0.ends_with("until the end"));
+    assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn head_and_no_content_responses_carry_no_body_and_keep_the_connection() {
+    let (v1, accepted) = raw_upstream(|s| {
+        answering(s, |line| {
+            if line.starts_with("HEAD") {
+                "HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n".to_owned()
+            } else {
+                "HTTP/1.1 204 No Content\r\n\r\n".to_owned()
+            }
+        })
+    })
+    .await;
+    let proxy = proxy_to(v1).await;
+    let mut client = TcpStream::connect(proxy.addr).await.unwrap();
+    client.write_all(b"HEAD /h HTTP/1.1\r\nHost: a\r\n\r\n").await.unwrap();
+    let (text, _) = read_until(&mut client, |t| t.ends_with("\r\n\r\n")).await;
+    assert!(text.starts_with("HTTP/1.1 200 OK\r\n") && text.contains("Content-Length: 5\r\n"), "{text}");
+    client.write_all(b"DELETE /d HTTP/1.1\r\nHost: a\r\n\r\n").await.unwrap();
+    let (text, closed) = read_until(&mut client, |t| t.ends_with("\r\n\r\n")).await;
+    assert!(text.starts_with("HTTP/1.1 204 No Content\r\n"), "{text}");
+    assert!(!closed);
+    assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_upstream_connection_closed_while_idle_is_replaced_even_for_a_post() {
+    // Answers one request per connection, then closes it after a moment despite keep-alive.
+    let (v1, accepted) = raw_upstream(|mut s| async move {
+        let mut buf = Vec::new();
+        if read_head(&mut s, &mut buf).await.is_some() {
+            let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok").await;
+            tokio::time::sleep(Duration::from_millis(30)).await;
+        }
+    })
+    .await;
+    let proxy = proxy_to(v1).await;
+    let mut client = TcpStream::connect(proxy.addr).await.unwrap();
+    for method in ["GET", "POST", "POST"] {
+        let request = format!("{method} /x HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\nabc");
+        client.write_all(request.as_bytes()).await.unwrap();
+        let (text, _) = read_until(&mut client, |t| t.ends_with("\r\n\r\nok")).await;
+        assert!(text.starts_with("HTTP/1.1 200 OK"), "{method}: {text}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(accepted.load(Ordering::SeqCst), 3);
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_body_sent_after_its_head_arrives_whole_and_close_is_honoured() {
+    let v1 = Upstream::new("v1-a").spawn().await;
+    let proxy = proxy_to(v1).await;
+    let mut client = TcpStream::connect(proxy.addr).await.unwrap();
+    client
+        .write_all(b"POST /api/studies/4/contents HTTP/1.1\r\nHost: a\r\nConnection: close\r\nContent-Length: 10\r\n\r\n01234")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    client.write_all(b"56789").await.unwrap();
+    let (text, closed) = read_until(&mut client, |_| false).await;
+    assert!(closed, "Connection: close was not honoured");
+    assert!(text.contains("connection: close\r\n"), "{text}");
+    let echo: support::Echo = serde_json::from_str(text.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+    assert_eq!(echo.body_len, 10);
+    assert_eq!(echo.body_sha256, support::sha256(b"0123456789"));
+    assert_eq!(echo.method, "POST");
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_connection_moves_to_hyper_for_a_chunked_upload_after_plain_requests() {
+    let v1 = Upstream::new("v1-a").spawn().await;
+    let proxy = proxy_to(v1).await;
+    let mut client = TcpStream::connect(proxy.addr).await.unwrap();
+    client.write_all(b"GET /api/members/me HTTP/1.1\r\nHost: a\r\n\r\n").await.unwrap();
+    let (first, _) = read_until(&mut client, |t| t.ends_with('}')).await;
+    assert!(first.starts_with("HTTP/1.1 200 OK"), "{first}");
+    // Chunked uploads are hyper's; this one arrives together with the next plain request.
+    client
+        .write_all(
+            b"POST /api/studies/5/contents HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n\
+              3\r\nabc\r\n0\r\n\r\nGET /api/v2/studies/5 HTTP/1.1\r\nHost: a\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let (text, closed) =
+        read_until(&mut client, |t| t.matches("HTTP/1.1 200 OK").count() == 2 && t.ends_with('}')).await;
+    assert!(!closed);
+    let echoes: Vec<support::Echo> = text
+        .split("HTTP/1.1 200 OK")
+        .skip(1)
+        .map(|r| serde_json::from_str(r.split("\r\n\r\n").nth(1).unwrap()).unwrap())
+        .collect();
+    assert_eq!((echoes[0].body_len, echoes[0].body_sha256.as_str()), (3, support::sha256(b"abc").as_str()));
+    assert_eq!(echoes[1].upstream, "v2-a");
+    proxy.shutdown().await;
+}
