@@ -419,32 +419,52 @@ impl Sessions {
     pub fn maintain(&self, policy: &PinPolicy) {
         let now = secs(self.clock.now());
         let mut v1_end = 0u32;
+        let mut ended = Vec::new();
         for shard in self.shards.iter() {
-            let mut table = shard.write().unwrap_or_else(|p| p.into_inner());
-            let mut touches = Vec::new();
-            table.retain(|Entry { key, pin }| {
-                if let Some(reason) = pin.ended(now, policy) {
-                    self.count_end(pin.pool, reason);
-                    self.store.send(Op::Remove(key.as_str().into()));
-                    return false;
+            // The scan takes only the read lock, so requests are never held up by it; the write
+            // lock is taken only when there is something to remove.
+            {
+                let table = shard.read().unwrap_or_else(|p| p.into_inner());
+                let mut touches = Vec::new();
+                for Entry { key, pin } in table.iter() {
+                    if pin.ended(now, policy).is_some() {
+                        ended.push(key.clone());
+                        continue;
+                    }
+                    let last_seen = pin.last_seen.load(Ordering::Relaxed);
+                    // Only activity since the start is flushed: a loaded pin's `last_seen` is the
+                    // read-back estimate, and storing it would add the slack again at every
+                    // restart.
+                    let stored = pin.stored_last_seen.load(Ordering::Relaxed);
+                    let refresh = last_seen > stored && last_seen - stored >= policy.stale_secs / 2;
+                    if refresh && last_seen > self.loaded_at {
+                        pin.stored_last_seen.store(last_seen, Ordering::Relaxed);
+                        touches.push((key.as_str().into(), last_seen));
+                    }
+                    if pin.pool == PoolName::V1 {
+                        v1_end = v1_end.max(pin.end(policy));
+                    }
                 }
-                let last_seen = pin.last_seen.load(Ordering::Relaxed);
-                // Only activity since the start is flushed: a loaded pin's `last_seen` is the
-                // read-back estimate, and storing it would add the slack again at every restart.
-                let stored = pin.stored_last_seen.load(Ordering::Relaxed);
-                let refresh = last_seen > stored && last_seen - stored >= policy.stale_secs / 2;
-                if refresh && last_seen > self.loaded_at {
-                    pin.stored_last_seen.store(last_seen, Ordering::Relaxed);
-                    touches.push((key.as_str().into(), last_seen));
+                // Sent under the shard lock, so the store sees this key's changes in order.
+                if !touches.is_empty() {
+                    self.store.send(Op::Touch(touches));
                 }
-                if pin.pool == PoolName::V1 {
-                    v1_end = v1_end.max(pin.end(policy));
-                }
-                true
-            });
-            if !touches.is_empty() {
-                self.store.send(Op::Touch(touches));
             }
+            if !ended.is_empty() {
+                let mut table = shard.write().unwrap_or_else(|p| p.into_inner());
+                for key in ended.drain(..) {
+                    let hash = self.hash(&key);
+                    let Ok(entry) = table.find_entry(hash, |e| e.key == key) else { continue };
+                    // A request may have renewed it between the two locks.
+                    if let Some(reason) = entry.get().pin.ended(now, policy) {
+                        self.count_end(entry.get().pin.pool, reason);
+                        self.store.send(Op::Remove(key.as_str().into()));
+                        entry.remove();
+                    }
+                }
+            }
+            // On a machine with one core to spare, let the request threads in between shards.
+            std::thread::yield_now();
         }
         self.v1_pins_end.store(v1_end, Ordering::Relaxed);
     }
