@@ -8,7 +8,8 @@
 //! # Request flow
 //!
 //! ```text
-//! listener → proxy (per-request orchestration; the ONE place errors become responses)
+//! listener (plain HTTP/1.1 on the h1 fast path; h2, TLS and unusual requests on hyper)
+//!          → proxy (per-request orchestration; the ONE place errors become responses)
 //!          → router (v2 prefix? else legacy) → session (extract key, look up / create pin)
 //!          → balancer (smooth weighted round-robin inside a pool, skipping unhealthy / weight 0)
 //!          → upstream (pooled connections, timeouts, retries in the pool) → headers (hop-by-hop,
@@ -26,6 +27,8 @@
 //!   `ArcSwap`.
 //! - [`listener`]: accept loop, connection limits, TLS handshakes, HTTP/1.1 + HTTP/2 serving
 //!   with graceful stop.
+//! - [`h1`]: the HTTP/1.1 fast path's codec: heads parsed in place and rewritten into bytes,
+//!   body framing, and the hand-over of a connection to hyper.
 //! - [`proxy`]: the per-request service; maps every failure to its response in one function.
 //! - [`router`]: v2-prefix matching and the legacy percentage split.
 //! - [`balancer`]: smooth weighted round-robin inside one pool.
