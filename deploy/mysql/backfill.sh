@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Step 3 of the kit: copy the v1 rows that existed before the triggers into the v2 tables.
+# Step 4 of the kit: copy the v1 rows that existed before the triggers into the v2 tables.
 #
 #   deploy/mysql/backfill.sh -D app [-S /run/mysqld/mysqld.sock | -h HOST [-P PORT]] [-u USER]
 #                            [--defaults-extra-file FILE] [--chunk 1000] [--sleep 0] [--restart]
@@ -48,6 +48,7 @@ db=("$client")
 [ -z "$port" ] || db+=("--port=$port")
 [ -z "$user" ] || db+=("--user=$user")
 db+=(--batch --skip-column-names "--database=$database")
+"${db[@]}" -e "SELECT 1" >/dev/null || { echo "backfill: cannot connect to database '$database'" >&2; exit 2; }
 sql() { "${db[@]}" -e "$1"; }
 
 # Order matters: v2 tables, then triggers, then this. Check all of it before copying anything.

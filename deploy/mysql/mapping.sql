@@ -2,7 +2,7 @@
 -- for the v1 rows as they are now": backfill.sh copies from these views and verify.sql compares
 -- the v2 tables against them, so the two cannot disagree about the mapping. triggers.sql computes
 -- the same values from NEW/OLD; verify.sql is what proves the triggers agree with these views.
--- Load after v2_schema.sql. Safe to re-run.
+-- Step 2 of the kit: load after v2_schema.sql, before triggers.sql. Safe to re-run.
 --
 -- The views contain no aggregate, GROUP BY, LIMIT or select-list subquery, so MariaDB and MySQL
 -- merge them into the query that reads them: a backfill chunk's "WHERE id > ? AND id <= ?" is a

@@ -1,5 +1,5 @@
 -- Upsert triggers that keep the v2 tables equal to the kit_v1_* views (mapping.sql) while v1 keeps
--- writing. Step 2 of the kit: load after v2_schema.sql and mapping.sql, before backfill.sh.
+-- writing. Step 3 of the kit: load after v2_schema.sql and mapping.sql, before backfill.sh.
 --   mariadb -D app < deploy/mysql/triggers.sql
 -- Safe to re-run (DROP ... IF EXISTS first).
 --

@@ -1,5 +1,6 @@
 -- v2 tables, the v1 -> v2 mapping table and the backfill cursor. Step 1 of the kit: load this
--- before triggers.sql (see README.md). Safe to re-run: every statement is IF NOT EXISTS.
+-- before mapping.sql and triggers.sql (see README.md). Safe to re-run: every statement is
+-- IF NOT EXISTS.
 --
 -- Ids: a v2 row that comes from v1 keeps its v1 id (study.id = pomodoro_room.id,
 -- participant.id = pomodoro_progress.id, content.id = pomodoro_content.id), so a trigger, the

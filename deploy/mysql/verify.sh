@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Step 4 of the kit, the verification gate: runs verify.sql and exits 0 only on
+# Step 5 of the kit, the verification gate: runs verify.sql and exits 0 only on
 # "verdict: PASS missing=0 different=0 stale=0" (1 on FAIL, 2 when it could not run).
 #
 #   deploy/mysql/verify.sh -D app [-S SOCKET | -h HOST [-P PORT]] [-u USER]
@@ -36,6 +36,7 @@ db=("$client")
 [ -z "$port" ] || db+=("--port=$port")
 [ -z "$user" ] || db+=("--user=$user")
 db+=(--batch --skip-column-names "--database=$database")
+"${db[@]}" -e "SELECT 1" >/dev/null || { echo "verify: cannot connect to database '$database'" >&2; exit 2; }
 
 triggers=$("${db[@]}" -e "SELECT COUNT(*) FROM information_schema.TRIGGERS
                           WHERE trigger_schema = DATABASE() AND trigger_name LIKE 'kit\\_%'")

@@ -1,4 +1,4 @@
--- Step 4 of the kit, the verification gate: are the v2 tables exactly what the mapping
+-- Step 5 of the kit, the verification gate: are the v2 tables exactly what the mapping
 -- (mapping.sql, the kit_v1_* views) says they must be for the v1 rows as they are now?
 --   mariadb -D app < deploy/mysql/verify.sql          (or deploy/mysql/verify.sh -D app)
 -- Per table:
