@@ -7,8 +7,10 @@
 #  1. Kit: v1 schema with a few thousand rows; v2 schema, mapping and triggers; the backfill runs
 #     with small chunks while a concurrent writer inserts, updates and deletes in every v1 table;
 #     the backfill is killed once mid-table and resumed; verify.sh must PASS with all counts 0,
-#     during the writes and after them, and again after a full re-run of the backfill.
+#     during the writes and after them, and again after a full re-run of the backfill. Then the
+#     host rule step by step through the triggers, and drop_triggers.sql.
 #  2. Naive: the same data and writer against naive.sh in a second database; verify.sh must FAIL.
+# Prints "ok: ..." per check and ends with "db-kit: N passed, 0 failed"; exits non-zero on failure.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 kit=deploy/mysql
@@ -316,6 +318,12 @@ SQL
 expected="WAITING 1 host=-; PLANNING 1 host=a; PLANNING 1 host=a; STUDYING 2 host=a; COMPLETED 2 host=a; STUDYING 3 host=b; PLANNING 1 host=c; WAITING 1 host=-"
 [ "$host_rule" = "$expected" ] || fail "host rule: got '$host_rule', expected '$expected'"
 ok "kit: host rule: new room, a joins, b and c join, b moves, a moves, a done, a leaves, b leaves, c leaves: $host_rule"
+
+sql kit <"$kit/drop_triggers.sql"
+left=$(sql kit -e "SELECT COUNT(*) FROM information_schema.TRIGGERS WHERE trigger_schema = 'kit'")
+[ "$left" = 0 ] || fail "drop_triggers.sql left $left triggers"
+"$kit/verify.sh" "${args[@]}" -D kit >"$tmp/verify3.log" || { cat "$tmp/verify3.log"; fail "verify after dropping the triggers"; }
+ok "kit: drop_triggers.sql removes all 12 triggers; v1 and v2 still verify equal"
 
 # 2. The naive procedure --------------------------------------------------------------------------
 sql mysql -e "CREATE DATABASE naive"
