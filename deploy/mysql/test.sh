@@ -325,6 +325,27 @@ left=$(sql kit -e "SELECT COUNT(*) FROM information_schema.TRIGGERS WHERE trigge
 "$kit/verify.sh" "${args[@]}" -D kit >"$tmp/verify3.log" || { cat "$tmp/verify3.log"; fail "verify after dropping the triggers"; }
 ok "kit: drop_triggers.sql removes all 12 triggers; v1 and v2 still verify equal"
 
+# The gate's own sensitivity, on v2 rows changed behind the triggers' back: NULL -> '', a
+# case-only rename, +1 microsecond, a deleted copy, a copy of nothing; a v2-native row is no copy.
+sql kit <<'SQL'
+UPDATE content SET plan = '' WHERE plan IS NULL ORDER BY id LIMIT 1;
+UPDATE study SET name = UPPER(name) ORDER BY id LIMIT 1;
+UPDATE participant SET last_modified_date = last_modified_date + INTERVAL 1 MICROSECOND ORDER BY id LIMIT 1;
+DELETE FROM content ORDER BY id DESC LIMIT 1;
+INSERT INTO study (id, participant_code_id, name, total_cycle, time_per_cycle, created_date, last_modified_date)
+VALUES (999999, 1, 'no such room', 1, 25, NOW(6), NOW(6));
+INSERT INTO study (participant_code_id, name, total_cycle, time_per_cycle, created_date, last_modified_date)
+VALUES (1, 'created by v2', 1, 25, NOW(6), NOW(6));
+SQL
+set +e
+"$kit/verify.sh" "${args[@]}" -D kit >"$tmp/verify-tampered.log"
+rc=$?
+set -e
+tampered=$(tail -1 "$tmp/verify-tampered.log")
+[ "$rc" = 1 ] && [ "$tampered" = "verdict: FAIL missing=1 different=3 stale=1" ] \
+  || { cat "$tmp/verify-tampered.log"; fail "verify on tampered v2 rows (exit $rc)"; }
+ok "kit: verify catches NULL vs '', case, 1 microsecond, a lost and a stale copy: $tampered"
+
 # 2. The naive procedure --------------------------------------------------------------------------
 sql mysql -e "CREATE DATABASE naive"
 seed_v1 naive
