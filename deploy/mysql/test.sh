@@ -1,0 +1,379 @@
+#!/usr/bin/env bash
+# End-to-end test of the database compatibility kit (SPEC §9), on a private MariaDB server.
+#   bash deploy/mysql/test.sh          (as root, from the repository root; CI runs it this way)
+# Installs mariadb-server and mariadb-client with apt when no server is installed, starts a
+# throwaway server on a Unix socket in a temporary directory (no TCP port, the system service is
+# not used) and always stops it and removes the directory on exit.
+#  1. Kit: v1 schema with a few thousand rows; v2 schema, mapping and triggers; the backfill runs
+#     with small chunks while a concurrent writer inserts, updates and deletes in every v1 table;
+#     the backfill is killed once mid-table and resumed; verify.sh must PASS with all counts 0,
+#     during the writes and after them, and again after a full re-run of the backfill. Then the
+#     host rule step by step through the triggers, and drop_triggers.sql.
+#  2. Naive: the same data and writer against naive.sh in a second database; verify.sh must FAIL.
+# Prints "ok: ..." per check and ends with "db-kit: N passed, 0 failed"; exits non-zero on failure.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+kit=deploy/mysql
+started=$(date +%s)
+passed=0
+ok() { passed=$((passed + 1)); echo "ok: $*"; }
+fail() { echo "FAIL: $*" >&2; exit 1; }
+
+export PATH="$PATH:/usr/sbin:/usr/local/sbin"
+if ! { command -v mariadbd || command -v mysqld; } >/dev/null || ! command -v mariadb-install-db >/dev/null; then
+  echo "installing mariadb-server and mariadb-client"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mariadb-server mariadb-client >/dev/null
+fi
+server=$(command -v mariadbd || command -v mysqld)
+client=$(command -v mariadb || command -v mysql)
+
+tmp=$(mktemp -d /tmp/kit-mysql.XXXXXX)
+server_pid="" writer_pid="" backfill_pid=""
+cleanup() {
+  set +e
+  [ -z "$writer_pid" ] || kill "$writer_pid" 2>/dev/null
+  [ -z "$backfill_pid" ] || kill -- "-$backfill_pid" 2>/dev/null
+  if [ -n "$server_pid" ]; then
+    kill "$server_pid" 2>/dev/null
+    for _ in $(seq 100); do kill -0 "$server_pid" 2>/dev/null || break; sleep 0.1; done
+    kill -9 "$server_pid" 2>/dev/null
+    wait "$server_pid" 2>/dev/null
+  fi
+  rm -rf "$tmp"
+}
+trap cleanup EXIT
+
+mariadb-install-db --no-defaults --datadir="$tmp/data" --user=root \
+  --auth-root-authentication-method=normal --skip-test-db >"$tmp/install.log" 2>&1 \
+  || { cat "$tmp/install.log" >&2; fail "mariadb-install-db"; }
+"$server" --no-defaults --user=root --datadir="$tmp/data" --socket="$tmp/sock" --skip-networking \
+  --pid-file="$tmp/mariadbd.pid" --log-error="$tmp/error.log" --event-scheduler=ON \
+  --innodb-buffer-pool-size=128M --innodb-flush-log-at-trx-commit=2 >"$tmp/server.out" 2>&1 &
+server_pid=$!
+conn=(--no-defaults --socket="$tmp/sock" --user=root)
+for _ in $(seq 300); do
+  "$client" "${conn[@]}" -e 'SELECT 1' >/dev/null 2>&1 && break
+  kill -0 "$server_pid" 2>/dev/null || { cat "$tmp/error.log" >&2; fail "the server exited"; }
+  sleep 0.1
+done
+version=$("$client" "${conn[@]}" -N -e 'SELECT VERSION()') || { cat "$tmp/error.log" >&2; fail "the server did not start"; }
+ok "private server $version on $tmp/sock"
+
+sql() { local d=$1; shift; "$client" "${conn[@]}" --batch --skip-column-names --database="$d" "$@"; }
+args=(-S "$tmp/sock" -u root)
+
+# v1 data: 300 rooms (the last 10 nobody joined), 3000 members and progress rows, 5000 contents,
+# with microsecond timestamps, NULL and empty texts and texts containing separators.
+seed_v1() {
+  sql "$1" <"$kit/v1_schema.sql"
+  sql "$1" <<'SQL'
+CREATE TEMPORARY TABLE seq (n INT PRIMARY KEY);
+INSERT INTO seq
+WITH RECURSIVE d(n) AS (SELECT 0 UNION ALL SELECT n + 1 FROM d WHERE n < 9)
+SELECT 1 + a.n + 10 * b.n + 100 * c.n + 1000 * e.n FROM d a, d b, d c, d e;
+SET @t0 = TIMESTAMP('2024-03-01 09:00:00');
+INSERT INTO participant_code (id, code, created_date, last_modified_date)
+SELECT n, CONCAT('code-', n), @t0 + INTERVAL n SECOND + INTERVAL n * 7919 % 1000000 MICROSECOND,
+       @t0 + INTERVAL n SECOND + INTERVAL n * 7919 % 1000000 MICROSECOND
+FROM seq WHERE n <= 300;
+INSERT INTO pomodoro_room (id, participant_code_id, name, total_cycle, time_per_cycle,
+                           created_date, last_modified_date)
+SELECT n, n, CONCAT('study room ', n), 1 + n % 8, 25 + 5 * (n % 4),
+       @t0 + INTERVAL n SECOND + INTERVAL n * 104729 % 1000000 MICROSECOND,
+       @t0 + INTERVAL 2 * n SECOND + INTERVAL n * 1299709 % 1000000 MICROSECOND
+FROM seq WHERE n <= 300;
+INSERT INTO member (id, nickname, created_date, last_modified_date)
+SELECT n, CONCAT('member ', n, IF(n % 5 = 0, ' | a, b', '')),
+       @t0 + INTERVAL n SECOND + INTERVAL n * 15485863 % 1000000 MICROSECOND,
+       @t0 + INTERVAL n SECOND + INTERVAL n * 15485863 % 1000000 MICROSECOND
+FROM seq WHERE n <= 3000;
+INSERT INTO pomodoro_progress (id, pomodoro_room_id, member_id, is_done, current_cycle,
+                               pomodoro_status, created_date, last_modified_date)
+SELECT n, 1 + n * 7 % 290, n, IF(n % 9 = 0, b'1', b'0'), 1 + n % 4,
+       ELT(1 + n % 3, 'PLANNING', 'RETROSPECT', 'STUDYING'),
+       @t0 + INTERVAL n SECOND + INTERVAL n * 32452843 % 1000000 MICROSECOND,
+       @t0 + INTERVAL 3 * n SECOND + INTERVAL n * 49979687 % 1000000 MICROSECOND
+FROM seq WHERE n <= 3000;
+INSERT INTO pomodoro_content (id, pomodoro_progress_id, cycle, plan, retrospect,
+                              created_date, last_modified_date)
+SELECT n, 1 + n * 13 % 3000, 1 + n % 4,
+       CASE n % 10 WHEN 0 THEN NULL WHEN 1 THEN '' ELSE CONCAT('plan ', n, ' | read, write') END,
+       IF(n % 3 = 0, NULL, CONCAT('retro ', n)),
+       @t0 + INTERVAL n SECOND + INTERVAL n * 86028121 % 1000000 MICROSECOND,
+       @t0 + INTERVAL 4 * n SECOND + INTERVAL n * 104395301 % 1000000 MICROSECOND
+FROM seq WHERE n <= 5000;
+SQL
+}
+
+# A v1 writer: at most $2 transactions, and none once the file $tmp/stop-$3 exists; each one short
+# transaction in its own client session, over every v1 table. Counts what committed and what
+# InnoDB rolled back (deadlock victims) in $tmp/writer-$3.count.
+writer() {
+  local d=$1 n=$2 tag=$3 i body committed=0 failed=0
+  local pick_room="SELECT MAX(id) INTO @m FROM pomodoro_room; SET @x = FLOOR(1 + RAND() * @m);
+    SELECT id INTO @r FROM pomodoro_room WHERE id >= @x ORDER BY id LIMIT 1;"
+  local pick_progress="SELECT MAX(id) INTO @m FROM pomodoro_progress; SET @x = FLOOR(1 + RAND() * @m);
+    SELECT id INTO @p FROM pomodoro_progress WHERE id >= @x ORDER BY id LIMIT 1;"
+  local pick_content="SELECT MAX(id) INTO @m FROM pomodoro_content; SET @x = FLOOR(1 + RAND() * @m);
+    SELECT id INTO @c FROM pomodoro_content WHERE id >= @x ORDER BY id LIMIT 1;"
+  local progress_values="pomodoro_status = ELT(1 + FLOOR(RAND() * 3), 'PLANNING', 'RETROSPECT', 'STUDYING'),
+    current_cycle = current_cycle + 1, is_done = IF(RAND() < 0.15, b'1', b'0'), last_modified_date = NOW(6)"
+  for ((i = 0; i < n; i++)); do
+    [ ! -e "$tmp/stop-$tag" ] || break
+    case $((RANDOM % 18)) in
+      0) body="INSERT INTO participant_code (code, created_date, last_modified_date)
+               VALUES (CONCAT('w-', UUID()), NOW(6), NOW(6));
+             INSERT INTO pomodoro_room (participant_code_id, name, total_cycle, time_per_cycle,
+                                        created_date, last_modified_date)
+               VALUES (LAST_INSERT_ID(), CONCAT('new room ', UUID_SHORT()), 4, 25, NOW(6), NOW(6));
+             SET @r = LAST_INSERT_ID();
+             INSERT INTO member (nickname, created_date, last_modified_date)
+               VALUES (CONCAT('host of ', @r), NOW(6), NOW(6));
+             INSERT INTO pomodoro_progress (pomodoro_room_id, member_id, is_done, current_cycle,
+                                            pomodoro_status, created_date, last_modified_date)
+               VALUES (@r, LAST_INSERT_ID(), b'0', 1, 'PLANNING', NOW(6), NOW(6));" ;;
+      1|2) body="$pick_room
+             INSERT INTO member (nickname, created_date, last_modified_date)
+               VALUES (CONCAT('joiner ', UUID_SHORT()), NOW(6), NOW(6));
+             INSERT INTO pomodoro_progress (pomodoro_room_id, member_id, is_done, current_cycle,
+                                            pomodoro_status, created_date, last_modified_date)
+               SELECT id, LAST_INSERT_ID(), b'0', 1, 'PLANNING', NOW(6), NOW(6)
+               FROM pomodoro_room WHERE id = @r;" ;;
+      3|4|5) body="$pick_room
+             UPDATE pomodoro_progress SET $progress_values
+             WHERE pomodoro_room_id = @r ORDER BY id LIMIT 1;" ;;   # the host's progress
+      6|7) body="$pick_progress UPDATE pomodoro_progress SET $progress_values WHERE id = @p;" ;;
+      8) body="$pick_progress
+             INSERT INTO pomodoro_content (pomodoro_progress_id, cycle, plan, retrospect,
+                                           created_date, last_modified_date)
+               SELECT id, current_cycle, IF(RAND() < 0.2, NULL, CONCAT('plan, ', UUID())),
+                      IF(RAND() < 0.5, NULL, ''), NOW(6), NOW(6)
+               FROM pomodoro_progress WHERE id = @p;" ;;
+      9) body="$pick_content
+             UPDATE pomodoro_content
+             SET retrospect = IF(RAND() < 0.3, NULL, CONCAT('retro | ', UUID())),
+                 plan = IF(RAND() < 0.2, '', plan), last_modified_date = NOW(6)
+             WHERE id = @c;" ;;
+      10) body="$pick_content
+             UPDATE pomodoro_content
+             SET last_modified_date = last_modified_date + INTERVAL 1 MICROSECOND WHERE id = @c;" ;;
+      11) body="$pick_content DELETE FROM pomodoro_content WHERE id = @c;" ;;
+      12) body="$pick_room
+             SELECT id INTO @p FROM pomodoro_progress WHERE pomodoro_room_id = @r ORDER BY id LIMIT 1;
+             DELETE FROM pomodoro_content WHERE pomodoro_progress_id = @p;
+             DELETE FROM pomodoro_progress WHERE id = @p;" ;;       # the host leaves
+      13) body="$pick_progress
+             DELETE FROM pomodoro_content WHERE pomodoro_progress_id = @p;
+             DELETE FROM pomodoro_progress WHERE id = @p;" ;;
+      14) body="$pick_room
+             DELETE c FROM pomodoro_content c JOIN pomodoro_progress p ON p.id = c.pomodoro_progress_id
+             WHERE p.pomodoro_room_id = @r;
+             DELETE FROM pomodoro_progress WHERE pomodoro_room_id = @r;
+             DELETE FROM pomodoro_room WHERE id = @r;" ;;
+      15) body="$pick_room
+             UPDATE pomodoro_room SET name = CONCAT('renamed ', UUID_SHORT()),
+                                      total_cycle = 1 + FLOOR(RAND() * 8), last_modified_date = NOW(6)
+             WHERE id = @r;" ;;
+      16) body="$pick_progress
+             SELECT member_id INTO @mb FROM pomodoro_progress WHERE id = @p;
+             UPDATE member SET nickname = CONCAT('renamed | ', UUID_SHORT()), last_modified_date = NOW(6)
+             WHERE id = @mb;" ;;
+      17) body="INSERT INTO participant_code (code, created_date, last_modified_date)
+               VALUES (CONCAT('spare-', UUID()), NOW(6), NOW(6));
+             SELECT pc.id INTO @pc FROM participant_code pc
+             LEFT JOIN pomodoro_room r ON r.participant_code_id = pc.id
+             WHERE r.id IS NULL ORDER BY pc.id LIMIT 1;
+             DELETE FROM participant_code WHERE id = @pc;" ;;
+    esac
+    if sql "$d" -e "START TRANSACTION; $body COMMIT;" >/dev/null 2>>"$tmp/writer-$tag.err"; then
+      committed=$((committed + 1))
+    else
+      failed=$((failed + 1))
+    fi
+  done
+  echo "$committed $failed" >"$tmp/writer-$tag.count"
+}
+writer_summary() {
+  local c f
+  read -r c f <"$tmp/writer-$1.count"
+  echo "$c committed, $f rolled back"
+  if [ "$f" -gt 0 ]; then grep '^ERROR' "$tmp/writer-$1.err" | sed 's/ at line [0-9]*//' | sort | uniq -c | sed 's/^ */      /'; fi
+}
+cursor() { sql kit -e "SELECT COALESCE(MAX(IF(table_name = '$1', $2, NULL)), 0) FROM kit_backfill_cursor"; }
+
+# 1. The kit --------------------------------------------------------------------------------------
+sql mysql -e "CREATE DATABASE kit"
+seed_v1 kit
+sql kit <"$kit/v2_schema.sql"
+sql kit <"$kit/mapping.sql"
+ok "kit: v1 loaded ($(sql kit -e "SELECT CONCAT((SELECT COUNT(*) FROM pomodoro_room), ' rooms, ',
+  (SELECT COUNT(*) FROM pomodoro_progress), ' progress rows, ', (SELECT COUNT(*) FROM pomodoro_content),
+  ' contents')")), v2 tables and mapping created"
+
+set +e
+"$kit/backfill.sh" "${args[@]}" -D kit >"$tmp/refused.log" 2>&1
+rc=$?
+set -e
+[ "$rc" = 3 ] && grep -q 'refusing to run' "$tmp/refused.log" \
+  || { cat "$tmp/refused.log"; fail "backfill ran without the triggers (exit $rc)"; }
+ok "kit: backfill refuses to run before the triggers are installed"
+
+sql kit <"$kit/triggers.sql"
+ok "kit: $(sql kit -e "SELECT COUNT(*) FROM information_schema.TRIGGERS WHERE trigger_schema = 'kit'") triggers installed"
+
+writer kit 4000 kit-backfill &
+writer_pid=$!
+# First backfill run, killed (with the chunk in flight) once it is well into participant.
+setsid "$kit/backfill.sh" "${args[@]}" -D kit --chunk 25 --sleep 0.01 >"$tmp/backfill1.log" 2>&1 &
+backfill_pid=$!
+for _ in $(seq 600); do
+  [ "$(cursor participant rows_done)" -ge 800 ] && break
+  kill -0 "$backfill_pid" 2>/dev/null || break
+  sleep 0.05
+done
+kill -KILL -- "-$backfill_pid" 2>/dev/null || fail "the backfill ended before it could be killed"
+wait "$backfill_pid" 2>/dev/null || true
+backfill_pid=""
+killed_at=$(cursor participant last_id)
+[ "$(cursor participant 'finished_at IS NOT NULL')" = 0 ] || fail "participant finished before the kill"
+sed 's/^/    /' "$tmp/backfill1.log"
+ok "kit: backfill killed with kill -9 after participant id $killed_at, writer still running"
+
+"$kit/backfill.sh" "${args[@]}" -D kit --chunk 25 --sleep 0.01 | tee "$tmp/backfill2.log" | sed 's/^/    /'
+grep -q "participant from pomodoro_progress: resuming after id $killed_at " "$tmp/backfill2.log" \
+  || fail "the second backfill run did not resume after id $killed_at"
+grep -q 'study: .*finished earlier' "$tmp/backfill2.log" || fail "the second run walked study again"
+kill -0 "$writer_pid" 2>/dev/null || fail "the writer hit its bound before the backfill finished"
+touch "$tmp/stop-kit-backfill"
+ok "kit: backfill resumed after id $killed_at and finished every table while the writer ran"
+wait "$writer_pid"
+writer_pid=""
+echo "    writer during the backfill: $(writer_summary kit-backfill)"
+
+# The gate reads one snapshot and locks nothing, so it must pass while v1 is being written too.
+writer kit 2000 kit-verify &
+writer_pid=$!
+for round in 1 2 3; do
+  sleep 0.3
+  "$kit/verify.sh" "${args[@]}" -D kit --chunk 500 >"$tmp/verify-live.log" \
+    || { cat "$tmp/verify-live.log"; fail "verify during the writes (round $round)"; }
+done
+kill -0 "$writer_pid" 2>/dev/null || fail "the second writer hit its bound before verify finished"
+touch "$tmp/stop-kit-verify"
+ok "kit: verify 3 times during further writes: $(tail -1 "$tmp/verify-live.log")"
+wait "$writer_pid"
+writer_pid=""
+echo "    writer during verify: $(writer_summary kit-verify)"
+
+"$kit/verify.sh" "${args[@]}" -D kit --chunk 500 | tee "$tmp/verify.log" | sed 's/^/    /'
+kit_verdict=$(tail -1 "$tmp/verify.log")
+[ "$kit_verdict" = "verdict: PASS missing=0 different=0 stale=0" ] || fail "kit: $kit_verdict"
+ok "kit: $kit_verdict"
+
+"$kit/backfill.sh" "${args[@]}" -D kit --chunk 500 --restart >"$tmp/backfill3.log"
+recopied=$(sql kit -e "SELECT SUM(rows_copied) FROM kit_backfill_cursor")
+[ "$recopied" = 0 ] || { cat "$tmp/backfill3.log"; fail "a full re-run of the backfill copied $recopied rows"; }
+"$kit/verify.sh" "${args[@]}" -D kit >"$tmp/verify2.log" || { cat "$tmp/verify2.log"; fail "verify after the re-run"; }
+ok "kit: a full re-run of the backfill copies 0 rows and verify still passes"
+
+# The fold rule itself, step by step, through the installed triggers: one room, three members.
+host_rule=$(sql kit <<'SQL'
+INSERT INTO participant_code (code, created_date, last_modified_date) VALUES ('host-rule', NOW(6), NOW(6));
+INSERT INTO pomodoro_room (participant_code_id, name, total_cycle, time_per_cycle, created_date, last_modified_date)
+VALUES (LAST_INSERT_ID(), 'host rule', 4, 25, NOW(6), NOW(6));
+SET @r = LAST_INSERT_ID();
+INSERT INTO member (nickname, created_date, last_modified_date) VALUES ('a', NOW(6), NOW(6)), ('b', NOW(6), NOW(6)), ('c', NOW(6), NOW(6));
+SET @m = LAST_INSERT_ID();
+CREATE TEMPORARY TABLE observed (step_no INT AUTO_INCREMENT PRIMARY KEY, what VARCHAR(200));
+CREATE TEMPORARY TABLE names (id BIGINT PRIMARY KEY, name CHAR(1));
+SET @look = 'INSERT INTO observed (what) SELECT CONCAT(s.step, \' \', s.current_cycle, \' host=\', COALESCE((SELECT GROUP_CONCAT(n.name) FROM participant x JOIN names n ON n.id = x.id WHERE x.study_id = s.id AND x.is_host), \'-\')) FROM study s WHERE s.id = ?';
+PREPARE look FROM @look;
+EXECUTE look USING @r;
+INSERT INTO pomodoro_progress (pomodoro_room_id, member_id, is_done, current_cycle, pomodoro_status, created_date, last_modified_date)
+VALUES (@r, @m, b'0', 1, 'PLANNING', NOW(6), NOW(6));
+INSERT INTO names VALUES (LAST_INSERT_ID(), 'a');
+EXECUTE look USING @r;
+INSERT INTO pomodoro_progress (pomodoro_room_id, member_id, is_done, current_cycle, pomodoro_status, created_date, last_modified_date)
+VALUES (@r, @m + 1, b'0', 1, 'PLANNING', NOW(6), NOW(6));
+INSERT INTO names VALUES (LAST_INSERT_ID(), 'b');
+INSERT INTO pomodoro_progress (pomodoro_room_id, member_id, is_done, current_cycle, pomodoro_status, created_date, last_modified_date)
+VALUES (@r, @m + 2, b'0', 1, 'PLANNING', NOW(6), NOW(6));
+INSERT INTO names VALUES (LAST_INSERT_ID(), 'c');
+UPDATE pomodoro_progress SET pomodoro_status = 'STUDYING', current_cycle = 3 WHERE member_id = @m + 1;
+EXECUTE look USING @r;
+UPDATE pomodoro_progress SET pomodoro_status = 'STUDYING', current_cycle = 2 WHERE member_id = @m;
+EXECUTE look USING @r;
+UPDATE pomodoro_progress SET is_done = b'1' WHERE member_id = @m;
+EXECUTE look USING @r;
+DELETE FROM pomodoro_progress WHERE member_id = @m;
+EXECUTE look USING @r;
+DELETE FROM pomodoro_progress WHERE member_id = @m + 1;
+EXECUTE look USING @r;
+DELETE FROM pomodoro_progress WHERE member_id = @m + 2;
+EXECUTE look USING @r;
+SELECT GROUP_CONCAT(what ORDER BY step_no SEPARATOR '; ') FROM observed;
+SQL
+)
+expected="WAITING 1 host=-; PLANNING 1 host=a; PLANNING 1 host=a; STUDYING 2 host=a; COMPLETED 2 host=a; STUDYING 3 host=b; PLANNING 1 host=c; WAITING 1 host=-"
+[ "$host_rule" = "$expected" ] || fail "host rule: got '$host_rule', expected '$expected'"
+ok "kit: host rule: new room, a joins, b and c join, b moves, a moves, a done, a leaves, b leaves, c leaves: $host_rule"
+
+sql kit <"$kit/drop_triggers.sql"
+left=$(sql kit -e "SELECT COUNT(*) FROM information_schema.TRIGGERS WHERE trigger_schema = 'kit'")
+[ "$left" = 0 ] || fail "drop_triggers.sql left $left triggers"
+"$kit/verify.sh" "${args[@]}" -D kit >"$tmp/verify3.log" || { cat "$tmp/verify3.log"; fail "verify after dropping the triggers"; }
+ok "kit: drop_triggers.sql removes all 12 triggers; v1 and v2 still verify equal"
+
+# The gate's own sensitivity, on v2 rows changed behind the triggers' back: NULL -> '', a
+# case-only rename, +1 microsecond, a deleted copy, a copy of nothing; a v2-native row is no copy.
+sql kit <<'SQL'
+UPDATE content SET plan = '' WHERE plan IS NULL ORDER BY id LIMIT 1;
+UPDATE study SET name = UPPER(name) ORDER BY id LIMIT 1;
+UPDATE participant SET last_modified_date = last_modified_date + INTERVAL 1 MICROSECOND ORDER BY id LIMIT 1;
+DELETE FROM content ORDER BY id DESC LIMIT 1;
+INSERT INTO study (id, participant_code_id, name, total_cycle, time_per_cycle, created_date, last_modified_date)
+VALUES (999999, 1, 'no such room', 1, 25, NOW(6), NOW(6));
+INSERT INTO study (participant_code_id, name, total_cycle, time_per_cycle, created_date, last_modified_date)
+VALUES (1, 'created by v2', 1, 25, NOW(6), NOW(6));
+SQL
+set +e
+"$kit/verify.sh" "${args[@]}" -D kit >"$tmp/verify-tampered.log"
+rc=$?
+set -e
+tampered=$(tail -1 "$tmp/verify-tampered.log")
+[ "$rc" = 1 ] && [ "$tampered" = "verdict: FAIL missing=1 different=3 stale=1" ] \
+  || { cat "$tmp/verify-tampered.log"; fail "verify on tampered v2 rows (exit $rc)"; }
+ok "kit: verify catches NULL vs '', case, 1 microsecond, a lost and a stale copy: $tampered"
+
+# 2. The naive procedure --------------------------------------------------------------------------
+sql mysql -e "CREATE DATABASE naive"
+seed_v1 naive
+sql naive <"$kit/v2_schema.sql"
+sql naive <"$kit/mapping.sql"
+writer naive 3000 naive &
+writer_pid=$!
+sleep 0.5
+"$kit/naive.sh" "${args[@]}" -D naive --gap 2 | sed 's/^/    /'
+sleep 1
+kill -0 "$writer_pid" 2>/dev/null || fail "the naive writer hit its bound before the triggers were installed"
+touch "$tmp/stop-naive"
+wait "$writer_pid"
+writer_pid=""
+echo "    writer: $(writer_summary naive)"
+sql naive -e "DROP EVENT IF EXISTS naive_copy_recent"
+read -r runs seen copied <<<"$(sql naive -e "SELECT COUNT(*), COUNT(start_time_seen), COALESCE(SUM(rows_copied), 0) FROM naive_event_log")"
+echo "    naive EVENT ran $runs times, saw a non-NULL @start_time $seen times, copied $copied rows"
+
+set +e
+"$kit/verify.sh" "${args[@]}" -D naive --chunk 500 >"$tmp/verify-naive.log"
+rc=$?
+set -e
+sed 's/^/    /' "$tmp/verify-naive.log"
+naive_verdict=$(tail -1 "$tmp/verify-naive.log")
+[ "$rc" = 1 ] && [[ "$naive_verdict" == "verdict: FAIL "* ]] \
+  || fail "naive: verify did not fail (exit $rc): $naive_verdict"
+ok "naive: $naive_verdict (exit 1)"
+
+ok "done in $(( $(date +%s) - started )) s"
+echo "db-kit: $passed passed, 0 failed"

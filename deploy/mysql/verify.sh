@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# Step 5 of the kit, the verification gate: runs verify.sql and exits 0 only on
+# "verdict: PASS missing=0 different=0 stale=0" (1 on FAIL, 2 when it could not run).
+#
+#   deploy/mysql/verify.sh -D app [-S SOCKET | -h HOST [-P PORT]] [-u USER]
+#                          [--defaults-extra-file FILE] [--chunk 1000]
+#
+# Read-only and lock-free (one consistent snapshot): run it while v1 is live, as often as needed.
+set -euo pipefail
+
+usage() { sed -n '5,6p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
+
+database="" socket="" host="" port="" user="" extra="" chunk=1000
+while [ $# -gt 0 ]; do
+  case "$1" in
+    -D|--database) database=$2; shift 2 ;;
+    -S|--socket) socket=$2; shift 2 ;;
+    -h|--host) host=$2; shift 2 ;;
+    -P|--port) port=$2; shift 2 ;;
+    -u|--user) user=$2; shift 2 ;;
+    --defaults-extra-file) extra=$2; shift 2 ;;
+    --chunk) chunk=$2; shift 2 ;;
+    --help) usage ;;
+    *) echo "verify: unknown argument: $1" >&2; usage ;;
+  esac
+done
+[ -n "$database" ] || { echo "verify: -D DATABASE is required" >&2; usage; }
+case "$chunk" in ''|*[!0-9]*|0) echo "verify: --chunk must be a positive integer" >&2; exit 2 ;; esac
+
+client=$(command -v mariadb || command -v mysql || true)
+[ -n "$client" ] || { echo "verify: no mariadb or mysql client on PATH" >&2; exit 2; }
+db=("$client")
+[ -z "$extra" ] || db+=("--defaults-extra-file=$extra")
+[ -z "$socket" ] || db+=("--socket=$socket")
+[ -z "$host" ] || db+=("--host=$host")
+[ -z "$port" ] || db+=("--port=$port")
+[ -z "$user" ] || db+=("--user=$user")
+db+=(--batch --skip-column-names "--database=$database")
+"${db[@]}" -e "SELECT 1" >/dev/null || { echo "verify: cannot connect to database '$database'" >&2; exit 2; }
+
+triggers=$("${db[@]}" -e "SELECT COUNT(*) FROM information_schema.TRIGGERS
+                          WHERE trigger_schema = DATABASE() AND trigger_name LIKE 'kit\\_%'")
+echo "verify: database $database, $chunk ids per checksum chunk, $triggers of 12 kit triggers installed"
+
+started=$(date +%s.%N)
+if ! out=$( { echo "SET @kit_chunk = $chunk;"; cat "$(dirname "$0")/verify.sql"; } | "${db[@]}" 2>&1); then
+  printf '%s\n' "$out" >&2
+  echo "verify: could not run verify.sql" >&2
+  exit 2
+fi
+printf '%s\n' "$out" | grep -v '^verdict: ' | sed 's/^/verify: /'
+verdict=$(printf '%s\n' "$out" | grep '^verdict: ' || true)
+awk -v a="$started" -v b="$(date +%s.%N)" 'BEGIN { printf "verify: one snapshot, %.1f s\n", b - a }'
+if [ -z "$verdict" ]; then
+  echo "verify: verify.sql printed no verdict" >&2
+  exit 2
+fi
+echo "$verdict"
+case "$verdict" in "verdict: PASS "*) exit 0 ;; *) exit 1 ;; esac
