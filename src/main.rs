@@ -1,6 +1,6 @@
 //! The `rollout-proxy` command: parses the command line, sets up logging, calls the library.
 
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -129,9 +129,15 @@ fn execute(command: Command) -> anyhow::Result<u8> {
     match command {
         Command::Check { config } => {
             let loaded = Config::load(&config)?;
-            println!("# {}: ok; effective configuration:", config.display());
-            print!("{}", loaded.effective_yaml());
-            Ok(0)
+            let mut out = std::io::stdout().lock();
+            let printed = writeln!(out, "# {}: ok; effective configuration:", config.display())
+                .and_then(|()| write!(out, "{}", loaded.effective_yaml()))
+                .and_then(|()| out.flush());
+            match printed {
+                // `check ... | head` is a normal way to read it; the verdict is the exit code.
+                Err(err) if err.kind() != std::io::ErrorKind::BrokenPipe => Err(err.into()),
+                _ => Ok(0),
+            }
         }
         Command::Run { config, takeover, takeover_timeout } => {
             let config = Config::load(&config)?;

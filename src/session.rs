@@ -132,8 +132,11 @@ pub struct PinPolicy {
     /// read-back slack. A request the stored value covers to within this is not written ahead,
     /// and after a restart every pin is read back this much later, so a crash can lengthen a pin
     /// by up to this much but never shorten it. The background flush refreshes an active pin's
-    /// stored value once it is half that old. With the default 10h40m idle timeout that is
-    /// 192 s: an active study costs one store write every ~96 s and never waits for a commit.
+    /// stored value once it lags the pin's last request by a quarter of that
+    /// ([`PinPolicy::refresh_lag`]), so only a study returning after a pause of more than three
+    /// quarters of it waits for a commit. With the default 10h40m idle timeout that is 192 s: an
+    /// active study costs one batched store write every ~48 s, and waits for a commit only after
+    /// a pause of over 144 s.
     pub stale_secs: u32,
 }
 
@@ -147,6 +150,16 @@ impl PinPolicy {
             max_active: config.max_active,
             stale_secs: (idle_secs / 200).max(READ_BACK_SLACK.as_secs() as u32),
         }
+    }
+}
+
+impl PinPolicy {
+    /// How far a pin's stored `last_seen` may lag its last request before the background flush
+    /// refreshes it. Background writes go in large batches and nobody waits for them; a request
+    /// whose time the stored value does not cover waits for its own commit. Refreshing well
+    /// before the bound keeps the second kind rare.
+    pub fn refresh_lag(&self) -> u32 {
+        (self.stale_secs / 4).max(1)
     }
 }
 
@@ -436,7 +449,7 @@ impl Sessions {
                     // read-back estimate, and storing it would add the slack again at every
                     // restart.
                     let stored = pin.stored_last_seen.load(Ordering::Relaxed);
-                    let refresh = last_seen > stored && last_seen - stored >= policy.stale_secs / 2;
+                    let refresh = last_seen > stored && last_seen - stored >= policy.refresh_lag();
                     if refresh && last_seen > self.loaded_at {
                         pin.stored_last_seen.store(last_seen, Ordering::Relaxed);
                         touches.push((key.as_str().into(), last_seen));
@@ -528,16 +541,32 @@ mod tests {
         let yaml = "pools:\n  v1: { upstreams: [{ name: a, url: \"http://x:1\" }] }\n  v2: { upstreams: [{ name: b, url: \"http://x:2\" }] }\nsessions:\n  keys: [{ path: \"/api/studies/{id}\" }, { query: studyId }, { header: X-Study-Id }, { cookie: study }]\n";
         let config = crate::config::Config::from_yaml(yaml, std::path::Path::new("t")).unwrap();
         let extractor = KeyExtractor::new(config.sessions.keys);
-        let uri: Uri = uri.parse().unwrap();
+        let parsed: Uri = uri.parse().unwrap();
         let mut map = HeaderMap::new();
         for (k, v) in headers {
             map.append(*k, http::HeaderValue::from_static(v));
         }
-        match extractor.extract(&uri, &map) {
+        let shown = |outcome| match outcome {
             KeyOutcome::Key(k) => format!("key:{k}"),
             KeyOutcome::Invalid => "invalid".to_owned(),
             KeyOutcome::Absent => "absent".to_owned(),
+        };
+        let from_map = shown(extractor.extract(&parsed, &map));
+
+        // The fast path reads the same request from its raw head: it must name the same session.
+        let mut raw = format!("GET {uri} HTTP/1.1\r\nHost: h\r\n");
+        for (k, v) in headers {
+            raw.push_str(&format!("{}: {v}\r\n", k.to_ascii_uppercase()));
         }
+        raw.push_str("\r\n");
+        let mut space = [const { std::mem::MaybeUninit::uninit() }; crate::h1::MAX_HEADERS];
+        let crate::h1::ParsedRequest::Complete(head) = crate::h1::parse_request(raw.as_bytes(), &mut space)
+        else {
+            panic!("{raw:?} did not parse")
+        };
+        let from_raw = shown(extractor.extract_from(head.path(), head.query(), &head));
+        assert_eq!(from_map, from_raw, "{uri} {headers:?}");
+        from_map
     }
 
     #[test]
