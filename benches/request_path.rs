@@ -99,7 +99,7 @@ fn fast_path(c: &mut Criterion) {
             (key, out.len())
         })
     });
-    let rules = h1::ResponseRules { head_request: false, pool: Some("v1"), close: false };
+    let rules = h1::ResponseRules { head_request: false, pool: Some("v1") };
     c.bench_function("h1: parse and rewrite response head", |b| {
         b.iter(|| h1::rewrite_response(black_box(RESPONSE), rules, &mut out).map(|h| h.map(|h| h.len)))
     });

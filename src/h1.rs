@@ -219,6 +219,9 @@ pub struct ResponseHead {
     /// Length of the upstream head in its buffer.
     pub len: usize,
     pub framing: Framing,
+    /// The upstream keeps the connection open after this response (RFC 9112 §9.3): not after
+    /// `Connection: close`, nor from an HTTP/1.0 server that did not ask for keep-alive.
+    pub keep_alive: bool,
 }
 
 /// What the client end of an exchange asks of the response.
@@ -228,8 +231,6 @@ pub struct ResponseRules {
     pub head_request: bool,
     /// `x-rollout-pool` value, when the header is on.
     pub pool: Option<&'static str>,
-    /// The client connection closes after this response.
-    pub close: bool,
 }
 
 /// Why an upstream response head could not be used.
@@ -244,8 +245,9 @@ pub enum ResponseError {
 }
 
 /// Parses the upstream response head at the start of `buf` and writes the client's version of
-/// it to `out`. `Ok(None)`: not complete yet. Interim (1xx) responses are skipped: the fast path
-/// never asks for them.
+/// it to `out`, all but its end: [`finish_response_head`] adds that once it is known whether the
+/// client connection stays open. `Ok(None)`: not complete yet. Interim (1xx) responses are
+/// skipped: the fast path never asks for them.
 pub fn rewrite_response(
     buf: &[u8],
     rules: ResponseRules,
@@ -267,7 +269,7 @@ pub fn rewrite_response(
             return Err(ResponseError::Invalid("protocol switch"));
         }
         // Skipped: the caller drops `len` bytes and parses again.
-        return Ok(Some(ResponseHead { status, len, framing: Framing::Empty }));
+        return Ok(Some(ResponseHead { status, len, framing: Framing::Empty, keep_alive: true }));
     }
 
     let mut content_length = None;
@@ -275,6 +277,8 @@ pub fn rewrite_response(
     let mut encoded = false;
     let mut connection_named: [&[u8]; 8] = [b""; 8];
     let mut named = 0;
+    let mut close = false;
+    let mut keep_alive_token = false;
     for header in res.headers.iter() {
         if header.name.eq_ignore_ascii_case("content-length") {
             let n = parse_length(header.value).ok_or(ResponseError::Invalid("content-length"))?;
@@ -288,6 +292,8 @@ pub fn rewrite_response(
             chunked = last.trim_ascii().eq_ignore_ascii_case(b"chunked");
         } else if header.name.eq_ignore_ascii_case("connection") {
             for token in header.value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+                close |= token.eq_ignore_ascii_case(b"close");
+                keep_alive_token |= token.eq_ignore_ascii_case(b"keep-alive");
                 if named < connection_named.len() && !token.is_empty() {
                     connection_named[named] = token;
                     named += 1;
@@ -298,7 +304,8 @@ pub fn rewrite_response(
     let framing = if rules.head_request || status == 204 || status == 304 {
         Framing::Empty
     } else if encoded {
-        // RFC 9112 §6.3: Transfer-Encoding wins over Content-Length.
+        // RFC 9112 §6.3: Transfer-Encoding wins over Content-Length; a body whose final coding
+        // is not chunked ends with the connection.
         if chunked {
             Framing::Chunked(ChunkScanner::default())
         } else {
@@ -323,7 +330,9 @@ pub fn rewrite_response(
         let hop = ["connection", "keep-alive", "proxy-connection", "te", "upgrade", "proxy-authorization"]
             .iter()
             .any(|h| h.eq_ignore_ascii_case(name))
-            || (name.eq_ignore_ascii_case("transfer-encoding") && !chunked)
+            // The body is relayed as it came, so its Transfer-Encoding stays; a Content-Length
+            // next to it would describe the coded bytes wrongly (RFC 9112 §6.3).
+            || (encoded && name.eq_ignore_ascii_case("content-length"))
             || (!named.is_empty()
                 && named.iter().any(|n| n.eq_ignore_ascii_case(name.as_bytes()))
                 && !name.eq_ignore_ascii_case("content-length")
@@ -336,19 +345,27 @@ pub fn rewrite_response(
     if let Some(pool) = rules.pool {
         put_header(out, b"x-rollout-pool", pool.as_bytes());
     }
-    if rules.close || matches!(framing, Framing::UntilClose) {
+    let keep_alive = if res.version == Some(0) { keep_alive_token && !close } else { !close };
+    Ok(Some(ResponseHead { status, len, framing, keep_alive }))
+}
+
+/// Ends a head [`rewrite_response`] wrote; `close` says the client connection ends after this
+/// response (it does anyway after a body that ends with the upstream connection).
+pub fn finish_response_head(out: &mut Vec<u8>, framing: &Framing, close: bool) {
+    if close || matches!(framing, Framing::UntilClose) {
         out.extend_from_slice(b"connection: close\r\n");
     }
     out.extend_from_slice(b"\r\n");
-    Ok(Some(ResponseHead { status, len, framing }))
 }
 
-/// Writes a short proxy-made response; `body` is followed by a line end.
+/// Writes a short proxy-made response; `body` is followed by a line end. The answer to a HEAD
+/// request (`head_request`) has the same head and no body.
 pub fn write_simple_response(
     out: &mut Vec<u8>,
     status: http::StatusCode,
     headers: &[(&str, &str)],
     body: &str,
+    head_request: bool,
     close: bool,
 ) {
     out.clear();
@@ -365,8 +382,10 @@ pub fn write_simple_response(
         out.extend_from_slice(b"connection: close\r\n");
     }
     out.extend_from_slice(b"\r\n");
-    out.extend_from_slice(body.as_bytes());
-    out.push(b'\n');
+    if !head_request {
+        out.extend_from_slice(body.as_bytes());
+        out.push(b'\n');
+    }
 }
 
 fn itoa3(status: u16) -> [u8; 3] {
@@ -599,10 +618,11 @@ mod tests {
     fn response(raw: &str, rules: ResponseRules) -> (String, ResponseHead) {
         let mut out = Vec::new();
         let head = rewrite_response(raw.as_bytes(), rules, &mut out).unwrap().unwrap();
+        finish_response_head(&mut out, &head.framing, false);
         (String::from_utf8(out).unwrap(), head)
     }
 
-    const RULES: ResponseRules = ResponseRules { head_request: false, pool: Some("v1"), close: false };
+    const RULES: ResponseRules = ResponseRules { head_request: false, pool: Some("v1") };
 
     #[test]
     fn response_hop_by_hop_headers_stay_behind() {
@@ -614,6 +634,31 @@ mod tests {
         assert_eq!(out, "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nx-rollout-pool: v1\r\n\r\n");
         assert!(matches!(head.framing, Framing::Length(2)));
         assert_eq!(head.len, 118);
+        assert!(head.keep_alive);
+    }
+
+    #[test]
+    fn an_upstream_that_closes_is_not_reused() {
+        let keep = |raw: &str| response(raw, RULES).1.keep_alive;
+        assert!(!keep("HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"));
+        assert!(!keep("HTTP/1.0 200 OK\r\nContent-Length: 0\r\n\r\n"));
+        assert!(keep("HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 0\r\n\r\n"));
+        assert!(keep("HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"));
+    }
+
+    #[test]
+    fn transfer_encoding_is_kept_and_content_length_next_to_it_dropped() {
+        let (out, head) =
+            response("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n", RULES);
+        assert_eq!(out, "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nx-rollout-pool: v1\r\n\r\n");
+        assert!(matches!(head.framing, Framing::Chunked(_)));
+        let (out, head) =
+            response("HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\nContent-Length: 5\r\n\r\n", RULES);
+        assert_eq!(
+            out,
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\nx-rollout-pool: v1\r\nconnection: close\r\n\r\n"
+        );
+        assert!(matches!(head.framing, Framing::UntilClose));
     }
 
     #[test]

@@ -197,9 +197,8 @@ impl Connection {
                     _ = self.hard_stop.cancelled() => return,
                 }
             };
-            let closing = self.draining.is_cancelled();
             let keep = tokio::select! {
-                keep = proxy.serve_h1(&snapshot, request, &mut conn, closing) => keep,
+                keep = proxy.serve_h1(&snapshot, request, &mut conn, &self.draining) => keep,
                 _ = self.hard_stop.cancelled() => false,
             };
             if !keep {
@@ -221,23 +220,40 @@ impl Connection {
     where
         I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
-        let Connection { builder, gate, metrics, peer, watcher, hard_stop, .. } = self;
+        let Connection { mut builder, gate, metrics, peer, watcher, hard_stop, draining, .. } = self;
         let header_timeouts = metrics.client_rejected.header_timeout.clone();
         let client = Arc::new(Peer::new(peer));
         let service = service_fn(move |req| {
             let (gate, client) = (gate.clone(), client.clone());
             async move { Ok::<_, Infallible>(gate.handle(req, &client).await) }
         });
-        let connection =
-            watcher.watch(builder.serve_connection_with_upgrades(TokioIo::new(io), service).into_owned());
-        tokio::select! {
-            ended = connection => if let Err(err) = ended {
+        // A connection that reaches hyper after the stop began (handed over by the fast path, or
+        // out of a TLS handshake) would be shut down by the graceful watcher before its first
+        // request is read. It gets its request answered, without keep-alive, instead.
+        let watcher = (!draining.is_cancelled()).then_some(watcher);
+        if watcher.is_none() {
+            builder.http1().keep_alive(false);
+        }
+        let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), service).into_owned();
+        let ended = match watcher {
+            Some(watcher) => tokio::select! {
+                ended = watcher.watch(connection) => Some(ended),
+                _ = hard_stop.cancelled() => None,
+            },
+            None => tokio::select! {
+                ended = connection => Some(ended),
+                _ = hard_stop.cancelled() => None,
+            },
+        };
+        match ended {
+            Some(Err(err)) => {
                 if err.downcast_ref::<hyper::Error>().is_some_and(hyper::Error::is_timeout) {
                     header_timeouts.inc();
                 }
                 debug!(peer = %peer, error = %err, "client connection ended with an error");
-            },
-            _ = hard_stop.cancelled() => debug!(peer = %peer, "connection closed at the end of the grace period"),
+            }
+            Some(Ok(())) => {}
+            None => debug!(peer = %peer, "connection closed at the end of the grace period"),
         }
     }
 }

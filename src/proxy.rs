@@ -389,18 +389,20 @@ impl Proxy {
     }
 
     /// Serves a request [`Proxy::plan_h1`] planned: reads its body, exchanges it with an upstream
-    /// and relays the response. `closing`: the connection closes after this response. Returns
-    /// whether the connection can take another request.
+    /// and relays the response. Once `draining` fires, the response closes the connection.
+    /// Returns whether the connection can take another request.
     pub async fn serve_h1(
         &self,
         snapshot: &Snapshot,
         req: H1Request,
         conn: &mut ClientConn,
-        closing: bool,
+        draining: &CancellationToken,
     ) -> bool {
         conn.buf.advance(req.head_len);
+        // One deadline for the whole body: a client trickling it byte by byte does not reset it.
+        let deadline = tokio::time::Instant::now() + snapshot.response_timeout;
         while conn.buf.len() < req.body_len {
-            match tokio::time::timeout(snapshot.response_timeout, conn.fill()).await {
+            match tokio::time::timeout_at(deadline, conn.fill()).await {
                 Ok(Ok(n)) if n > 0 => {}
                 _ => {
                     debug!(peer = %conn.peer.addr, "client left or stalled while sending its body");
@@ -417,11 +419,9 @@ impl Proxy {
             self.sessions.settle(seq).await;
         }
         let drain_ahead = if pool == PoolName::V1 { self.drain.record_v1(self.clock.now()) } else { None };
-        let close = req.close || closing;
         let rules = h1::ResponseRules {
             head_request: req.head_request,
             pool: snapshot.pool_header.then(|| pool.as_str()),
-            close,
         };
         let exchange = self.exchange_h1(snapshot, pool, &conn.request, req.replayable, rules, &mut conn.out);
         let result = if decision == Decision::NewPin || req.write_ahead || drain_ahead.is_some() {
@@ -440,6 +440,8 @@ impl Proxy {
                 let status = head.status;
                 let until_close = matches!(head.framing, h1::Framing::UntilClose);
                 self.metrics.request(decision, pool, status, elapsed.as_secs_f64());
+                let close = req.close || draining.is_cancelled();
+                h1::finish_response_head(&mut conn.out, &head.framing, close);
                 let keep = match upstream.relay(head, &mut conn.out, &mut conn.stream).await {
                     Ok(reusable) => {
                         if reusable {
@@ -457,7 +459,9 @@ impl Proxy {
             Err(err) => {
                 warn!(peer = %conn.peer.addr, pool = %pool, error = %ErrorChain(&err), "request failed");
                 let shown = snapshot.pool_header.then_some(pool);
-                let status = write_error_response(&mut conn.out, &err, shown, close).as_u16();
+                let close = req.close || draining.is_cancelled();
+                let status =
+                    write_error_response(&mut conn.out, &err, shown, req.head_request, close).as_u16();
                 self.metrics.request(decision, pool, status, elapsed.as_secs_f64());
                 (status, conn.stream.write_all(&conn.out).await.is_ok() && !close)
             }
@@ -826,6 +830,7 @@ fn write_error_response(
     out: &mut Vec<u8>,
     err: &ProxyError,
     pool: Option<PoolName>,
+    head_request: bool,
     close: bool,
 ) -> StatusCode {
     let (status, cause, text) = error_parts(err);
@@ -833,6 +838,6 @@ fn write_error_response(
     if let Some(pool) = pool {
         headers.push(("x-rollout-pool", pool.as_str()));
     }
-    h1::write_simple_response(out, status, &headers, text, close);
+    h1::write_simple_response(out, status, &headers, text, head_request, close);
     status
 }

@@ -411,7 +411,7 @@ impl Sessions {
         if stored.saturating_add(policy.stale_secs) >= now {
             return false;
         }
-        pin.stored_last_seen.store(now, Ordering::Relaxed);
+        pin.stored_last_seen.fetch_max(now, Ordering::Relaxed);
         self.store.send(Op::Touch(vec![(key.into(), now)]));
         true
     }
@@ -451,7 +451,7 @@ impl Sessions {
                     let stored = pin.stored_last_seen.load(Ordering::Relaxed);
                     let refresh = last_seen > stored && last_seen - stored >= policy.refresh_lag();
                     if refresh && last_seen > self.loaded_at {
-                        pin.stored_last_seen.store(last_seen, Ordering::Relaxed);
+                        pin.stored_last_seen.fetch_max(last_seen, Ordering::Relaxed);
                         touches.push((key.as_str().into(), last_seen));
                     }
                     if pin.pool == PoolName::V1 {

@@ -369,7 +369,9 @@ fn commit(db: &Database, batch: &[Op]) -> Result<(), redb::Error> {
                 Op::Touch(touches) => {
                     for (key, last_seen) in touches {
                         let current = pins.get(&**key)?.and_then(|v| decode(v.value()));
-                        if let Some((pool, first_seen, _)) = current {
+                        // Touches from a request and from the upkeep pass may arrive out of
+                        // order; a stored time never goes back.
+                        if let Some((pool, first_seen, _)) = current.filter(|c| c.2 < *last_seen) {
                             pins.insert(&**key, encode(pool, first_seen, *last_seen).as_slice())?;
                         }
                     }

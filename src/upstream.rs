@@ -9,7 +9,7 @@
 //! rewriting is [`crate::headers`]'; whether an upstream is healthy is [`crate::health`]'s.
 
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -252,8 +252,9 @@ impl ConnPool {
 pub struct UpstreamConn {
     stream: TcpStream,
     buf: BytesMut,
-    /// The upstream whose pool the connection returns to.
-    home: Arc<UpstreamState>,
+    /// The upstream whose pool the connection returns to. Weak: the pool holds its idle
+    /// connections, and a removed upstream's pool must be freed with its sockets.
+    home: Weak<UpstreamState>,
 }
 
 /// Largest upstream response head accepted on the fast path.
@@ -268,6 +269,10 @@ enum ExchangeError {
     Read(#[source] std::io::Error),
     #[error("the connection closed before a response")]
     Eof,
+    /// Closed or reset before the first byte of a response: on a pooled connection, most likely
+    /// closed by the upstream while idle.
+    #[error("the connection closed before any response byte")]
+    Unanswered(#[source] Option<std::io::Error>),
     #[error(transparent)]
     Response(#[from] h1::ResponseError),
 }
@@ -293,8 +298,8 @@ pub enum RelayError {
 }
 
 impl UpstreamConn {
-    fn new(stream: TcpStream, home: Arc<UpstreamState>) -> Self {
-        UpstreamConn { stream, buf: BytesMut::with_capacity(16 * 1024), home }
+    fn new(stream: TcpStream, home: &Arc<UpstreamState>) -> Self {
+        UpstreamConn { stream, buf: BytesMut::with_capacity(16 * 1024), home: Arc::downgrade(home) }
     }
 
     async fn fill(&mut self) -> std::io::Result<usize> {
@@ -327,21 +332,26 @@ impl UpstreamConn {
                     None => {}
                 }
             }
-            if self.fill().await.map_err(ExchangeError::Read)? == 0 {
-                return Err(ExchangeError::Eof);
+            match self.fill().await {
+                Ok(0) if self.buf.is_empty() => return Err(ExchangeError::Unanswered(None)),
+                Ok(0) => return Err(ExchangeError::Eof),
+                Ok(_) => {}
+                Err(err) if self.buf.is_empty() => return Err(ExchangeError::Unanswered(Some(err))),
+                Err(err) => return Err(ExchangeError::Read(err)),
             }
         }
     }
 
-    /// Sends the response whose head is `head` to `client`: `out` (the rewritten head) with the
-    /// body bytes already read, then the rest of the body as it arrives. Returns whether the
-    /// connection can carry another request.
+    /// Sends the response whose head is `head` to `client`: `out` (the rewritten head, finished)
+    /// with the body bytes already read, then the rest of the body as it arrives. Returns whether
+    /// the connection can carry another request.
     pub async fn relay<W: AsyncWrite + Unpin>(
         &mut self,
         head: h1::ResponseHead,
         out: &mut Vec<u8>,
         client: &mut W,
     ) -> Result<bool, RelayError> {
+        let keep_alive = head.keep_alive;
         let mut framing = head.framing;
         self.buf.advance(head.len);
         let (take, mut done) = body_part(&mut framing, &self.buf)?;
@@ -368,13 +378,14 @@ impl UpstreamConn {
         }
         // Bytes after the body would be a response nobody asked for: such a connection is not
         // reused.
-        Ok(self.buf.is_empty())
+        Ok(keep_alive && self.buf.is_empty())
     }
 
-    /// Returns the connection to its upstream's pool.
+    /// Returns the connection to its upstream's pool, if the upstream is still configured.
     pub fn release(self) {
-        let home = self.home.clone();
-        home.pool.checkin_h1(self);
+        if let Some(home) = self.home.upgrade() {
+            home.pool.checkin_h1(self);
+        }
     }
 }
 
@@ -532,7 +543,7 @@ impl UpstreamClient {
             let (mut conn, reused) = match upstream.state.pool.checkout_h1() {
                 Some(conn) => (conn, true),
                 None => match self.connect_tcp(upstream).await {
-                    Ok(stream) => (UpstreamConn::new(stream, upstream.state.clone()), false),
+                    Ok(stream) => (UpstreamConn::new(stream, &upstream.state), false),
                     Err(error) => return Err(H1SendError { error, written: false }),
                 },
             };
@@ -540,7 +551,7 @@ impl UpstreamClient {
             {
                 Ok(Ok(head)) => return Ok((conn, head)),
                 Err(_) => UpstreamError::Timeout { upstream: upstream.name.clone(), after: response_timeout },
-                Ok(Err(ExchangeError::Write(_) | ExchangeError::Eof)) if reused && replayable => {
+                Ok(Err(ExchangeError::Write(_) | ExchangeError::Unanswered(_))) if reused && replayable => {
                     debug!(upstream = %upstream.name, "idle upstream connection was closed; retrying on another");
                     continue;
                 }

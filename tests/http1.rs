@@ -257,3 +257,46 @@ async fn a_connection_moves_to_hyper_for_a_chunked_upload_after_plain_requests()
     assert_eq!(echoes[1].upstream, "v2-a");
     proxy.shutdown().await;
 }
+
+#[tokio::test]
+async fn an_upstream_connection_that_announced_close_is_not_reused_for_a_post() {
+    // Every answer says `Connection: close`; the socket closes a moment later, as servers do
+    // after their last keep-alive request.
+    let (v1, accepted) = raw_upstream(|mut s| async move {
+        let mut buf = Vec::new();
+        if read_head(&mut s, &mut buf).await.is_some() {
+            let _ = s.write_all(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok").await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    let proxy = proxy_to(v1).await;
+    let mut client = TcpStream::connect(proxy.addr).await.unwrap();
+    for method in ["GET", "POST", "POST"] {
+        let request = format!("{method} /x HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\nabc");
+        client.write_all(request.as_bytes()).await.unwrap();
+        let (text, closed) = read_until(&mut client, |t| t.ends_with("\r\n\r\nok")).await;
+        assert!(text.starts_with("HTTP/1.1 200 OK"), "{method}: {text}");
+        assert!(!closed, "the client connection stays open: the upstream's close is its own hop");
+    }
+    assert_eq!(accepted.load(Ordering::SeqCst), 3, "each request had a connection of its own");
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_failed_head_request_gets_a_head_without_body_and_the_connection_goes_on() {
+    let (refused, _socket) = support::refused_addr();
+    let v2 = Upstream::new("v2-a").spawn().await;
+    let proxy = spawn_proxy(&config_yaml(&[("v1-a", refused, 1)], &[("v2-a", v2, 1)], "")).await;
+    let mut client = TcpStream::connect(proxy.addr).await.unwrap();
+    client.write_all(b"HEAD /api/members/me HTTP/1.1\r\nHost: a\r\n\r\n").await.unwrap();
+    let (text, _) = read_until(&mut client, |t| t.ends_with("\r\n\r\n")).await;
+    assert!(text.starts_with("HTTP/1.1 502 Bad Gateway\r\n"), "{text}");
+    assert!(text.contains("x-rollout-error: upstream_connect\r\n"), "{text}");
+    // Had the error body been written, it would now be read as the start of this answer.
+    client.write_all(b"GET /api/v2/studies/1 HTTP/1.1\r\nHost: a\r\n\r\n").await.unwrap();
+    let (text, closed) = read_until(&mut client, |t| t.ends_with('}')).await;
+    assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
+    assert!(!closed);
+    proxy.shutdown().await;
+}
