@@ -361,20 +361,19 @@ fn commit(db: &Database, batch: &[Op]) -> Result<(), redb::Error> {
         let mut pins = txn.open_table(PINS)?;
         let mut meta = txn.open_table(META)?;
         let mut admin = txn.open_table(ADMIN)?;
+        // Touches only ever move a stored time forward, so consecutive ones commute: they are
+        // gathered and applied in key order, which walks the B-tree's leaves once instead of
+        // jumping between them. A pin or removal in between keeps its place.
+        let mut touches: Vec<(&str, u32)> = Vec::new();
         for op in batch {
+            if let Op::Touch(more) = op {
+                touches.extend(more.iter().map(|(key, last_seen)| (&**key, *last_seen)));
+                continue;
+            }
+            apply_touches(&mut pins, &mut touches)?;
             match op {
                 Op::Pin { pin, .. } => {
                     pins.insert(&*pin.key, encode(pin.pool, pin.first_seen, pin.last_seen).as_slice())?;
-                }
-                Op::Touch(touches) => {
-                    for (key, last_seen) in touches {
-                        let current = pins.get(&**key)?.and_then(|v| decode(v.value()));
-                        // Touches from a request and from the upkeep pass may arrive out of
-                        // order; a stored time never goes back.
-                        if let Some((pool, first_seen, _)) = current.filter(|c| c.2 < *last_seen) {
-                            pins.insert(&**key, encode(pool, first_seen, *last_seen).as_slice())?;
-                        }
-                    }
                 }
                 Op::Remove(key) => {
                     pins.remove(&**key)?;
@@ -386,11 +385,30 @@ fn commit(db: &Database, batch: &[Op]) -> Result<(), redb::Error> {
                     admin.insert(OVERRIDES, json.as_slice())?;
                     meta.insert(REVISION, revision)?;
                 }
-                Op::Flush(_) | Op::Close(_) => {}
+                Op::Touch(_) | Op::Flush(_) | Op::Close(_) => {}
             }
         }
+        apply_touches(&mut pins, &mut touches)?;
     }
     txn.commit()?;
+    Ok(())
+}
+
+/// Writes gathered touches, in key order, to pins that are stored; empties `touches`.
+fn apply_touches(
+    pins: &mut redb::Table<&str, &[u8]>,
+    touches: &mut Vec<(&str, u32)>,
+) -> Result<(), redb::Error> {
+    touches.sort_unstable();
+    for &(key, last_seen) in touches.iter() {
+        let current = pins.get(key)?.and_then(|v| decode(v.value()));
+        // A request's write-ahead and the upkeep's refresh may arrive in either order; a stored
+        // time never goes back, and a removed pin is not brought back.
+        if let Some((pool, first_seen, _)) = current.filter(|c| c.2 < last_seen) {
+            pins.insert(key, encode(pool, first_seen, last_seen).as_slice())?;
+        }
+    }
+    touches.clear();
     Ok(())
 }
 
@@ -427,6 +445,27 @@ mod tests {
         );
         assert_eq!(loaded.last_v1_request_ms, Some(123_456));
         store.close().await;
+    }
+
+    #[test]
+    fn touches_only_move_forward_and_never_bring_a_removed_pin_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Database::create(dir.path().join("t.redb")).unwrap();
+        load(&db).unwrap();
+        let touch = |pairs: &[(&str, u32)]| Op::Touch(pairs.iter().map(|(k, t)| ((*k).into(), *t)).collect());
+        let batch = [
+            Op::Pin { pin: pin("a", PoolName::V1, 100), seq: 1 },
+            Op::Pin { pin: pin("b", PoolName::V2, 100), seq: 2 },
+            // The upkeep's refresh (older) arrives after a request's write-ahead (newer).
+            touch(&[("b", 300), ("a", 250)]),
+            touch(&[("a", 200), ("b", 290)]),
+            Op::Remove("b".into()),
+            touch(&[("b", 400)]),
+        ];
+        commit(&db, &batch).unwrap();
+        let mut pins = load(&db).unwrap().pins;
+        pins.sort_by(|a, b| a.key.cmp(&b.key));
+        assert_eq!(pins, vec![StoredPin { last_seen: 250, ..pin("a", PoolName::V1, 100) }]);
     }
 
     #[tokio::test]
