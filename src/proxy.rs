@@ -300,7 +300,8 @@ impl Proxy {
             // A pin another request made a moment ago: follow it only once it is durable.
             self.sessions.settle(seq).await;
         }
-        *routed = Some(Routed { pool, decision });
+        let chosen = Routed { pool, decision };
+        *routed = Some(chosen);
         let drain_ahead = if pool == PoolName::V1 { self.drain.record_v1(self.clock.now()) } else { None };
 
         let mut req = req;
@@ -316,20 +317,7 @@ impl Proxy {
         let req = Request::from_parts(parts, body);
 
         let exchange = self.exchange(snapshot, pool, req, replay);
-        let must_persist = decision == Decision::NewPin || write_ahead || drain_ahead.is_some();
-        let result = if must_persist {
-            // What this request changed is made durable while the upstream works; the response
-            // waits for both.
-            let made = if decision == Decision::NewPin { pending } else { None };
-            let (result, durable) = tokio::join!(exchange, self.persist(made, drain_ahead));
-            if !durable {
-                warn!(pool = %pool, "session or drain state not confirmed durable; answering anyway");
-            }
-            result
-        } else {
-            exchange.await
-        };
-        let mut response = result?;
+        let mut response = self.while_persisting(exchange, chosen, pending, write_ahead, drain_ahead).await?;
 
         if response.status() == StatusCode::SWITCHING_PROTOCOLS {
             headers::remove_hop_by_hop_keeping_upgrade(response.headers_mut());
@@ -424,16 +412,8 @@ impl Proxy {
             pool: snapshot.pool_header.then(|| pool.as_str()),
         };
         let exchange = self.exchange_h1(snapshot, pool, &conn.request, req.replayable, rules, &mut conn.out);
-        let result = if decision == Decision::NewPin || req.write_ahead || drain_ahead.is_some() {
-            let made = if decision == Decision::NewPin { req.pending } else { None };
-            let (result, durable) = tokio::join!(exchange, self.persist(made, drain_ahead));
-            if !durable {
-                warn!(pool = %pool, "session or drain state not confirmed durable; answering anyway");
-            }
-            result
-        } else {
-            exchange.await
-        };
+        let result =
+            self.while_persisting(exchange, req.routed, req.pending, req.write_ahead, drain_ahead).await;
         let elapsed = req.started.elapsed();
         let (status, keep) = match result {
             Ok((mut upstream, head)) => {
@@ -628,6 +608,29 @@ impl Proxy {
             Resolution::NewPin { pool, seq } => (pool, Decision::NewPin, Some(seq), false),
             Resolution::Full { pool } => (pool, Decision::Unkeyed, None, false),
         }
+    }
+
+    /// Runs `exchange` while what the request changed (the pin it made, a pin's activity written
+    /// ahead, the drain clock) is made durable; the answer waits for both. `pending` is the
+    /// request's pin sequence number from [`Proxy::choose_pool`].
+    async fn while_persisting<T>(
+        &self,
+        exchange: impl std::future::Future<Output = T>,
+        routed: Routed,
+        pending: Option<u64>,
+        write_ahead: bool,
+        drain_ahead: Option<UnixMillis>,
+    ) -> T {
+        let new_pin = routed.decision == Decision::NewPin;
+        if !new_pin && !write_ahead && drain_ahead.is_none() {
+            return exchange.await;
+        }
+        let made = if new_pin { pending } else { None };
+        let (result, durable) = tokio::join!(exchange, self.persist(made, drain_ahead));
+        if !durable {
+            warn!(pool = %routed.pool, "session or drain state not confirmed durable; answering anyway");
+        }
+        result
     }
 
     /// Commits everything this request sent to the store (the pin `new_pin` it made, a pin's

@@ -184,14 +184,19 @@ async fn head_and_no_content_responses_carry_no_body_and_keep_the_connection() {
     proxy.shutdown().await;
 }
 
-#[tokio::test]
-async fn an_upstream_connection_closed_while_idle_is_replaced_even_for_a_post() {
-    // Answers one request per connection, then closes it after a moment despite keep-alive.
-    let (v1, accepted) = raw_upstream(|mut s| async move {
+/// Three requests (GET, POST, POST), `pause` apart, on one client connection, to an upstream
+/// that answers one request per connection with `answer` and closes the socket `close_after`
+/// later whatever it said: each must succeed, on an upstream connection of its own.
+async fn each_request_gets_a_live_upstream_connection(
+    answer: &'static [u8],
+    close_after: Duration,
+    pause: Duration,
+) {
+    let (v1, accepted) = raw_upstream(move |mut s| async move {
         let mut buf = Vec::new();
         if read_head(&mut s, &mut buf).await.is_some() {
-            let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok").await;
-            tokio::time::sleep(Duration::from_millis(30)).await;
+            let _ = s.write_all(answer).await;
+            tokio::time::sleep(close_after).await;
         }
     })
     .await;
@@ -200,12 +205,32 @@ async fn an_upstream_connection_closed_while_idle_is_replaced_even_for_a_post() 
     for method in ["GET", "POST", "POST"] {
         let request = format!("{method} /x HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\nabc");
         client.write_all(request.as_bytes()).await.unwrap();
-        let (text, _) = read_until(&mut client, |t| t.ends_with("\r\n\r\nok")).await;
+        let (text, closed) = read_until(&mut client, |t| t.ends_with("\r\n\r\nok")).await;
         assert!(text.starts_with("HTTP/1.1 200 OK"), "{method}: {text}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(!closed, "the client connection stays open: the upstream's close is its own hop");
+        tokio::time::sleep(pause).await;
     }
     assert_eq!(accepted.load(Ordering::SeqCst), 3);
     proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_upstream_connection_closed_while_idle_is_replaced_even_for_a_post() {
+    // Keep-alive by default, but the socket closes after 30 ms; the next request comes 200 ms on.
+    let answer = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+    each_request_gets_a_live_upstream_connection(
+        answer,
+        Duration::from_millis(30),
+        Duration::from_millis(200),
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn an_upstream_connection_that_announced_close_is_not_reused_for_a_post() {
+    // The socket is still open when the next request comes: only the header says it is done.
+    let answer = b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok";
+    each_request_gets_a_live_upstream_connection(answer, Duration::from_millis(50), Duration::ZERO).await;
 }
 
 #[tokio::test]
@@ -255,31 +280,6 @@ async fn a_connection_moves_to_hyper_for_a_chunked_upload_after_plain_requests()
         .collect();
     assert_eq!((echoes[0].body_len, echoes[0].body_sha256.as_str()), (3, support::sha256(b"abc").as_str()));
     assert_eq!(echoes[1].upstream, "v2-a");
-    proxy.shutdown().await;
-}
-
-#[tokio::test]
-async fn an_upstream_connection_that_announced_close_is_not_reused_for_a_post() {
-    // Every answer says `Connection: close`; the socket closes a moment later, as servers do
-    // after their last keep-alive request.
-    let (v1, accepted) = raw_upstream(|mut s| async move {
-        let mut buf = Vec::new();
-        if read_head(&mut s, &mut buf).await.is_some() {
-            let _ = s.write_all(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok").await;
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    })
-    .await;
-    let proxy = proxy_to(v1).await;
-    let mut client = TcpStream::connect(proxy.addr).await.unwrap();
-    for method in ["GET", "POST", "POST"] {
-        let request = format!("{method} /x HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\nabc");
-        client.write_all(request.as_bytes()).await.unwrap();
-        let (text, closed) = read_until(&mut client, |t| t.ends_with("\r\n\r\nok")).await;
-        assert!(text.starts_with("HTTP/1.1 200 OK"), "{method}: {text}");
-        assert!(!closed, "the client connection stays open: the upstream's close is its own hop");
-    }
-    assert_eq!(accepted.load(Ordering::SeqCst), 3, "each request had a connection of its own");
     proxy.shutdown().await;
 }
 
