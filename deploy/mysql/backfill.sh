@@ -39,16 +39,8 @@ done
 [ -n "$database" ] || { echo "backfill: -D DATABASE is required" >&2; usage; }
 case "$chunk" in ''|*[!0-9]*|0) echo "backfill: --chunk must be a positive integer" >&2; exit 2 ;; esac
 
-client=$(command -v mariadb || command -v mysql || true)
-[ -n "$client" ] || { echo "backfill: no mariadb or mysql client on PATH" >&2; exit 2; }
-db=("$client")
-[ -z "$extra" ] || db+=("--defaults-extra-file=$extra")
-[ -z "$socket" ] || db+=("--socket=$socket")
-[ -z "$host" ] || db+=("--host=$host")
-[ -z "$port" ] || db+=("--port=$port")
-[ -z "$user" ] || db+=("--user=$user")
-db+=(--batch --skip-column-names "--database=$database")
-"${db[@]}" -e "SELECT 1" >/dev/null || { echo "backfill: cannot connect to database '$database'" >&2; exit 2; }
+. "$(dirname "$0")/client.sh"
+kit_connect backfill
 sql() { "${db[@]}" -e "$1"; }
 
 # Order matters: v2 tables, then triggers, then this. Check all of it before copying anything.

@@ -27,16 +27,8 @@ done
 [ -n "$database" ] || { echo "verify: -D DATABASE is required" >&2; usage; }
 case "$chunk" in ''|*[!0-9]*|0) echo "verify: --chunk must be a positive integer" >&2; exit 2 ;; esac
 
-client=$(command -v mariadb || command -v mysql || true)
-[ -n "$client" ] || { echo "verify: no mariadb or mysql client on PATH" >&2; exit 2; }
-db=("$client")
-[ -z "$extra" ] || db+=("--defaults-extra-file=$extra")
-[ -z "$socket" ] || db+=("--socket=$socket")
-[ -z "$host" ] || db+=("--host=$host")
-[ -z "$port" ] || db+=("--port=$port")
-[ -z "$user" ] || db+=("--user=$user")
-db+=(--batch --skip-column-names "--database=$database")
-"${db[@]}" -e "SELECT 1" >/dev/null || { echo "verify: cannot connect to database '$database'" >&2; exit 2; }
+. "$(dirname "$0")/client.sh"
+kit_connect verify
 
 triggers=$("${db[@]}" -e "SELECT COUNT(*) FROM information_schema.TRIGGERS
                           WHERE trigger_schema = DATABASE() AND trigger_name LIKE 'kit\\_%'")
