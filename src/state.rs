@@ -32,6 +32,16 @@ const LAST_V1_REQUEST: &str = "last_v1_request_ms";
 const REVISION: &str = "revision";
 const OVERRIDES: &str = "overrides";
 
+/// Pin activity (`last_seen` moving forward), appended as one record per commit instead of
+/// rewriting each pin's record: refreshing many active pins costs one sequential write, not one
+/// B-tree update each. A record is repeated `[last_seen: u32 LE][key length: u8][key]`. The log
+/// is applied over `pins` when the store is loaded, and folded into `pins` (and emptied) once it
+/// holds [`FOLD_AFTER`] entries.
+const ACTIVITY: TableDefinition<u64, &[u8]> = TableDefinition::new("activity");
+
+/// Activity entries after which the log is folded into `pins`.
+const FOLD_AFTER: usize = 262_144;
+
 /// Most operations committed in one transaction.
 const MAX_BATCH: usize = 16_384;
 
@@ -104,6 +114,8 @@ pub struct Loaded {
     /// The admin overrides as last stored (JSON), and the revision they belong to.
     pub overrides: Option<Vec<u8>>,
     pub revision: u64,
+    /// Entries in the activity log not folded into the pins yet.
+    activity_entries: usize,
 }
 
 /// A change to make durable.
@@ -176,6 +188,7 @@ impl Store {
                 source => StateError::Open { file: file.clone(), source },
             })?;
         let loaded = load(&db).map_err(|source| StateError::Read { file: file.clone(), source })?;
+        let activity_entries = loaded.activity_entries;
 
         let (ops, rx) = mpsc::unbounded_channel();
         let (settled_tx, settled) = watch::channel(0);
@@ -185,7 +198,9 @@ impl Store {
         let writer_failed = failed.clone();
         let writer = std::thread::Builder::new()
             .name("rollout-state".to_owned())
-            .spawn(move || write_loop(db, rx, settled_tx, &writer_failed, &writer_health, commit_delay))
+            .spawn(move || {
+                write_loop(db, rx, settled_tx, &writer_failed, &writer_health, commit_delay, activity_entries)
+            })
             .map_err(StateError::Writer)?;
         let store = Store {
             dir: dir.to_owned(),
@@ -256,6 +271,7 @@ fn load(db: &Database) -> Result<Loaded, redb::Error> {
     txn.open_table(PINS)?;
     txn.open_table(META)?;
     txn.open_table(ADMIN)?;
+    txn.open_table(ACTIVITY)?;
     txn.commit()?;
 
     let txn = db.begin_read()?;
@@ -270,11 +286,53 @@ fn load(db: &Database) -> Result<Loaded, redb::Error> {
             None => warn!(key = key.value(), "skipping a pin record that does not decode"),
         }
     }
+    // Activity moves a stored pin's time forward; entries for pins no longer stored are stale.
+    let activity = txn.open_table(ACTIVITY)?;
+    let mut activity_entries = 0;
+    if !activity.is_empty()? {
+        let index: std::collections::HashMap<Box<str>, usize> =
+            pins.iter().enumerate().map(|(i, pin)| (pin.key.clone(), i)).collect();
+        for record in activity.iter()? {
+            let (_, record) = record?;
+            for (key, last_seen) in decode_activity(record.value()) {
+                activity_entries += 1;
+                if let Some(&i) = index.get(key) {
+                    pins[i].last_seen = pins[i].last_seen.max(last_seen);
+                }
+            }
+        }
+    }
     let meta = txn.open_table(META)?;
     let last_v1_request_ms = meta.get(LAST_V1_REQUEST)?.map(|v| v.value());
     let revision = meta.get(REVISION)?.map_or(0, |v| v.value());
     let overrides = txn.open_table(ADMIN)?.get(OVERRIDES)?.map(|v| v.value().to_vec());
-    Ok(Loaded { pins, last_v1_request_ms, overrides, revision })
+    Ok(Loaded { pins, last_v1_request_ms, overrides, revision, activity_entries })
+}
+
+/// Appends one activity entry to a record.
+fn encode_activity(record: &mut Vec<u8>, key: &str, last_seen: u32) {
+    // Session keys are at most 128 bytes (`session::MAX_KEY_LEN`).
+    let key = &key.as_bytes()[..key.len().min(u8::MAX as usize)];
+    record.extend_from_slice(&last_seen.to_le_bytes());
+    record.push(key.len() as u8);
+    record.extend_from_slice(key);
+}
+
+/// The entries of an activity record; a truncated tail is ignored.
+fn decode_activity(mut record: &[u8]) -> impl Iterator<Item = (&str, u32)> {
+    std::iter::from_fn(move || loop {
+        let (head, rest) = record.split_first_chunk::<5>()?;
+        let last_seen = u32::from_le_bytes([head[0], head[1], head[2], head[3]]);
+        let len = head[4] as usize;
+        if rest.len() < len {
+            return None;
+        }
+        let (key, rest) = rest.split_at(len);
+        record = rest;
+        if let Ok(key) = std::str::from_utf8(key) {
+            return Some((key, last_seen));
+        }
+    })
 }
 
 /// Pauses between attempts at a failing commit.
@@ -288,6 +346,7 @@ fn write_loop(
     failed: &Mutex<BTreeSet<u64>>,
     health: &StoreHealth,
     commit_delay: Duration,
+    mut activity_entries: usize,
 ) {
     let mut watermark = 0u64;
     let mut committed = BTreeSet::new();
@@ -307,17 +366,18 @@ fn write_loop(
         }
         // A failed commit changes nothing on disk; try the same batch again a few times before
         // giving up on it (a full disk, say), so a passing hiccup loses nothing.
-        let mut result = commit(&db, &batch);
+        let mut result = commit(&db, &batch, activity_entries);
         for pause in COMMIT_RETRY_PAUSES {
             if result.is_ok() {
                 break;
             }
             std::thread::sleep(pause);
-            result = commit(&db, &batch);
+            result = commit(&db, &batch, activity_entries);
         }
         let ok = result.is_ok();
         match result {
-            Ok(()) => {
+            Ok(entries) => {
+                activity_entries = entries;
                 let now = crate::clock::Clock::now(&crate::clock::SystemClock) / 1000;
                 health.last_commit.store(now, Ordering::Relaxed);
                 health.commits.fetch_add(1, Ordering::Relaxed);
@@ -355,25 +415,28 @@ fn write_loop(
     }
 }
 
-fn commit(db: &Database, batch: &[Op]) -> Result<(), redb::Error> {
+/// Commits `batch` in one transaction. `activity_entries` is the size of the activity log
+/// before it; returns the size after (0 when this commit folded the log).
+fn commit(db: &Database, batch: &[Op], activity_entries: usize) -> Result<usize, redb::Error> {
     let txn = db.begin_write()?;
-    {
+    let entries = {
         let mut pins = txn.open_table(PINS)?;
         let mut meta = txn.open_table(META)?;
         let mut admin = txn.open_table(ADMIN)?;
-        // Touches only ever move a stored time forward, so consecutive ones commute: they are
-        // gathered and applied in key order, which walks the B-tree's leaves once instead of
-        // jumping between them. A pin or removal in between keeps its place.
-        let mut touches: Vec<(&str, u32)> = Vec::new();
+        let mut activity = txn.open_table(ACTIVITY)?;
+        // Touches only ever move a stored time forward and are applied only to pins still
+        // stored, so they need not keep their place among pins and removals: a touch of a key
+        // that is removed and pinned again later carries an older time than the new pin's.
+        let mut record = Vec::new();
         for op in batch {
-            if let Op::Touch(more) = op {
-                touches.extend(more.iter().map(|(key, last_seen)| (&**key, *last_seen)));
-                continue;
-            }
-            apply_touches(&mut pins, &mut touches)?;
             match op {
                 Op::Pin { pin, .. } => {
                     pins.insert(&*pin.key, encode(pin.pool, pin.first_seen, pin.last_seen).as_slice())?;
+                }
+                Op::Touch(touches) => {
+                    for (key, last_seen) in touches {
+                        encode_activity(&mut record, key, *last_seen);
+                    }
                 }
                 Op::Remove(key) => {
                     pins.remove(&**key)?;
@@ -385,16 +448,46 @@ fn commit(db: &Database, batch: &[Op]) -> Result<(), redb::Error> {
                     admin.insert(OVERRIDES, json.as_slice())?;
                     meta.insert(REVISION, revision)?;
                 }
-                Op::Touch(_) | Op::Flush(_) | Op::Close(_) => {}
+                Op::Flush(_) | Op::Close(_) => {}
             }
         }
-        apply_touches(&mut pins, &mut touches)?;
-    }
+        let mut entries = activity_entries;
+        if !record.is_empty() {
+            let next = activity.last()?.map_or(0, |(k, _)| k.value() + 1);
+            activity.insert(next, record.as_slice())?;
+            entries += decode_activity(&record).count();
+        }
+        if entries >= FOLD_AFTER {
+            fold_activity(&mut pins, &mut activity)?;
+            entries = 0;
+        }
+        entries
+    };
     txn.commit()?;
+    Ok(entries)
+}
+
+/// Moves the activity log into the pins' records and empties it.
+fn fold_activity(
+    pins: &mut redb::Table<&str, &[u8]>,
+    activity: &mut redb::Table<u64, &[u8]>,
+) -> Result<(), redb::Error> {
+    let mut latest = std::collections::HashMap::<String, u32>::new();
+    for record in activity.iter()? {
+        let (_, record) = record?;
+        for (key, last_seen) in decode_activity(record.value()) {
+            let time = latest.entry(key.to_owned()).or_insert(last_seen);
+            *time = (*time).max(last_seen);
+        }
+    }
+    let mut touches: Vec<(&str, u32)> = latest.iter().map(|(key, time)| (key.as_str(), *time)).collect();
+    apply_touches(pins, &mut touches)?;
+    activity.retain(|_, _| false)?;
     Ok(())
 }
 
-/// Writes gathered touches, in key order, to pins that are stored; empties `touches`.
+/// Writes touches, in key order (one walk over the B-tree's leaves), to pins that are stored;
+/// empties `touches`.
 fn apply_touches(
     pins: &mut redb::Table<&str, &[u8]>,
     touches: &mut Vec<(&str, u32)>,
@@ -462,10 +555,29 @@ mod tests {
             Op::Remove("b".into()),
             touch(&[("b", 400)]),
         ];
-        commit(&db, &batch).unwrap();
-        let mut pins = load(&db).unwrap().pins;
-        pins.sort_by(|a, b| a.key.cmp(&b.key));
-        assert_eq!(pins, vec![StoredPin { last_seen: 250, ..pin("a", PoolName::V1, 100) }]);
+        let logged = commit(&db, &batch, 0).unwrap();
+        assert_eq!(logged, 5, "touches go to the activity log");
+        let read_back = |db: &Database| {
+            let mut pins = load(db).unwrap().pins;
+            pins.sort_by(|a, b| a.key.cmp(&b.key));
+            pins
+        };
+        let expected = vec![StoredPin { last_seen: 250, ..pin("a", PoolName::V1, 100) }];
+        assert_eq!(read_back(&db), expected, "from the log");
+        // Folding moves the log into the pins' records: the same result, from the records.
+        let txn = db.begin_write().unwrap();
+        fold_activity(&mut txn.open_table(PINS).unwrap(), &mut txn.open_table(ACTIVITY).unwrap()).unwrap();
+        txn.commit().unwrap();
+        assert!(db.begin_read().unwrap().open_table(ACTIVITY).unwrap().is_empty().unwrap());
+        assert_eq!(read_back(&db), expected, "from the folded records");
+        // A key pinned again after its removal is not moved by the old pin's activity.
+        commit(&db, &[touch(&[("c", 150)]), Op::Pin { pin: pin("c", PoolName::V2, 600), seq: 3 }], 0)
+            .unwrap();
+        assert_eq!(read_back(&db)[1], pin("c", PoolName::V2, 600));
+        // The commit that brings the log to FOLD_AFTER entries folds it.
+        assert_eq!(commit(&db, &[touch(&[("a", 260)])], FOLD_AFTER - 1).unwrap(), 0);
+        assert!(db.begin_read().unwrap().open_table(ACTIVITY).unwrap().is_empty().unwrap());
+        assert_eq!(read_back(&db)[0].last_seen, 260);
     }
 
     #[tokio::test]
