@@ -311,10 +311,13 @@ fn load(db: &Database) -> Result<Loaded, redb::Error> {
 
 /// Appends one activity entry to a record.
 fn encode_activity(record: &mut Vec<u8>, key: &str, last_seen: u32) {
-    // Session keys are at most 128 bytes (`session::MAX_KEY_LEN`).
-    let key = &key.as_bytes()[..key.len().min(u8::MAX as usize)];
+    // Session keys are at most 128 bytes (`session::MAX_KEY_LEN`); a longer one is never
+    // truncated, which could move another pin.
+    debug_assert!(key.len() <= usize::from(u8::MAX), "session key of {} bytes", key.len());
+    let Ok(len) = u8::try_from(key.len()) else { return };
+    let key = key.as_bytes();
     record.extend_from_slice(&last_seen.to_le_bytes());
-    record.push(key.len() as u8);
+    record.push(len);
     record.extend_from_slice(key);
 }
 
@@ -352,9 +355,13 @@ fn write_loop(
     let mut committed = BTreeSet::new();
     let mut closing = None;
     let mut flushes = Vec::new();
+    // Touches of a batch whose commit failed: memory already counts them as stored (a request
+    // will not write ahead again for a while), so they go again with the next batch.
+    let mut carried: Vec<Op> = Vec::new();
     while closing.is_none() {
         let Some(first) = rx.blocking_recv() else { break };
-        let mut batch = vec![first];
+        let mut batch = std::mem::take(&mut carried);
+        batch.push(first);
         while batch.len() < MAX_BATCH {
             match rx.try_recv() {
                 Ok(op) => batch.push(op),
@@ -378,6 +385,15 @@ fn write_loop(
         match result {
             Ok(entries) => {
                 activity_entries = entries;
+                if activity_entries >= FOLD_AFTER {
+                    // Its own transaction: nobody waits for it, and its failure loses nothing.
+                    match fold(&db) {
+                        Ok(()) => activity_entries = 0,
+                        Err(err) => {
+                            warn!(error = %crate::ErrorChain(&err), "could not fold the activity log; trying again later")
+                        }
+                    }
+                }
                 let now = crate::clock::Clock::now(&crate::clock::SystemClock) / 1000;
                 health.last_commit.store(now, Ordering::Relaxed);
                 health.commits.fetch_add(1, Ordering::Relaxed);
@@ -397,6 +413,7 @@ fn write_loop(
                 }
                 Op::Flush(done) => flushes.push(done),
                 Op::Close(done) => closing = Some(done),
+                Op::Touch(touches) if !ok => carried.push(Op::Touch(touches)),
                 _ => {}
             }
         }
@@ -409,6 +426,18 @@ fn write_loop(
             let _ = done.send(ok);
         }
     }
+    // A graceful stop leaves the pin records complete: the next start (or an older build, which
+    // does not read the log) finds every refresh in them.
+    if activity_entries > 0 || !carried.is_empty() {
+        if !carried.is_empty() {
+            if let Err(err) = commit(&db, &carried, activity_entries) {
+                error!(error = %crate::ErrorChain(&err), "pin activity not stored at shutdown");
+            }
+        }
+        if let Err(err) = fold(&db) {
+            warn!(error = %crate::ErrorChain(&err), "could not fold the activity log at shutdown");
+        }
+    }
     drop(db);
     if let Some(done) = closing {
         let _ = done.send(());
@@ -416,7 +445,7 @@ fn write_loop(
 }
 
 /// Commits `batch` in one transaction. `activity_entries` is the size of the activity log
-/// before it; returns the size after (0 when this commit folded the log).
+/// before it; returns the size after.
 fn commit(db: &Database, batch: &[Op], activity_entries: usize) -> Result<usize, redb::Error> {
     let txn = db.begin_write()?;
     let entries = {
@@ -457,17 +486,20 @@ fn commit(db: &Database, batch: &[Op], activity_entries: usize) -> Result<usize,
             activity.insert(next, record.as_slice())?;
             entries += decode_activity(&record).count();
         }
-        if entries >= FOLD_AFTER {
-            fold_activity(&mut pins, &mut activity)?;
-            entries = 0;
-        }
         entries
     };
     txn.commit()?;
     Ok(entries)
 }
 
-/// Moves the activity log into the pins' records and empties it.
+/// Moves the activity log into the pins' records and empties it, in one transaction.
+fn fold(db: &Database) -> Result<(), redb::Error> {
+    let txn = db.begin_write()?;
+    fold_activity(&mut txn.open_table(PINS)?, &mut txn.open_table(ACTIVITY)?)?;
+    txn.commit()?;
+    Ok(())
+}
+
 fn fold_activity(
     pins: &mut redb::Table<&str, &[u8]>,
     activity: &mut redb::Table<u64, &[u8]>,
@@ -537,6 +569,7 @@ mod tests {
             vec![StoredPin { last_seen: 500, ..pin("a", PoolName::V1, 100) }, pin("c", PoolName::V1, 102)]
         );
         assert_eq!(loaded.last_v1_request_ms, Some(123_456));
+        assert_eq!(loaded.activity_entries, 0, "a graceful close folds the activity log into the pins");
         store.close().await;
     }
 
@@ -565,19 +598,14 @@ mod tests {
         let expected = vec![StoredPin { last_seen: 250, ..pin("a", PoolName::V1, 100) }];
         assert_eq!(read_back(&db), expected, "from the log");
         // Folding moves the log into the pins' records: the same result, from the records.
-        let txn = db.begin_write().unwrap();
-        fold_activity(&mut txn.open_table(PINS).unwrap(), &mut txn.open_table(ACTIVITY).unwrap()).unwrap();
-        txn.commit().unwrap();
+        fold(&db).unwrap();
         assert!(db.begin_read().unwrap().open_table(ACTIVITY).unwrap().is_empty().unwrap());
         assert_eq!(read_back(&db), expected, "from the folded records");
         // A key pinned again after its removal is not moved by the old pin's activity.
         commit(&db, &[touch(&[("c", 150)]), Op::Pin { pin: pin("c", PoolName::V2, 600), seq: 3 }], 0)
             .unwrap();
         assert_eq!(read_back(&db)[1], pin("c", PoolName::V2, 600));
-        // The commit that brings the log to FOLD_AFTER entries folds it.
-        assert_eq!(commit(&db, &[touch(&[("a", 260)])], FOLD_AFTER - 1).unwrap(), 0);
-        assert!(db.begin_read().unwrap().open_table(ACTIVITY).unwrap().is_empty().unwrap());
-        assert_eq!(read_back(&db)[0].last_seen, 260);
+        assert_eq!(commit(&db, &[touch(&[("a", 260)])], 7).unwrap(), 8, "the log's size is counted on");
     }
 
     #[tokio::test]
