@@ -14,8 +14,11 @@ use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
+use bytes::BytesMut;
 use bytes::{Buf, Bytes};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+
+use crate::headers;
 
 /// Most header lines a head may have here; a request with more goes to hyper, a response with
 /// more is refused.
@@ -25,19 +28,12 @@ pub const MAX_HEADERS: usize = 100;
 /// streams it.
 pub const MAX_BUFFERED_BODY: u64 = 64 * 1024;
 
-/// Request headers that describe one hop (RFC 9110 §7.6.1) or are rewritten by the proxy.
+/// Request headers that describe one hop (RFC 9110 §7.6.1) or that the proxy sets itself.
 fn is_dropped_request_header(name: &str) -> bool {
-    const DROPPED: [&str; 8] = [
-        "connection",
-        "keep-alive",
-        "proxy-connection",
-        "te",
-        "proxy-authorization",
-        "x-forwarded-for",
-        "x-forwarded-proto",
-        "x-forwarded-host",
-    ];
-    DROPPED.iter().any(|d| d.eq_ignore_ascii_case(name))
+    headers::is_hop_by_hop(name)
+        || [&headers::X_FORWARDED_FOR, &headers::X_FORWARDED_PROTO, &headers::X_FORWARDED_HOST]
+            .iter()
+            .any(|h| h.as_str().eq_ignore_ascii_case(name))
 }
 
 /// A client request head the fast path can serve.
@@ -62,10 +58,6 @@ impl<'b> RequestHead<'b> {
 
     pub fn query(&self) -> Option<&'b str> {
         self.target.split_once('?').map(|(_, query)| query)
-    }
-
-    pub fn is_idempotent(&self) -> bool {
-        matches!(self.method, "GET" | "HEAD" | "OPTIONS" | "TRACE" | "PUT" | "DELETE")
     }
 }
 
@@ -327,14 +319,11 @@ pub fn rewrite_response(
     let named = &connection_named[..named];
     for header in res.headers.iter() {
         let name = header.name;
-        let hop = ["connection", "keep-alive", "proxy-connection", "te", "upgrade", "proxy-authorization"]
-            .iter()
-            .any(|h| h.eq_ignore_ascii_case(name))
-            // The body is relayed as it came, so its Transfer-Encoding stays; a Content-Length
-            // next to it would describe the coded bytes wrongly (RFC 9112 §6.3).
+        // The body is relayed as it came, so its Transfer-Encoding stays; a Content-Length next
+        // to it would describe the coded bytes wrongly (RFC 9112 §6.3).
+        let hop = (headers::is_hop_by_hop(name) && !name.eq_ignore_ascii_case("transfer-encoding"))
             || (encoded && name.eq_ignore_ascii_case("content-length"))
-            || (!named.is_empty()
-                && named.iter().any(|n| n.eq_ignore_ascii_case(name.as_bytes()))
+            || (named.iter().any(|n| n.eq_ignore_ascii_case(name.as_bytes()))
                 && !name.eq_ignore_ascii_case("content-length")
                 && !name.eq_ignore_ascii_case("transfer-encoding"))
             || (rules.pool.is_some() && name.eq_ignore_ascii_case("x-rollout-pool"));
@@ -504,6 +493,20 @@ impl ChunkScanner {
         }
         Ok((self.state == ChunkState::Done).then_some(i))
     }
+}
+
+/// Reads more of `io` into `buf`, first making room for at least `room` bytes (reserving `grow`
+/// when there is less); 0 when the peer has closed its side.
+pub async fn fill<R: AsyncRead + Unpin>(
+    io: &mut R,
+    buf: &mut BytesMut,
+    room: usize,
+    grow: usize,
+) -> io::Result<usize> {
+    if buf.capacity() - buf.len() < room {
+        buf.reserve(grow);
+    }
+    io.read_buf(buf).await
 }
 
 /// A connection whose first bytes were already read: they are read again first. Used to hand a

@@ -24,6 +24,12 @@ static HOP_BY_HOP: [HeaderName; 7] = [
     HeaderName::from_static("proxy-authorization"),
 ];
 
+/// Whether `name` (any case) is one of the [`HOP_BY_HOP`] headers; for heads that are not parsed
+/// into a [`HeaderMap`].
+pub fn is_hop_by_hop(name: &str) -> bool {
+    HOP_BY_HOP.iter().any(|h| h.as_str().eq_ignore_ascii_case(name))
+}
+
 /// Whether a request asks to switch protocols (RFC 9110 §7.8), e.g. to WebSocket.
 pub fn is_upgrade(headers: &HeaderMap) -> bool {
     headers.contains_key(UPGRADE)

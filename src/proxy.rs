@@ -17,7 +17,7 @@ use http::{Method, Request, Response, StatusCode};
 use http_body_util::{Either, Full};
 use hyper::body::{Body as _, Incoming};
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -142,10 +142,7 @@ impl ClientConn {
 
     /// Reads more from the client; 0 when it has closed its side.
     pub async fn fill(&mut self) -> std::io::Result<usize> {
-        if self.buf.capacity() - self.buf.len() < 2048 {
-            self.buf.reserve(8 * 1024);
-        }
-        self.stream.read_buf(&mut self.buf).await
+        h1::fill(&mut self.stream, &mut self.buf, 2048, 8 * 1024).await
     }
 }
 
@@ -367,7 +364,7 @@ impl Proxy {
             body_len: head.content_length as usize,
             close: head.close,
             head_request: head.method == "HEAD",
-            replayable: head.is_idempotent(),
+            replayable: Method::from_bytes(head.method.as_bytes()).is_ok_and(|m| is_idempotent(&m)),
             routed: Routed { pool, decision },
             pending,
             write_ahead,

@@ -309,16 +309,17 @@ fn load(db: &Database) -> Result<Loaded, redb::Error> {
     Ok(Loaded { pins, last_v1_request_ms, overrides, revision, activity_entries })
 }
 
-/// Appends one activity entry to a record.
-fn encode_activity(record: &mut Vec<u8>, key: &str, last_seen: u32) {
+/// Appends one activity entry to a record; false if the key cannot be logged.
+fn encode_activity(record: &mut Vec<u8>, key: &str, last_seen: u32) -> bool {
     // Session keys are at most 128 bytes (`session::MAX_KEY_LEN`); a longer one is never
     // truncated, which could move another pin.
     debug_assert!(key.len() <= usize::from(u8::MAX), "session key of {} bytes", key.len());
-    let Ok(len) = u8::try_from(key.len()) else { return };
+    let Ok(len) = u8::try_from(key.len()) else { return false };
     let key = key.as_bytes();
     record.extend_from_slice(&last_seen.to_le_bytes());
     record.push(len);
     record.extend_from_slice(key);
+    true
 }
 
 /// The entries of an activity record; a truncated tail is ignored.
@@ -457,6 +458,7 @@ fn commit(db: &Database, batch: &[Op], activity_entries: usize) -> Result<usize,
         // stored, so they need not keep their place among pins and removals: a touch of a key
         // that is removed and pinned again later carries an older time than the new pin's.
         let mut record = Vec::new();
+        let mut entries = activity_entries;
         for op in batch {
             match op {
                 Op::Pin { pin, .. } => {
@@ -464,7 +466,7 @@ fn commit(db: &Database, batch: &[Op], activity_entries: usize) -> Result<usize,
                 }
                 Op::Touch(touches) => {
                     for (key, last_seen) in touches {
-                        encode_activity(&mut record, key, *last_seen);
+                        entries += usize::from(encode_activity(&mut record, key, *last_seen));
                     }
                 }
                 Op::Remove(key) => {
@@ -480,11 +482,9 @@ fn commit(db: &Database, batch: &[Op], activity_entries: usize) -> Result<usize,
                 Op::Flush(_) | Op::Close(_) => {}
             }
         }
-        let mut entries = activity_entries;
         if !record.is_empty() {
             let next = activity.last()?.map_or(0, |(k, _)| k.value() + 1);
             activity.insert(next, record.as_slice())?;
-            entries += decode_activity(&record).count();
         }
         entries
     };

@@ -19,16 +19,12 @@ set -euo pipefail
 
 usage() { sed -n '2,6p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
 
-database="" socket="" host="" port="" user="" extra=""
+. "$(dirname "$0")/client.sh"
 chunk=1000 pause=0 restart=0
 while [ $# -gt 0 ]; do
   case "$1" in
-    -D|--database) database=$2; shift 2 ;;
-    -S|--socket) socket=$2; shift 2 ;;
-    -h|--host) host=$2; shift 2 ;;
-    -P|--port) port=$2; shift 2 ;;
-    -u|--user) user=$2; shift 2 ;;
-    --defaults-extra-file) extra=$2; shift 2 ;;
+    -D|--database|-S|--socket|-h|--host|-P|--port|-u|--user|--defaults-extra-file)
+      kit_connection_option "$1" "$2"; shift 2 ;;
     --chunk) chunk=$2; shift 2 ;;
     --sleep) pause=$2; shift 2 ;;
     --restart) restart=1; shift ;;
@@ -39,7 +35,6 @@ done
 [ -n "$database" ] || { echo "backfill: -D DATABASE is required" >&2; usage; }
 case "$chunk" in ''|*[!0-9]*|0) echo "backfill: --chunk must be a positive integer" >&2; exit 2 ;; esac
 
-. "$(dirname "$0")/client.sh"
 kit_connect backfill
 sql() { "${db[@]}" -e "$1"; }
 

@@ -1,6 +1,23 @@
-# Sourced by backfill.sh and verify.sh: the mariadb (or mysql) command line for the connection
-# options they parse (database, socket, host, port, user, extra). Sets the array `db`; exits 2
-# when there is no client or the database does not answer. $1 names the caller in messages.
+# Sourced by backfill.sh and verify.sh: the connection options they both take, and the mariadb
+# (or mysql) command line built from them.
+
+database="" socket="" host="" port="" user="" extra=""
+
+# Sets connection option $1 (-D/--database, -S/--socket, -h/--host, -P/--port, -u/--user or
+# --defaults-extra-file) to $2.
+kit_connection_option() {
+  case "$1" in
+    -D|--database) database=$2 ;;
+    -S|--socket) socket=$2 ;;
+    -h|--host) host=$2 ;;
+    -P|--port) port=$2 ;;
+    -u|--user) user=$2 ;;
+    --defaults-extra-file) extra=$2 ;;
+  esac
+}
+
+# Sets the array `db` to the client command line; exits 2 when there is no client or the
+# database does not answer. $1 names the caller in messages.
 kit_connect() {
   local name=$1 client
   client=$(command -v mariadb || command -v mysql || true)
