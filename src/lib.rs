@@ -35,7 +35,7 @@
 //! - [`upstream`]: upstream identity and the per-upstream keep-alive HTTP/1.1 connection pools.
 //! - [`health`]: active health checks and passive ejection.
 //! - [`headers`]: hop-by-hop removal and `X-Forwarded-*` (RFC 9110 §7.6).
-//! - [`session`]: session keys and the sharded pin table.
+//! - [`session`]: session keys and the pin table (striped, one cache line per pin).
 //! - [`state`]: the durable store (pins, drain clock, overrides) with group commit.
 //! - [`drain`]: the drain signal and its persisted clock.
 //! - [`clock`]: wall-clock time, injectable for tests.

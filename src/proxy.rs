@@ -33,7 +33,7 @@ use crate::headers::{self, ClientIp};
 use crate::metrics::{Metrics, ScrapeState};
 use crate::router::Decision;
 use crate::router::Route;
-use crate::session::{HeaderSource, KeyOutcome, Resolution, Sessions};
+use crate::session::{HeaderSource, KeyOutcome, Located, Resolution, Sessions};
 use crate::snapshot::{SharedSnapshot, Snapshot};
 use crate::state::Op;
 use crate::upstream::{
@@ -203,6 +203,13 @@ pub struct Proxy {
     proto: &'static str,
 }
 
+/// A request as routing first sees it ([`Proxy::classify`]); only a keyed one needs its pin.
+enum Classified<'r> {
+    Prefix,
+    Unkeyed,
+    Keyed(Located<'r>),
+}
+
 /// What the routing step decided, kept for the response's metrics and log line.
 #[derive(Debug, Clone, Copy)]
 struct Routed {
@@ -291,8 +298,10 @@ impl Proxy {
             return Err(ProxyError::HeadersTooLarge { size, limit: snapshot.max_header_bytes });
         }
 
-        let (pool, decision, pending, write_ahead) =
-            self.choose_pool(snapshot, req.uri().path(), req.uri().query(), req.headers());
+        let (pool, decision, pending, write_ahead) = self.choose_pool(
+            snapshot,
+            self.classify(snapshot, req.uri().path(), req.uri().query(), req.headers()),
+        );
         if let (Decision::Pinned, Some(seq)) = (decision, pending) {
             // A pin another request made a moment ago: follow it only once it is durable.
             self.sessions.settle(seq).await;
@@ -354,9 +363,11 @@ impl Proxy {
             return H1Plan::Unsupported;
         }
         let started = Instant::now();
-        let (pool, decision, pending, write_ahead) =
-            self.choose_pool(snapshot, head.path(), head.query(), &head);
+        // The upstream request head does not depend on the pool, so writing it gives the pin's
+        // slot, asked for by `classify`, time to arrive from memory.
+        let classified = self.classify(snapshot, head.path(), head.query(), &head);
         h1::write_request(&mut conn.request, &head, conn.peer.ip.as_str(), self.proto);
+        let (pool, decision, pending, write_ahead) = self.choose_pool(snapshot, classified);
         let logged = tracing::enabled!(tracing::Level::DEBUG)
             .then(|| (head.method.to_owned(), head.path().to_owned()));
         H1Plan::Ready(H1Request {
@@ -576,26 +587,40 @@ impl Proxy {
         }
     }
 
+    /// What the request's route and session key say, before any pin is looked up; a keyed
+    /// request's pin slot starts loading here ([`Sessions::locate`]).
+    fn classify<'r>(
+        &self,
+        snapshot: &Snapshot,
+        path: &'r str,
+        query: Option<&'r str>,
+        headers: &'r impl HeaderSource,
+    ) -> Classified<'r> {
+        if snapshot.router.route(path) == Route::V2Prefix {
+            return Classified::Prefix;
+        }
+        match snapshot.keys.extract_from(path, query, headers) {
+            KeyOutcome::Key(key) => Classified::Keyed(self.sessions.locate(key)),
+            KeyOutcome::Invalid => {
+                self.metrics.keys_rejected_invalid.inc();
+                Classified::Unkeyed
+            }
+            KeyOutcome::Absent => Classified::Unkeyed,
+        }
+    }
+
     /// The pool for a request, how it was decided, the store sequence number of the pin followed
     /// or made (`None` when no pin is involved or it is already durable), and whether the pin's
     /// activity was sent to the store ahead of the response.
     fn choose_pool(
         &self,
         snapshot: &Snapshot,
-        path: &str,
-        query: Option<&str>,
-        headers: &impl HeaderSource,
+        classified: Classified<'_>,
     ) -> (PoolName, Decision, Option<u64>, bool) {
-        if snapshot.router.route(path) == Route::V2Prefix {
-            return (PoolName::V2, Decision::Prefix, None, false);
-        }
-        let key = match snapshot.keys.extract_from(path, query, headers) {
-            KeyOutcome::Key(key) => key,
-            KeyOutcome::Invalid => {
-                self.metrics.keys_rejected_invalid.inc();
-                return (snapshot.router.split(), Decision::Unkeyed, None, false);
-            }
-            KeyOutcome::Absent => return (snapshot.router.split(), Decision::Unkeyed, None, false),
+        let key = match classified {
+            Classified::Prefix => return (PoolName::V2, Decision::Prefix, None, false),
+            Classified::Unkeyed => return (snapshot.router.split(), Decision::Unkeyed, None, false),
+            Classified::Keyed(key) => key,
         };
         match self.sessions.resolve(key, &snapshot.pin_policy, || snapshot.router.split()) {
             Resolution::Pinned { pool, seq, write_ahead } => {

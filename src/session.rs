@@ -2,18 +2,21 @@
 //!
 //! A pin says "this study started on pool X; keep it there". It ends after `idle_timeout` without
 //! a request, after `max_duration` from its first request, or when an operator deletes it.
-//! Lookups and `last_seen` updates take only a shared lock on one of many shards and an atomic
-//! store, never a global lock; creating or ending a pin takes that shard's write lock. Expiry of
+//! Lookups and `last_seen` updates take only a shared lock on one of many stripes of the table
+//! ([`table`]) and an atomic store, never a global lock; creating or ending a pin takes that
+//! stripe's write lock. Expiry of
 //! pins nobody asks for again runs in the background ([`Sessions::maintain`]). Making pins durable
 //! is [`crate::state`]'s job; choosing the pool for a new pin is [`crate::router`]'s.
 
+mod table;
+
 use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use compact_str::CompactString;
-use hashbrown::{DefaultHashBuilder, HashTable};
+use hashbrown::DefaultHashBuilder;
 use http::{HeaderMap, Uri};
 
 use crate::clock::{SharedClock, UnixMillis};
@@ -21,6 +24,7 @@ use crate::config::{ByPool, PoolName, SessionKeySpec, SessionsConfig};
 use crate::drain::READ_BACK_SLACK;
 use crate::metrics::Metrics;
 use crate::state::{Op, Store, StoredPin};
+use table::{stripe_of, PinTable, STRIPES};
 
 /// Longest accepted session key.
 pub const MAX_KEY_LEN: usize = 128;
@@ -254,19 +258,17 @@ struct Entry {
     pin: Pin,
 }
 
-type Shard = RwLock<HashTable<Entry>>;
-
-const SHARDS: usize = 64;
-
-/// The shard of a key's hash. Bits 32..38 pick it: the table inside uses the low bits for the
-/// bucket and the top 7 for its tag, and both must stay spread within a shard.
-fn shard_of(hash: u64) -> usize {
-    ((hash >> 32) as usize) % SHARDS
+/// A session key with its hash; its pin's slot is already on the way into the cache
+/// ([`Sessions::locate`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Located<'k> {
+    key: &'k str,
+    hash: u64,
 }
 
 /// The pin table and its link to the store.
 pub struct Sessions {
-    shards: Box<[Shard]>,
+    table: PinTable,
     /// Seeded per process (foldhash): keys come from clients, so collisions must not be
     /// predictable; the `max_active` cap bounds the table in any case.
     hasher: DefaultHashBuilder,
@@ -299,8 +301,7 @@ impl Sessions {
         metrics: Arc<Metrics>,
     ) -> Self {
         let hasher = DefaultHashBuilder::default();
-        let mut tables: Vec<HashTable<Entry>> =
-            (0..SHARDS).map(|_| HashTable::with_capacity(loaded.len() / SHARDS + 1)).collect();
+        let table = PinTable::with_capacity(loaded.len());
         let now = secs(clock.now());
         let slack = policy.stale_secs;
         let live_by_pool = ByPool::<AtomicUsize>::default();
@@ -320,11 +321,11 @@ impl Sessions {
             live_by_pool.get(pin.pool).fetch_add(1, Ordering::Relaxed);
             let hash = hasher.hash_one(&*stored.key);
             let entry = Entry { key: CompactString::from(&*stored.key), pin };
-            tables[shard_of(hash)].insert_unique(hash, entry, |e| hasher.hash_one(e.key.as_str()));
+            table.write_with_room(stripe_of(hash)).insert_unique(hash, entry);
         }
         let live = live_by_pool.v1.load(Ordering::Relaxed) + live_by_pool.v2.load(Ordering::Relaxed);
         Sessions {
-            shards: tables.into_iter().map(RwLock::new).collect(),
+            table,
             hasher,
             live: AtomicUsize::new(live),
             live_by_pool,
@@ -340,14 +341,27 @@ impl Sessions {
         self.hasher.hash_one(key)
     }
 
-    /// Routes a keyed legacy request: its live pin, else a new pin on the pool `split` picks.
-    pub fn resolve(&self, key: &str, policy: &PinPolicy, split: impl FnOnce() -> PoolName) -> Resolution {
-        let now = secs(self.clock.now());
+    /// Hashes `key` and starts loading its pin's slot, so that [`Sessions::resolve`], called
+    /// after other work, does not wait for memory.
+    pub fn locate<'k>(&self, key: &'k str) -> Located<'k> {
         let hash = self.hash(key);
-        let shard = &self.shards[shard_of(hash)];
+        self.table.prefetch(hash);
+        Located { key, hash }
+    }
+
+    /// Routes a keyed legacy request: its live pin, else a new pin on the pool `split` picks.
+    pub fn resolve(
+        &self,
+        located: Located<'_>,
+        policy: &PinPolicy,
+        split: impl FnOnce() -> PoolName,
+    ) -> Resolution {
+        let now = secs(self.clock.now());
+        let Located { key, hash } = located;
+        let stripe = stripe_of(hash);
         {
-            let table = shard.read().unwrap_or_else(|p| p.into_inner());
-            if let Some(Entry { pin, .. }) = table.find(hash, |e| e.key == key) {
+            let table = self.table.read(stripe);
+            if let Some(Entry { pin, .. }) = table.find(hash, key) {
                 if pin.ended(now, policy).is_none() {
                     pin.touch(now);
                     let write_ahead = self.write_ahead(key, pin, now, policy);
@@ -355,8 +369,8 @@ impl Sessions {
                 }
             }
         }
-        let mut table = shard.write().unwrap_or_else(|p| p.into_inner());
-        let ended = match table.find(hash, |e| e.key == key) {
+        let mut table = self.table.write_with_room(stripe);
+        let ended = match table.find(hash, key) {
             Some(Entry { pin, .. }) => match pin.ended(now, policy) {
                 // Another request pinned it between our two locks.
                 None => {
@@ -371,9 +385,7 @@ impl Sessions {
             None => false,
         };
         if ended {
-            if let Ok(entry) = table.find_entry(hash, |e| e.key == key) {
-                entry.remove();
-            }
+            table.remove(hash, key);
         }
         // Respect the cap without ever evicting a live pin.
         if self.live.fetch_add(1, Ordering::Relaxed) >= policy.max_active {
@@ -393,9 +405,8 @@ impl Sessions {
             stored_last_seen: AtomicU32::new(now),
             seq,
         };
-        table
-            .insert_unique(hash, Entry { key: CompactString::from(key), pin }, |e| self.hash(e.key.as_str()));
-        // Sent under the shard lock, so the store sees this key's changes in memory order.
+        table.insert_unique(hash, Entry { key: CompactString::from(key), pin });
+        // Sent under the stripe lock, so the store sees this key's changes in memory order.
         self.store
             .send(Op::Pin { pin: StoredPin { key: key.into(), pool, first_seen: now, last_seen: now }, seq });
         self.live_by_pool.get(pool).fetch_add(1, Ordering::Relaxed);
@@ -404,7 +415,7 @@ impl Sessions {
     }
 
     /// Sends this request's time to the store if the stored `last_seen` would not cover it after
-    /// a crash (read back plus `policy.stale_secs`). Called under the shard lock, so the touch
+    /// a crash (read back plus `policy.stale_secs`). Called under the stripe lock, so the touch
     /// is ordered with the key's other changes.
     fn write_ahead(&self, key: &str, pin: &Pin, now: u32, policy: &PinPolicy) -> bool {
         let stored = pin.stored_last_seen.load(Ordering::Relaxed);
@@ -427,17 +438,17 @@ impl Sessions {
         self.store.is_settled(seq) || self.store.settle(seq, Duration::from_secs(5)).await
     }
 
-    /// Background upkeep: ends expired pins, sends newer `last_seen` values to the store, and
-    /// recomputes when the last v1 pin ends.
+    /// Background upkeep: ends expired pins, sends newer `last_seen` values to the store,
+    /// recomputes when the last v1 pin ends, and grows the table ahead of need.
     pub fn maintain(&self, policy: &PinPolicy) {
         let now = secs(self.clock.now());
         let mut v1_end = 0u32;
         let mut ended = Vec::new();
-        for shard in self.shards.iter() {
+        for stripe in 0..STRIPES {
             // The scan takes only the read lock, so requests are never held up by it; the write
             // lock is taken only when there is something to remove.
             {
-                let table = shard.read().unwrap_or_else(|p| p.into_inner());
+                let table = self.table.read(stripe);
                 let mut touches = Vec::new();
                 for Entry { key, pin } in table.iter() {
                     if pin.ended(now, policy).is_some() {
@@ -458,35 +469,36 @@ impl Sessions {
                         v1_end = v1_end.max(pin.end(policy));
                     }
                 }
-                // Sent under the shard lock, so the store sees this key's changes in order.
+                // Sent under the stripe lock, so the store sees this key's changes in order.
                 if !touches.is_empty() {
                     self.store.send(Op::Touch(touches));
                 }
             }
             if !ended.is_empty() {
-                let mut table = shard.write().unwrap_or_else(|p| p.into_inner());
+                let mut table = self.table.write(stripe);
                 for key in ended.drain(..) {
                     let hash = self.hash(&key);
-                    let Ok(entry) = table.find_entry(hash, |e| e.key == key) else { continue };
+                    let Some(Entry { pin, .. }) = table.find(hash, &key) else { continue };
                     // A request may have renewed it between the two locks.
-                    if let Some(reason) = entry.get().pin.ended(now, policy) {
-                        self.count_end(entry.get().pin.pool, reason);
+                    if let Some(reason) = pin.ended(now, policy) {
+                        self.count_end(pin.pool, reason);
                         self.store.send(Op::Remove(key.as_str().into()));
-                        entry.remove();
+                        table.remove(hash, &key);
                     }
                 }
             }
-            // On a machine with one core to spare, let the request threads in between shards.
+            // On a machine with one core to spare, let the request threads in between stripes.
             std::thread::yield_now();
         }
         self.v1_pins_end.store(v1_end, Ordering::Relaxed);
+        self.table.reserve();
     }
 
     /// Ends one pin by operator request. Returns the pool it was on.
     pub fn remove(&self, key: &str) -> Option<PoolName> {
         let hash = self.hash(key);
-        let mut table = self.shards[shard_of(hash)].write().unwrap_or_else(|p| p.into_inner());
-        let (Entry { pin, .. }, _) = table.find_entry(hash, |e| e.key == key).ok()?.remove();
+        let mut table = self.table.write(stripe_of(hash));
+        let Entry { pin, .. } = table.remove(hash, key)?;
         self.count_end(pin.pool, EndReason::Admin);
         self.store.send(Op::Remove(key.into()));
         Some(pin.pool)
@@ -507,8 +519,8 @@ impl Sessions {
     pub fn list(&self, pool: Option<PoolName>, policy: &PinPolicy, limit: usize) -> Vec<PinInfo> {
         let now = secs(self.clock.now());
         let mut out = Vec::new();
-        for shard in self.shards.iter() {
-            let table = shard.read().unwrap_or_else(|p| p.into_inner());
+        for stripe in 0..STRIPES {
+            let table = self.table.read(stripe);
             let live = table
                 .iter()
                 .filter(|e| pool.is_none_or(|p| p == e.pin.pool) && e.pin.ended(now, policy).is_none());

@@ -215,7 +215,8 @@ async fn a_full_pin_table_routes_new_keys_unpinned_and_keeps_every_live_pin() {
     let mut unpinned = 0;
     for _ in 0..200_000 {
         let key = format!("abuse-{:016x}", fastrand::u64(..));
-        let resolution = sessions.resolve(&key, &snapshot.pin_policy, || snapshot.router.split());
+        let resolution =
+            sessions.resolve(sessions.locate(&key), &snapshot.pin_policy, || snapshot.router.split());
         if matches!(resolution, rollout_proxy::session::Resolution::Full { .. }) {
             unpinned += 1;
         }
