@@ -5,8 +5,10 @@
 #! request (from each proxy process's own /proc/PID/stat), throughput and latency, with every
 #! proxy on one worker pinned to CPU 1 and the upstreams plus the load generator (wrk) on CPU 0.
 #! Routing is the same everywhere: /api/v2/ to the v2 upstream, everything else to v1, with
-#! upstream keep-alive. A direct-to-upstream run is the baseline. Each scenario runs twice,
-#! interleaved across proxies, and the table gives ratios against NGINX from the same run.
+#! upstream keep-alive. A direct-to-upstream run is the baseline. Each scenario runs three times,
+#! interleaved across proxies, and the table gives medians, with ratios against NGINX from the
+#! same run: on a shared (virtual) machine a neighbour's burst can slow one 10 s cell by a
+#! quarter, and the median of three keeps one such cell out of the result.
 #!
 #! Scenarios: (a) keep-alive GETs at 64 connections; (b) legacy requests carrying one of 100,000
 #! study ids, all pinned beforehand in rollout-proxy; (c) 1 KiB POST bodies; (d) a new connection
@@ -18,7 +20,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 duration=10
-rounds=2
+rounds=3
 if [ "${1:-}" = "--quick" ]; then duration=2; rounds=1; fi
 
 need=()

@@ -54,6 +54,7 @@ fn pins(c: &mut Criterion) {
         scope.spawn(|| {
             while filled.load(std::sync::atomic::Ordering::Relaxed) < PINS {
                 sessions.maintain(&policy);
+                sessions.reserve();
             }
         });
         let reader = scope.spawn(|| {

@@ -65,7 +65,8 @@ pub enum StartError {
     },
 }
 
-/// Runs [`Proxy::maintain`] every second until `stop` fires.
+/// Runs [`Proxy::maintain`] every second until `stop` fires, and grows the pin table ahead of
+/// need ([`crate::session::Sessions::reserve`]).
 async fn upkeep(proxy: Arc<Proxy>, stop: CancellationToken) {
     let mut tick = tokio::time::interval(UPKEEP_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -76,7 +77,13 @@ async fn upkeep(proxy: Arc<Proxy>, stop: CancellationToken) {
         }
         let scanning = proxy.clone();
         // A scan of a large pin table is blocking work; keep it off the request threads' hot path.
-        let sent = tokio::task::spawn_blocking(move || scanning.maintain()).await.unwrap_or(None);
+        let sent = tokio::task::spawn_blocking(move || {
+            let sent = scanning.maintain();
+            scanning.sessions().reserve();
+            sent
+        })
+        .await
+        .unwrap_or(None);
         proxy.confirm_upkeep(sent).await;
     }
 }

@@ -358,6 +358,7 @@ impl Sessions {
     ) -> Resolution {
         let now = secs(self.clock.now());
         let Located { key, hash } = located;
+        debug_assert_eq!(hash, self.hash(key), "located by another pin table");
         let stripe = stripe_of(hash);
         {
             let table = self.table.read(stripe);
@@ -439,7 +440,7 @@ impl Sessions {
     }
 
     /// Background upkeep: ends expired pins, sends newer `last_seen` values to the store,
-    /// recomputes when the last v1 pin ends, and grows the table ahead of need.
+    /// and recomputes when the last v1 pin ends.
     pub fn maintain(&self, policy: &PinPolicy) {
         let now = secs(self.clock.now());
         let mut v1_end = 0u32;
@@ -491,6 +492,12 @@ impl Sessions {
             std::thread::yield_now();
         }
         self.v1_pins_end.store(v1_end, Ordering::Relaxed);
+    }
+
+    /// Grows the pin table ahead of need, so requests rarely have to. Blocking work (making a
+    /// larger table can take a few hundred milliseconds at a million pins): for the upkeep
+    /// thread, not a request or a shutdown.
+    pub fn reserve(&self) {
         self.table.reserve();
     }
 

@@ -20,9 +20,10 @@
 
 use std::alloc::{self, Layout};
 use std::cell::UnsafeCell;
+use std::marker::PhantomData;
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use super::Entry;
 
@@ -60,7 +61,7 @@ struct Arena {
 
 impl Arena {
     fn layout(per_stripe: usize) -> Layout {
-        let size = STRIPES * per_stripe * size_of::<Slot>();
+        let size = (STRIPES * size_of::<Slot>()).checked_mul(per_stripe).expect("pin table size overflows");
         let align = if size >= HUGE_PAGE { HUGE_PAGE } else { align_of::<Slot>() };
         Layout::from_size_align(size, align).expect("pin table size overflows")
     }
@@ -84,28 +85,10 @@ impl Arena {
         Arena { slots, per_stripe }
     }
 
-    /// Stripe `stripe`'s slots, to read.
-    ///
-    /// # Safety
-    /// The caller holds stripe `stripe`'s lock, and the slice does not outlive it.
-    unsafe fn stripe<'a>(&self, stripe: usize) -> &'a [Slot] {
-        // SAFETY: within the allocation; the caller's lock keeps writers out.
-        unsafe {
-            std::slice::from_raw_parts(self.slots.as_ptr().add(stripe * self.per_stripe), self.per_stripe)
-        }
-    }
-
-    /// Stripe `stripe`'s slots, to change.
-    ///
-    /// # Safety
-    /// The caller holds stripe `stripe`'s lock for writing (or owns the arena), and the slice
-    /// does not outlive it.
-    unsafe fn stripe_mut<'a>(&self, stripe: usize) -> &'a mut [Slot] {
-        // SAFETY: stripes are disjoint ranges of the allocation, and the caller's write lock
-        // makes this one its own.
-        unsafe {
-            std::slice::from_raw_parts_mut(self.slots.as_ptr().add(stripe * self.per_stripe), self.per_stripe)
-        }
+    /// Where stripe `stripe`'s slots start.
+    fn stripe_start(&self, stripe: usize) -> NonNull<Slot> {
+        // SAFETY: `stripe < STRIPES`, so the offset stays within the allocation.
+        unsafe { self.slots.add(stripe * self.per_stripe) }
     }
 }
 
@@ -127,6 +110,9 @@ impl Drop for Arena {
 pub(super) struct PinTable {
     /// Lock `i` guards stripe `i` of the arena and holds its number of entries.
     locks: Box<[RwLock<usize>]>,
+    /// Held while making a larger arena, so threads that need room at once make one between
+    /// them.
+    growing: Mutex<()>,
     /// Replaced only by [`PinTable::grow`], with every lock held for writing.
     arena: UnsafeCell<Arena>,
     /// The arena's address and stripe size, for [`PinTable::prefetch`] without a lock.
@@ -134,9 +120,13 @@ pub(super) struct PinTable {
 }
 
 // SAFETY: the arena is only reached through a stripe's lock (stripe data) or with every lock
-// held (the arena itself), and entries are Send + Sync.
+// held (the arena itself), and entries are Send + Sync (checked below).
 unsafe impl Send for PinTable {}
 unsafe impl Sync for PinTable {}
+const _: () = {
+    const fn shareable<T: Send + Sync>() {}
+    shareable::<Entry>()
+};
 
 impl PinTable {
     /// A table with room for about `capacity` entries before it first grows.
@@ -151,24 +141,24 @@ impl PinTable {
         let hint = (AtomicUsize::new(arena.slots.as_ptr() as usize), AtomicUsize::new(per_stripe));
         PinTable {
             locks: (0..STRIPES).map(|_| RwLock::new(0)).collect(),
+            growing: Mutex::new(()),
             arena: UnsafeCell::new(arena),
             hint,
         }
     }
 
     pub fn read(&self, stripe: usize) -> StripeRead<'_> {
-        let guard = self.locks[stripe].read().unwrap_or_else(|p| p.into_inner());
-        // SAFETY: the read lock keeps the arena in place and this stripe unchanged, and the
-        // slice lives in the guard's struct.
-        let slots = unsafe { (*self.arena.get()).stripe(stripe) };
-        StripeRead { len: guard, slots }
+        let len = self.locks[stripe].read().unwrap_or_else(|p| p.into_inner());
+        // SAFETY: the lock keeps the arena in place.
+        let arena = unsafe { &*self.arena.get() };
+        StripeRead { len, start: arena.stripe_start(stripe), slots: arena.per_stripe, _slots: PhantomData }
     }
 
     pub fn write(&self, stripe: usize) -> StripeWrite<'_> {
         let len = self.locks[stripe].write().unwrap_or_else(|p| p.into_inner());
-        // SAFETY: the write lock makes this stripe ours alone and keeps the arena in place.
-        let slots = unsafe { (*self.arena.get()).stripe_mut(stripe) };
-        StripeWrite { len, slots }
+        // SAFETY: the lock keeps the arena in place.
+        let arena = unsafe { &*self.arena.get() };
+        StripeWrite { len, start: arena.stripe_start(stripe), slots: arena.per_stripe, _slots: PhantomData }
     }
 
     /// [`PinTable::write`], growing the table first if the stripe has no room for one more.
@@ -179,7 +169,7 @@ impl PinTable {
             if stripe_write.has_room() {
                 return stripe_write;
             }
-            let per_stripe = stripe_write.slots.len();
+            let per_stripe = stripe_write.slots;
             drop(stripe_write);
             self.grow(per_stripe);
         }
@@ -193,7 +183,7 @@ impl PinTable {
         let (fullest, per_stripe) = (0..STRIPES)
             .map(|i| {
                 let stripe = self.read(i);
-                (*stripe.len, stripe.slots.len())
+                (*stripe.len, stripe.slots)
             })
             .max()
             .unwrap_or_default();
@@ -206,6 +196,10 @@ impl PinTable {
     /// Only moving the entries holds the locks: the new arena is made before, the old one freed
     /// after.
     fn grow(&self, per_stripe: usize) {
+        let _growing = self.growing.lock().unwrap_or_else(|p| p.into_inner());
+        if self.hint.1.load(Ordering::Relaxed) != per_stripe {
+            return; // another thread grew it meanwhile
+        }
         let bigger = Arena::new(per_stripe * 2);
         // In index order, so two growing threads cannot deadlock.
         let guards: Vec<RwLockWriteGuard<'_, usize>> =
@@ -216,8 +210,14 @@ impl PinTable {
             return; // another thread grew it meanwhile
         }
         for i in 0..STRIPES {
-            // SAFETY: every lock is held; each stripe is borrowed once, for this iteration.
-            let (from, to) = unsafe { (arena.stripe_mut(i), bigger.stripe_mut(i)) };
+            // SAFETY: every lock is held, so nothing else borrows either arena; each stripe is
+            // borrowed once, for this iteration.
+            let (from, to) = unsafe {
+                (
+                    std::slice::from_raw_parts_mut(arena.stripe_start(i).as_ptr(), arena.per_stripe),
+                    std::slice::from_raw_parts_mut(bigger.stripe_start(i).as_ptr(), bigger.per_stripe),
+                )
+            };
             for slot in from {
                 if let Some(entry) = slot.entry.take() {
                     place(to, slot.hash, entry);
@@ -275,61 +275,85 @@ fn place(slots: &mut [Slot], hash: u64, entry: Entry) {
     slots[i] = Slot { hash, entry: Some(entry) };
 }
 
-/// A stripe under its read lock.
+/// A stripe under its read lock. It holds the stripe's address, not a slice, and lends the
+/// slice only while borrowed itself: a reference kept across the lock's release, even inside
+/// `drop`, could outlive an arena a growing thread frees.
 pub(super) struct StripeRead<'t> {
     len: RwLockReadGuard<'t, usize>,
-    slots: &'t [Slot],
+    start: NonNull<Slot>,
+    slots: usize,
+    _slots: PhantomData<&'t [Slot]>,
 }
 
 impl StripeRead<'_> {
+    fn slots(&self) -> &[Slot] {
+        // SAFETY: the read lock, held as long as `self`, keeps the stripe in place and unchanged.
+        unsafe { std::slice::from_raw_parts(self.start.as_ptr(), self.slots) }
+    }
+
     pub fn find(&self, hash: u64, key: &str) -> Option<&Entry> {
-        position(self.slots, hash, key).and_then(|i| self.slots[i].entry.as_ref())
+        let slots = self.slots();
+        position(slots, hash, key).and_then(|i| slots[i].entry.as_ref())
     }
 
     pub fn iter(&self) -> impl Iterator<Item = &Entry> {
-        self.slots.iter().filter_map(|slot| slot.entry.as_ref())
+        self.slots().iter().filter_map(|slot| slot.entry.as_ref())
     }
 }
 
-/// A stripe under its write lock.
+/// A stripe under its write lock; see [`StripeRead`].
 pub(super) struct StripeWrite<'t> {
     len: RwLockWriteGuard<'t, usize>,
-    slots: &'t mut [Slot],
+    start: NonNull<Slot>,
+    slots: usize,
+    _slots: PhantomData<&'t mut [Slot]>,
 }
 
 impl StripeWrite<'_> {
+    fn slots(&self) -> &[Slot] {
+        // SAFETY: the write lock, held as long as `self`, makes the stripe ours alone.
+        unsafe { std::slice::from_raw_parts(self.start.as_ptr(), self.slots) }
+    }
+
+    fn slots_mut(&mut self) -> &mut [Slot] {
+        // SAFETY: as in `slots`, and `&mut self` makes this the only borrow.
+        unsafe { std::slice::from_raw_parts_mut(self.start.as_ptr(), self.slots) }
+    }
+
     pub fn find(&self, hash: u64, key: &str) -> Option<&Entry> {
-        position(self.slots, hash, key).and_then(|i| self.slots[i].entry.as_ref())
+        let slots = self.slots();
+        position(slots, hash, key).and_then(|i| slots[i].entry.as_ref())
     }
 
     fn has_room(&self) -> bool {
-        *self.len < max_len(self.slots.len())
+        *self.len < max_len(self.slots)
     }
 
     /// Adds an entry whose key is not in the table. The stripe must have room
     /// ([`PinTable::write_with_room`]).
     pub fn insert_unique(&mut self, hash: u64, entry: Entry) {
         assert!(self.has_room(), "pin table stripe is full");
-        place(self.slots, hash, entry);
+        place(self.slots_mut(), hash, entry);
         *self.len += 1;
     }
 
     pub fn remove(&mut self, hash: u64, key: &str) -> Option<Entry> {
-        let mut hole = position(self.slots, hash, key)?;
-        let removed = self.slots[hole].entry.take();
+        let mut hole = position(self.slots(), hash, key)?;
         *self.len -= 1;
+        let slots = self.slots_mut();
+        let removed = slots[hole].entry.take();
         // Backward shift: an entry after the hole moves into it unless its home slot lies
         // between the hole and where it sits, so every entry stays reachable from its home.
-        let mask = self.slots.len() - 1;
+        let mask = slots.len() - 1;
         let mut i = hole;
         loop {
             i = (i + 1) & mask;
-            if self.slots[i].entry.is_none() {
+            if slots[i].entry.is_none() {
                 return removed;
             }
-            let home = self.slots[i].hash as usize & mask;
+            let home = slots[i].hash as usize & mask;
             if (i.wrapping_sub(home) & mask) >= (i.wrapping_sub(hole) & mask) {
-                self.slots.swap(hole, i);
+                slots.swap(hole, i);
                 hole = i;
             }
         }
@@ -391,7 +415,7 @@ mod tests {
     }
 
     fn per_stripe(table: &PinTable) -> usize {
-        table.read(0).slots.len()
+        table.read(0).slots
     }
 
     /// The background upkeep grows the table before a request has to.
