@@ -396,8 +396,11 @@ impl Proxy {
     ) -> bool {
         conn.buf.advance(req.head_len);
         // One deadline for the whole body: a client trickling it byte by byte does not reset it.
-        let deadline = tokio::time::Instant::now() + snapshot.response_timeout;
+        // Read from the clock only when the body is not all here yet (most requests have none).
+        let mut deadline = None;
         while conn.buf.len() < req.body_len {
+            let deadline =
+                *deadline.get_or_insert_with(|| tokio::time::Instant::now() + snapshot.response_timeout);
             match tokio::time::timeout_at(deadline, conn.fill()).await {
                 Ok(Ok(n)) if n > 0 => {}
                 _ => {

@@ -239,10 +239,14 @@ impl ConnPool {
         let mut idle = self.idle_h1.lock().unwrap_or_else(|p| p.into_inner());
         // The oldest connections come first; those past the idle timeout are closed now rather
         // than held until a checkout reaches them.
-        let expired = idle.iter().take_while(|(_, since)| since.elapsed() >= self.idle_timeout).count();
+        let now = Instant::now();
+        let expired = idle
+            .iter()
+            .take_while(|(_, since)| now.saturating_duration_since(*since) >= self.idle_timeout)
+            .count();
         idle.drain(..expired);
         if idle.len() < self.max_idle {
-            idle.push((conn, Instant::now()));
+            idle.push((conn, now));
         }
     }
 }

@@ -254,6 +254,43 @@ async fn a_body_sent_after_its_head_arrives_whole_and_close_is_honoured() {
     proxy.shutdown().await;
 }
 
+/// The body has one deadline (`response_timeout`) for all of it: a client sending a byte every
+/// 150 ms, each within the deadline of the one before, is still cut off, and nothing of its
+/// request reaches the upstream.
+#[tokio::test]
+async fn a_body_trickled_byte_by_byte_is_cut_off_at_one_deadline() {
+    let (v1, accepted) =
+        raw_upstream(|stream| answering(stream, |_| "HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n".into()))
+            .await;
+    let v2 = Upstream::new("v2-a").spawn().await;
+    let proxy = spawn_proxy(&config_yaml(
+        &[("v1-a", v1, 1)],
+        &[("v2-a", v2, 1)],
+        "upstream: { response_timeout: 500ms }\n",
+    ))
+    .await;
+    let mut client = TcpStream::connect(proxy.addr).await.unwrap();
+    client
+        .write_all(b"POST /api/studies/4/contents HTTP/1.1\r\nHost: a\r\nContent-Length: 20\r\n\r\n")
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let mut sent = 0;
+    for _ in 0..20 {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        if client.write_all(b"x").await.is_err() {
+            break;
+        }
+        sent += 1;
+    }
+    let (text, closed) = read_until(&mut client, |_| false).await;
+    assert!(closed && text.is_empty(), "expected the connection closed without an answer, got {text:?}");
+    assert!(sent < 20, "the whole trickled body was accepted");
+    assert!(started.elapsed() < Duration::from_millis(2900), "cut off only after {:?}", started.elapsed());
+    assert_eq!(accepted.load(Ordering::SeqCst), 0, "the request reached the upstream");
+    proxy.shutdown().await;
+}
+
 #[tokio::test]
 async fn a_connection_moves_to_hyper_for_a_chunked_upload_after_plain_requests() {
     let v1 = Upstream::new("v1-a").spawn().await;
