@@ -103,22 +103,30 @@ pub async fn serve(
         };
         let tls = tls.clone();
         let handshake_timeout = client.header_read_timeout;
-        connections.spawn(async move {
+        // A connection's future is kilobytes (hyper's and TLS's parts are boxed inside it, but
+        // the fast path's own state is still large). Boxed, the runtime moves a pointer: it
+        // moves a task's future into the task, and writes the task's stage over it as it ends,
+        // each time a copy of the whole future (profiled in benches/compare.sh scenario (d), a
+        // new connection per request).
+        connections.spawn(Box::pin(async move {
             let _slot = slot;
             match tls {
                 None => connection.serve_h1(stream).await,
                 Some(acceptor) => {
-                    match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
-                        Ok(Ok(tls_stream)) => connection.serve(tls_stream).await,
-                        Ok(Err(err)) => debug!(peer = %peer, error = %err, "TLS handshake failed"),
-                        Err(_) => {
-                            connection.metrics.client_rejected.header_timeout.inc();
-                            debug!(peer = %peer, "TLS handshake timed out");
+                    Box::pin(async move {
+                        match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
+                            Ok(Ok(tls_stream)) => connection.serve(tls_stream).await,
+                            Ok(Err(err)) => debug!(peer = %peer, error = %err, "TLS handshake failed"),
+                            Err(_) => {
+                                connection.metrics.client_rejected.header_timeout.inc();
+                                debug!(peer = %peer, "TLS handshake timed out");
+                            }
                         }
-                    }
+                    })
+                    .await
                 }
             }
-        });
+        }));
     }
     drop(listener);
     // A connection accepted a moment ago may not have sent its request yet, and a graceful
@@ -161,7 +169,7 @@ impl Connection {
     async fn serve_h1(self, stream: TcpStream) {
         let Some(proxy) = self.gate.proxy_now().cloned() else {
             // Starting up: hyper's path waits for the proxy or answers 503.
-            return self.serve(stream).await;
+            return Box::pin(self.serve(stream)).await;
         };
         let mut conn = ClientConn::new(stream, Peer::new(self.peer));
         let deadline = tokio::time::sleep(self.header_read_timeout);
@@ -173,9 +181,9 @@ impl Connection {
                     let snapshot = proxy.snapshot();
                     match proxy.plan_h1(&snapshot, &mut conn) {
                         H1Plan::Ready(request) => break (snapshot, request),
-                        H1Plan::Unsupported => return self.hand_over(conn).await,
+                        H1Plan::Unsupported => return Box::pin(self.hand_over(conn)).await,
                         H1Plan::Partial if conn.buf.len() > self.max_head_bytes => {
-                            return self.hand_over(conn).await
+                            return Box::pin(self.hand_over(conn)).await
                         }
                         H1Plan::Partial => {}
                     }
