@@ -1,6 +1,7 @@
 //! The pin table at 1,000,000 live pins: what a lookup and a new pin cost on the request path,
 //! how much memory the pins take, how long a graceful stop takes to fold a full activity log of
-//! refreshed `last_seen` values into the pin records, and how long a restart takes to load them.
+//! refreshed `last_seen` values into the pin records, and how long a restart takes to load them
+//! (after a graceful stop, and after a crash that left the full log to apply).
 //!
 //! Lookups run on every keyed legacy request, so they must stay cheap at the table's full size
 //! (goal: under 200 ns). Memory (goal: under 256 MiB) and restart time (goal: under 2 s) are
@@ -16,7 +17,7 @@ use rollout_proxy::clock::SystemClock;
 use rollout_proxy::config::{Config, PoolName};
 use rollout_proxy::metrics::Metrics;
 use rollout_proxy::session::{PinPolicy, Sessions};
-use rollout_proxy::state::{Op, Store};
+use rollout_proxy::state::{Op, Store, FOLD_AFTER, STATE_FILE};
 
 const PINS: usize = 1_000_000;
 
@@ -90,21 +91,34 @@ fn pins(c: &mut Criterion) {
     );
     eprintln!("slowest lookup of a live pin while the table filled and grew: {slowest:.2?}");
 
-    // A quarter of a million refreshed pins, just under the point where the activity log is
-    // folded into the pin records: the most a graceful stop has to fold.
+    // Refreshed pins just under the point where the activity log is folded into the pin
+    // records: the most a graceful stop has to fold, and a restart after a crash to apply.
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as u32;
     let refreshed: Vec<(Box<str>, u32)> =
-        keys.iter().take(262_143).map(|key| (key.as_str().into(), now + 60)).collect();
+        keys.iter().take(FOLD_AFTER - 1).map(|key| (key.as_str().into(), now + 60)).collect();
     sessions.store().send(Op::Touch(refreshed));
     runtime.block_on(sessions.store().flush());
+    // The state as a crash would leave it: every commit made, the log not folded.
+    let crashed = tempfile::tempdir().unwrap();
+    std::fs::copy(dir.path().join(STATE_FILE), crashed.path().join(STATE_FILE)).unwrap();
     let started = Instant::now();
     runtime.block_on(sessions.store().close());
-    eprintln!("graceful stop: folded 262,143 logged refreshes in {:.2?}", started.elapsed());
+    eprintln!("graceful stop: folded {} logged refreshes in {:.2?}", FOLD_AFTER - 1, started.elapsed());
     drop(sessions);
+    let started = Instant::now();
+    let after_crash = open(crashed.path());
+    let live = after_crash.live(PoolName::V1) + after_crash.live(PoolName::V2);
+    eprintln!(
+        "restart after a crash: loaded {live} pins and {} logged refreshes in {:.2?}",
+        FOLD_AFTER - 1,
+        started.elapsed()
+    );
+    assert_eq!(live, PINS);
+    drop(after_crash);
     let started = Instant::now();
     let sessions = open(dir.path());
     let live = sessions.live(PoolName::V1) + sessions.live(PoolName::V2);
-    eprintln!("restart: loaded {live} pins in {:.2?}", started.elapsed());
+    eprintln!("restart after a graceful stop: loaded {live} pins in {:.2?}", started.elapsed());
     assert_eq!(live, PINS);
     let started = Instant::now();
     sessions.maintain(&policy);

@@ -39,8 +39,12 @@ const OVERRIDES: &str = "overrides";
 /// holds [`FOLD_AFTER`] entries.
 const ACTIVITY: TableDefinition<u64, &[u8]> = TableDefinition::new("activity");
 
-/// Activity entries after which the log is folded into `pins`.
-const FOLD_AFTER: usize = 262_144;
+/// Activity entries after which the log is folded into `pins`. A fold costs one B-tree update
+/// per distinct key in the log, so a longer log folds the refreshes of pins that stay active
+/// (one every 48 s each by default) more times over per update; a restart after a crash applies
+/// the whole log, so it must stay short enough to load quickly (`benches/pins.rs`: at 1M pins,
+/// a full log adds under a second).
+pub const FOLD_AFTER: usize = 524_288;
 
 /// Most operations committed in one transaction.
 const MAX_BATCH: usize = 16_384;
