@@ -5,10 +5,11 @@
 #! request (from each proxy process's own /proc/PID/stat), throughput and latency, with every
 #! proxy on one worker pinned to CPU 1 and the upstreams plus the load generator (wrk) on CPU 0.
 #! Routing is the same everywhere: /api/v2/ to the v2 upstream, everything else to v1, with
-#! upstream keep-alive. A direct-to-upstream run is the baseline. Each scenario runs three times,
-#! interleaved across proxies, and the table gives medians, with ratios against NGINX from the
-#! same run: on a shared (virtual) machine a neighbour's burst can slow one 10 s cell by a
-#! quarter, and the median of three keeps one such cell out of the result.
+#! upstream keep-alive. A direct-to-upstream run is the baseline. Each scenario runs five times,
+#! 6 s per cell, interleaved across proxies, and the table gives medians, with ratios against
+#! NGINX from the same run: on a shared (virtual) machine a slow spell of the host can slow
+#! several cells in a row by a quarter; short cells repeated five times let the median keep up to
+#! two such cells per target out of the result.
 #!
 #! Scenarios: (a) keep-alive GETs at 64 connections; (b) legacy requests carrying one of 100,000
 #! study ids, all pinned beforehand in rollout-proxy; (c) 1 KiB POST bodies; (d) a new connection
@@ -19,8 +20,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-duration=10
-rounds=3
+duration=6
+rounds=5
 if [ "${1:-}" = "--quick" ]; then duration=2; rounds=1; fi
 
 need=()
