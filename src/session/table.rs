@@ -201,14 +201,13 @@ impl PinTable {
             return; // another thread grew it meanwhile
         }
         let bigger = Arena::new(per_stripe * 2);
-        // In index order, so two growing threads cannot deadlock.
         let guards: Vec<RwLockWriteGuard<'_, usize>> =
             self.locks.iter().map(|lock| lock.write().unwrap_or_else(|p| p.into_inner())).collect();
         // SAFETY: every lock is held for writing, so no stripe of the arena is borrowed.
         let arena = unsafe { &mut *self.arena.get() };
-        if arena.per_stripe != per_stripe {
-            return; // another thread grew it meanwhile
-        }
+        // Only a thread holding `growing` replaces the arena, and it updates the hint before
+        // letting go, so the check above saw the arena as it is.
+        debug_assert_eq!(arena.per_stripe, per_stripe);
         for i in 0..STRIPES {
             // SAFETY: every lock is held, so nothing else borrows either arena; each stripe is
             // borrowed once, for this iteration.
@@ -265,6 +264,10 @@ fn position(slots: &[Slot], hash: u64, key: &str) -> Option<usize> {
     }
 }
 
+fn find<'s>(slots: &'s [Slot], hash: u64, key: &str) -> Option<&'s Entry> {
+    position(slots, hash, key).and_then(|i| slots[i].entry.as_ref())
+}
+
 /// Puts an entry in the first free slot from its home; the stripe has one.
 fn place(slots: &mut [Slot], hash: u64, entry: Entry) {
     let mask = slots.len() - 1;
@@ -292,8 +295,7 @@ impl StripeRead<'_> {
     }
 
     pub fn find(&self, hash: u64, key: &str) -> Option<&Entry> {
-        let slots = self.slots();
-        position(slots, hash, key).and_then(|i| slots[i].entry.as_ref())
+        find(self.slots(), hash, key)
     }
 
     pub fn iter(&self) -> impl Iterator<Item = &Entry> {
@@ -321,8 +323,7 @@ impl StripeWrite<'_> {
     }
 
     pub fn find(&self, hash: u64, key: &str) -> Option<&Entry> {
-        let slots = self.slots();
-        position(slots, hash, key).and_then(|i| slots[i].entry.as_ref())
+        find(self.slots(), hash, key)
     }
 
     fn has_room(&self) -> bool {
