@@ -5,11 +5,14 @@
 #! request (from each proxy process's own /proc/PID/stat), throughput and latency, with every
 #! proxy on one worker pinned to CPU 1 and the upstreams plus the load generator (wrk) on CPU 0.
 #! Routing is the same everywhere: /api/v2/ to the v2 upstream, everything else to v1, with
-#! upstream keep-alive. A direct-to-upstream run is the baseline. Each scenario runs five times,
-#! 6 s per cell, interleaved across proxies, and the table gives medians, with ratios against
+#! upstream keep-alive. A direct-to-upstream run is the baseline. Each scenario runs seven times,
+#! 5 s per cell, interleaved across proxies, and the table gives medians, with ratios against
 #! NGINX from the same run: on a shared (virtual) machine a slow spell of the host can slow
-#! several cells in a row by a quarter; short cells repeated five times let the median keep up to
-#! two such cells per target out of the result.
+#! several cells in a row by a quarter; short cells repeated seven times let the median keep up
+#! to three such cells per target out of the result. The cells of a round run back and forth, so
+#! that NGINX's and rollout-proxy's cells of a scenario are neighbours, as are rollout-proxy's (a)
+#! and (b); below the table, each round's ratios of neighbouring cells are listed with their
+#! median, which a slow spell moves least.
 #!
 #! Scenarios: (a) keep-alive GETs at 64 connections; (b) legacy requests carrying one of 100,000
 #! study ids, all pinned beforehand in rollout-proxy; (c) 1 KiB POST bodies; (d) a new connection
@@ -20,8 +23,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-duration=6
-rounds=5
+duration=5
+rounds=7
 if [ "${1:-}" = "--quick" ]; then duration=2; rounds=1; fi
 
 need=()
@@ -217,13 +220,23 @@ run() {
     END { printf "%.0f %.3f %.3f %.2f\n", rps, p50, p99, (n > 0 ? ticks / hz * 1e6 / n : 0) }' <<<"$out"
 }
 
+# Cells run in a back-and-forth order (a and c forwards, b and d backwards), so that NGINX's and
+# rollout-proxy's cells of a scenario are neighbours, and so are rollout-proxy's (a) and (b): the
+# paired ratios below then compare cells seconds apart, which a slow spell of the host mostly
+# slows alike.
 declare -A rps p50 p99 cpu
+declare -A round_cpu
 for round in $(seq "$rounds"); do
   for scenario in a b c d; do
-    for target in direct nginx haproxy rollout; do
+    case $scenario in
+      a | c) targets=(direct haproxy nginx rollout) ;;
+      b | d) targets=(rollout nginx haproxy direct) ;;
+    esac
+    for target in "${targets[@]}"; do
       read -r r a b c < <(run "$target" "$scenario")
       key="$scenario/$target"
       rps[$key]="${rps[$key]:-} $r"; p50[$key]="${p50[$key]:-} $a"; p99[$key]="${p99[$key]:-} $b"; cpu[$key]="${cpu[$key]:-} $c"
+      round_cpu[$round/$key]=$c
       echo "round $round  scenario $scenario  $target: $r req/s, p50 $a ms, p99 $b ms, $c µs CPU/request" >&2
     done
   done
@@ -247,3 +260,16 @@ for scenario in a b c d; do
     }'
   done
 done
+
+# Paired ratios: each round's cells divided by their neighbours in the same round.
+paired() { # NUMERATOR DENOMINATOR: per-round CPU ratios, then their median
+  local ratios=() round
+  for round in $(seq "$rounds"); do
+    ratios+=("$(awk -v n="${round_cpu[$round/$1]}" -v d="${round_cpu[$round/$2]}" 'BEGIN { printf "%.2f", (d > 0 ? n / d : 0) }')")
+  done
+  echo "${ratios[*]}  (median $(median <<<"${ratios[*]}"))"
+}
+echo
+echo "Paired CPU ratios, one per round:"
+echo "- (a) rollout-proxy / NGINX: $(paired a/rollout a/nginx)"
+echo "- (b) / (a), rollout-proxy: $(paired b/rollout a/rollout)"
