@@ -512,8 +512,14 @@ fn fold_activity(
     for record in activity.iter()? {
         let (_, record) = record?;
         for (key, last_seen) in decode_activity(record.value()) {
-            let time = latest.entry(key.to_owned()).or_insert(last_seen);
-            *time = (*time).max(last_seen);
+            // Most keys repeat (an active pin is refreshed every 48 s by default): copy a key
+            // only the first time.
+            match latest.get_mut(key) {
+                Some(time) => *time = (*time).max(last_seen),
+                None => {
+                    latest.insert(key.to_owned(), last_seen);
+                }
+            }
         }
     }
     let mut touches: Vec<(&str, u32)> = latest.iter().map(|(key, time)| (key.as_str(), *time)).collect();
