@@ -1,7 +1,8 @@
 //! The pin table at 1,000,000 live pins: what a lookup and a new pin cost on the request path,
 //! how much memory the pins take, how long a graceful stop takes to fold a full activity log of
-//! refreshed `last_seen` values into the pin records, and how long a restart takes to load them
-//! (after a graceful stop, and after a crash that left the full log to apply).
+//! refreshed `last_seen` values into the pin records, how long a restart takes to load them
+//! (after a graceful stop, and after a crash that left the full log to apply), and how long a
+//! new pin waits for its commit while a running proxy folds a full log.
 //!
 //! Lookups run on every keyed legacy request, so they must stay cheap at the table's full size
 //! (goal: under 200 ns). Memory (goal: under 256 MiB) and restart time (goal: under 2 s) are
@@ -120,6 +121,27 @@ fn pins(c: &mut Criterion) {
     let live = sessions.live(PoolName::V1) + sessions.live(PoolName::V2);
     eprintln!("restart after a graceful stop: loaded {live} pins in {:.2?}", started.elapsed());
     assert_eq!(live, PINS);
+
+    // A full log folded while new pins keep coming, as in a running proxy: the longest a new
+    // pin waits for its commit meanwhile.
+    let refreshed: Vec<(Box<str>, u32)> =
+        keys.iter().take(FOLD_AFTER).map(|key| (key.as_str().into(), now + 120)).collect();
+    sessions.store().send(Op::Touch(refreshed));
+    runtime.block_on(sessions.store().flush());
+    let started = Instant::now();
+    let (mut made, mut slowest) = (0, std::time::Duration::ZERO);
+    while sessions.store().health.activity_entries.load(std::sync::atomic::Ordering::Relaxed) > 0 {
+        let pinned = Instant::now();
+        sessions.resolve(sessions.locate(&format!("during-fold-{made:08}")), &policy, || PoolName::V2);
+        runtime.block_on(sessions.store().flush());
+        slowest = slowest.max(pinned.elapsed());
+        made += 1;
+    }
+    eprintln!(
+        "running fold of {FOLD_AFTER} logged refreshes: {:.2?}, while {made} new pins committed one by one; the slowest waited {slowest:.2?}",
+        started.elapsed()
+    );
+
     let started = Instant::now();
     sessions.maintain(&policy);
     eprintln!(

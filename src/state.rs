@@ -49,6 +49,11 @@ pub const FOLD_AFTER: usize = 524_288;
 /// Most operations committed in one transaction.
 const MAX_BATCH: usize = 16_384;
 
+/// Pin records a fold updates per commit. A fold of a full log at a million pins takes about a
+/// second; done in one transaction, every new pin made meanwhile would wait for it. In chunks
+/// that ride along with the ordinary commits, a new pin waits for one chunk at most.
+const FOLD_CHUNK: usize = 4_096;
+
 /// The file inside `state_dir`.
 pub const STATE_FILE: &str = "state.redb";
 
@@ -153,6 +158,8 @@ pub struct StoreHealth {
     /// Successful commits; with group commit, far fewer than the pins they carry.
     pub commits: AtomicU64,
     pub write_errors: AtomicU64,
+    /// Refreshes in the activity log not yet folded into the pin records.
+    pub activity_entries: AtomicU64,
 }
 
 /// Handle to the durable store and its writer thread.
@@ -347,6 +354,72 @@ fn decode_activity(mut record: &[u8]) -> impl Iterator<Item = (&str, u32)> {
 const COMMIT_RETRY_PAUSES: [Duration; 3] =
     [Duration::from_millis(50), Duration::from_millis(200), Duration::from_millis(800)];
 
+/// An activity-log fold in progress. The log is read and reduced to each key's latest time on a
+/// thread of its own (a read transaction does not hold up commits); then the writer applies the
+/// result a chunk per commit and, with the last chunk, drops the records it covered. Records
+/// logged meanwhile stay for the next fold. Applying a chunk is idempotent (a stored time only
+/// moves forward), so a crash part-way leaves nothing to repair: the log is still whole.
+enum Folding {
+    Idle,
+    Reading(JoinHandle<Result<Folded, redb::Error>>),
+    Applying(Folded),
+}
+
+/// The log up to record `upto` (exclusive), reduced to each key's latest time, in key order.
+struct Folded {
+    touches: Vec<(String, u32)>,
+    applied: usize,
+    upto: u64,
+    /// Log entries these records held.
+    entries: usize,
+}
+
+impl Folded {
+    /// The next chunk to apply, and whether it is the last.
+    fn next_chunk(&self) -> (&[(String, u32)], bool) {
+        let end = (self.applied + FOLD_CHUNK).min(self.touches.len());
+        (&self.touches[self.applied..end], end == self.touches.len())
+    }
+}
+
+impl Folding {
+    /// Starts reading the log for a fold; if no thread can be started, folds it in one go.
+    fn start(db: &Arc<Database>) -> (Folding, bool) {
+        let reader = db.clone();
+        match std::thread::Builder::new().name("rollout-fold".to_owned()).spawn(move || read_log(&reader)) {
+            Ok(handle) => (Folding::Reading(handle), false),
+            Err(err) => {
+                warn!(error = %err, "cannot start the fold reader; folding in one transaction");
+                match fold(db) {
+                    Ok(()) => (Folding::Idle, true),
+                    Err(err) => {
+                        warn!(error = %crate::ErrorChain(&err), "could not fold the activity log; trying again later");
+                        (Folding::Idle, false)
+                    }
+                }
+            }
+        }
+    }
+
+    /// Moves from reading to applying once the reader is done.
+    fn poll(self) -> Folding {
+        match self {
+            Folding::Reading(handle) if handle.is_finished() => match handle.join() {
+                Ok(Ok(folded)) => Folding::Applying(folded),
+                Ok(Err(err)) => {
+                    warn!(error = %crate::ErrorChain(&err), "could not read the activity log to fold it; trying again later");
+                    Folding::Idle
+                }
+                Err(_) => {
+                    error!("the activity log reader panicked; trying again later");
+                    Folding::Idle
+                }
+            },
+            other => other,
+        }
+    }
+}
+
 fn write_loop(
     db: Database,
     mut rx: mpsc::UnboundedReceiver<Op>,
@@ -356,56 +429,93 @@ fn write_loop(
     commit_delay: Duration,
     mut activity_entries: usize,
 ) {
+    let db = Arc::new(db);
     let mut watermark = 0u64;
     let mut committed = BTreeSet::new();
     let mut closing = None;
     let mut flushes = Vec::new();
+    let mut folding = Folding::Idle;
     // Touches of a batch whose commit failed: memory already counts them as stored (a request
     // will not write ahead again for a while), so they go again with the next batch.
     let mut carried: Vec<Op> = Vec::new();
     while closing.is_none() {
-        let Some(first) = rx.blocking_recv() else { break };
+        folding = folding.poll();
+        // Wait for work only when a fold has none for this thread either.
+        let first = match folding {
+            Folding::Idle => match rx.blocking_recv() {
+                Some(op) => Some(op),
+                None => break,
+            },
+            _ => match rx.try_recv() {
+                Ok(op) => Some(op),
+                Err(mpsc::error::TryRecvError::Empty) => None,
+                Err(mpsc::error::TryRecvError::Disconnected) => break,
+            },
+        };
+        if first.is_none() && carried.is_empty() && matches!(folding, Folding::Reading(_)) {
+            std::thread::sleep(Duration::from_millis(1));
+            continue;
+        }
         let mut batch = std::mem::take(&mut carried);
-        batch.push(first);
+        batch.extend(first);
         while batch.len() < MAX_BATCH {
             match rx.try_recv() {
                 Ok(op) => batch.push(op),
                 Err(_) => break,
             }
         }
-        if !commit_delay.is_zero() {
+        if !commit_delay.is_zero() && !batch.is_empty() {
             std::thread::sleep(commit_delay);
         }
+        let fold_step = match &folding {
+            Folding::Applying(folded) => {
+                let (touches, last) = folded.next_chunk();
+                Some(FoldStep { touches, drop_before: last.then_some(folded.upto) })
+            }
+            _ => None,
+        };
         // A failed commit changes nothing on disk; try the same batch again a few times before
         // giving up on it (a full disk, say), so a passing hiccup loses nothing.
-        let mut result = commit(&db, &batch, activity_entries);
+        let mut result = commit(&db, &batch, activity_entries, fold_step.as_ref());
         for pause in COMMIT_RETRY_PAUSES {
             if result.is_ok() {
                 break;
             }
             std::thread::sleep(pause);
-            result = commit(&db, &batch, activity_entries);
+            result = commit(&db, &batch, activity_entries, fold_step.as_ref());
         }
         let ok = result.is_ok();
+        // What of the fold went in: (pin records, whether it was the last chunk).
+        let stepped = fold_step.map(|step| (step.touches.len(), step.drop_before.is_some()));
         match result {
             Ok(entries) => {
                 activity_entries = entries;
-                if activity_entries >= FOLD_AFTER {
-                    // Its own transaction: nobody waits for it, and its failure loses nothing.
-                    match fold(&db) {
-                        Ok(()) => activity_entries = 0,
-                        Err(err) => {
-                            warn!(error = %crate::ErrorChain(&err), "could not fold the activity log; trying again later")
-                        }
+                if let (Some((applied, last)), Folding::Applying(folded)) = (stepped, &mut folding) {
+                    folded.applied += applied;
+                    if last {
+                        activity_entries = activity_entries.saturating_sub(folded.entries);
+                        folding = Folding::Idle;
+                    }
+                }
+                if activity_entries >= FOLD_AFTER && matches!(folding, Folding::Idle) {
+                    let (started, folded_inline) = Folding::start(&db);
+                    folding = started;
+                    if folded_inline {
+                        activity_entries = 0;
                     }
                 }
                 let now = crate::clock::Clock::now(&crate::clock::SystemClock) / 1000;
                 health.last_commit.store(now, Ordering::Relaxed);
                 health.commits.fetch_add(1, Ordering::Relaxed);
+                health.activity_entries.store(activity_entries as u64, Ordering::Relaxed);
             }
             Err(err) => {
                 health.write_errors.fetch_add(1, Ordering::Relaxed);
                 error!(error = %crate::ErrorChain(&err), ops = batch.len(), "state commit failed; these changes are not durable");
+                // The fold is only an optimisation of the log; start it over later.
+                if stepped.is_some() {
+                    folding = Folding::Idle;
+                }
             }
         }
         for op in batch {
@@ -431,11 +541,15 @@ fn write_loop(
             let _ = done.send(ok);
         }
     }
+    // The reader holds the database open; let it finish before the file is let go.
+    if let Folding::Reading(handle) = folding {
+        let _ = handle.join();
+    }
     // A graceful stop leaves the pin records complete: the next start (or an older build, which
-    // does not read the log) finds every refresh in them.
+    // does not read the log) finds every refresh in them. A fold part-way is simply redone.
     if activity_entries > 0 || !carried.is_empty() {
         if !carried.is_empty() {
-            if let Err(err) = commit(&db, &carried, activity_entries) {
+            if let Err(err) = commit(&db, &carried, activity_entries, None) {
                 error!(error = %crate::ErrorChain(&err), "pin activity not stored at shutdown");
             }
         }
@@ -449,9 +563,21 @@ fn write_loop(
     }
 }
 
-/// Commits `batch` in one transaction. `activity_entries` is the size of the activity log
-/// before it; returns the size after.
-fn commit(db: &Database, batch: &[Op], activity_entries: usize) -> Result<usize, redb::Error> {
+/// Part of a fold to commit along with a batch: pin records to move forward, and, with the
+/// last chunk, the log records the fold covered (those before `drop_before`).
+struct FoldStep<'a> {
+    touches: &'a [(String, u32)],
+    drop_before: Option<u64>,
+}
+
+/// Commits `batch`, and a step of a fold, in one transaction. `activity_entries` is the size of
+/// the activity log before it; returns the size after (a fold's dropped records not counted).
+fn commit(
+    db: &Database,
+    batch: &[Op],
+    activity_entries: usize,
+    fold_step: Option<&FoldStep<'_>>,
+) -> Result<usize, redb::Error> {
     let txn = db.begin_write()?;
     let entries = {
         let mut pins = txn.open_table(PINS)?;
@@ -486,6 +612,12 @@ fn commit(db: &Database, batch: &[Op], activity_entries: usize) -> Result<usize,
                 Op::Flush(_) | Op::Close(_) => {}
             }
         }
+        if let Some(step) = fold_step {
+            apply_touches(&mut pins, step.touches.iter().map(|(key, time)| (key.as_str(), *time)))?;
+            if let Some(upto) = step.drop_before {
+                activity.retain(|key, _| key >= upto)?;
+            }
+        }
         if !record.is_empty() {
             let next = activity.last()?.map_or(0, |(k, _)| k.value() + 1);
             activity.insert(next, record.as_slice())?;
@@ -508,10 +640,29 @@ fn fold_activity(
     pins: &mut redb::Table<&str, &[u8]>,
     activity: &mut redb::Table<u64, &[u8]>,
 ) -> Result<(), redb::Error> {
+    let folded = reduce_log(activity, u64::MAX)?;
+    apply_touches(pins, folded.touches.iter().map(|(key, time)| (key.as_str(), *time)))?;
+    activity.retain(|_, _| false)?;
+    Ok(())
+}
+
+/// Reads the whole activity log as of now, for a fold applied in chunks.
+fn read_log(db: &Database) -> Result<Folded, redb::Error> {
+    let txn = db.begin_read()?;
+    let activity = txn.open_table(ACTIVITY)?;
+    let upto = activity.last()?.map_or(0, |(k, _)| k.value() + 1);
+    reduce_log(&activity, upto)
+}
+
+/// The log's records before `upto`, reduced to each key's latest time, in key order (so that
+/// applying them is one walk over the B-tree's leaves).
+fn reduce_log(activity: &impl ReadableTable<u64, &'static [u8]>, upto: u64) -> Result<Folded, redb::Error> {
     let mut latest = std::collections::HashMap::<String, u32>::new();
-    for record in activity.iter()? {
+    let mut entries = 0;
+    for record in activity.range(..upto)? {
         let (_, record) = record?;
         for (key, last_seen) in decode_activity(record.value()) {
+            entries += 1;
             // Most keys repeat (an active pin is refreshed every 48 s by default): copy a key
             // only the first time.
             match latest.get_mut(key) {
@@ -522,20 +673,17 @@ fn fold_activity(
             }
         }
     }
-    let mut touches: Vec<(&str, u32)> = latest.iter().map(|(key, time)| (key.as_str(), *time)).collect();
-    apply_touches(pins, &mut touches)?;
-    activity.retain(|_, _| false)?;
-    Ok(())
+    let mut touches: Vec<(String, u32)> = latest.into_iter().collect();
+    touches.sort_unstable();
+    Ok(Folded { touches, applied: 0, upto, entries })
 }
 
-/// Writes touches, in key order (one walk over the B-tree's leaves), to pins that are stored;
-/// empties `touches`.
-fn apply_touches(
+/// Writes touches (in key order) to pins that are stored.
+fn apply_touches<'k>(
     pins: &mut redb::Table<&str, &[u8]>,
-    touches: &mut Vec<(&str, u32)>,
+    touches: impl Iterator<Item = (&'k str, u32)>,
 ) -> Result<(), redb::Error> {
-    touches.sort_unstable();
-    for &(key, last_seen) in touches.iter() {
+    for (key, last_seen) in touches {
         let current = pins.get(key)?.and_then(|v| decode(v.value()));
         // A request's write-ahead and the upkeep's refresh may arrive in either order; a stored
         // time never goes back, and a removed pin is not brought back.
@@ -543,7 +691,6 @@ fn apply_touches(
             pins.insert(key, encode(pool, first_seen, last_seen).as_slice())?;
         }
     }
-    touches.clear();
     Ok(())
 }
 
@@ -598,7 +745,7 @@ mod tests {
             Op::Remove("b".into()),
             touch(&[("b", 400)]),
         ];
-        let logged = commit(&db, &batch, 0).unwrap();
+        let logged = commit(&db, &batch, 0, None).unwrap();
         assert_eq!(logged, 5, "touches go to the activity log");
         let read_back = |db: &Database| {
             let mut pins = load(db).unwrap().pins;
@@ -612,10 +759,92 @@ mod tests {
         assert!(db.begin_read().unwrap().open_table(ACTIVITY).unwrap().is_empty().unwrap());
         assert_eq!(read_back(&db), expected, "from the folded records");
         // A key pinned again after its removal is not moved by the old pin's activity.
-        commit(&db, &[touch(&[("c", 150)]), Op::Pin { pin: pin("c", PoolName::V2, 600), seq: 3 }], 0)
+        commit(&db, &[touch(&[("c", 150)]), Op::Pin { pin: pin("c", PoolName::V2, 600), seq: 3 }], 0, None)
             .unwrap();
         assert_eq!(read_back(&db)[1], pin("c", PoolName::V2, 600));
-        assert_eq!(commit(&db, &[touch(&[("a", 260)])], 7).unwrap(), 8, "the log's size is counted on");
+        assert_eq!(commit(&db, &[touch(&[("a", 260)])], 7, None).unwrap(), 8, "the log's size is counted on");
+    }
+
+    #[test]
+    fn a_fold_in_chunks_keeps_what_was_logged_or_removed_meanwhile() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Database::create(dir.path().join("t.redb")).unwrap();
+        load(&db).unwrap();
+        let keys: Vec<String> = (0..FOLD_CHUNK + 10).map(|i| format!("k{i:06}")).collect();
+        let pins: Vec<Op> = keys
+            .iter()
+            .enumerate()
+            .map(|(i, k)| Op::Pin { pin: pin(k, PoolName::V1, 100), seq: i as u64 + 1 })
+            .collect();
+        let touches = |t: u32| Op::Touch(keys.iter().map(|k| (k.as_str().into(), t)).collect());
+        let logged = commit(&db, &pins, 0, None).unwrap();
+        let logged = commit(&db, &[touches(200)], logged, None).unwrap();
+        let logged = commit(&db, &[touches(150)], logged, None).unwrap();
+        let folded = read_log(&db).unwrap();
+        assert_eq!((folded.touches.len(), folded.entries), (keys.len(), 2 * keys.len()));
+
+        // Between the read and the chunks: one pin removed, another refreshed again.
+        let (first, last) = folded.next_chunk();
+        assert!(!last, "more than one chunk");
+        let step = FoldStep { touches: first, drop_before: None };
+        let between = [Op::Remove(keys[1].as_str().into()), Op::Touch(vec![(keys[2].as_str().into(), 300)])];
+        let logged = commit(&db, &between, logged, Some(&step)).unwrap();
+        let folded = Folded { applied: FOLD_CHUNK, ..folded };
+        let (rest, last) = folded.next_chunk();
+        assert!(last && rest.len() == 10);
+        let step = FoldStep { touches: rest, drop_before: Some(folded.upto) };
+        let logged = commit(&db, &[], logged, Some(&step)).unwrap() - folded.entries;
+        assert_eq!(logged, 1, "only the refresh logged during the fold is left in the log");
+
+        let loaded = load(&db).unwrap();
+        assert_eq!(loaded.activity_entries, 1);
+        let by_key: std::collections::HashMap<_, _> =
+            loaded.pins.iter().map(|p| (&*p.key, p.last_seen)).collect();
+        assert_eq!(by_key.len(), keys.len() - 1, "the removed pin is not brought back");
+        assert!(!by_key.contains_key(keys[1].as_str()));
+        assert_eq!(by_key[keys[2].as_str()], 300, "the refresh logged meanwhile is kept");
+        for key in [&keys[0], &keys[FOLD_CHUNK + 9]] {
+            assert_eq!(by_key[key.as_str()], 200, "{key}: the latest logged time, from its record");
+        }
+        let records = db.begin_read().unwrap().open_table(ACTIVITY).unwrap().len().unwrap();
+        assert_eq!(records, 1);
+    }
+
+    #[tokio::test]
+    async fn a_full_log_is_folded_while_the_store_keeps_committing() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = Store::open(dir.path()).unwrap();
+        let keys: Vec<String> = (0..2 * FOLD_CHUNK).map(|i| format!("study-{i:06}")).collect();
+        for key in &keys {
+            store.send(Op::Pin { pin: pin(key, PoolName::V2, 100), seq: store.next_seq() });
+        }
+        // A full log: every key many times, the latest time last.
+        let rounds = FOLD_AFTER / keys.len() + 1;
+        for round in 0..rounds {
+            store.send(Op::Touch(keys.iter().map(|k| (k.as_str().into(), 200 + round as u32)).collect()));
+        }
+        assert!(store.flush().await);
+        // New pins commit while the fold goes on.
+        let mut made = 0;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        while store.health.activity_entries.load(Ordering::Relaxed) > 0 {
+            assert!(tokio::time::Instant::now() < deadline, "the fold did not finish");
+            store
+                .send(Op::Pin { pin: pin(&format!("new-{made}"), PoolName::V1, 500), seq: store.next_seq() });
+            assert!(store.flush().await);
+            made += 1;
+        }
+        assert!(store.is_all_settled());
+        // As a crash would leave it now: the pins' own records hold the refreshes.
+        let copy = tempfile::tempdir().unwrap();
+        std::fs::copy(dir.path().join(STATE_FILE), copy.path().join(STATE_FILE)).unwrap();
+        let db = Database::open(copy.path().join(STATE_FILE)).unwrap();
+        assert!(db.begin_read().unwrap().open_table(ACTIVITY).unwrap().is_empty().unwrap());
+        let loaded = load(&db).unwrap();
+        assert_eq!(loaded.pins.len(), keys.len() + made);
+        let latest = 200 + rounds as u32 - 1;
+        assert!(loaded.pins.iter().filter(|p| p.key.starts_with("study-")).all(|p| p.last_seen == latest));
+        store.close().await;
     }
 
     #[tokio::test]
