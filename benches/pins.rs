@@ -10,6 +10,7 @@
 //! lookup waited while the table grew; they are one-off measurements, not criterion samples.
 
 use std::hint::black_box;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -54,7 +55,7 @@ fn pins(c: &mut Criterion) {
     let filled = std::sync::atomic::AtomicUsize::new(0);
     let slowest = std::thread::scope(|scope| {
         scope.spawn(|| {
-            while filled.load(std::sync::atomic::Ordering::Relaxed) < PINS {
+            while filled.load(Ordering::Relaxed) < PINS {
                 sessions.maintain(&policy);
                 sessions.reserve();
             }
@@ -62,7 +63,7 @@ fn pins(c: &mut Criterion) {
         let reader = scope.spawn(|| {
             let mut slowest = std::time::Duration::ZERO;
             loop {
-                let made = filled.load(std::sync::atomic::Ordering::Relaxed);
+                let made = filled.load(Ordering::Relaxed);
                 if made == PINS {
                     return slowest;
                 }
@@ -80,7 +81,7 @@ fn pins(c: &mut Criterion) {
                     PoolName::V2
                 }
             });
-            filled.store(i + 1, std::sync::atomic::Ordering::Relaxed);
+            filled.store(i + 1, Ordering::Relaxed);
         }
         reader.join().unwrap()
     });
@@ -130,7 +131,7 @@ fn pins(c: &mut Criterion) {
     runtime.block_on(sessions.store().flush());
     let started = Instant::now();
     let (mut made, mut slowest) = (0, std::time::Duration::ZERO);
-    while sessions.store().health.activity_entries.load(std::sync::atomic::Ordering::Relaxed) > 0 {
+    while sessions.store().health.activity_entries.load(Ordering::Relaxed) > 0 {
         let pinned = Instant::now();
         sessions.resolve(sessions.locate(&format!("during-fold-{made:08}")), &policy, || PoolName::V2);
         runtime.block_on(sessions.store().flush());

@@ -35,15 +35,18 @@ const OVERRIDES: &str = "overrides";
 /// Pin activity (`last_seen` moving forward), appended as one record per commit instead of
 /// rewriting each pin's record: refreshing many active pins costs one sequential write, not one
 /// B-tree update each. A record is repeated `[last_seen: u32 LE][key length: u8][key]`. The log
-/// is applied over `pins` when the store is loaded, and folded into `pins` (and emptied) once it
-/// holds [`FOLD_AFTER`] entries.
+/// is applied over `pins` when the store is loaded, and folded into `pins` once it holds
+/// [`FOLD_AFTER`] entries: the records a fold covered are dropped, those logged while it ran
+/// stay. Records are numbered from the last one's number up; only a fold empties the log, and
+/// none is running then, so numbers starting over from 0 meet no record a fold still covers.
 const ACTIVITY: TableDefinition<u64, &[u8]> = TableDefinition::new("activity");
 
 /// Activity entries after which the log is folded into `pins`. A fold costs one B-tree update
 /// per distinct key in the log, so a longer log folds the refreshes of pins that stay active
 /// (one every 48 s each by default) more times over per update; a restart after a crash applies
 /// the whole log, so it must stay short enough to load quickly (`benches/pins.rs`: at 1M pins,
-/// a full log adds under a second).
+/// a full log adds under a second). While a fold runs (about a second at 1M pins) the log goes
+/// on growing past this.
 pub const FOLD_AFTER: usize = 524_288;
 
 /// Most operations committed in one transaction.
@@ -155,7 +158,8 @@ pub enum Op {
 pub struct StoreHealth {
     /// Unix seconds of the last successful commit.
     pub last_commit: AtomicU64,
-    /// Successful commits; with group commit, far fewer than the pins they carry.
+    /// Successful commits; with group commit, far fewer than the pins they carry. A fold adds
+    /// a commit of its own per chunk while nothing else is queued.
     pub commits: AtomicU64,
     pub write_errors: AtomicU64,
     /// Refreshes in the activity log not yet folded into the pin records.
@@ -204,6 +208,7 @@ impl Store {
         let (ops, rx) = mpsc::unbounded_channel();
         let (settled_tx, settled) = watch::channel(0);
         let health = Arc::new(StoreHealth::default());
+        health.activity_entries.store(activity_entries as u64, Ordering::Relaxed);
         let writer_health = health.clone();
         let failed = Arc::new(Mutex::new(BTreeSet::new()));
         let writer_failed = failed.clone();
@@ -383,20 +388,21 @@ impl Folded {
 }
 
 impl Folding {
-    /// Starts reading the log for a fold; if no thread can be started, folds it in one go.
-    fn start(db: &Arc<Database>) -> (Folding, bool) {
+    /// Starts reading the log for a fold; if no thread can be started, folds it in one go
+    /// (and empties `activity_entries`).
+    fn start(db: &Arc<Database>, activity_entries: &mut usize) -> Folding {
         let reader = db.clone();
         match std::thread::Builder::new().name("rollout-fold".to_owned()).spawn(move || read_log(&reader)) {
-            Ok(handle) => (Folding::Reading(handle), false),
+            Ok(handle) => Folding::Reading(handle),
             Err(err) => {
                 warn!(error = %err, "cannot start the fold reader; folding in one transaction");
                 match fold(db) {
-                    Ok(()) => (Folding::Idle, true),
+                    Ok(()) => *activity_entries = 0,
                     Err(err) => {
-                        warn!(error = %crate::ErrorChain(&err), "could not fold the activity log; trying again later");
-                        (Folding::Idle, false)
+                        warn!(error = %crate::ErrorChain(&err), "could not fold the activity log; trying again later")
                     }
                 }
+                Folding::Idle
             }
         }
     }
@@ -453,6 +459,8 @@ fn write_loop(
             },
         };
         if first.is_none() && carried.is_empty() && matches!(folding, Folding::Reading(_)) {
+            // While the reader runs (about a second at 1M pins, once per full log), an op
+            // waits up to this pause before the writer looks.
             std::thread::sleep(Duration::from_millis(1));
             continue;
         }
@@ -467,7 +475,7 @@ fn write_loop(
         if !commit_delay.is_zero() && !batch.is_empty() {
             std::thread::sleep(commit_delay);
         }
-        let fold_step = match &folding {
+        let mut fold_step = match &folding {
             Folding::Applying(folded) => {
                 let (touches, last) = folded.next_chunk();
                 Some(FoldStep { touches, drop_before: last.then_some(folded.upto) })
@@ -477,6 +485,14 @@ fn write_loop(
         // A failed commit changes nothing on disk; try the same batch again a few times before
         // giving up on it (a full disk, say), so a passing hiccup loses nothing.
         let mut result = commit(&db, &batch, activity_entries, fold_step.as_ref());
+        let mut fold_failed = false;
+        if result.is_err() && fold_step.is_some() {
+            // The fold only tidies the log: it must never cost a batch its commit. It starts
+            // over later.
+            warn!("could not commit a step of the activity log's fold; trying again later");
+            (fold_step, fold_failed) = (None, true);
+            result = commit(&db, &batch, activity_entries, None);
+        }
         for pause in COMMIT_RETRY_PAUSES {
             if result.is_ok() {
                 break;
@@ -487,6 +503,9 @@ fn write_loop(
         let ok = result.is_ok();
         // What of the fold went in: (pin records, whether it was the last chunk).
         let stepped = fold_step.map(|step| (step.touches.len(), step.drop_before.is_some()));
+        if fold_failed {
+            folding = Folding::Idle;
+        }
         match result {
             Ok(entries) => {
                 activity_entries = entries;
@@ -498,11 +517,7 @@ fn write_loop(
                     }
                 }
                 if activity_entries >= FOLD_AFTER && matches!(folding, Folding::Idle) {
-                    let (started, folded_inline) = Folding::start(&db);
-                    folding = started;
-                    if folded_inline {
-                        activity_entries = 0;
-                    }
+                    folding = Folding::start(&db, &mut activity_entries);
                 }
                 let now = crate::clock::Clock::now(&crate::clock::SystemClock) / 1000;
                 health.last_commit.store(now, Ordering::Relaxed);
@@ -512,10 +527,6 @@ fn write_loop(
             Err(err) => {
                 health.write_errors.fetch_add(1, Ordering::Relaxed);
                 error!(error = %crate::ErrorChain(&err), ops = batch.len(), "state commit failed; these changes are not durable");
-                // The fold is only an optimisation of the log; start it over later.
-                if stepped.is_some() {
-                    folding = Folding::Idle;
-                }
             }
         }
         for op in batch {
@@ -615,7 +626,7 @@ fn commit(
         if let Some(step) = fold_step {
             apply_touches(&mut pins, step.touches.iter().map(|(key, time)| (key.as_str(), *time)))?;
             if let Some(upto) = step.drop_before {
-                activity.retain(|key, _| key >= upto)?;
+                activity.retain_in(..upto, |_, _| false)?;
             }
         }
         if !record.is_empty() {
@@ -783,11 +794,17 @@ mod tests {
         let folded = read_log(&db).unwrap();
         assert_eq!((folded.touches.len(), folded.entries), (keys.len(), 2 * keys.len()));
 
-        // Between the read and the chunks: one pin removed, another refreshed again.
+        // Between the read and the chunks: one pin removed, another refreshed again, a third
+        // removed and pinned anew.
         let (first, last) = folded.next_chunk();
         assert!(!last, "more than one chunk");
         let step = FoldStep { touches: first, drop_before: None };
-        let between = [Op::Remove(keys[1].as_str().into()), Op::Touch(vec![(keys[2].as_str().into(), 300)])];
+        let between = [
+            Op::Remove(keys[1].as_str().into()),
+            Op::Touch(vec![(keys[2].as_str().into(), 300)]),
+            Op::Remove(keys[3].as_str().into()),
+            Op::Pin { pin: pin(&keys[3], PoolName::V2, 400), seq: keys.len() as u64 + 1 },
+        ];
         let logged = commit(&db, &between, logged, Some(&step)).unwrap();
         let folded = Folded { applied: FOLD_CHUNK, ..folded };
         let (rest, last) = folded.next_chunk();
@@ -803,6 +820,7 @@ mod tests {
         assert_eq!(by_key.len(), keys.len() - 1, "the removed pin is not brought back");
         assert!(!by_key.contains_key(keys[1].as_str()));
         assert_eq!(by_key[keys[2].as_str()], 300, "the refresh logged meanwhile is kept");
+        assert_eq!(by_key[keys[3].as_str()], 400, "the old pin's activity does not move the new one");
         for key in [&keys[0], &keys[FOLD_CHUNK + 9]] {
             assert_eq!(by_key[key.as_str()], 200, "{key}: the latest logged time, from its record");
         }
@@ -819,10 +837,11 @@ mod tests {
             store.send(Op::Pin { pin: pin(key, PoolName::V2, 100), seq: store.next_seq() });
         }
         // A full log: every key many times, the latest time last.
+        // One op, so one commit fills it past the point of folding and the fold covers it all.
         let rounds = FOLD_AFTER / keys.len() + 1;
-        for round in 0..rounds {
-            store.send(Op::Touch(keys.iter().map(|k| (k.as_str().into(), 200 + round as u32)).collect()));
-        }
+        let touches =
+            (0..rounds).flat_map(|round| keys.iter().map(move |k| (k.as_str().into(), 200 + round as u32)));
+        store.send(Op::Touch(touches.collect()));
         assert!(store.flush().await);
         // New pins commit while the fold goes on.
         let mut made = 0;
