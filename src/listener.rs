@@ -15,7 +15,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
@@ -201,7 +201,9 @@ impl Connection {
                         }
                         return;
                     }
-                    _ = self.draining.cancelled(), if conn.buf.is_empty() => return,
+                    _ = self.draining.cancelled(), if conn.buf.is_empty() => {
+                        return close_idle(conn.stream, &self.hard_stop).await;
+                    }
                     _ = self.hard_stop.cancelled() => return,
                 }
             };
@@ -263,6 +265,26 @@ impl Connection {
             Some(Ok(())) => {}
             None => debug!(peer = %peer, "connection closed at the end of the grace period"),
         }
+    }
+}
+
+/// How long a connection closed between requests goes on reading what the client sends.
+const CLOSE_LINGER: Duration = Duration::from_millis(500);
+
+/// Closes a connection between requests. A keep-alive client may be sending its next request
+/// just then; closed with that request unread, the socket would answer with a reset, which
+/// clients report as an error. So the proxy's end goes first, and whatever arrives is read and
+/// dropped until the client closes too (or [`CLOSE_LINGER`] passes): the client sees the
+/// connection closed before an answer, and retries an idempotent request (RFC 9112 §9.3.1).
+async fn close_idle(mut stream: TcpStream, hard_stop: &CancellationToken) {
+    if stream.shutdown().await.is_err() {
+        return;
+    }
+    let mut sink = [0u8; 1024];
+    let drain = async { while let Ok(1..) = stream.read(&mut sink).await {} };
+    tokio::select! {
+        _ = tokio::time::timeout(CLOSE_LINGER, drain) => {}
+        _ = hard_stop.cancelled() => {}
     }
 }
 

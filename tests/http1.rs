@@ -337,3 +337,33 @@ async fn a_failed_head_request_gets_a_head_without_body_and_the_connection_goes_
     assert!(!closed);
     proxy.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_request_sent_as_a_stop_closes_the_idle_connection_sees_a_close_not_a_reset() {
+    let (v1, _) =
+        raw_upstream(|s| answering(s, |_| "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok".to_owned())).await;
+    let proxy = proxy_to(v1).await;
+    let mut client = TcpStream::connect(proxy.addr).await.unwrap();
+    client.write_all(b"GET /api/members/me HTTP/1.1\r\nHost: a\r\n\r\n").await.unwrap();
+    let (text, closed) = read_until(&mut client, |t| t.ends_with("\r\n\r\nok")).await;
+    assert!(!closed && text.starts_with("HTTP/1.1 200"), "{text}");
+
+    // A graceful stop closes the now idle connection.
+    let stopping = tokio::spawn(proxy.shutdown());
+    let mut rest = [0u8; 256];
+    let read = tokio::time::timeout(Duration::from_secs(5), client.read(&mut rest)).await;
+    assert!(matches!(read, Ok(Ok(0))), "the proxy closes its end first: {read:?}");
+    // The client reuses the connection before it notices, as a keep-alive client may. The
+    // request is lost either way; what it must see is the connection closed (an idempotent
+    // request is then retried, RFC 9112 §9.3.1), not a reset, which clients report as an error.
+    client.write_all(b"GET /api/members/me HTTP/1.1\r\nHost: a\r\n\r\n").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Had the proxy let go of the socket, the request would have drawn a reset, and this
+    // second write would fail.
+    let again = client.write_all(b"GET /api/members/me HTTP/1.1\r\nHost: a\r\n\r\n").await;
+    assert!(again.is_ok(), "the connection was reset: {again:?}");
+    let after = client.read(&mut rest).await;
+    assert!(matches!(after, Ok(0)), "the connection was reset: {after:?}");
+    drop(client);
+    stopping.await.unwrap();
+}
