@@ -624,7 +624,7 @@ fn commit(
             }
         }
         if let Some(step) = fold_step {
-            apply_touches(&mut pins, step.touches.iter().map(|(key, time)| (key.as_str(), *time)))?;
+            apply_touches(&mut pins, step.touches)?;
             if let Some(upto) = step.drop_before {
                 activity.retain_in(..upto, |_, _| false)?;
             }
@@ -652,7 +652,7 @@ fn fold_activity(
     activity: &mut redb::Table<u64, &[u8]>,
 ) -> Result<(), redb::Error> {
     let folded = reduce_log(activity, u64::MAX)?;
-    apply_touches(pins, folded.touches.iter().map(|(key, time)| (key.as_str(), *time)))?;
+    apply_touches(pins, &folded.touches)?;
     activity.retain(|_, _| false)?;
     Ok(())
 }
@@ -690,11 +690,9 @@ fn reduce_log(activity: &impl ReadableTable<u64, &'static [u8]>, upto: u64) -> R
 }
 
 /// Writes touches (in key order) to pins that are stored.
-fn apply_touches<'k>(
-    pins: &mut redb::Table<&str, &[u8]>,
-    touches: impl Iterator<Item = (&'k str, u32)>,
-) -> Result<(), redb::Error> {
+fn apply_touches(pins: &mut redb::Table<&str, &[u8]>, touches: &[(String, u32)]) -> Result<(), redb::Error> {
     for (key, last_seen) in touches {
+        let (key, last_seen) = (key.as_str(), *last_seen);
         let current = pins.get(key)?.and_then(|v| decode(v.value()));
         // A request's write-ahead and the upkeep's refresh may arrive in either order; a stored
         // time never goes back, and a removed pin is not brought back.
