@@ -195,10 +195,12 @@ impl Connection {
                         Ok(_) => {}
                     },
                     _ = &mut deadline => {
-                        if !conn.buf.is_empty() {
-                            self.metrics.client_rejected.header_timeout.inc();
-                            debug!(peer = %self.peer, "request head not complete within header_read_timeout");
+                        if conn.buf.is_empty() {
+                            // An idle keep-alive connection: between requests.
+                            return close_idle(conn.stream, &self.hard_stop).await;
                         }
+                        self.metrics.client_rejected.header_timeout.inc();
+                        debug!(peer = %self.peer, "request head not complete within header_read_timeout");
                         return;
                     }
                     _ = self.draining.cancelled(), if conn.buf.is_empty() => {

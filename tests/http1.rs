@@ -338,18 +338,23 @@ async fn a_failed_head_request_gets_a_head_without_body_and_the_connection_goes_
     proxy.shutdown().await;
 }
 
-#[tokio::test]
-async fn a_request_sent_as_a_stop_closes_the_idle_connection_sees_a_close_not_a_reset() {
+/// A proxy whose v1 answers "ok", and a client connection that has had one answer from it and
+/// is now idle.
+async fn idle_after_one_answer(extra: &str) -> (support::ProxyHandle, TcpStream) {
     let (v1, _) =
         raw_upstream(|s| answering(s, |_| "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok".to_owned())).await;
-    let proxy = proxy_to(v1).await;
+    let v2 = Upstream::new("v2-a").spawn().await;
+    let proxy = spawn_proxy(&config_yaml(&[("v1-a", v1, 1)], &[("v2-a", v2, 1)], extra)).await;
     let mut client = TcpStream::connect(proxy.addr).await.unwrap();
     client.write_all(b"GET /api/members/me HTTP/1.1\r\nHost: a\r\n\r\n").await.unwrap();
     let (text, closed) = read_until(&mut client, |t| t.ends_with("\r\n\r\nok")).await;
     assert!(!closed && text.starts_with("HTTP/1.1 200"), "{text}");
+    (proxy, client)
+}
 
-    // A graceful stop closes the now idle connection.
-    let stopping = tokio::spawn(proxy.shutdown());
+/// Checks that the proxy closes `client`'s idle connection from its end, and that a request the
+/// client sends just then sees the connection closed, not reset.
+async fn assert_closed_not_reset(mut client: TcpStream) {
     let mut rest = [0u8; 256];
     let read = tokio::time::timeout(Duration::from_secs(5), client.read(&mut rest)).await;
     assert!(matches!(read, Ok(Ok(0))), "the proxy closes its end first: {read:?}");
@@ -364,6 +369,21 @@ async fn a_request_sent_as_a_stop_closes_the_idle_connection_sees_a_close_not_a_
     assert!(again.is_ok(), "the connection was reset: {again:?}");
     let after = client.read(&mut rest).await;
     assert!(matches!(after, Ok(0)), "the connection was reset: {after:?}");
-    drop(client);
+}
+
+#[tokio::test]
+async fn a_request_sent_as_a_stop_closes_the_idle_connection_sees_a_close_not_a_reset() {
+    let (proxy, client) = idle_after_one_answer("").await;
+    // A graceful stop closes the now idle connection.
+    let stopping = tokio::spawn(proxy.shutdown());
+    assert_closed_not_reset(client).await;
     stopping.await.unwrap();
+}
+
+#[tokio::test]
+async fn a_request_sent_as_the_idle_timeout_closes_the_connection_sees_a_close_not_a_reset() {
+    let (proxy, client) = idle_after_one_answer("client: { header_read_timeout: 300ms }\n").await;
+    // The keep-alive connection waits header_read_timeout for its next request, then is closed.
+    assert_closed_not_reset(client).await;
+    proxy.shutdown().await;
 }
