@@ -11,7 +11,7 @@ use std::mem::MaybeUninit;
 use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use http::{HeaderMap, HeaderValue, Uri};
+use http::{HeaderMap, HeaderValue};
 use rollout_proxy::balancer::Balancer;
 use rollout_proxy::config::{Percent, Prefix, SessionKeySpec, UpstreamConfig, UpstreamName, UpstreamUrl};
 use rollout_proxy::metrics::UpstreamStats;
@@ -60,12 +60,12 @@ fn header_rewrite(c: &mut Criterion) {
     ] {
         template.insert(k, HeaderValue::from_static(v));
     }
-    let uri = Uri::from_static("/api/studies/42/contents");
+    let host = HeaderValue::from_static("study.example");
     let client = headers::ClientIp::new("192.0.2.10".parse().unwrap());
     c.bench_function("prepare request headers", |b| {
         b.iter_batched_ref(
             || template.clone(),
-            |h| headers::prepare_request(h, &uri, &client, "http"),
+            |h| headers::prepare_request(h, host.clone(), &client, "http", false),
             criterion::BatchSize::SmallInput,
         )
     });
@@ -95,7 +95,7 @@ fn fast_path(c: &mut Criterion) {
                 panic!("benchmark request must parse")
             };
             let key = matches!(keys.extract_from(head.path(), head.query(), &head), KeyOutcome::Key("42"));
-            h1::write_request(&mut out, &head, "192.0.2.10", "http");
+            h1::write_request(&mut out, &head, "192.0.2.10", "http", false);
             (key, out.len())
         })
     });

@@ -336,21 +336,34 @@ impl Default for RawDrain {
 #[serde(default, deny_unknown_fields)]
 pub struct RawClient {
     /// Time a client has to send a complete request head (slowloris guard). It also bounds how
-    /// long an idle HTTP/1.1 keep-alive connection waits for its next request.
+    /// long an idle keep-alive connection (HTTP/1.1, or HTTP/2 with no stream open) waits for
+    /// its next request.
     #[serde(with = "humantime_serde")]
     pub header_read_timeout: Duration,
+    /// How long writing a response to a client may make no progress before both connections
+    /// are closed (a client that stops reading).
+    #[serde(with = "humantime_serde")]
+    pub send_timeout: Duration,
     /// Largest request head (request line plus headers) accepted; larger answers 431.
     pub max_header_bytes: usize,
     /// Most client connections open at once; more are answered 503 and closed.
     pub max_connections: usize,
+    /// Most HTTP/2 streams (requests) one client connection may have open at once.
+    pub max_concurrent_streams: u32,
+    /// Forward request header names that contain `_`. Off by default: backends that map `_` to
+    /// `-` would read `Content_Length` or `X_Forwarded_For` as the real thing.
+    pub allow_underscores_in_headers: bool,
 }
 
 impl Default for RawClient {
     fn default() -> Self {
         RawClient {
             header_read_timeout: Duration::from_secs(10),
+            send_timeout: Duration::from_secs(60),
             max_header_bytes: 16 * 1024,
             max_connections: 10_000,
+            max_concurrent_streams: 100,
+            allow_underscores_in_headers: false,
         }
     }
 }
@@ -368,6 +381,9 @@ pub struct RawUpstreamSettings {
     #[serde(with = "humantime_serde")]
     pub idle_timeout: Duration,
     pub max_idle_per_upstream: usize,
+    /// Most connections open to one upstream at once, both paths together; a request past it
+    /// waits up to `connect_timeout` for one to come free, then answers 503 `upstream_busy`.
+    pub max_connections_per_upstream: usize,
     /// Further attempts on other upstreams of the same pool when a request could not be
     /// delivered (connect failure; or connection closed before a response head, for
     /// idempotent requests without a body).
@@ -384,6 +400,7 @@ impl Default for RawUpstreamSettings {
             response_timeout: Duration::from_secs(60),
             idle_timeout: Duration::from_secs(90),
             max_idle_per_upstream: 256,
+            max_connections_per_upstream: 1024,
             retries: 2,
             ca_file: None,
         }
@@ -672,8 +689,11 @@ pub struct SessionsConfig {
 #[derive(Debug, Clone, PartialEq)]
 pub struct ClientConfig {
     pub header_read_timeout: Duration,
+    pub send_timeout: Duration,
     pub max_header_bytes: usize,
     pub max_connections: usize,
+    pub max_concurrent_streams: u32,
+    pub allow_underscores_in_headers: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -682,6 +702,7 @@ pub struct UpstreamSettings {
     pub response_timeout: Duration,
     pub idle_timeout: Duration,
     pub max_idle_per_upstream: usize,
+    pub max_connections_per_upstream: usize,
     pub retries: u32,
     pub ca_file: Option<PathBuf>,
 }
@@ -694,6 +715,7 @@ impl Default for UpstreamSettings {
             response_timeout: raw.response_timeout,
             idle_timeout: raw.idle_timeout,
             max_idle_per_upstream: raw.max_idle_per_upstream,
+            max_connections_per_upstream: raw.max_connections_per_upstream,
             retries: raw.retries,
             ca_file: raw.ca_file,
         }
@@ -850,12 +872,32 @@ impl RawConfig {
         );
 
         let sessions = validate_sessions(&self.sessions, &root.key("sessions"), &mut p);
+        if !self.client.allow_underscores_in_headers {
+            for (i, key) in self.sessions.keys.iter().enumerate() {
+                if let Some(name) = key.header.as_deref().filter(|name| name.contains('_')) {
+                    p.add(
+                        root.key("sessions").key("keys").index(i).key("header"),
+                        format!(
+                            "{name:?} contains '_', and request headers with '_' are dropped; \
+                             rename it or set client.allow_underscores_in_headers: true"
+                        ),
+                    );
+                }
+            }
+        }
         p.check(root.key("drain").key("quiet_window"), bounded(self.drain.quiet_window));
         p.check(root.key("shutdown").key("grace_period"), bounded(self.shutdown.grace_period));
         p.check(root.key("upstream").key("idle_timeout"), bounded(self.upstream.idle_timeout));
 
         let client_path = root.key("client");
         p.check(client_path.key("header_read_timeout"), positive(self.client.header_read_timeout));
+        p.check(client_path.key("send_timeout"), positive(self.client.send_timeout));
+        if !(1..=10_000).contains(&self.client.max_concurrent_streams) {
+            p.add(
+                client_path.key("max_concurrent_streams"),
+                format!("{} is outside 1..=10000", self.client.max_concurrent_streams),
+            );
+        }
         if !(1024..=1024 * 1024).contains(&self.client.max_header_bytes) {
             p.add(
                 client_path.key("max_header_bytes"),
@@ -868,6 +910,9 @@ impl RawConfig {
         let upstream_path = root.key("upstream");
         p.check(upstream_path.key("connect_timeout"), positive(self.upstream.connect_timeout));
         p.check(upstream_path.key("response_timeout"), positive(self.upstream.response_timeout));
+        if self.upstream.max_connections_per_upstream == 0 {
+            p.add(upstream_path.key("max_connections_per_upstream"), "must be at least 1");
+        }
         if self.upstream.retries > 10 {
             p.add(upstream_path.key("retries"), format!("{} retries is more than 10", self.upstream.retries));
         }
@@ -885,14 +930,18 @@ impl RawConfig {
                 quiet_window: self.drain.quiet_window,
                 client: ClientConfig {
                     header_read_timeout: self.client.header_read_timeout,
+                    send_timeout: self.client.send_timeout,
                     max_header_bytes: self.client.max_header_bytes,
                     max_connections: self.client.max_connections,
+                    max_concurrent_streams: self.client.max_concurrent_streams,
+                    allow_underscores_in_headers: self.client.allow_underscores_in_headers,
                 },
                 upstream: UpstreamSettings {
                     connect_timeout: self.upstream.connect_timeout,
                     response_timeout: self.upstream.response_timeout,
                     idle_timeout: self.upstream.idle_timeout,
                     max_idle_per_upstream: self.upstream.max_idle_per_upstream,
+                    max_connections_per_upstream: self.upstream.max_connections_per_upstream,
                     retries: self.upstream.retries,
                     ca_file: self.upstream.ca_file.clone(),
                 },

@@ -383,13 +383,19 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
     check(old.state_dir != new.state_dir, "state_dir");
     check(old.workers != new.workers, "workers");
     check(old.tls != new.tls, "tls (file paths; the files themselves are re-read)");
-    check(old.client.header_read_timeout != new.client.header_read_timeout, "client.header_read_timeout");
+    check(
+        old.client.header_read_timeout != new.client.header_read_timeout
+            || old.client.max_connections != new.client.max_connections
+            || old.client.max_concurrent_streams != new.client.max_concurrent_streams,
+        "client (header_read_timeout, max_connections, max_concurrent_streams)",
+    );
     check(old.grace_period != new.grace_period, "shutdown.grace_period");
     check(
         old.upstream.connect_timeout != new.upstream.connect_timeout
             || old.upstream.idle_timeout != new.upstream.idle_timeout
-            || old.upstream.max_idle_per_upstream != new.upstream.max_idle_per_upstream,
-        "upstream (connect_timeout, idle_timeout, max_idle_per_upstream)",
+            || old.upstream.max_idle_per_upstream != new.upstream.max_idle_per_upstream
+            || old.upstream.max_connections_per_upstream != new.upstream.max_connections_per_upstream,
+        "upstream (connect_timeout, idle_timeout, max_idle_per_upstream, max_connections_per_upstream)",
     );
     keys
 }

@@ -1,24 +1,28 @@
 //! HTTP/1.1 on the hot path: message heads parsed in place and rewritten straight into bytes,
-//! and the framing of message bodies.
+//! chunked bodies re-framed, and the hand-over of a connection to hyper.
 //!
 //! Most client traffic is plain keep-alive HTTP/1.1 with small or no bodies. For that traffic
 //! [`crate::listener`] serves the connection itself with this codec: no header map, no second
 //! task per upstream connection, one read and one write each way per request. Anything else —
-//! HTTP/2, HTTP/1.0, protocol switches, `Expect`, chunked or large uploads, malformed or oversized
-//! heads — is handed to hyper with the bytes already read ([`Rewind`]), so every unusual case
-//! keeps hyper's handling. The header rules are the same as [`crate::headers`]': hop-by-hop
-//! fields stay behind (RFC 9110 §7.6.1), `X-Forwarded-*` are set.
+//! HTTP/2, HTTP/1.0, protocol switches, `Expect`, chunked or large uploads, absolute-form
+//! targets, malformed or oversized heads, a `Host` that is missing or invalid — is handed to hyper
+//! with the bytes already read ([`Rewind`]), so every unusual case keeps hyper's handling and the
+//! refusals of [`crate::proxy`]. This module only parses and writes bytes: which fields go, what a
+//! valid `Host` is and how a response must be framed are [`crate::headers`]' rules, the same ones
+//! the hyper path calls. `src/proxy/LIFECYCLE.md` maps each step to its hyper twin.
 
 use std::io;
 use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::BytesMut;
 use bytes::{Buf, Bytes};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
 
-use crate::headers;
+use crate::headers::{self, ResponseFraming};
 
 /// Most header lines a head may have here; a request with more goes to hyper, a response with
 /// more is refused.
@@ -28,21 +32,15 @@ pub const MAX_HEADERS: usize = 100;
 /// streams it.
 pub const MAX_BUFFERED_BODY: u64 = 64 * 1024;
 
-/// Request headers that describe one hop (RFC 9110 §7.6.1) or that the proxy sets itself.
-fn is_dropped_request_header(name: &str) -> bool {
-    headers::is_hop_by_hop(name)
-        || [&headers::X_FORWARDED_FOR, &headers::X_FORWARDED_PROTO, &headers::X_FORWARDED_HOST]
-            .iter()
-            .any(|h| h.as_str().eq_ignore_ascii_case(name))
-}
-
 /// A client request head the fast path can serve.
 #[derive(Debug)]
 pub struct RequestHead<'b> {
     pub method: &'b str,
-    /// Origin-form target: path and query.
+    /// Origin-form target, path and query, without a `#fragment` (which hyper's parser cuts off
+    /// too: it never reaches routing, the session key or the upstream).
     pub target: &'b str,
     headers: &'b [httparse::Header<'b>],
+    /// The one valid `Host` ([`headers::request_host`]).
     host: &'b [u8],
     /// Length of the head in bytes, the blank line included.
     pub len: usize,
@@ -81,6 +79,8 @@ pub enum ParsedRequest<'b> {
 }
 
 /// Parses the request head at the start of `buf`; `headers` is the space for its header lines.
+/// Anything this accepts, hyper's parser reads the same way (method, target, fields, body
+/// length); the property tests in `tests/codec.rs` hold it to that.
 pub fn parse_request<'b>(
     buf: &'b [u8],
     headers: &'b mut [MaybeUninit<httparse::Header<'b>>; MAX_HEADERS],
@@ -94,30 +94,25 @@ pub fn parse_request<'b>(
     let (Some(method), Some(target), Some(1)) = (req.method, req.path, req.version) else {
         return ParsedRequest::Unsupported;
     };
-    if method == "CONNECT" || !target.starts_with('/') {
+    if method == "CONNECT" || !is_plain_target(target) {
         return ParsedRequest::Unsupported;
     }
-    let mut host = None;
+    let target = target.split_once('#').map_or(target, |(before, _)| before);
     let mut content_length = None;
     let mut close = false;
     for header in req.headers.iter() {
         let name = header.name;
-        if name.eq_ignore_ascii_case("host") {
-            if host.replace(header.value).is_some() {
-                return ParsedRequest::Unsupported;
-            }
-        } else if name.eq_ignore_ascii_case("content-length") {
-            match parse_length(header.value) {
+        if name.eq_ignore_ascii_case("content-length") {
+            match headers::parse_length(header.value) {
                 Some(n) if content_length.is_none() => content_length = Some(n),
                 _ => return ParsedRequest::Unsupported,
             }
         } else if name.eq_ignore_ascii_case("connection") {
             // Only the common tokens: naming other headers for removal is left to hyper's path.
-            for token in header.value.split(|&b| b == b',') {
-                let token = token.trim_ascii();
+            for token in headers::connection_tokens(header.value) {
                 if token.eq_ignore_ascii_case(b"close") {
                     close = true;
-                } else if !token.eq_ignore_ascii_case(b"keep-alive") && !token.is_empty() {
+                } else if !token.eq_ignore_ascii_case(b"keep-alive") {
                     return ParsedRequest::Unsupported;
                 }
             }
@@ -128,8 +123,11 @@ pub fn parse_request<'b>(
             return ParsedRequest::Unsupported;
         }
     }
+    let host_fields = req.headers.iter().filter(|h| h.name.eq_ignore_ascii_case("host")).map(|h| h.value);
+    let Ok(host) = headers::request_host(None, host_fields) else {
+        return ParsedRequest::Unsupported;
+    };
     let content_length = content_length.unwrap_or(0);
-    let Some(host) = host else { return ParsedRequest::Unsupported };
     if content_length > MAX_BUFFERED_BODY {
         return ParsedRequest::Unsupported;
     }
@@ -144,31 +142,37 @@ pub fn parse_request<'b>(
     })
 }
 
-/// Decimal digits only, as RFC 9110 §8.6 allows.
-fn parse_length(value: &[u8]) -> Option<u64> {
-    if value.is_empty() || value.len() > 15 || !value.iter().all(u8::is_ascii_digit) {
-        return None;
-    }
-    Some(value.iter().fold(0, |n, &d| n * 10 + u64::from(d - b'0')))
+/// An origin-form target made only of bytes that `http::Uri` (hyper's) takes as they are in a
+/// path or a query, so both paths see the same target; anything else is hyper's to judge.
+fn is_plain_target(target: &str) -> bool {
+    target.starts_with('/')
+        && target.len() < usize::from(u16::MAX)
+        && target.bytes().all(|b| matches!(b, 0x21..=0x7e) && !matches!(b, b'"' | b'<' | b'>' | b'`'))
 }
 
 /// Writes the upstream request for `head`: the same method and target, the client's headers
-/// without hop-by-hop ones, and `X-Forwarded-Host`, `-For` (appended to) and `-Proto`.
-pub fn write_request(out: &mut Vec<u8>, head: &RequestHead<'_>, client_ip: &str, proto: &str) {
+/// without the ones [`headers::is_dropped_request_field`] refuses, and `X-Forwarded-Host`, `-For`
+/// (appended to) and `-Proto`. The hyper path's twin is [`headers::prepare_request`].
+pub fn write_request(
+    out: &mut Vec<u8>,
+    head: &RequestHead<'_>,
+    client_ip: &str,
+    proto: &str,
+    allow_underscores: bool,
+) {
     out.clear();
     out.extend_from_slice(head.method.as_bytes());
     out.push(b' ');
     out.extend_from_slice(head.target.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
-    let mut forwarded_for = false;
     for header in head.headers {
-        if is_dropped_request_header(header.name) {
-            continue;
+        if !headers::is_dropped_request_field(header.name, allow_underscores) {
+            put_header(out, header.name.as_bytes(), header.value);
         }
-        put_header(out, header.name.as_bytes(), header.value);
     }
     put_header(out, b"x-forwarded-host", head.host);
     out.extend_from_slice(b"x-forwarded-for: ");
+    let mut forwarded_for = false;
     for previous in head.headers.iter().filter(|h| h.name.eq_ignore_ascii_case("x-forwarded-for")) {
         if forwarded_for {
             out.extend_from_slice(b", ");
@@ -198,8 +202,8 @@ pub enum Framing {
     /// No body (HEAD, 204, 304).
     Empty,
     Length(u64),
-    /// Passed through as is; the scanner finds the last chunk.
-    Chunked(ChunkScanner),
+    /// Re-framed for the client by [`Chunked`].
+    Chunked(Chunked),
     /// Until the upstream closes; the client connection is closed after it.
     UntilClose,
 }
@@ -225,111 +229,97 @@ pub struct ResponseRules {
     pub pool: Option<&'static str>,
 }
 
-/// Why an upstream response head could not be used.
+/// Why an upstream response could not be used.
 #[derive(Debug, thiserror::Error)]
 pub enum ResponseError {
     #[error("malformed response head: {0}")]
     Malformed(#[from] httparse::Error),
-    #[error("response head has an invalid {0}")]
-    Invalid(&'static str),
+    #[error(transparent)]
+    Invalid(#[from] headers::InvalidResponse),
+    #[error("a protocol switch nobody asked for")]
+    UnaskedSwitch,
     #[error("response head is over {0} bytes")]
     TooLarge(usize),
+    #[error(transparent)]
+    Body(#[from] ChunkError),
 }
 
 /// Parses the upstream response head at the start of `buf` and writes the client's version of
 /// it to `out`, all but its end: [`finish_response_head`] adds that once it is known whether the
 /// client connection stays open. `Ok(None)`: not complete yet. Interim (1xx) responses are
-/// skipped: the fast path never asks for them.
+/// skipped: the fast path never asks for them. The hyper path's twin is
+/// [`headers::prepare_response`].
 pub fn rewrite_response(
     buf: &[u8],
     rules: ResponseRules,
     out: &mut Vec<u8>,
 ) -> Result<Option<ResponseHead>, ResponseError> {
-    let mut headers = [MaybeUninit::<httparse::Header<'_>>::uninit(); MAX_HEADERS];
+    let mut fields = [MaybeUninit::<httparse::Header<'_>>::uninit(); MAX_HEADERS];
     let mut res = httparse::Response::new(&mut []);
     let len = match httparse::ParserConfig::default().parse_response_with_uninit_headers(
         &mut res,
         buf,
-        &mut headers,
+        &mut fields,
     )? {
         httparse::Status::Complete(len) => len,
         httparse::Status::Partial => return Ok(None),
     };
-    let status = res.code.ok_or(ResponseError::Invalid("status"))?;
+    let status = res.code.unwrap_or_default();
+    if !headers::is_valid_status(status) {
+        return Err(headers::InvalidResponse::Status(status).into());
+    }
     if (100..200).contains(&status) {
         if status == 101 {
-            return Err(ResponseError::Invalid("protocol switch"));
+            return Err(ResponseError::UnaskedSwitch);
         }
         // Skipped: the caller drops `len` bytes and parses again.
         return Ok(Some(ResponseHead { status, len, framing: Framing::Empty, keep_alive: true }));
     }
-
-    let mut content_length = None;
-    let mut chunked = false;
-    let mut encoded = false;
-    let mut connection_named: [&[u8]; 8] = [b""; 8];
-    let mut named = 0;
-    let mut close = false;
-    let mut keep_alive_token = false;
-    for header in res.headers.iter() {
-        if header.name.eq_ignore_ascii_case("content-length") {
-            let n = parse_length(header.value).ok_or(ResponseError::Invalid("content-length"))?;
-            if content_length.is_some_and(|m| m != n) {
-                return Err(ResponseError::Invalid("content-length"));
-            }
-            content_length = Some(n);
-        } else if header.name.eq_ignore_ascii_case("transfer-encoding") {
-            encoded = true;
-            let last = header.value.rsplit(|&b| b == b',').next().unwrap_or_default();
-            chunked = last.trim_ascii().eq_ignore_ascii_case(b"chunked");
-        } else if header.name.eq_ignore_ascii_case("connection") {
-            for token in header.value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
-                close |= token.eq_ignore_ascii_case(b"close");
-                keep_alive_token |= token.eq_ignore_ascii_case(b"keep-alive");
-                if named < connection_named.len() && !token.is_empty() {
-                    connection_named[named] = token;
-                    named += 1;
-                }
-            }
+    let fields = &*res.headers;
+    let framing_fields = headers::response_framing(fields.iter().map(|h| (h.name, h.value)))?;
+    let connection = || fields.iter().filter(|h| h.name.eq_ignore_ascii_case("connection")).map(|h| h.value);
+    let (mut close, mut keep_alive_token, mut names_fields) = (false, false, false);
+    for token in connection().flat_map(headers::connection_tokens) {
+        if token.eq_ignore_ascii_case(b"close") {
+            close = true;
+        } else if token.eq_ignore_ascii_case(b"keep-alive") {
+            keep_alive_token = true;
+        } else {
+            names_fields = true;
         }
     }
-    let framing = if rules.head_request || status == 204 || status == 304 {
-        Framing::Empty
-    } else if encoded {
-        // RFC 9112 §6.3: Transfer-Encoding wins over Content-Length; a body whose final coding
-        // is not chunked ends with the connection.
-        if chunked {
-            Framing::Chunked(ChunkScanner::default())
-        } else {
-            Framing::UntilClose
-        }
-    } else {
-        match content_length {
-            Some(n) => Framing::Length(n),
-            None => Framing::UntilClose,
-        }
+    let no_body = rules.head_request || status == 204 || status == 304;
+    let framing = match framing_fields {
+        _ if no_body => Framing::Empty,
+        ResponseFraming { chunked: true, .. } => Framing::Chunked(Chunked::default()),
+        ResponseFraming { length: Some(n), .. } => Framing::Length(n),
+        _ => Framing::UntilClose,
     };
 
     out.clear();
     out.extend_from_slice(b"HTTP/1.1 ");
-    out.extend_from_slice(itoa3(status).as_slice());
+    out.extend_from_slice(&itoa3(status));
     out.push(b' ');
     out.extend_from_slice(res.reason.unwrap_or_default().as_bytes());
     out.extend_from_slice(b"\r\n");
-    let named = &connection_named[..named];
-    for header in res.headers.iter() {
-        let name = header.name;
-        // The body is relayed as it came, so its Transfer-Encoding stays; a Content-Length next
-        // to it would describe the coded bytes wrongly (RFC 9112 §6.3).
-        let hop = (headers::is_hop_by_hop(name) && !name.eq_ignore_ascii_case("transfer-encoding"))
-            || (encoded && name.eq_ignore_ascii_case("content-length"))
-            || (named.iter().any(|n| n.eq_ignore_ascii_case(name.as_bytes()))
-                && !name.eq_ignore_ascii_case("content-length")
-                && !name.eq_ignore_ascii_case("transfer-encoding"))
-            || (rules.pool.is_some() && name.eq_ignore_ascii_case("x-rollout-pool"));
-        if !hop {
-            put_header(out, name.as_bytes(), header.value);
+    let mut length_written = false;
+    for field in fields {
+        let name = field.name;
+        // Most responses name no field in Connection: then there is nothing to look up per field.
+        let named = names_fields.then(connection).into_iter().flatten();
+        if headers::is_dropped_response_field(name, &framing_fields, named)
+            || (rules.pool.is_some() && name.eq_ignore_ascii_case("x-rollout-pool"))
+        {
+            continue;
         }
+        if name.eq_ignore_ascii_case("content-length") && std::mem::replace(&mut length_written, true) {
+            continue; // a repeated identical Content-Length is merged into the first
+        }
+        put_header(out, name.as_bytes(), field.value);
+    }
+    if framing_fields.chunked {
+        // The body is re-framed by the proxy, so the coding line is the proxy's own.
+        out.extend_from_slice(b"transfer-encoding: chunked\r\n");
     }
     if let Some(pool) = rules.pool {
         put_header(out, b"x-rollout-pool", pool.as_bytes());
@@ -382,19 +372,39 @@ fn itoa3(status: u16) -> [u8; 3] {
     [b'0' + (s / 100) as u8, b'0' + (s / 10 % 10) as u8, b'0' + (s % 10) as u8]
 }
 
-/// Finds the end of a chunked body (RFC 9112 §7.1) in bytes that pass through unchanged.
+/// Most chunk-extension bytes a body may carry, all chunks together (hyper allows 16 KiB).
+const MAX_EXTENSION_BYTES: u32 = 4096;
+/// Most trailer-section bytes and lines (hyper allows 16 KiB and 100 lines).
+const MAX_TRAILER_BYTES: u32 = 8192;
+const MAX_TRAILER_LINES: u32 = 32;
+
+/// Re-frames a chunked response body (RFC 9112 §7.1) for the client: chunk data passes through,
+/// the framing around it is written by the proxy, so no chunk extension or trailer field of the
+/// upstream's reaches the client (RFC 9110 §6.5.1 lets an intermediary discard trailers; hyper's
+/// path does not forward them either). The grammar is checked byte by byte and is stricter than
+/// hyper's decoder, never looser: no bare LF anywhere, no control characters in extensions,
+/// trailer lines of a field name, a colon and a visible value. What it accepts, hyper frames
+/// the same way (property-tested in `tests/codec.rs`), so a body cannot end in one place for the
+/// proxy and in another for the client.
 #[derive(Debug, Default)]
-pub struct ChunkScanner {
+pub struct Chunked {
     state: ChunkState,
-    remaining: u64,
+    /// Size of the chunk being read, then what is left of its data.
+    size: u64,
     digits: u8,
+    extension_bytes: u32,
+    trailer_bytes: u32,
+    trailer_lines: u32,
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 enum ChunkState {
+    /// Before the first digit of a chunk size.
     #[default]
+    SizeStart,
     Size,
-    /// Chunk extension, up to the line end.
+    /// Blanks after the size, before `;` or the line end.
+    SizeBlank,
     Extension,
     SizeLf,
     Data,
@@ -402,97 +412,200 @@ enum ChunkState {
     DataLf,
     /// At the start of a trailer line (or the final blank line).
     TrailerStart,
-    TrailerLine,
+    TrailerName,
+    TrailerValue,
     TrailerLf,
     FinalLf,
     Done,
 }
 
+/// Why a chunked body was refused.
 #[derive(Debug, thiserror::Error)]
-#[error("malformed chunked body")]
-pub struct ChunkError;
+#[error("malformed chunked body: {what}")]
+pub struct ChunkError {
+    pub what: &'static str,
+}
 
-impl ChunkScanner {
-    /// Feeds the next bytes of the body; `Some(n)`: the body ends after `n` of them.
-    pub fn scan(&mut self, data: &[u8]) -> Result<Option<usize>, ChunkError> {
+fn chunk_error(what: &'static str) -> ChunkError {
+    ChunkError { what }
+}
+
+/// `tchar` of RFC 9110 §5.6.2.
+fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+/// A field-value byte (RFC 9110 §5.5): visible, blank or obs-text.
+fn is_value_byte(b: u8) -> bool {
+    b == b'\t' || (b' '..=b'~').contains(&b) || b >= 0x80
+}
+
+impl Chunked {
+    /// Whether the last chunk and trailer section have been read.
+    pub fn is_done(&self) -> bool {
+        self.state == ChunkState::Done
+    }
+
+    /// Reads the next bytes of the body and appends what the client gets to `out`. Returns how
+    /// many bytes of `input` belong to the body: all of them until it ends, then the count up to
+    /// its end (what follows is not the body's).
+    pub fn reframe(&mut self, input: &[u8], out: &mut Vec<u8>) -> Result<usize, ChunkError> {
         let mut i = 0;
-        while i < data.len() {
-            let b = data[i];
+        while i < input.len() && self.state != ChunkState::Done {
+            let b = input[i];
             match self.state {
-                ChunkState::Size => match b {
-                    b'0'..=b'9' | b'a'..=b'f' | b'A'..=b'F' => {
-                        self.digits += 1;
-                        if self.digits > 15 {
-                            return Err(ChunkError);
-                        }
-                        let digit = (b as char).to_digit(16).unwrap_or(0);
-                        self.remaining = self.remaining * 16 + u64::from(digit);
+                ChunkState::SizeStart | ChunkState::Size if b.is_ascii_hexdigit() => {
+                    self.digits += 1;
+                    if self.digits > 15 {
+                        return Err(chunk_error("chunk size over 15 hex digits"));
                     }
-                    b';' | b' ' | b'\t' if self.digits > 0 => self.state = ChunkState::Extension,
-                    b'\r' if self.digits > 0 => self.state = ChunkState::SizeLf,
-                    _ => return Err(ChunkError),
-                },
-                ChunkState::Extension => {
-                    if b == b'\r' {
-                        self.state = ChunkState::SizeLf;
+                    let digit = (b as char).to_digit(16).unwrap_or_default();
+                    self.size = self.size * 16 + u64::from(digit);
+                    self.state = ChunkState::Size;
+                }
+                ChunkState::SizeStart => return Err(chunk_error("chunk size without a hex digit")),
+                ChunkState::Size | ChunkState::SizeBlank => {
+                    self.state = match b {
+                        b' ' | b'\t' => ChunkState::SizeBlank,
+                        b';' => ChunkState::Extension,
+                        b'\r' => ChunkState::SizeLf,
+                        _ => return Err(chunk_error("invalid byte in a chunk size line")),
                     }
                 }
+                ChunkState::Extension => match b {
+                    b'\r' => self.state = ChunkState::SizeLf,
+                    _ if is_value_byte(b) => {
+                        self.extension_bytes += 1;
+                        if self.extension_bytes > MAX_EXTENSION_BYTES {
+                            return Err(chunk_error("chunk extensions over the limit"));
+                        }
+                    }
+                    _ => return Err(chunk_error("control character or bare LF in a chunk extension")),
+                },
                 ChunkState::SizeLf => {
                     if b != b'\n' {
-                        return Err(ChunkError);
+                        return Err(chunk_error("chunk size line not ended by CRLF"));
                     }
                     self.digits = 0;
-                    self.state =
-                        if self.remaining == 0 { ChunkState::TrailerStart } else { ChunkState::Data };
+                    if self.size == 0 {
+                        self.state = ChunkState::TrailerStart;
+                    } else {
+                        put_hex(out, self.size);
+                        out.extend_from_slice(b"\r\n");
+                        self.state = ChunkState::Data;
+                    }
                 }
                 ChunkState::Data => {
-                    let take = self.remaining.min((data.len() - i) as u64);
-                    self.remaining -= take;
-                    i += take as usize;
-                    if self.remaining == 0 {
+                    let take = self.size.min((input.len() - i) as u64) as usize;
+                    out.extend_from_slice(&input[i..i + take]);
+                    self.size -= take as u64;
+                    i += take;
+                    if self.size == 0 {
                         self.state = ChunkState::DataCr;
                     }
                     continue;
                 }
                 ChunkState::DataCr => {
                     if b != b'\r' {
-                        return Err(ChunkError);
+                        return Err(chunk_error("chunk data longer than its size"));
                     }
                     self.state = ChunkState::DataLf;
                 }
                 ChunkState::DataLf => {
                     if b != b'\n' {
-                        return Err(ChunkError);
+                        return Err(chunk_error("chunk data not ended by CRLF"));
                     }
-                    self.state = ChunkState::Size;
+                    out.extend_from_slice(b"\r\n");
+                    self.state = ChunkState::SizeStart;
                 }
                 ChunkState::TrailerStart => {
-                    self.state = if b == b'\r' { ChunkState::FinalLf } else { ChunkState::TrailerLine };
+                    self.state = match b {
+                        b'\r' => ChunkState::FinalLf,
+                        _ if is_tchar(b) => ChunkState::TrailerName,
+                        _ => return Err(chunk_error("trailer line does not start with a field name")),
+                    };
+                    self.count_trailer_byte()?;
                 }
-                ChunkState::TrailerLine => {
-                    if b == b'\r' {
-                        self.state = ChunkState::TrailerLf;
+                ChunkState::TrailerName => {
+                    match b {
+                        b':' => self.state = ChunkState::TrailerValue,
+                        _ if is_tchar(b) => {}
+                        _ => return Err(chunk_error("invalid trailer field name")),
                     }
+                    self.count_trailer_byte()?;
+                }
+                ChunkState::TrailerValue => {
+                    match b {
+                        b'\r' => self.state = ChunkState::TrailerLf,
+                        _ if is_value_byte(b) => {}
+                        _ => return Err(chunk_error("control character or bare LF in a trailer field")),
+                    }
+                    self.count_trailer_byte()?;
                 }
                 ChunkState::TrailerLf => {
                     if b != b'\n' {
-                        return Err(ChunkError);
+                        return Err(chunk_error("trailer line not ended by CRLF"));
+                    }
+                    self.trailer_lines += 1;
+                    if self.trailer_lines > MAX_TRAILER_LINES {
+                        return Err(chunk_error("too many trailer fields"));
                     }
                     self.state = ChunkState::TrailerStart;
                 }
                 ChunkState::FinalLf => {
                     if b != b'\n' {
-                        return Err(ChunkError);
+                        return Err(chunk_error("last chunk not ended by CRLF"));
                     }
+                    out.extend_from_slice(b"0\r\n\r\n");
                     self.state = ChunkState::Done;
-                    return Ok(Some(i + 1));
                 }
-                ChunkState::Done => return Ok(Some(i)),
+                ChunkState::Done => unreachable!("the loop stops at the end of the body"),
             }
             i += 1;
         }
-        Ok((self.state == ChunkState::Done).then_some(i))
+        Ok(i)
     }
+
+    fn count_trailer_byte(&mut self) -> Result<(), ChunkError> {
+        self.trailer_bytes += 1;
+        if self.trailer_bytes > MAX_TRAILER_BYTES {
+            return Err(chunk_error("trailer section over the limit"));
+        }
+        Ok(())
+    }
+}
+
+/// Lower-case hexadecimal without leading zeros.
+fn put_hex(out: &mut Vec<u8>, n: u64) {
+    let digits = (64 - n.leading_zeros()).div_ceil(4).max(1);
+    for shift in (0..digits).rev() {
+        out.push(b"0123456789abcdef"[((n >> (shift * 4)) & 0xf) as usize]);
+    }
+}
+
+/// Writes all of `buf` to the client, failing with [`io::ErrorKind::TimedOut`] once no byte could
+/// be written for `limit` (`client.send_timeout`): a client that stops reading does not hold its
+/// connection, and the upstream connection behind it, forever. Most writes complete at once and
+/// never touch a timer.
+pub async fn send(stream: &mut TcpStream, mut buf: &[u8], limit: Duration) -> io::Result<()> {
+    while !buf.is_empty() {
+        let now = std::future::poll_fn(|cx| match Pin::new(&mut *stream).poll_write(cx, buf) {
+            Poll::Pending => Poll::Ready(None),
+            Poll::Ready(result) => Poll::Ready(Some(result)),
+        })
+        .await;
+        let written = match now {
+            Some(result) => result?,
+            None => tokio::time::timeout(limit, stream.write(buf)).await.map_err(|_| {
+                io::Error::new(io::ErrorKind::TimedOut, "client did not read within send_timeout")
+            })??,
+        };
+        if written == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        buf = &buf[written..];
+    }
+    Ok(())
 }
 
 /// Reads more of `io` into `buf`, first making room for at least `room` bytes (reserving `grow`
@@ -573,7 +686,7 @@ mod tests {
         match parse_request(raw.as_bytes(), &mut headers) {
             ParsedRequest::Complete(head) => {
                 let mut out = Vec::new();
-                write_request(&mut out, &head, "10.0.0.9", "http");
+                write_request(&mut out, &head, "10.0.0.9", "http", false);
                 Some((String::from_utf8(out).unwrap(), head.close, head.content_length))
             }
             _ => None,
@@ -584,7 +697,7 @@ mod tests {
     fn a_plain_request_is_rewritten_with_forwarded_headers() {
         let (out, close, length) = request(
             "GET /a?b=1 HTTP/1.1\r\nHost: app\r\nKeep-Alive: 5\r\nX-Forwarded-For: 1.1.1.1\r\n\
-             X-Forwarded-For: 2.2.2.2\r\nX-Forwarded-Proto: evil\r\nCookie: c\r\n\r\n",
+             X-Forwarded-For: 2.2.2.2\r\nX-Forwarded-Proto: evil\r\nCookie: c\r\nX_Forwarded_For: 6.6.6.6\r\n\r\n",
         )
         .unwrap();
         assert_eq!(
@@ -597,15 +710,29 @@ mod tests {
     }
 
     #[test]
+    fn a_fragment_never_leaves_the_proxy() {
+        let (out, _, _) = request("GET /api/studies/7#frag?x=1 HTTP/1.1\r\nHost: a\r\n\r\n").unwrap();
+        assert!(out.starts_with("GET /api/studies/7 HTTP/1.1\r\n"), "{out}");
+    }
+
+    #[test]
     fn unusual_requests_are_left_to_hyper() {
         for raw in [
             "GET / HTTP/1.0\r\nHost: a\r\n\r\n",
             "GET / HTTP/1.1\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a\r\nHost: a\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: evil.example/x?y@z\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a b\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: \r\n\r\n",
+            "GET http://a/ HTTP/1.1\r\nHost: a\r\n\r\n",
+            "GET /a<b> HTTP/1.1\r\nHost: a\r\n\r\n",
+            "GET /caf\u{e9} HTTP/1.1\r\nHost: a\r\n\r\n",
             "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n",
             "GET / HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n",
             "GET / HTTP/1.1\r\nHost: a\r\nConnection: x-secret\r\n\r\n",
             "POST / HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\nContent-Length: 1\r\n\r\n",
-            "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: +1\r\n\r\n",
             "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 9999999\r\n\r\n",
             "CONNECT a:443 HTTP/1.1\r\nHost: a\r\n\r\n",
             "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
@@ -630,13 +757,13 @@ mod tests {
     #[test]
     fn response_hop_by_hop_headers_stay_behind() {
         let (out, head) = response(
-            "HTTP/1.1 200 OK\r\nConnection: keep-alive, x-hop\r\nX-Hop: 1\r\nKeep-Alive: 5\r\n\
-             Content-Length: 2\r\nX-Rollout-Pool: forged\r\n\r\nok",
+            "HTTP/1.1 200 OK\r\nConnection: keep-alive, a, b, c, d, e, f, g, h, x-hop\r\nX-Hop: 1\r\n\
+             Keep-Alive: 5\r\nContent-Length: 2\r\nX-Rollout-Pool: forged\r\n\r\nok",
             RULES,
         );
         assert_eq!(out, "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nx-rollout-pool: v1\r\n\r\n");
         assert!(matches!(head.framing, Framing::Length(2)));
-        assert_eq!(head.len, 118);
+        assert_eq!(head.len, 142);
         assert!(head.keep_alive);
     }
 
@@ -650,27 +777,42 @@ mod tests {
     }
 
     #[test]
-    fn transfer_encoding_is_kept_and_content_length_next_to_it_dropped() {
+    fn transfer_encoding_is_the_proxys_own_and_content_length_next_to_it_dropped() {
         let (out, head) =
             response("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n", RULES);
-        assert_eq!(out, "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nx-rollout-pool: v1\r\n\r\n");
+        assert_eq!(out, "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\nx-rollout-pool: v1\r\n\r\n");
         assert!(matches!(head.framing, Framing::Chunked(_)));
+    }
+
+    #[test]
+    fn identical_content_lengths_are_merged() {
         let (out, head) =
-            response("HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\nContent-Length: 5\r\n\r\n", RULES);
-        assert_eq!(
-            out,
-            "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\nx-rollout-pool: v1\r\nconnection: close\r\n\r\n"
-        );
-        assert!(matches!(head.framing, Framing::UntilClose));
+            response("HTTP/1.1 200 OK\r\nContent-Length: 2\r\ncontent-length: 2\r\n\r\nok", RULES);
+        assert_eq!(out, "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nx-rollout-pool: v1\r\n\r\n");
+        assert!(matches!(head.framing, Framing::Length(2)));
+    }
+
+    #[test]
+    fn invalid_response_heads_are_refused() {
+        for raw in [
+            "HTTP/1.1 000 Zero\r\nContent-Length: 0\r\n\r\n",
+            "HTTP/1.1 999 Nine\r\nContent-Length: 0\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, chunked\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nX: a\r\n b\r\nContent-Length: 0\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nX : a\r\nContent-Length: 0\r\n\r\n",
+            "HTTP/1.1 101 Switching Protocols\r\n\r\n",
+        ] {
+            let mut out = Vec::new();
+            assert!(rewrite_response(raw.as_bytes(), RULES, &mut out).is_err(), "{raw:?}");
+        }
     }
 
     #[test]
     fn response_framing_follows_rfc_9112() {
         let framing = |raw: &str, rules| response(raw, rules).1.framing;
-        assert!(matches!(
-            framing("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n", RULES),
-            Framing::Chunked(_)
-        ));
         assert!(matches!(framing("HTTP/1.1 200 OK\r\n\r\n", RULES), Framing::UntilClose));
         assert!(matches!(framing("HTTP/1.1 204 No Content\r\n\r\n", RULES), Framing::Empty));
         let head = ResponseRules { head_request: true, ..RULES };
@@ -678,23 +820,71 @@ mod tests {
         let (out, _) = response("HTTP/1.1 200 OK\r\n\r\n", ResponseRules { pool: None, ..RULES });
         assert_eq!(out, "HTTP/1.1 200 OK\r\nconnection: close\r\n\r\n");
         let mut out = Vec::new();
-        assert!(rewrite_response(b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n", RULES, &mut out).is_err());
         assert!(rewrite_response(b"HTTP/1.1 200 OK\r\nContent-Le", RULES, &mut out).unwrap().is_none());
     }
 
+    fn reframe_all(body: &[u8]) -> Result<(usize, Vec<u8>), ChunkError> {
+        let mut chunked = Chunked::default();
+        let mut out = Vec::new();
+        let used = chunked.reframe(body, &mut out)?;
+        Ok((if chunked.is_done() { used } else { usize::MAX }, out))
+    }
+
     #[test]
-    fn chunk_scanner_finds_the_end_across_reads() {
+    fn chunks_are_reframed_without_extensions_or_trailers_across_reads() {
         let body = b"5;ext=1\r\nhello\r\n10\r\n0123456789abcdef\r\n0\r\nTrailer: x\r\n\r\nNEXT";
+        let expected = b"5\r\nhello\r\n10\r\n0123456789abcdef\r\n0\r\n\r\n".to_vec();
         for split in 0..body.len() {
-            let mut scanner = ChunkScanner::default();
+            let mut chunked = Chunked::default();
+            let mut out = Vec::new();
             let (a, b) = body.split_at(split);
-            let end = match scanner.scan(a).unwrap() {
-                Some(n) => n,
-                None => split + scanner.scan(b).unwrap().expect("end found"),
-            };
+            let mut end = chunked.reframe(a, &mut out).unwrap();
+            if !chunked.is_done() {
+                end = split + chunked.reframe(b, &mut out).unwrap();
+            }
+            assert!(chunked.is_done(), "split at {split}");
             assert_eq!(end, body.len() - 4, "split at {split}");
+            assert_eq!(out, expected, "split at {split}");
         }
-        assert!(ChunkScanner::default().scan(b"zz\r\n").is_err());
-        assert_eq!(ChunkScanner::default().scan(b"0\r\n\r\n").unwrap(), Some(5));
+        assert_eq!(reframe_all(b"0\r\n\r\n").unwrap(), (5, b"0\r\n\r\n".to_vec()));
+        assert_eq!(
+            reframe_all(b"A \t;x\r\n0123456789\r\n0\r\n\r\n").unwrap().1,
+            b"a\r\n0123456789\r\n0\r\n\r\n"
+        );
+    }
+
+    #[test]
+    fn invalid_chunk_framing_is_refused() {
+        for body in [
+            &b"zz\r\n"[..],
+            b"0;\n\r\n",
+            b"0\r\nX: a\n\r\n",
+            b"0;a\x01b\r\n\r\n",
+            b"5\nhello\r\n0\r\n\r\n",
+            b"5\r\nhelloXX0\r\n\r\n",
+            b"5\r\nhello\n0\r\n\r\n",
+            b"0x5\r\nhello\r\n0\r\n\r\n",
+            b" 5\r\nhello\r\n0\r\n\r\n",
+            b"-5\r\n",
+            b"1000000000000000\r\n",
+            b"0\r\n X: a\r\n\r\n",
+            b"0\r\nX : a\r\n\r\n",
+            b"0\r\nX: a\x00\r\n\r\n",
+            b"0\r\n\r\r\n",
+            b"5 6\r\n",
+        ] {
+            assert!(reframe_all(body).is_err(), "{:?}", String::from_utf8_lossy(body));
+        }
+    }
+
+    #[test]
+    fn hex_sizes_are_written_without_leading_zeros() {
+        for (n, text) in
+            [(1u64, "1"), (15, "f"), (16, "10"), (0xabc, "abc"), (u64::MAX >> 4, "fffffffffffffff")]
+        {
+            let mut out = Vec::new();
+            put_hex(&mut out, n);
+            assert_eq!(out, text.as_bytes());
+        }
     }
 }

@@ -174,7 +174,7 @@ async fn probe(proxy: &Proxy, upstream: &crate::upstream::Upstream, check: &Heal
     let req = Request::get(check.path.as_str())
         .header(http::header::HOST, upstream.authority().as_str())
         .header(http::header::USER_AGENT, "rollout-proxy health check")
-        .body(crate::upstream::empty_body())
+        .body(crate::upstream::UpstreamBody::Empty)
         .expect("a path and static headers form a request");
     match proxy.client().send(upstream, req, check.timeout).await {
         Ok(response) => {

@@ -1,0 +1,258 @@
+//! The HTTP/1.1 fast path: a plain keep-alive HTTP/1.1 request parsed in place
+//! ([`crate::h1`]), routed, written upstream as bytes and answered as bytes.
+//!
+//! Each step has its twin on the hyper path ([`super::hyper`]) and calls the same rule;
+//! `src/proxy/LIFECYCLE.md` lists them side by side. What the fast path does not serve it hands
+//! to hyper whole ([`H1Plan::Unsupported`]), before anything of the request has been acted on.
+
+use std::mem::MaybeUninit;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::{Buf, BytesMut};
+use http::Method;
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+use tracing::debug;
+
+use super::{is_resendable, may_retry, pick, write_error_response, Choice, Logged, Peer, Proxy, ProxyError};
+use crate::config::PoolName;
+use crate::h1;
+use crate::snapshot::Snapshot;
+use crate::upstream::{H1SendError, RelayError, Upstream, UpstreamConn, UpstreamError};
+use crate::ErrorChain;
+
+/// A client connection served on the HTTP/1.1 fast path, with buffers reused from one request
+/// to the next.
+pub struct ClientConn {
+    pub stream: TcpStream,
+    /// Bytes read from the client and not used yet.
+    pub buf: BytesMut,
+    pub peer: Peer,
+    /// The upstream request, head and body, kept until the exchange is over for a retry.
+    request: Vec<u8>,
+    /// The response head (and chunk framing) being written to the client.
+    out: Vec<u8>,
+}
+
+impl ClientConn {
+    pub fn new(stream: TcpStream, peer: Peer) -> Self {
+        ClientConn {
+            stream,
+            buf: BytesMut::with_capacity(8 * 1024),
+            peer,
+            request: Vec::with_capacity(1024),
+            out: Vec::with_capacity(1024),
+        }
+    }
+
+    /// Reads more from the client; 0 when it has closed its side.
+    pub async fn fill(&mut self) -> std::io::Result<usize> {
+        h1::fill(&mut self.stream, &mut self.buf, 2048, 8 * 1024).await
+    }
+}
+
+/// What [`Proxy::plan_h1`] made of the bytes a fast-path connection has read.
+pub enum H1Plan {
+    /// The request head is not complete yet.
+    Partial,
+    /// A request for hyper's path: the connection is handed over.
+    Unsupported,
+    Ready(H1Request),
+}
+
+/// A fast-path request whose head has been read and routed, and whose upstream head is written.
+pub struct H1Request {
+    head_len: usize,
+    body_len: usize,
+    /// The client asked to close the connection after this exchange.
+    close: bool,
+    head_request: bool,
+    /// May be sent again after it reached an upstream ([`is_resendable`]).
+    resendable: bool,
+    choice: Choice,
+    started: Instant,
+    logged: Logged,
+}
+
+impl Proxy {
+    /// Reads the request head at the start of `conn.buf`, routes it and writes its upstream head
+    /// into the connection's request buffer. Requests the fast path does not serve, including
+    /// any that hyper's path answers with an error, are [`H1Plan::Unsupported`].
+    pub fn plan_h1(&self, snapshot: &Snapshot, conn: &mut ClientConn) -> H1Plan {
+        if !snapshot.plain_upstreams {
+            return H1Plan::Unsupported;
+        }
+        let mut headers = [const { MaybeUninit::uninit() }; h1::MAX_HEADERS];
+        let head = match h1::parse_request(&conn.buf, &mut headers) {
+            h1::ParsedRequest::Partial => return H1Plan::Partial,
+            h1::ParsedRequest::Unsupported => return H1Plan::Unsupported,
+            h1::ParsedRequest::Complete(head) => head,
+        };
+        if head.len > snapshot.max_header_bytes {
+            return H1Plan::Unsupported;
+        }
+        let started = Instant::now();
+        // The upstream request head does not depend on the pool, so writing it gives the pin's
+        // slot, asked for by `classify`, time to arrive from memory.
+        let classified = self.classify(snapshot, head.path(), head.query(), &head);
+        h1::write_request(
+            &mut conn.request,
+            &head,
+            conn.peer.ip.as_str(),
+            self.proto,
+            snapshot.allow_underscores,
+        );
+        let choice = self.choose_pool(snapshot, classified);
+        let logged = tracing::enabled!(tracing::Level::DEBUG)
+            .then(|| (head.method.to_owned(), head.path().to_owned()));
+        let method = Method::from_bytes(head.method.as_bytes());
+        H1Plan::Ready(H1Request {
+            head_len: head.len,
+            body_len: head.content_length as usize,
+            close: head.close,
+            head_request: head.method == "HEAD",
+            resendable: method.is_ok_and(|m| is_resendable(&m, head.content_length > 0)),
+            choice,
+            started,
+            logged,
+        })
+    }
+
+    /// Serves a request [`Proxy::plan_h1`] planned: reads its body, exchanges it with an upstream
+    /// and relays the response. Once `draining` fires, the response closes the connection.
+    /// Returns whether the connection can take another request.
+    pub async fn serve_h1(
+        &self,
+        snapshot: &Snapshot,
+        req: H1Request,
+        conn: &mut ClientConn,
+        draining: &CancellationToken,
+    ) -> bool {
+        conn.buf.advance(req.head_len);
+        // One deadline for the whole body: a client trickling it byte by byte does not reset it.
+        // Read from the clock only when the body is not all here yet (most requests have none).
+        let mut deadline = None;
+        while conn.buf.len() < req.body_len {
+            let deadline =
+                *deadline.get_or_insert_with(|| tokio::time::Instant::now() + snapshot.response_timeout);
+            match tokio::time::timeout_at(deadline, conn.fill()).await {
+                Ok(Ok(n)) if n > 0 => {}
+                _ => {
+                    debug!(peer = %conn.peer.addr, "client left or stalled while sending its body");
+                    return false;
+                }
+            }
+        }
+        conn.request.extend_from_slice(&conn.buf[..req.body_len]);
+        conn.buf.advance(req.body_len);
+
+        let drain_ahead = self.admit(&req.choice).await;
+        let pool = req.choice.routed.pool;
+        let rules = h1::ResponseRules {
+            head_request: req.head_request,
+            pool: snapshot.pool_header.then(|| pool.as_str()),
+        };
+        let exchange = self.exchange_h1(snapshot, pool, &conn.request, req.resendable, rules, &mut conn.out);
+        let result = self.while_persisting(exchange, &req.choice, drain_ahead).await;
+        let close = req.close || draining.is_cancelled();
+        let (status, keep) = match result {
+            Ok((mut upstream_conn, upstream, head)) => {
+                let status = head.status;
+                let until_close = matches!(head.framing, h1::Framing::UntilClose);
+                h1::finish_response_head(&mut conn.out, &head.framing, close);
+                match upstream_conn.relay(head, &mut conn.out, &mut conn.stream, snapshot.send_timeout).await
+                {
+                    Ok(reusable) => {
+                        if reusable {
+                            upstream_conn.release();
+                        }
+                        (status, !close && !until_close)
+                    }
+                    Err(RelayError::Invalid { head_sent, source }) => {
+                        // The upstream's framing cannot be trusted: both connections close. If
+                        // nothing reached the client yet, it is answered 502.
+                        let error = UpstreamError::Invalid {
+                            upstream: upstream.name().clone(),
+                            source: source.into(),
+                        };
+                        self.note_error(snapshot, pool, upstream, &error);
+                        let error = ProxyError::from(error);
+                        self.log_failure(&conn.peer, Some(pool), &error);
+                        if head_sent {
+                            (status, false)
+                        } else {
+                            (self.answer_error(snapshot, conn, &req, error, true).await.0, false)
+                        }
+                    }
+                    Err(err) => {
+                        debug!(peer = %conn.peer.addr, pool = %pool, error = %ErrorChain(&err), "response relay stopped");
+                        (status, false)
+                    }
+                }
+            }
+            Err(err) => {
+                self.log_failure(&conn.peer, Some(pool), &err);
+                self.answer_error(snapshot, conn, &req, err, close).await
+            }
+        };
+        self.account(&conn.peer, Some(req.choice.routed), status, req.started, req.logged);
+        keep
+    }
+
+    /// Writes the proxy's own answer to a fast-path request; returns its status and whether the
+    /// connection can take another request.
+    async fn answer_error(
+        &self,
+        snapshot: &Snapshot,
+        conn: &mut ClientConn,
+        req: &H1Request,
+        err: ProxyError,
+        close: bool,
+    ) -> (u16, bool) {
+        let shown = snapshot.pool_header.then_some(req.choice.routed.pool);
+        let status = write_error_response(&mut conn.out, &err, shown, req.head_request, close).as_u16();
+        let written = h1::send(&mut conn.stream, &conn.out, snapshot.send_timeout).await.is_ok();
+        (status, written && !close && !super::closes_connection(&err))
+    }
+
+    /// [`super::hyper`]'s `exchange` on the fast path: `request` is the whole upstream
+    /// request, sent again as is on a retry. Returns the connection, the upstream it leads to
+    /// and the response head.
+    async fn exchange_h1<'s>(
+        &self,
+        snapshot: &'s Snapshot,
+        pool: PoolName,
+        request: &[u8],
+        resendable: bool,
+        rules: h1::ResponseRules,
+        out: &mut Vec<u8>,
+    ) -> Result<(UpstreamConn, &'s Upstream, h1::ResponseHead), ProxyError> {
+        let balancer = snapshot.pool(pool);
+        let mut failed: Option<&Arc<Upstream>> = None;
+        let mut attempt = 0;
+        loop {
+            let upstream = pick(balancer, failed).ok_or(ProxyError::NoUpstream { pool })?;
+            let sent = self
+                .client
+                .send_h1(upstream, request, resendable, rules, out, snapshot.response_timeout)
+                .await;
+            match sent {
+                Ok((conn, head)) => {
+                    self.note_response(snapshot, pool, upstream, head.status);
+                    return Ok((conn, upstream, head));
+                }
+                Err(H1SendError { error, written }) => {
+                    self.note_error(snapshot, pool, upstream, &error);
+                    if may_retry(snapshot, attempt, &error, written, resendable) {
+                        debug!(pool = %pool, upstream = %upstream.name(), error = %ErrorChain(&error), "retrying on the same pool");
+                        attempt += 1;
+                        failed = Some(upstream);
+                    } else {
+                        return Err(error.into());
+                    }
+                }
+            }
+        }
+    }
+}

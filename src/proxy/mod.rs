@@ -1,0 +1,591 @@
+//! The per-request service: route, pick an upstream, forward, stream the answer back.
+//!
+//! A request arrives on one of two codecs: the HTTP/1.1 fast path ([`fast`], plain keep-alive
+//! HTTP/1.1 parsed in place) or hyper ([`hyper`], everything else: HTTP/2, TLS, HTTP/1.0,
+//! streamed and chunked uploads, protocol switches). The rules both follow live once, here and
+//! in [`crate::headers`]: routing and pins ([`Proxy::classify`], [`Proxy::choose_pool`]), what
+//! the store must hold before the answer ([`Proxy::while_persisting`]), which failures count
+//! against an upstream ([`Proxy::note_error`]), what may be sent again ([`may_retry`],
+//! [`is_resendable`]), how a failure becomes an answer ([`error_parts`], the one place that maps
+//! failures to status codes) and how a request is counted and logged ([`Proxy::account`]). A
+//! codec only parses and writes bytes; `src/proxy/LIFECYCLE.md` maps each step of the fast path
+//! to its hyper twin. Listening and connection handling are [`crate::listener`]'s; the routing
+//! rules live in [`crate::router`] and [`crate::balancer`].
+
+mod fast;
+mod hyper;
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use ::hyper::body::Incoming;
+use bytes::Bytes;
+use http::header::{HeaderName, HeaderValue, CONNECTION, CONTENT_TYPE};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{Either, Full};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, warn};
+
+pub use fast::{ClientConn, H1Plan, H1Request};
+
+use crate::balancer::Balancer;
+use crate::clock::{SharedClock, UnixMillis};
+use crate::config::Ejection;
+use crate::config::{ByPool, PoolName};
+use crate::drain::{DrainClock, DrainStatus};
+use crate::h1;
+use crate::headers::{ClientIp, HostError};
+use crate::metrics::{Metrics, ScrapeState};
+use crate::router::Decision;
+use crate::router::Route;
+use crate::session::{HeaderSource, KeyOutcome, Located, Resolution, Sessions};
+use crate::snapshot::{SharedSnapshot, Snapshot};
+use crate::state::Op;
+use crate::upstream::{Upstream, UpstreamClient, UpstreamError, UpstreamResponseBody};
+use crate::ErrorChain;
+
+/// Response body: the upstream's streamed body, or a short body the proxy wrote itself.
+pub type Body = Either<UpstreamResponseBody, Full<Bytes>>;
+
+pub static X_ROLLOUT_POOL: HeaderName = HeaderName::from_static("x-rollout-pool");
+pub static X_ROLLOUT_ERROR: HeaderName = HeaderName::from_static("x-rollout-error");
+
+/// The proxy once it is ready. During a takeover the listeners accept before the state store is
+/// free; requests wait here (up to `patience`) instead of failing.
+pub struct Gate {
+    proxy: std::sync::OnceLock<Arc<Proxy>>,
+    opened: tokio::sync::Notify,
+    patience: std::time::Duration,
+}
+
+impl Gate {
+    pub fn new(patience: std::time::Duration) -> Arc<Gate> {
+        Arc::new(Gate { proxy: std::sync::OnceLock::new(), opened: tokio::sync::Notify::new(), patience })
+    }
+
+    pub fn patience(&self) -> std::time::Duration {
+        self.patience
+    }
+
+    pub fn open(&self, proxy: Arc<Proxy>) {
+        let _ = self.proxy.set(proxy);
+        self.opened.notify_waiters();
+    }
+
+    /// The proxy if it is ready.
+    pub fn proxy_now(&self) -> Option<&Arc<Proxy>> {
+        self.proxy.get()
+    }
+
+    /// The proxy, waiting for it while it starts; `None` if it did not come in time.
+    pub async fn proxy(&self) -> Option<&Arc<Proxy>> {
+        if let Some(proxy) = self.proxy.get() {
+            return Some(proxy);
+        }
+        let wait = async {
+            loop {
+                let opened = self.opened.notified();
+                tokio::pin!(opened);
+                opened.as_mut().enable();
+                if let Some(proxy) = self.proxy.get() {
+                    return proxy;
+                }
+                opened.await;
+            }
+        };
+        tokio::time::timeout(self.patience, wait).await.ok()
+    }
+
+    /// Answers `req` with the proxy, or with 503 `starting` if it is not ready in time.
+    pub async fn handle(&self, req: Request<Incoming>, peer: &Peer) -> Response<Body> {
+        match self.proxy().await {
+            Some(proxy) => proxy.handle(req, peer).await,
+            None => error_response(&ProxyError::Starting, None, req.version()),
+        }
+    }
+}
+
+/// The client end of a connection, worked out once per connection.
+#[derive(Debug, Clone)]
+pub struct Peer {
+    pub addr: SocketAddr,
+    pub ip: ClientIp,
+}
+
+impl Peer {
+    pub fn new(addr: SocketAddr) -> Self {
+        Peer { addr, ip: ClientIp::new(addr.ip()) }
+    }
+}
+
+/// Why the proxy answered a request itself.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("bad request: {0}")]
+    BadRequest(&'static str),
+    #[error("bad request")]
+    Host(#[from] HostError),
+    /// The client's body failed while it was being sent upstream: malformed chunked framing, or
+    /// the client went away mid-upload. The client's error, not the upstream's.
+    #[error("the client's request body failed")]
+    ClientBody(#[source] Box<dyn std::error::Error + Send + Sync>),
+    #[error("request head of {size} bytes is over the limit of {limit}")]
+    HeadersTooLarge { size: usize, limit: usize },
+    #[error("pool {pool} has no usable upstream")]
+    NoUpstream { pool: PoolName },
+    #[error("the proxy is still starting")]
+    Starting,
+    #[error(transparent)]
+    Upstream(#[from] UpstreamError),
+}
+
+/// Everything a request needs, shared by all connections.
+pub struct Proxy {
+    snapshot: SharedSnapshot,
+    client: UpstreamClient,
+    sessions: Arc<Sessions>,
+    drain: Arc<DrainClock>,
+    metrics: Arc<Metrics>,
+    clock: SharedClock,
+    /// Upgraded connections (WebSocket) being relayed; a graceful stop waits for them.
+    tunnels: TaskTracker,
+    /// Fired when a stop's grace period is over: open tunnels are closed.
+    closing: CancellationToken,
+    /// `X-Forwarded-Proto` of this listener.
+    proto: &'static str,
+}
+
+/// A request as routing first sees it ([`Proxy::classify`]); only a keyed one needs its pin.
+enum Classified<'r> {
+    Prefix,
+    Unkeyed,
+    Keyed(Located<'r>),
+}
+
+/// What the routing step decided, kept for the response's metrics and log line.
+#[derive(Debug, Clone, Copy)]
+struct Routed {
+    pool: PoolName,
+    decision: Decision,
+}
+
+/// The outcome of routing one request ([`Proxy::choose_pool`]).
+#[derive(Debug, Clone, Copy)]
+struct Choice {
+    routed: Routed,
+    /// Store sequence number of the pin followed or made, while it is not durable yet.
+    pending: Option<u64>,
+    /// The pin's activity was sent to the store ahead of the response.
+    write_ahead: bool,
+}
+
+/// Method and path of a request, kept for its log line when request lines are logged.
+type Logged = Option<(String, String)>;
+
+impl Proxy {
+    pub fn new(
+        snapshot: SharedSnapshot,
+        client: UpstreamClient,
+        sessions: Arc<Sessions>,
+        drain: Arc<DrainClock>,
+        metrics: Arc<Metrics>,
+        clock: SharedClock,
+        proto: &'static str,
+    ) -> Self {
+        Proxy {
+            snapshot,
+            client,
+            sessions,
+            drain,
+            metrics,
+            clock,
+            tunnels: TaskTracker::new(),
+            closing: CancellationToken::new(),
+            proto,
+        }
+    }
+
+    /// Counts and logs one answered request, whichever path served it. A request that was
+    /// never routed was refused: it counts as a rejected client request.
+    fn account(&self, peer: &Peer, routed: Option<Routed>, status: u16, started: Instant, logged: Logged) {
+        let elapsed = started.elapsed();
+        match routed {
+            Some(Routed { pool, decision }) => {
+                self.metrics.request(decision, pool, status, elapsed.as_secs_f64())
+            }
+            None if status == StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE.as_u16() => {
+                self.metrics.client_rejected.headers_too_large.inc()
+            }
+            None => self.metrics.client_rejected.bad_request.inc(),
+        }
+        if let Some((method, path)) = logged {
+            debug!(
+                peer = %peer.addr,
+                method = %method,
+                path = %path,
+                pool = routed.map(|r| r.pool.as_str()),
+                decision = routed.map(|r| r.decision.as_str()),
+                status,
+                elapsed_us = elapsed.as_micros() as u64,
+                "request"
+            );
+        }
+    }
+
+    /// Logs a request the proxy answered itself.
+    fn log_failure(&self, peer: &Peer, pool: Option<PoolName>, err: &ProxyError) {
+        match err {
+            ProxyError::BadRequest(_) | ProxyError::Host(_) | ProxyError::ClientBody(_) => {
+                debug!(peer = %peer.addr, error = %ErrorChain(err), "bad request")
+            }
+            _ => {
+                warn!(peer = %peer.addr, pool = pool.map(PoolName::as_str), error = %ErrorChain(err), "request failed")
+            }
+        }
+    }
+
+    /// Records an upstream's response head for the metrics and passive ejection.
+    fn note_response(&self, snapshot: &Snapshot, pool: PoolName, upstream: &Upstream, status: u16) {
+        upstream.stats.response(status);
+        // 502/503/504 say the upstream itself is in trouble; a 500 is one request's application
+        // error and ejects nothing.
+        if matches!(status, 502..=504) {
+            self.note_failure(pool, snapshot.pool(pool), upstream, snapshot.ejection.get(pool));
+        } else {
+            upstream.health().record_success();
+        }
+    }
+
+    /// Records a failed exchange for the metrics and, if the upstream caused it
+    /// ([`UpstreamError::is_upstream_fault`]), for passive ejection.
+    fn note_error(&self, snapshot: &Snapshot, pool: PoolName, upstream: &Upstream, error: &UpstreamError) {
+        if let Some(kind) = error.kind() {
+            upstream.stats.error(kind);
+        }
+        if error.is_upstream_fault() {
+            self.note_failure(pool, snapshot.pool(pool), upstream, snapshot.ejection.get(pool));
+        }
+    }
+
+    /// Counts a failure towards passive ejection. The last healthy upstream of a pool is never
+    /// ejected: with nowhere else to go, trying it beats answering 503 for the whole period.
+    fn note_failure(&self, pool: PoolName, balancer: &Balancer, upstream: &Upstream, ejection: &Ejection) {
+        let others_healthy = balancer
+            .upstreams()
+            .iter()
+            .any(|u| !std::ptr::eq(&**u, upstream) && u.weight() > 0 && u.is_healthy());
+        let threshold = if others_healthy { ejection.consecutive_failures } else { 0 };
+        if upstream.health().record_failure(threshold, ejection.duration) {
+            warn!(pool = %pool, upstream = %upstream.name(), for_ = ?ejection.duration, "upstream ejected after consecutive failures");
+        }
+    }
+
+    /// What the request's route and session key say, before any pin is looked up; a keyed
+    /// request's pin slot starts loading here ([`Sessions::locate`]). Both paths give it the
+    /// path and query as the client sent them, without a `#fragment`, and the request's own
+    /// header fields.
+    fn classify<'r>(
+        &self,
+        snapshot: &Snapshot,
+        path: &'r str,
+        query: Option<&'r str>,
+        headers: &'r impl HeaderSource,
+    ) -> Classified<'r> {
+        if snapshot.router.route(path) == Route::V2Prefix {
+            return Classified::Prefix;
+        }
+        match snapshot.keys.extract_from(path, query, headers) {
+            KeyOutcome::Key(key) => Classified::Keyed(self.sessions.locate(key)),
+            KeyOutcome::Invalid => {
+                self.metrics.keys_rejected_invalid.inc();
+                Classified::Unkeyed
+            }
+            KeyOutcome::Absent => Classified::Unkeyed,
+        }
+    }
+
+    /// The pool for a request and how it was decided.
+    fn choose_pool(&self, snapshot: &Snapshot, classified: Classified<'_>) -> Choice {
+        let plain =
+            |pool, decision| Choice { routed: Routed { pool, decision }, pending: None, write_ahead: false };
+        let key = match classified {
+            Classified::Prefix => return plain(PoolName::V2, Decision::Prefix),
+            Classified::Unkeyed => return plain(snapshot.router.split(), Decision::Unkeyed),
+            Classified::Keyed(key) => key,
+        };
+        match self.sessions.resolve(key, &snapshot.pin_policy, || snapshot.router.split()) {
+            Resolution::Pinned { pool, seq, write_ahead } => Choice {
+                routed: Routed { pool, decision: Decision::Pinned },
+                pending: (!self.sessions.store().is_settled(seq)).then_some(seq),
+                write_ahead,
+            },
+            Resolution::NewPin { pool, seq } => Choice {
+                routed: Routed { pool, decision: Decision::NewPin },
+                pending: Some(seq),
+                write_ahead: false,
+            },
+            Resolution::Full { pool } => plain(pool, Decision::Unkeyed),
+        }
+    }
+
+    /// What both paths do between routing and sending: wait until a pin another request made a
+    /// moment ago is durable before following it, and note v1 traffic for the drain clock.
+    /// Returns the drain clock value to make durable with the answer, if any.
+    async fn admit(&self, choice: &Choice) -> Option<UnixMillis> {
+        if let (Decision::Pinned, Some(seq)) = (choice.routed.decision, choice.pending) {
+            self.sessions.settle(seq).await;
+        }
+        if choice.routed.pool == PoolName::V1 {
+            self.drain.record_v1(self.clock.now())
+        } else {
+            None
+        }
+    }
+
+    /// Runs `exchange` while what the request changed (the pin it made, a pin's activity written
+    /// ahead, the drain clock from [`Proxy::admit`]) is made durable; the answer waits for both.
+    async fn while_persisting<T>(
+        &self,
+        exchange: impl std::future::Future<Output = T>,
+        choice: &Choice,
+        drain_ahead: Option<UnixMillis>,
+    ) -> T {
+        let new_pin = choice.routed.decision == Decision::NewPin;
+        if !new_pin && !choice.write_ahead && drain_ahead.is_none() {
+            return exchange.await;
+        }
+        let made = if new_pin { choice.pending } else { None };
+        let (result, durable) = tokio::join!(exchange, self.persist(made, drain_ahead));
+        if !durable {
+            warn!(pool = %choice.routed.pool, "session or drain state not confirmed durable; answering anyway");
+        }
+        result
+    }
+
+    /// Commits everything this request sent to the store (the pin `new_pin` it made, a pin's
+    /// activity, and the drain clock if `drain_ahead`), within a bound. False if that could not
+    /// be confirmed.
+    async fn persist(&self, new_pin: Option<u64>, drain_ahead: Option<UnixMillis>) -> bool {
+        let store = self.sessions.store();
+        if let Some(at) = drain_ahead {
+            store.send(Op::LastV1Request(at));
+        }
+        let flushed = tokio::time::timeout(std::time::Duration::from_secs(5), store.flush()).await;
+        // The flush reports its own commit; a new pin may have been in an earlier one that failed.
+        let pin_durable = match new_pin {
+            Some(seq) => self.sessions.settle(seq).await,
+            None => true,
+        };
+        let durable = matches!(flushed, Ok(true)) && pin_durable;
+        if let (true, Some(at)) = (durable, drain_ahead) {
+            self.drain.mark_durable(at);
+        }
+        durable
+    }
+
+    pub fn client(&self) -> &UpstreamClient {
+        &self.client
+    }
+
+    /// Waits up to `grace` for open tunnels to end, then closes the rest.
+    pub async fn close_tunnels(&self, grace: std::time::Duration) {
+        self.tunnels.close();
+        if tokio::time::timeout(grace, self.tunnels.wait()).await.is_err() {
+            warn!(open = self.tunnels.len(), "grace period over; closing open tunnels");
+            self.closing.cancel();
+            self.tunnels.wait().await;
+        }
+    }
+
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.snapshot.load_full()
+    }
+
+    /// Publishes a new snapshot; the next request uses it, requests in flight finish on theirs.
+    pub fn swap(&self, snapshot: Snapshot) {
+        self.snapshot.store(Arc::new(snapshot));
+    }
+
+    pub fn sessions(&self) -> &Arc<Sessions> {
+        &self.sessions
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// The drain signal as of now.
+    pub fn drain_status(&self) -> DrainStatus {
+        let snapshot = self.snapshot.load();
+        self.drain.status(
+            self.clock.now(),
+            self.sessions.live(PoolName::V1),
+            self.sessions.v1_pins_end(),
+            snapshot.quiet_window,
+        )
+    }
+
+    /// State gauges for a metrics scrape.
+    pub fn scrape_state(&self) -> ScrapeState {
+        let snapshot = self.snapshot.load();
+        let drain = self.drain_status();
+        let mut upstreams = Vec::new();
+        for pool in PoolName::ALL {
+            for u in snapshot.pool(pool).upstreams() {
+                upstreams.push((pool, u.name().to_string(), u.is_healthy(), u.weight()));
+            }
+        }
+        let health = &self.sessions.store().health;
+        ScrapeState {
+            sessions_active: ByPool {
+                v1: self.sessions.live(PoolName::V1),
+                v2: self.sessions.live(PoolName::V2),
+            },
+            legacy_v1_percent: snapshot.router.legacy_v1_percent().as_f64(),
+            v1_last_request_seconds: self.drain.last_v1_request() as f64 / 1000.0,
+            v1_quiet_seconds: drain.quiet_for_seconds,
+            quiet_window_seconds: drain.quiet_window_seconds,
+            drained: drain.drained,
+            upstreams,
+            state_last_commit_seconds: health.last_commit.load(Ordering::Relaxed) as f64,
+            state_commits: health.commits.load(Ordering::Relaxed),
+            state_write_errors: health.write_errors.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Background upkeep, run about once a second: pin expiry and `last_seen` flushing, and
+    /// persisting the drain clock. Returns the drain clock value it sent, if any; see
+    /// [`Proxy::confirm_upkeep`].
+    pub fn maintain(&self) -> Option<UnixMillis> {
+        let snapshot = self.snapshot.load();
+        self.sessions.maintain(&snapshot.pin_policy);
+        let sent = self.drain.take_unstored();
+        if let Some(ms) = sent {
+            self.sessions.store().send(Op::LastV1Request(ms));
+        }
+        sent
+    }
+
+    /// Waits for the upkeep's writes to be committed (so passes never pile up in the store's
+    /// queue) and records the drain clock value as durable.
+    pub async fn confirm_upkeep(&self, sent: Option<UnixMillis>) {
+        if self.sessions.store().flush().await {
+            if let Some(ms) = sent {
+                self.drain.mark_durable(ms);
+            }
+        }
+    }
+}
+
+/// An upstream of `balancer`, preferring one other than `failed` (a retry) when the pool has one.
+fn pick<'b>(balancer: &'b Balancer, failed: Option<&Arc<Upstream>>) -> Option<&'b Arc<Upstream>> {
+    let upstream = balancer.pick()?;
+    if failed.is_some_and(|f| Arc::ptr_eq(f, upstream)) {
+        return Some(balancer.pick().unwrap_or(upstream));
+    }
+    Some(upstream)
+}
+
+/// Whether a failed attempt may go to another upstream of the same pool (the same rule on both
+/// paths): always when the request never left the proxy (`sent` false: no connection, or the
+/// pool's connection cap); when it did and the connection closed before a response, only if it
+/// can be sent again ([`is_resendable`]). A response timeout is never retried (the upstream may
+/// still be working on the request), nor an invalid response (it may have acted on it).
+fn may_retry(snapshot: &Snapshot, attempt: u32, error: &UpstreamError, sent: bool, resendable: bool) -> bool {
+    attempt < snapshot.retries
+        && !matches!(error, UpstreamError::Timeout { .. } | UpstreamError::Invalid { .. })
+        && (!sent || resendable)
+}
+
+/// Whether a request that reached an upstream may be sent to another one: an idempotent method
+/// (RFC 9110 §9.2.2) without a body. A body is the client's stream on hyper's path and cannot be
+/// read twice, so neither path resends one.
+fn is_resendable(method: &Method, has_body: bool) -> bool {
+    !has_body
+        && matches!(
+            *method,
+            Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+        )
+}
+
+fn pool_value(pool: PoolName) -> HeaderValue {
+    HeaderValue::from_static(pool.as_str())
+}
+
+/// Status, `x-rollout-error` cause and body text for a request the proxy could not forward:
+/// the one place failures are mapped to answers. Details stay in the log, not in the client's
+/// answer.
+fn error_parts(err: &ProxyError) -> (StatusCode, &'static str, &'static str) {
+    match err {
+        ProxyError::BadRequest(_) | ProxyError::Host(_) | ProxyError::ClientBody(_) => {
+            (StatusCode::BAD_REQUEST, "bad_request", "bad request")
+        }
+        ProxyError::HeadersTooLarge { .. } => {
+            (StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, "headers_too_large", "request headers too large")
+        }
+        ProxyError::NoUpstream { .. } => {
+            (StatusCode::SERVICE_UNAVAILABLE, "no_upstream", "no upstream available")
+        }
+        ProxyError::Starting => (StatusCode::SERVICE_UNAVAILABLE, "starting", "starting, try again"),
+        ProxyError::Upstream(UpstreamError::Connect { .. } | UpstreamError::Tls { .. }) => {
+            (StatusCode::BAD_GATEWAY, "upstream_connect", "upstream connection failed")
+        }
+        ProxyError::Upstream(UpstreamError::Closed { .. }) => {
+            (StatusCode::BAD_GATEWAY, "upstream_closed", "upstream closed the connection")
+        }
+        ProxyError::Upstream(UpstreamError::Invalid { .. }) => {
+            (StatusCode::BAD_GATEWAY, "upstream_invalid", "upstream sent an invalid response")
+        }
+        ProxyError::Upstream(UpstreamError::Busy { .. }) => {
+            (StatusCode::SERVICE_UNAVAILABLE, "upstream_busy", "upstream busy")
+        }
+        ProxyError::Upstream(UpstreamError::ConnectTimeout { .. } | UpstreamError::Timeout { .. }) => {
+            (StatusCode::GATEWAY_TIMEOUT, "upstream_timeout", "upstream timed out")
+        }
+    }
+}
+
+/// Whether the connection closes after the proxy answers `err`: a request it refused may have
+/// left the connection's framing in doubt, so nothing more is read from it.
+fn closes_connection(err: &ProxyError) -> bool {
+    error_parts(err).0 == StatusCode::BAD_REQUEST
+}
+
+/// The response for a request the proxy could not forward: status, `x-rollout-error` naming the
+/// cause, and a one-line plain-text body; on HTTP/1 a refused request also closes the
+/// connection.
+pub fn error_response(err: &ProxyError, pool: Option<PoolName>, version: http::Version) -> Response<Body> {
+    let (status, cause, text) = error_parts(err);
+    let mut response = Response::new(Either::Right(Full::from(format!("{text}\n"))));
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    headers.insert(X_ROLLOUT_ERROR.clone(), HeaderValue::from_static(cause));
+    if let Some(pool) = pool {
+        headers.insert(X_ROLLOUT_POOL.clone(), pool_value(pool));
+    }
+    if closes_connection(err) && version < http::Version::HTTP_2 {
+        headers.insert(CONNECTION, HeaderValue::from_static("close"));
+    }
+    response
+}
+
+/// [`error_response`] written as bytes for the fast path; returns the status.
+fn write_error_response(
+    out: &mut Vec<u8>,
+    err: &ProxyError,
+    pool: Option<PoolName>,
+    head_request: bool,
+    close: bool,
+) -> StatusCode {
+    let (status, cause, text) = error_parts(err);
+    let mut headers = vec![("content-type", "text/plain; charset=utf-8"), ("x-rollout-error", cause)];
+    if let Some(pool) = pool {
+        headers.push(("x-rollout-pool", pool.as_str()));
+    }
+    h1::write_simple_response(out, status, &headers, text, head_request, close || closes_connection(err));
+    status
+}
