@@ -21,10 +21,16 @@ use axum::{Json, Router};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::json;
+use std::time::Duration;
 use subtle::ConstantTimeEq;
+
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
-use tracing::warn;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, warn};
 
 use crate::config::{Percent, PoolName};
 use crate::control::{Actor, Applied, Control, ControlError};
@@ -112,12 +118,74 @@ pub fn router(state: AdminState) -> Router {
         .with_state(state)
 }
 
-/// Serves the admin API on `listener` until `stop` fires.
+/// Most connections the admin listener holds open at once; more are refused with 503. The
+/// admin API has a handful of operators and one Prometheus, and must not take the data plane's
+/// file descriptors.
+const MAX_CONNECTIONS: usize = 64;
+
+/// Time an admin client has to send a request head; also how long an idle keep-alive admin
+/// connection stays open.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Serves the admin API on `listener` until `stop` fires, with its own connection cap and
+/// header timeout, then lets open requests finish.
 pub async fn serve(listener: TcpListener, state: AdminState, stop: CancellationToken) {
-    let app = router(state).into_make_service_with_connect_info::<SocketAddr>();
-    if let Err(err) = axum::serve(listener, app).with_graceful_shutdown(stop.cancelled_owned()).await {
-        warn!(error = %err, "admin listener stopped with an error");
+    let app = router(state);
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let connections = TaskTracker::new();
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new()).header_read_timeout(HEADER_READ_TIMEOUT).max_buf_size(64 * 1024);
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = stop.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(err) => {
+                    // A full descriptor table must not stop the admin API for good.
+                    warn!(error = %err, "admin accept failed; pausing before the next accept");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tokio::spawn(refuse(stream));
+            continue;
+        };
+        let app = app.clone();
+        let service =
+            hyper::service::service_fn(move |mut req: axum::http::Request<hyper::body::Incoming>| {
+                req.extensions_mut().insert(ConnectInfo(peer));
+                tower::ServiceExt::oneshot(app.clone(), req)
+            });
+        let connection = http.serve_connection(TokioIo::new(stream), service);
+        let stop = stop.clone();
+        connections.spawn(async move {
+            let _slot = slot;
+            tokio::pin!(connection);
+            tokio::select! {
+                ended = connection.as_mut() => {
+                    if let Err(err) = ended {
+                        debug!(peer = %peer, error = %err, "admin connection ended with an error");
+                    }
+                    return;
+                }
+                _ = stop.cancelled() => connection.as_mut().graceful_shutdown(),
+            }
+            let _ = connection.await;
+        });
     }
+    drop(listener);
+    connections.close();
+    connections.wait().await;
+}
+
+/// Answers an admin connection over [`MAX_CONNECTIONS`] with 503 and closes it.
+async fn refuse(mut stream: tokio::net::TcpStream) {
+    const BUSY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n\
+content-length: 44\r\nconnection: close\r\n\r\n{\"error\": \"too many admin connections open\"}";
+    let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(BUSY)).await;
+    let _ = stream.shutdown().await;
 }
 
 /// An admin request that could not be carried out; rendered as `{"error": ...}`.
@@ -220,7 +288,7 @@ fn if_match(headers: &HeaderMap) -> Result<Option<u64>, AdminError> {
 /// Parses a JSON body; errors name the field (`weight: invalid type: ...`).
 fn parse_body<T: DeserializeOwned>(body: &Bytes) -> Result<T, AdminError> {
     let mut de = serde_json::Deserializer::from_slice(body);
-    serde_path_to_error::deserialize(&mut de).map_err(|err| {
+    let value = serde_path_to_error::deserialize(&mut de).map_err(|err| {
         let path = err.path().to_string();
         let inner = err.into_inner();
         let message = if inner.is_syntax() || inner.is_eof() {
@@ -231,7 +299,10 @@ fn parse_body<T: DeserializeOwned>(body: &Bytes) -> Result<T, AdminError> {
             format!("{path}: {inner}")
         };
         AdminError::BadRequest(message)
-    })
+    })?;
+    // One JSON document and nothing after it: `{"v1_percent": 7}xyz` is not a request for 7.
+    de.end().map_err(|err| AdminError::BadRequest(format!("malformed JSON body: {err}")))?;
+    Ok(value)
 }
 
 fn etag(revision: u64) -> [(header::HeaderName, HeaderValue); 1] {

@@ -8,16 +8,18 @@
 use std::convert::Infallible;
 use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::sync::{Notify, Semaphore};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -26,7 +28,7 @@ use tracing::{debug, info, warn};
 use crate::config::ClientConfig;
 use crate::h1::Rewind;
 use crate::metrics::Metrics;
-use crate::proxy::{ClientConn, Gate, H1Plan, Peer};
+use crate::proxy::{Body, ClientConn, Gate, H1Plan, Peer};
 
 /// How long connections accepted just before a stop get to send their first request before the
 /// drain closes idle connections.
@@ -41,14 +43,23 @@ fn http_builder(client: &ClientConfig) -> auto::Builder<TokioExecutor> {
     builder
         .http1()
         .timer(TokioTimer::new())
+        // Bounds reading a request head, and an idle keep-alive connection's wait for the next.
         .header_read_timeout(client.header_read_timeout)
         // The exact head-size limit is checked per request so the 431 can name its cause; this
         // buffer bound only stops a client from making the parser hold more than that.
-        .max_buf_size((client.max_header_bytes * 2).max(64 * 1024));
+        .max_buf_size((client.max_header_bytes * 2).max(64 * 1024))
+        // The upstream's Date passes through as it is; the fast path adds none either.
+        .auto_date_header(false);
     builder
         .http2()
         .timer(TokioTimer::new())
-        .max_header_list_size(u32::try_from(client.max_header_bytes * 2).unwrap_or(u32::MAX));
+        .max_header_list_size(u32::try_from(client.max_header_bytes * 2).unwrap_or(u32::MAX))
+        // Each stream is an upstream request: one connection may not have more than this open.
+        .max_concurrent_streams(client.max_concurrent_streams)
+        // A peer that stops answering PINGs is gone, even with streams open.
+        .keep_alive_interval(client.header_read_timeout)
+        .keep_alive_timeout(client.header_read_timeout)
+        .auto_date_header(false);
     builder
 }
 
@@ -64,10 +75,10 @@ pub async fn serve(
 ) {
     let builder = http_builder(client);
     let slots = Arc::new(Semaphore::new(client.max_connections));
-    let graceful = GracefulShutdown::new();
-    // Every connection's task; hyper's connections are also watched by `graceful`.
+    // Every connection's task.
     let connections = TaskTracker::new();
-    // Fired when the proxy stops accepting: idle fast-path connections close.
+    // Fired when the proxy stops accepting: idle connections close, busy ones after their
+    // current request (hyper's are shut down gracefully).
     let draining = CancellationToken::new();
     // Fired when the grace period is over: connections still open are dropped.
     let hard_stop = CancellationToken::new();
@@ -95,10 +106,10 @@ pub async fn serve(
             gate: gate.clone(),
             metrics: metrics.clone(),
             peer,
-            watcher: graceful.watcher(),
             hard_stop: hard_stop.clone(),
             draining: draining.clone(),
             header_read_timeout: client.header_read_timeout,
+            send_timeout: client.send_timeout,
             max_head_bytes: client.max_header_bytes * 2,
         };
         let tls = tls.clone();
@@ -115,7 +126,10 @@ pub async fn serve(
                 Some(acceptor) => {
                     Box::pin(async move {
                         match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
-                            Ok(Ok(tls_stream)) => connection.serve(tls_stream).await,
+                            Ok(Ok(tls_stream)) => {
+                                let h2 = tls_stream.get_ref().1.alpn_protocol() == Some(b"h2");
+                                connection.serve(tls_stream, h2).await
+                            }
                             Ok(Err(err)) => debug!(peer = %peer, error = %err, "TLS handshake failed"),
                             Err(_) => {
                                 connection.metrics.client_rejected.header_timeout.inc();
@@ -135,12 +149,8 @@ pub async fn serve(
     info!(open_connections = connections.len(), grace = ?grace, "stopped accepting; draining connections");
     draining.cancel();
     connections.close();
-    let finished = async {
-        graceful.shutdown().await;
-        connections.wait().await;
-    };
     tokio::select! {
-        _ = finished => info!("all client connections finished"),
+        _ = connections.wait() => info!("all client connections finished"),
         _ = tokio::time::sleep(grace) => {
             warn!("grace period over; closing the remaining connections");
             hard_stop.cancel();
@@ -154,24 +164,31 @@ struct Connection {
     gate: Arc<Gate>,
     metrics: Arc<Metrics>,
     peer: SocketAddr,
-    watcher: Watcher,
     hard_stop: CancellationToken,
     draining: CancellationToken,
     header_read_timeout: Duration,
+    send_timeout: Duration,
     /// Buffered bytes without a complete head after which the connection goes to hyper, which
     /// answers 431.
     max_head_bytes: usize,
 }
 
+/// The HTTP/2 connection preface (RFC 9113 §3.4): a client speaking h2c with prior knowledge.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n";
+
 impl Connection {
     /// Serves a plain-TCP connection on the HTTP/1.1 fast path ([`crate::h1`]) for as long as
     /// its requests allow, then hands it, with the bytes already read, to hyper.
     async fn serve_h1(self, stream: TcpStream) {
-        let Some(proxy) = self.gate.proxy_now().cloned() else {
-            // Starting up: hyper's path waits for the proxy or answers 503.
-            return Box::pin(self.serve(stream)).await;
-        };
         let mut conn = ClientConn::new(stream, Peer::new(self.peer));
+        let Some(proxy) = self.gate.proxy_now().cloned() else {
+            // Starting up: hyper's path waits for the proxy or answers 503. What the client
+            // sends first says whether it speaks HTTP/2.
+            if let Ok(Ok(1..)) = tokio::time::timeout(self.header_read_timeout, conn.fill()).await {
+                return Box::pin(self.hand_over(conn)).await;
+            }
+            return;
+        };
         let deadline = tokio::time::sleep(self.header_read_timeout);
         tokio::pin!(deadline);
         loop {
@@ -223,49 +240,244 @@ impl Connection {
     /// Hands a fast-path connection to hyper, bytes read so far included.
     async fn hand_over(self, conn: ClientConn) {
         let ClientConn { stream, buf, .. } = conn;
-        self.serve(Rewind::new(buf.freeze(), stream)).await
+        let h2 = buf.starts_with(H2_PREFACE);
+        self.serve(Rewind::new(buf.freeze(), stream), h2).await
     }
 
-    /// Serves HTTP/1.1 or HTTP/2 on `io` until the client leaves, a graceful stop finishes it,
-    /// or the grace period ends.
-    async fn serve<I>(self, io: I)
+    /// Serves HTTP/1.1 or HTTP/2 (`h2`) on `io` with hyper until the client leaves, a graceful
+    /// stop finishes it, or the grace period ends. Hyper bounds an HTTP/1.1 client's heads and
+    /// idle time itself; [`Activity`] adds what it does not: an HTTP/2 connection with no
+    /// stream open closes after `header_read_timeout`, and a response that makes no progress
+    /// towards the client for `send_timeout` closes the connection (HTTP/1.1 and HTTP/2).
+    async fn serve<I>(self, io: I, h2: bool)
     where
         I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
-        let Connection { mut builder, gate, metrics, peer, watcher, hard_stop, draining, .. } = self;
-        let header_timeouts = metrics.client_rejected.header_timeout.clone();
+        let Connection {
+            mut builder,
+            gate,
+            metrics,
+            peer,
+            hard_stop,
+            draining,
+            header_read_timeout,
+            send_timeout,
+            ..
+        } = self;
+        let activity = Arc::new(Activity::new());
         let client = Arc::new(Peer::new(peer));
+        let watched = activity.clone();
         let service = service_fn(move |req| {
-            let (gate, client) = (gate.clone(), client.clone());
-            async move { Ok::<_, Infallible>(gate.handle(req, &client).await) }
+            let (gate, client, activity) = (gate.clone(), client.clone(), watched.clone());
+            async move {
+                let request = activity.begin();
+                let response = gate.handle(req, &client).await;
+                Ok::<_, Infallible>(response.map(|body| Watched { body, request, sending: false }))
+            }
         });
         // A connection that reaches hyper after the stop began (handed over by the fast path, or
-        // out of a TLS handshake) would be shut down by the graceful watcher before its first
-        // request is read. It gets its request answered, without keep-alive, instead.
-        let watcher = (!draining.is_cancelled()).then_some(watcher);
-        if watcher.is_none() {
+        // out of a TLS handshake) would be shut down gracefully before its first request is
+        // read. It gets its request answered, without keep-alive, instead.
+        let graceful = !draining.is_cancelled();
+        if !graceful {
             builder.http1().keep_alive(false);
         }
-        let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), service).into_owned();
-        let ended = match watcher {
-            Some(watcher) => tokio::select! {
-                ended = watcher.watch(connection) => Some(ended),
-                _ = hard_stop.cancelled() => None,
-            },
-            None => tokio::select! {
-                ended = connection => Some(ended),
-                _ = hard_stop.cancelled() => None,
-            },
+        let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+        tokio::pin!(connection);
+        let idle_limit = h2.then_some(header_read_timeout);
+        // Set once the connection is told to finish: by the stop, or for being idle.
+        let mut finishing = false;
+        // After an idle close began, how long the connection gets to end by itself.
+        let mut close_by = None;
+        let ended = loop {
+            tokio::select! {
+                ended = connection.as_mut() => break Some(ended),
+                _ = draining.cancelled(), if graceful && !finishing => {
+                    connection.as_mut().graceful_shutdown();
+                    finishing = true;
+                }
+                verdict = activity.watch(idle_limit, send_timeout), if !finishing => match verdict {
+                    Verdict::Idle => {
+                        debug!(peer = %peer, "HTTP/2 connection idle; closing it");
+                        connection.as_mut().graceful_shutdown();
+                        finishing = true;
+                        close_by = Some(tokio::time::Instant::now() + send_timeout);
+                    }
+                    Verdict::Stalled => {
+                        metrics.client_rejected.send_timeout.inc();
+                        debug!(peer = %peer, "no progress writing to the client within send_timeout; closing");
+                        break Some(Ok(()));
+                    }
+                },
+                _ = sleep_until_some(close_by) => break Some(Ok(())),
+                _ = hard_stop.cancelled() => break None,
+            }
         };
         match ended {
             Some(Err(err)) => {
                 if err.downcast_ref::<hyper::Error>().is_some_and(hyper::Error::is_timeout) {
-                    header_timeouts.inc();
+                    metrics.client_rejected.header_timeout.inc();
                 }
                 debug!(peer = %peer, error = %err, "client connection ended with an error");
             }
             Some(Ok(())) => {}
             None => debug!(peer = %peer, "connection closed at the end of the grace period"),
+        }
+    }
+}
+
+/// Sleeps until `deadline`; never, without one.
+async fn sleep_until_some(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// What a hyper-served connection is doing, for [`Activity::watch`]: requests in flight (from
+/// the service call to the end of the response body) and responses being written out.
+struct Activity {
+    base: tokio::time::Instant,
+    in_flight: AtomicUsize,
+    /// Response bodies whose last frame has been taken and not yet followed by a request for
+    /// the next: the connection is writing to the client (or the client does not read).
+    sending: AtomicUsize,
+    /// Milliseconds since `base` when the connection last had no request in flight.
+    idle_since: AtomicU64,
+    /// Milliseconds since `base` of the last frame taken from a response body.
+    progress_at: AtomicU64,
+    changed: Notify,
+}
+
+/// Why [`Activity::watch`] gave up on a connection.
+enum Verdict {
+    /// No request in flight for the idle limit.
+    Idle,
+    /// Responses waiting on the client for the send timeout.
+    Stalled,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Activity {
+            base: tokio::time::Instant::now(),
+            in_flight: AtomicUsize::new(0),
+            sending: AtomicUsize::new(0),
+            idle_since: AtomicU64::new(0),
+            progress_at: AtomicU64::new(0),
+            changed: Notify::new(),
+        }
+    }
+
+    fn now(&self) -> u64 {
+        self.base.elapsed().as_millis() as u64
+    }
+
+    fn at(&self, ms: u64) -> tokio::time::Instant {
+        self.base + Duration::from_millis(ms)
+    }
+
+    /// Counts a request in flight until the returned guard (kept by its response body) drops.
+    fn begin(self: &Arc<Self>) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
+        InFlight(self.clone())
+    }
+
+    fn sending(&self, now_sending: bool) {
+        self.progress_at.store(self.now(), Ordering::SeqCst);
+        if now_sending {
+            if self.sending.fetch_add(1, Ordering::SeqCst) == 0 {
+                self.changed.notify_one();
+            }
+        } else {
+            self.sending.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+
+    /// Resolves when the connection has been idle for `idle_limit` (if any) or its responses
+    /// have waited on the client for `send_timeout`.
+    async fn watch(&self, idle_limit: Option<Duration>, send_timeout: Duration) -> Verdict {
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            let deadline = if self.in_flight.load(Ordering::SeqCst) == 0 {
+                idle_limit
+                    .map(|limit| (self.at(self.idle_since.load(Ordering::SeqCst)) + limit, Verdict::Idle))
+            } else if self.sending.load(Ordering::SeqCst) > 0 {
+                Some((self.at(self.progress_at.load(Ordering::SeqCst)) + send_timeout, Verdict::Stalled))
+            } else {
+                None
+            };
+            match deadline {
+                Some((at, verdict)) if at <= tokio::time::Instant::now() => return verdict,
+                Some((at, _)) => {
+                    tokio::select! {
+                        _ = tokio::time::sleep_until(at) => {}
+                        _ = changed => {}
+                    }
+                }
+                None => changed.await,
+            }
+        }
+    }
+}
+
+/// A request in flight on a hyper-served connection.
+struct InFlight(Arc<Activity>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let activity = &self.0;
+        if activity.in_flight.fetch_sub(1, Ordering::SeqCst) == 1 {
+            activity.idle_since.store(activity.now(), Ordering::SeqCst);
+            activity.changed.notify_one();
+        }
+    }
+}
+
+/// A response body on a hyper-served connection, reporting to the connection's [`Activity`]
+/// whether hyper is waiting for it (the upstream) or it is waiting for hyper (the client).
+struct Watched {
+    body: Body,
+    request: InFlight,
+    /// A frame was taken and the next has not been asked for yet.
+    sending: bool,
+}
+
+impl hyper::body::Body for Watched {
+    type Data = bytes::Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<bytes::Bytes>, Self::Error>>> {
+        let this = &mut *self;
+        if std::mem::take(&mut this.sending) {
+            this.request.0.sending(false);
+        }
+        let polled = Pin::new(&mut this.body).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(_))) = &polled {
+            this.sending = true;
+            this.request.0.sending(true);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+impl Drop for Watched {
+    fn drop(&mut self) {
+        if self.sending {
+            self.request.0.sending(false);
         }
     }
 }

@@ -73,6 +73,8 @@ impl UpstreamStats {
 pub struct ClientRejections {
     pub max_connections: IntCounter,
     pub header_timeout: IntCounter,
+    /// A response made no progress towards the client for `client.send_timeout`.
+    pub send_timeout: IntCounter,
     pub headers_too_large: IntCounter,
     pub bad_request: IntCounter,
 }
@@ -269,6 +271,7 @@ impl Metrics {
                 ClientRejections {
                     max_connections: vec.with_label_values(&["max_connections"]),
                     header_timeout: vec.with_label_values(&["header_timeout"]),
+                    send_timeout: vec.with_label_values(&["send_timeout"]),
                     headers_too_large: vec.with_label_values(&["headers_too_large"]),
                     bad_request: vec.with_label_values(&["bad_request"]),
                 }

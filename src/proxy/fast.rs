@@ -186,6 +186,9 @@ impl Proxy {
                         }
                     }
                     Err(err) => {
+                        if let RelayError::Client(e) = &err {
+                            self.note_send_failure(e);
+                        }
                         debug!(peer = %conn.peer.addr, pool = %pool, error = %ErrorChain(&err), "response relay stopped");
                         (status, false)
                     }
@@ -212,8 +215,18 @@ impl Proxy {
     ) -> (u16, bool) {
         let shown = snapshot.pool_header.then_some(req.choice.routed.pool);
         let status = write_error_response(&mut conn.out, &err, shown, req.head_request, close).as_u16();
-        let written = h1::send(&mut conn.stream, &conn.out, snapshot.send_timeout).await.is_ok();
-        (status, written && !close && !super::closes_connection(&err))
+        let written = h1::send(&mut conn.stream, &conn.out, snapshot.send_timeout).await;
+        if let Err(e) = &written {
+            self.note_send_failure(e);
+        }
+        (status, written.is_ok() && !close && !super::closes_connection(&err))
+    }
+
+    /// Counts a write to a client that gave up after `client.send_timeout`.
+    fn note_send_failure(&self, err: &std::io::Error) {
+        if err.kind() == std::io::ErrorKind::TimedOut {
+            self.metrics.client_rejected.send_timeout.inc();
+        }
     }
 
     /// [`super::hyper`]'s `exchange` on the fast path: `request` is the whole upstream
