@@ -57,6 +57,11 @@ impl<'b> RequestHead<'b> {
     pub fn query(&self) -> Option<&'b str> {
         self.target.split_once('?').map(|(_, query)| query)
     }
+
+    /// The header fields as they came, in order.
+    pub fn fields(&self) -> impl Iterator<Item = (&'b str, &'b [u8])> + '_ {
+        self.headers.iter().map(|h| (h.name, h.value))
+    }
 }
 
 impl crate::session::HeaderSource for RequestHead<'_> {
