@@ -386,11 +386,11 @@ const MAX_TRAILER_LINES: u32 = 32;
 /// Re-frames a chunked response body (RFC 9112 §7.1) for the client: chunk data passes through,
 /// the framing around it is written by the proxy, so no chunk extension or trailer field of the
 /// upstream's reaches the client (RFC 9110 §6.5.1 lets an intermediary discard trailers; hyper's
-/// path does not forward them either). The grammar is checked byte by byte and is stricter than
-/// hyper's decoder, never looser: no bare LF anywhere, no control characters in extensions,
-/// trailer lines of a field name, a colon and a visible value. What it accepts, hyper frames
-/// the same way (property-tested in `tests/codec.rs`), so a body cannot end in one place for the
-/// proxy and in another for the client.
+/// path does not forward them either). Every line must end in CR LF, never a bare LF; sizes
+/// are hex digits (blanks may follow, as hyper allows); trailer lines are a field name, a colon
+/// and a field value. That is hyper's decoder or stricter, never looser: what this accepts,
+/// hyper frames the same way (property-tested in `tests/codec.rs`), so a body cannot end in one
+/// place for the proxy and in another for the client.
 #[derive(Debug, Default)]
 pub struct Chunked {
     state: ChunkState,
@@ -477,15 +477,17 @@ impl Chunked {
                         _ => return Err(chunk_error("invalid byte in a chunk size line")),
                     }
                 }
+                // An extension is dropped, never relayed, so its bytes matter only for where the
+                // line ends: at CR LF, never at a bare LF (which hyper refuses too).
                 ChunkState::Extension => match b {
                     b'\r' => self.state = ChunkState::SizeLf,
-                    _ if is_value_byte(b) => {
+                    b'\n' => return Err(chunk_error("bare LF in a chunk extension")),
+                    _ => {
                         self.extension_bytes += 1;
                         if self.extension_bytes > MAX_EXTENSION_BYTES {
                             return Err(chunk_error("chunk extensions over the limit"));
                         }
                     }
-                    _ => return Err(chunk_error("control character or bare LF in a chunk extension")),
                 },
                 ChunkState::SizeLf => {
                     if b != b'\n' {
@@ -856,6 +858,8 @@ mod tests {
             reframe_all(b"A \t;x\r\n0123456789\r\n0\r\n\r\n").unwrap().1,
             b"a\r\n0123456789\r\n0\r\n\r\n"
         );
+        // Control bytes in an extension are read past, and dropped with it.
+        assert_eq!(reframe_all(b"2;a=\x01\x00\x7f\r\nok\r\n0\r\n\r\n").unwrap().1, b"2\r\nok\r\n0\r\n\r\n");
     }
 
     #[test]
@@ -864,7 +868,7 @@ mod tests {
             &b"zz\r\n"[..],
             b"0;\n\r\n",
             b"0\r\nX: a\n\r\n",
-            b"0;a\x01b\r\n\r\n",
+            b"0;a\nb\r\n\r\n",
             b"5\nhello\r\n0\r\n\r\n",
             b"5\r\nhelloXX0\r\n\r\n",
             b"5\r\nhello\n0\r\n\r\n",

@@ -12,8 +12,8 @@
 //!          → proxy (per-request orchestration; the ONE place errors become responses)
 //!          → router (v2 prefix? else legacy) → session (extract key, look up / create pin)
 //!          → balancer (smooth weighted round-robin inside a pool, skipping unhealthy / weight 0)
-//!          → upstream (pooled connections, timeouts, retries in the pool) → headers (hop-by-hop,
-//!            forwarded) → metrics
+//!          → upstream (pooled and capped connections, timeouts, retries in the pool)
+//!          → headers (the framing and field rules both codecs share) → metrics
 //! supporting: config (raw serde → validated), snapshot (the running config behind one ArcSwap),
 //!             state (durable store), drain, clock, health, control, admin, ctl, tls, handover,
 //!             server (listeners, readiness, graceful stop), demo
@@ -28,13 +28,17 @@
 //! - [`listener`]: accept loop, connection limits, TLS handshakes, HTTP/1.1 + HTTP/2 serving
 //!   with graceful stop.
 //! - [`h1`]: the HTTP/1.1 fast path's codec: heads parsed in place and rewritten into bytes,
-//!   body framing, and the hand-over of a connection to hyper.
-//! - [`proxy`]: the per-request service; maps every failure to its response in one function.
+//!   chunked bodies re-framed, and the hand-over of a connection to hyper.
+//! - [`proxy`]: the per-request service, in one room per codec (`proxy/fast.rs`,
+//!   `proxy/hyper.rs`) around the rules both call (`proxy/mod.rs`); maps every failure to its
+//!   response in one function. `src/proxy/LIFECYCLE.md` maps each fast-path step to its twin.
 //! - [`router`]: v2-prefix matching and the legacy percentage split.
 //! - [`balancer`]: smooth weighted round-robin inside one pool.
-//! - [`upstream`]: upstream identity and the per-upstream keep-alive HTTP/1.1 connection pools.
+//! - [`upstream`]: upstream identity, the client for both codecs (`upstream/fast.rs` for the
+//!   fast path), and each upstream's connections and their cap (`upstream/pool.rs`).
 //! - [`health`]: active health checks and passive ejection.
-//! - [`headers`]: hop-by-hop removal and `X-Forwarded-*` (RFC 9110 §7.6).
+//! - [`headers`]: the header and framing rules both codecs share: hop-by-hop removal,
+//!   `X-Forwarded-*`, `Host`, underscores, response framing (RFC 9110, RFC 9112).
 //! - [`session`]: session keys and the pin table (striped, one cache line per pin).
 //! - [`state`]: the durable store (pins, drain clock, overrides) with group commit.
 //! - [`drain`]: the drain signal and its persisted clock.

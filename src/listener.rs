@@ -315,8 +315,16 @@ impl Connection {
         };
         match ended {
             Some(Err(err)) => {
-                if err.downcast_ref::<hyper::Error>().is_some_and(hyper::Error::is_timeout) {
-                    metrics.client_rejected.header_timeout.inc();
+                // What hyper refused before the proxy saw a request: a head it could not read
+                // (it answers 400, 414 or 431 itself) or one that came too slowly.
+                if let Some(err) = err.downcast_ref::<hyper::Error>() {
+                    if err.is_timeout() {
+                        metrics.client_rejected.header_timeout.inc();
+                    } else if err.is_parse_too_large() {
+                        metrics.client_rejected.headers_too_large.inc();
+                    } else if err.is_parse() {
+                        metrics.client_rejected.bad_request.inc();
+                    }
                 }
                 debug!(peer = %peer, error = %err, "client connection ended with an error");
             }

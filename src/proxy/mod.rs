@@ -548,10 +548,11 @@ fn error_parts(err: &ProxyError) -> (StatusCode, &'static str, &'static str) {
     }
 }
 
-/// Whether the connection closes after the proxy answers `err`: a request it refused may have
-/// left the connection's framing in doubt, so nothing more is read from it.
+/// Whether the connection closes after the proxy answers `err`: a client whose request was
+/// refused (400, 431) may have left the connection's framing in doubt, so nothing more is read
+/// from it.
 fn closes_connection(err: &ProxyError) -> bool {
-    error_parts(err).0 == StatusCode::BAD_REQUEST
+    error_parts(err).0.is_client_error()
 }
 
 /// The response for a request the proxy could not forward: status, `x-rollout-error` naming the

@@ -1,6 +1,8 @@
 //! Shared test fixtures: stub upstreams on real sockets, an in-process proxy, an HTTP client.
 #![allow(dead_code)]
 
+pub mod raw;
+
 use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
