@@ -225,7 +225,7 @@ run() {
 # paired ratios below then compare cells seconds apart, which a slow spell of the host mostly
 # slows alike.
 declare -A rps p50 p99 cpu
-declare -A round_cpu
+declare -A round_cpu round_rps round_p99
 for round in $(seq "$rounds"); do
   for scenario in a b c d; do
     case $scenario in
@@ -236,7 +236,7 @@ for round in $(seq "$rounds"); do
       read -r r a b c < <(run "$target" "$scenario")
       key="$scenario/$target"
       rps[$key]="${rps[$key]:-} $r"; p50[$key]="${p50[$key]:-} $a"; p99[$key]="${p99[$key]:-} $b"; cpu[$key]="${cpu[$key]:-} $c"
-      round_cpu[$round/$key]=$c
+      round_cpu[$round/$key]=$c; round_rps[$round/$key]=$r; round_p99[$round/$key]=$b
       echo "round $round  scenario $scenario  $target: $r req/s, p50 $a ms, p99 $b ms, $c µs CPU/request" >&2
     done
   done
@@ -262,14 +262,17 @@ for scenario in a b c d; do
 done
 
 # Paired ratios: each round's cells divided by their neighbours in the same round.
-paired() { # NUMERATOR DENOMINATOR: per-round CPU ratios, then their median
+paired() { # METRIC NUMERATOR DENOMINATOR: per-round ratios of one metric, then their median
+  local -n values=$1
   local ratios=() round
   for round in $(seq "$rounds"); do
-    ratios+=("$(awk -v n="${round_cpu[$round/$1]}" -v d="${round_cpu[$round/$2]}" 'BEGIN { printf "%.2f", (d > 0 ? n / d : 0) }')")
+    ratios+=("$(awk -v n="${values[$round/$2]}" -v d="${values[$round/$3]}" 'BEGIN { printf "%.2f", (d > 0 ? n / d : 0) }')")
   done
   echo "${ratios[*]}  (median $(median <<<"${ratios[*]}"))"
 }
 echo
-echo "Paired CPU ratios, one per round:"
-echo "- (a) rollout-proxy / NGINX: $(paired a/rollout a/nginx)"
-echo "- (b) / (a), rollout-proxy: $(paired b/rollout a/rollout)"
+echo "Paired ratios, one per round:"
+echo "- (a) rollout-proxy / NGINX, CPU per request: $(paired round_cpu a/rollout a/nginx)"
+echo "- (a) rollout-proxy / NGINX, req/s: $(paired round_rps a/rollout a/nginx)"
+echo "- (a) rollout-proxy / NGINX, p99: $(paired round_p99 a/rollout a/nginx)"
+echo "- (b) / (a), rollout-proxy, CPU per request: $(paired round_cpu b/rollout a/rollout)"

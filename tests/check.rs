@@ -169,3 +169,32 @@ fn absurd_durations_are_refused() {
         "14:17: drain.quiet_window: 10000years is longer than the maximum of 10 years",
     );
 }
+
+#[test]
+fn a_session_header_with_an_underscore_needs_underscores_allowed() {
+    let keyed = format!("{GOOD}sessions:\n  keys: [{{ header: X_Study_Id }}]\n");
+    assert_rejected(
+        &keyed,
+        "16:20: sessions.keys[0].header: \"X_Study_Id\" contains '_', and request headers with '_' are dropped",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let allowed = format!("{keyed}client:\n  allow_underscores_in_headers: true\n");
+    let (code, _, stderr) = check(dir.path(), &allowed);
+    assert_eq!(code, Some(0), "{stderr}");
+}
+
+#[test]
+fn new_client_and_upstream_limits_are_bounds_checked() {
+    assert_rejected(
+        &format!("{GOOD}client:\n  max_concurrent_streams: 0\n"),
+        "16:27: client.max_concurrent_streams: 0 is outside 1..=10000",
+    );
+    assert_rejected(
+        &format!("{GOOD}client:\n  send_timeout: 0s\n"),
+        "16:17: client.send_timeout: must be longer than 0s",
+    );
+    assert_rejected(
+        &format!("{GOOD}upstream:\n  max_connections_per_upstream: 0\n"),
+        "16:33: upstream.max_connections_per_upstream: must be at least 1",
+    );
+}
