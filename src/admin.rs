@@ -25,12 +25,11 @@ use std::time::Duration;
 use subtle::ConstantTimeEq;
 
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, warn};
+use tracing::debug;
 
 use crate::config::{Percent, PoolName};
 use crate::control::{Actor, Applied, Control, ControlError};
@@ -142,14 +141,13 @@ pub async fn serve(listener: TcpListener, state: AdminState, stop: CancellationT
                 Ok(accepted) => accepted,
                 Err(err) => {
                     // A full descriptor table must not stop the admin API for good.
-                    warn!(error = %err, "admin accept failed; pausing before the next accept");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    crate::listener::back_off(err).await;
                     continue;
                 }
             },
         };
         let Ok(slot) = slots.clone().try_acquire_owned() else {
-            tokio::spawn(refuse(stream));
+            tokio::spawn(crate::listener::refuse(stream, TOO_MANY_ADMIN_CONNECTIONS));
             continue;
         };
         let app = app.clone();
@@ -177,16 +175,15 @@ pub async fn serve(listener: TcpListener, state: AdminState, stop: CancellationT
     }
     drop(listener);
     connections.close();
-    connections.wait().await;
+    // A request still being answered gets a moment; one stuck on a client does not hold the
+    // stop up.
+    let _ = tokio::time::timeout(HEADER_READ_TIMEOUT, connections.wait()).await;
 }
 
-/// Answers an admin connection over [`MAX_CONNECTIONS`] with 503 and closes it.
-async fn refuse(mut stream: tokio::net::TcpStream) {
-    const BUSY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n\
+/// The answer to an admin connection over [`MAX_CONNECTIONS`].
+const TOO_MANY_ADMIN_CONNECTIONS: &[u8] =
+    b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n\
 content-length: 44\r\nconnection: close\r\n\r\n{\"error\": \"too many admin connections open\"}";
-    let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(BUSY)).await;
-    let _ = stream.shutdown().await;
-}
 
 /// An admin request that could not be carried out; rendered as `{"error": ...}`.
 #[derive(Debug, thiserror::Error)]

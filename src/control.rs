@@ -385,9 +385,10 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
     check(old.tls != new.tls, "tls (file paths; the files themselves are re-read)");
     check(
         old.client.header_read_timeout != new.client.header_read_timeout
+            || old.client.send_timeout != new.client.send_timeout
             || old.client.max_connections != new.client.max_connections
             || old.client.max_concurrent_streams != new.client.max_concurrent_streams,
-        "client (header_read_timeout, max_connections, max_concurrent_streams)",
+        "client (header_read_timeout, send_timeout, max_connections, max_concurrent_streams)",
     );
     check(old.grace_period != new.grace_period, "shutdown.grace_period");
     check(

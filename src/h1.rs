@@ -69,7 +69,7 @@ impl crate::session::HeaderSource for RequestHead<'_> {
         self.headers
             .iter()
             .filter(move |h| h.name.eq_ignore_ascii_case(name))
-            .filter_map(|h| -> Option<&'a str> { std::str::from_utf8(h.value).ok() })
+            .filter_map(|h| headers::text_value(h.value))
     }
 }
 
@@ -99,15 +99,17 @@ pub fn parse_request<'b>(
     let (Some(method), Some(target), Some(1)) = (req.method, req.path, req.version) else {
         return ParsedRequest::Unsupported;
     };
-    if method == "CONNECT" || !is_plain_target(target) {
+    let Some(target) = plain_target(target).filter(|_| method != "CONNECT") else {
         return ParsedRequest::Unsupported;
-    }
-    let target = target.split_once('#').map_or(target, |(before, _)| before);
+    };
     let mut content_length = None;
     let mut close = false;
+    let mut host_fields = headers::HostFields::default();
     for header in req.headers.iter() {
         let name = header.name;
-        if name.eq_ignore_ascii_case("content-length") {
+        if name.eq_ignore_ascii_case("host") {
+            host_fields.add(header.value);
+        } else if name.eq_ignore_ascii_case("content-length") {
             match headers::parse_length(header.value) {
                 Some(n) if content_length.is_none() => content_length = Some(n),
                 _ => return ParsedRequest::Unsupported,
@@ -128,7 +130,6 @@ pub fn parse_request<'b>(
             return ParsedRequest::Unsupported;
         }
     }
-    let host_fields = req.headers.iter().filter(|h| h.name.eq_ignore_ascii_case("host")).map(|h| h.value);
     let Ok(host) = headers::request_host(None, host_fields) else {
         return ParsedRequest::Unsupported;
     };
@@ -147,12 +148,18 @@ pub fn parse_request<'b>(
     })
 }
 
-/// An origin-form target made only of bytes that `http::Uri` (hyper's) takes as they are in a
-/// path or a query, so both paths see the same target; anything else is hyper's to judge.
-fn is_plain_target(target: &str) -> bool {
-    target.starts_with('/')
-        && target.len() < usize::from(u16::MAX)
-        && target.bytes().all(|b| matches!(b, 0x21..=0x7e) && !matches!(b, b'"' | b'<' | b'>' | b'`'))
+/// The origin-form target without its `#fragment`, if it is made only of bytes that
+/// `http::Uri` (hyper's) takes as they are in a path or a query, so both paths see the same
+/// target; anything else is hyper's to judge. `http::Uri` reads nothing after a `#` either.
+fn plain_target(target: &str) -> Option<&str> {
+    let plain =
+        target.bytes().position(|b| b == b'#' || !(0x21..=0x7e).contains(&b) || b"\"<>`".contains(&b));
+    let end = match plain {
+        None => target.len(),
+        Some(i) if target.as_bytes()[i] == b'#' => i,
+        Some(_) => return None,
+    };
+    (target.starts_with('/') && target.len() < usize::from(u16::MAX)).then(|| &target[..end])
 }
 
 /// Writes the upstream request for `head`: the same method and target, the client's headers
@@ -281,18 +288,24 @@ pub fn rewrite_response(
         return Ok(Some(ResponseHead { status, len, framing: Framing::Empty, keep_alive: true }));
     }
     let fields = &*res.headers;
-    let framing_fields = headers::response_framing(fields.iter().map(|h| (h.name, h.value)))?;
-    let connection = || fields.iter().filter(|h| h.name.eq_ignore_ascii_case("connection")).map(|h| h.value);
+    let mut framing_fields = ResponseFraming::default();
     let (mut close, mut keep_alive_token, mut names_fields) = (false, false, false);
-    for token in connection().flat_map(headers::connection_tokens) {
-        if token.eq_ignore_ascii_case(b"close") {
-            close = true;
-        } else if token.eq_ignore_ascii_case(b"keep-alive") {
-            keep_alive_token = true;
-        } else {
-            names_fields = true;
+    for field in fields {
+        framing_fields.read_field(field.name, field.value)?;
+        if field.name.eq_ignore_ascii_case("connection") {
+            for token in headers::connection_tokens(field.value) {
+                if token.eq_ignore_ascii_case(b"close") {
+                    close = true;
+                } else if token.eq_ignore_ascii_case(b"keep-alive") {
+                    keep_alive_token = true;
+                } else {
+                    names_fields = true;
+                }
+            }
         }
     }
+    let framing_fields = framing_fields.finish();
+    let connection = || fields.iter().filter(|h| h.name.eq_ignore_ascii_case("connection")).map(|h| h.value);
     let no_body = rules.head_request || status == 204 || status == 304;
     let framing = match framing_fields {
         _ if no_body => Framing::Empty,
@@ -377,8 +390,8 @@ fn itoa3(status: u16) -> [u8; 3] {
     [b'0' + (s / 100) as u8, b'0' + (s / 10 % 10) as u8, b'0' + (s % 10) as u8]
 }
 
-/// Most chunk-extension bytes a body may carry, all chunks together (hyper allows 16 KiB).
-const MAX_EXTENSION_BYTES: u32 = 4096;
+/// Most chunk-extension bytes a body may carry, all chunks together: hyper's own limit.
+const MAX_EXTENSION_BYTES: u32 = 16 * 1024 - 1;
 /// Most trailer-section bytes and lines (hyper allows 16 KiB and 100 lines).
 const MAX_TRAILER_BYTES: u32 = 8192;
 const MAX_TRAILER_LINES: u32 = 32;

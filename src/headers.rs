@@ -31,8 +31,8 @@ static HOP_BY_HOP: [HeaderName; 7] = [
     HeaderName::from_static("proxy-authorization"),
 ];
 
-/// Whether `name` (any case) is one of the [`HOP_BY_HOP`] headers.
-pub fn is_hop_by_hop(name: &str) -> bool {
+/// Whether `name` (any case) is one of the hop-by-hop headers.
+fn is_hop_by_hop(name: &str) -> bool {
     HOP_BY_HOP.iter().any(|h| h.as_str().eq_ignore_ascii_case(name))
 }
 
@@ -59,9 +59,19 @@ pub fn connection_tokens(value: &[u8]) -> impl Iterator<Item = &[u8]> {
 
 /// Whether one of the `connection` field values names `name`, which makes it a hop-by-hop field
 /// of this message (protected fields excepted). Every token counts, however many there are.
-pub fn is_named_in_connection<'a>(connection: impl IntoIterator<Item = &'a [u8]>, name: &str) -> bool {
-    !is_protected(name.as_bytes())
-        && connection.into_iter().flat_map(connection_tokens).any(|t| t.eq_ignore_ascii_case(name.as_bytes()))
+fn is_named_in_connection<'a>(connection: impl IntoIterator<Item = &'a [u8]>, name: &str) -> bool {
+    connection.into_iter().flat_map(connection_tokens).any(|t| t.eq_ignore_ascii_case(name.as_bytes()))
+        && !is_protected(name.as_bytes())
+}
+
+/// A field value as text, the way [`http::HeaderValue::to_str`] reads it: visible ASCII and tabs
+/// only, so both paths see the same values (a session key from a `Cookie` line, say).
+pub fn text_value(value: &[u8]) -> Option<&str> {
+    if value.iter().all(|&b| b == b'\t' || (b' '..=b'~').contains(&b)) {
+        std::str::from_utf8(value).ok()
+    } else {
+        None
+    }
 }
 
 /// Whether a client request's field `name` stays behind, whatever `Connection` names: hop-by-hop
@@ -84,22 +94,40 @@ pub enum HostError {
     Invalid,
 }
 
+/// The `Host` fields of a request, as a codec meets them while it reads the fields.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct HostFields<'a> {
+    first: Option<&'a [u8]>,
+    count: usize,
+}
+
+impl<'a> HostFields<'a> {
+    /// Notes one `Host` field.
+    pub fn add(&mut self, value: &'a [u8]) {
+        self.first.get_or_insert(value);
+        self.count += 1;
+    }
+
+    pub fn of(values: impl Iterator<Item = &'a [u8]>) -> Self {
+        values.fold(HostFields::default(), |mut fields, value| {
+            fields.add(value);
+            fields
+        })
+    }
+}
+
 /// The host of a request (RFC 9112 §3.2): the target's authority when it has one (absolute-form,
 /// or HTTP/2's `:authority`), which replaces any `Host` field (RFC 9112 §3.2.2); otherwise
 /// exactly one `Host` field. Either way it must be a valid `host[:port]` authority.
 pub fn request_host<'a>(
     target_authority: Option<&'a [u8]>,
-    mut host_fields: impl Iterator<Item = &'a [u8]>,
+    fields: HostFields<'a>,
 ) -> Result<&'a [u8], HostError> {
-    let host = match target_authority {
-        Some(authority) => authority,
-        None => {
-            let host = host_fields.next().ok_or(HostError::Missing)?;
-            if host_fields.next().is_some() {
-                return Err(HostError::Repeated);
-            }
-            host
-        }
+    let host = match (target_authority, fields) {
+        (Some(authority), _) => authority,
+        (None, HostFields { first: Some(host), count: 1 }) => host,
+        (None, HostFields { first: None, .. }) => return Err(HostError::Missing),
+        (None, _) => return Err(HostError::Repeated),
     };
     if is_valid_authority(host) {
         Ok(host)
@@ -111,7 +139,7 @@ pub fn request_host<'a>(
 /// `host [ ":" port ]` of RFC 3986 §3.2.2–3.2.3, without user information: a registered name
 /// (unreserved, percent-encoded and sub-delimiter characters), an IPv4 address (a registered name
 /// by these characters) or a bracketed IPv6 literal, then at most five port digits.
-pub fn is_valid_authority(value: &[u8]) -> bool {
+fn is_valid_authority(value: &[u8]) -> bool {
     let (host, port) = match value.iter().rposition(|&b| b == b':') {
         Some(i) if !value[i..].contains(&b']') => (&value[..i], &value[i + 1..]),
         _ => (value, &b""[..]),
@@ -173,39 +201,51 @@ pub enum InvalidResponse {
     ContentLength,
 }
 
-/// Reads the framing of an upstream response from its fields. Strict, so that what the proxy
-/// relays can only be read one way downstream: `Transfer-Encoding` must be the single coding
-/// `chunked` (the proxy decodes nothing else), every `Content-Length` must be the same run of
-/// digits (RFC 9110 §8.6 lets identical duplicates be merged).
+impl ResponseFraming {
+    /// Takes one field of an upstream response into account, in order; [`ResponseFraming::finish`]
+    /// when all are in. Strict, so that what the proxy relays can only be read one way
+    /// downstream: `Transfer-Encoding` must be the single coding `chunked` (the proxy decodes
+    /// nothing else), every `Content-Length` must be the same run of digits (RFC 9110 §8.6 lets
+    /// identical duplicates be merged).
+    pub fn read_field(&mut self, name: &str, value: &[u8]) -> Result<(), InvalidResponse> {
+        if name.eq_ignore_ascii_case("transfer-encoding") {
+            let mut codings = value.split(|&b| b == b',').map(<[u8]>::trim_ascii);
+            let single = codings.next().is_some_and(|c| c.eq_ignore_ascii_case(b"chunked"))
+                && codings.next().is_none();
+            if self.chunked || !single {
+                return Err(InvalidResponse::TransferEncoding);
+            }
+            self.chunked = true;
+        } else if name.eq_ignore_ascii_case("content-length") {
+            let n = parse_length(value).ok_or(InvalidResponse::ContentLength)?;
+            if self.length.is_some_and(|m| m != n) {
+                return Err(InvalidResponse::ContentLength);
+            }
+            self.repeated_length |= self.length.is_some();
+            self.length = Some(n);
+        }
+        Ok(())
+    }
+
+    /// The framing once every field is read: with `Transfer-Encoding`, no length.
+    pub fn finish(mut self) -> Self {
+        if self.chunked {
+            self.length = None;
+            self.repeated_length = false;
+        }
+        self
+    }
+}
+
+/// [`ResponseFraming::read_field`] over all of a response's fields.
 pub fn response_framing<'a>(
     fields: impl Iterator<Item = (&'a str, &'a [u8])>,
 ) -> Result<ResponseFraming, InvalidResponse> {
     let mut framing = ResponseFraming::default();
-    let mut codings = 0;
-    let mut length = None;
     for (name, value) in fields {
-        if name.eq_ignore_ascii_case("transfer-encoding") {
-            for coding in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
-                codings += 1;
-                if codings > 1 || !coding.eq_ignore_ascii_case(b"chunked") {
-                    return Err(InvalidResponse::TransferEncoding);
-                }
-            }
-            framing.chunked = true;
-        } else if name.eq_ignore_ascii_case("content-length") {
-            let n = parse_length(value).ok_or(InvalidResponse::ContentLength)?;
-            if length.replace(n).is_some_and(|m| m != n) {
-                return Err(InvalidResponse::ContentLength);
-            }
-            framing.repeated_length |= framing.length.is_some();
-            framing.length = Some(n);
-        }
+        framing.read_field(name, value)?;
     }
-    if framing.chunked {
-        framing.length = None;
-        framing.repeated_length = false;
-    }
-    Ok(framing)
+    Ok(framing.finish())
 }
 
 /// A `Content-Length` value: decimal digits only (RFC 9110 §8.6), no sign, no list, at most 15 of
@@ -242,7 +282,7 @@ pub fn is_upgrade(headers: &HeaderMap) -> bool {
 
 /// Removes hop-by-hop headers like [`remove_hop_by_hop`], except that a protocol switch keeps
 /// `Upgrade` and `Connection: upgrade`: the proxy passes the switch through to the next hop.
-pub fn remove_hop_by_hop_keeping_upgrade(headers: &mut HeaderMap) {
+fn remove_hop_by_hop_keeping_upgrade(headers: &mut HeaderMap) {
     let upgrade = headers.get(UPGRADE).cloned();
     remove_hop_by_hop(headers);
     if let Some(protocol) = upgrade {
@@ -253,7 +293,7 @@ pub fn remove_hop_by_hop_keeping_upgrade(headers: &mut HeaderMap) {
 
 /// Removes hop-by-hop headers, including every header the `Connection` header names
 /// (RFC 9110 §7.6.1: "a proxy MUST ... remove any header fields it lists").
-pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
+fn remove_hop_by_hop(headers: &mut HeaderMap) {
     // Most messages carry none of them: one pass over the names instead of a lookup per name.
     if !headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
         return;
@@ -317,8 +357,11 @@ pub fn prepare_request(
     headers.insert(HOST, host.clone());
     headers.insert(X_FORWARDED_HOST.clone(), host);
     let forwarded_for = match joined(headers, &X_FORWARDED_FOR) {
-        Some(previous) => HeaderValue::from_str(&format!("{previous}, {}", client.as_str()))
-            .expect("an address appended to valid values is valid"),
+        Some(mut previous) => {
+            previous.extend_from_slice(b", ");
+            previous.extend_from_slice(client.as_str().as_bytes());
+            HeaderValue::from_bytes(&previous).expect("an address appended to valid values is valid")
+        }
         None => client.0.clone(),
     };
     headers.insert(X_FORWARDED_FOR.clone(), forwarded_for);
@@ -347,11 +390,16 @@ pub fn prepare_response(status: u16, headers: &mut HeaderMap) -> Result<(), Inva
     Ok(())
 }
 
-/// All values of a repeated header joined with ", " (RFC 9110 §5.3), if present.
-fn joined(headers: &HeaderMap, name: &HeaderName) -> Option<String> {
-    let mut values = headers.get_all(name).iter().filter_map(|v| v.to_str().ok());
-    let first = values.next()?;
-    Some(values.fold(first.to_owned(), |acc, v| acc + ", " + v))
+/// All values of a repeated header joined with ", " (RFC 9110 §5.3), if present, byte for byte
+/// as the fast path joins them.
+fn joined(headers: &HeaderMap, name: &HeaderName) -> Option<Vec<u8>> {
+    let mut values = headers.get_all(name).iter();
+    let first = values.next()?.as_bytes().to_vec();
+    Some(values.fold(first, |mut acc, v| {
+        acc.extend_from_slice(b", ");
+        acc.extend_from_slice(v.as_bytes());
+        acc
+    }))
 }
 
 /// The size of a request head as the client sent it, near enough: target plus each header line.
@@ -459,7 +507,8 @@ mod tests {
 
     #[test]
     fn the_host_is_exactly_one_valid_authority() {
-        let host = |fields: &[&'static str]| request_host(None, fields.iter().map(|f| f.as_bytes()));
+        let host =
+            |fields: &[&'static str]| request_host(None, HostFields::of(fields.iter().map(|f| f.as_bytes())));
         assert_eq!(host(&["app.example:8080"]), Ok(&b"app.example:8080"[..]));
         assert_eq!(host(&["[::1]:443"]), Ok(&b"[::1]:443"[..]));
         assert_eq!(host(&["10.0.0.1"]), Ok(&b"10.0.0.1"[..]));
@@ -469,8 +518,9 @@ mod tests {
             assert_eq!(host(&[bad]), Err(HostError::Invalid), "{bad:?}");
         }
         // The target's authority wins over (and replaces) any Host field.
-        assert_eq!(request_host(Some(b"b.example"), [&b"a"[..], b"c"].into_iter()), Ok(&b"b.example"[..]));
-        assert_eq!(request_host(Some(b"b c"), std::iter::empty()), Err(HostError::Invalid));
+        let two = HostFields::of([&b"a"[..], b"c"].into_iter());
+        assert_eq!(request_host(Some(b"b.example"), two), Ok(&b"b.example"[..]));
+        assert_eq!(request_host(Some(b"b c"), HostFields::default()), Err(HostError::Invalid));
     }
 
     #[test]

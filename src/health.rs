@@ -143,9 +143,15 @@ pub async fn run_checks(proxy: Arc<Proxy>, stop: CancellationToken) {
                 let (upstream, proxy, check) = (upstream.clone(), proxy.clone(), check.clone());
                 tokio::spawn(async move {
                     let _probing = ProbeGuard(&upstream);
-                    // The whole probe, body included, is bounded: a hung one counts as failed.
-                    let ok = tokio::time::timeout(check.timeout, probe(&proxy, &upstream, &check)).await
-                        == Ok(true);
+                    // The whole probe, body included, is bounded: a hung one counts as failed. One
+                    // the proxy could not send (its own connection cap, no descriptors) says
+                    // nothing about the upstream and is not counted.
+                    let ok = match tokio::time::timeout(check.timeout, probe(&proxy, &upstream, &check)).await
+                    {
+                        Ok(None) => return,
+                        Ok(Some(ok)) => ok,
+                        Err(_) => false,
+                    };
                     match upstream.health().record_probe(ok, &check) {
                         Some(true) => {
                             info!(pool = %pool, upstream = %upstream.name(), "upstream healthy again")
@@ -170,7 +176,9 @@ impl Drop for ProbeGuard<'_> {
     }
 }
 
-async fn probe(proxy: &Proxy, upstream: &crate::upstream::Upstream, check: &HealthCheck) -> bool {
+/// Whether the upstream answered the probe with a success or a redirect; `None` when the failure
+/// was the proxy's own, not the upstream's ([`crate::upstream::UpstreamError::is_local`]).
+async fn probe(proxy: &Proxy, upstream: &crate::upstream::Upstream, check: &HealthCheck) -> Option<bool> {
     let req = Request::get(check.path.as_str())
         .header(http::header::HOST, upstream.authority().as_str())
         .header(http::header::USER_AGENT, "rollout-proxy health check")
@@ -181,8 +189,8 @@ async fn probe(proxy: &Proxy, upstream: &crate::upstream::Upstream, check: &Heal
             let ok = response.status().is_success() || response.status().is_redirection();
             // Read the body to the end so the connection goes back to the pool.
             let _ = http_body_util::BodyExt::collect(response.into_body()).await;
-            ok
+            Some(ok)
         }
-        Err(_) => false,
+        Err(err) => (!err.error.is_local()).then_some(false),
     }
 }

@@ -95,7 +95,7 @@ pub async fn serve(
         };
         let Ok(slot) = slots.clone().try_acquire_owned() else {
             metrics.client_rejected.max_connections.inc();
-            tokio::spawn(refuse(stream));
+            tokio::spawn(refuse(stream, TOO_MANY_CONNECTIONS));
             continue;
         };
         if let Err(err) = stream.set_nodelay(true) {
@@ -174,7 +174,7 @@ struct Connection {
 }
 
 /// The HTTP/2 connection preface (RFC 9113 §3.4): a client speaking h2c with prior knowledge.
-const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n";
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 impl Connection {
     /// Serves a plain-TCP connection on the HTTP/1.1 fast path ([`crate::h1`]) for as long as
@@ -227,7 +227,7 @@ impl Connection {
                 }
             };
             let keep = tokio::select! {
-                keep = proxy.serve_h1(&snapshot, request, &mut conn, &self.draining) => keep,
+                keep = proxy.serve_h1(&snapshot, request, &mut conn, &self.draining, self.send_timeout) => keep,
                 _ = self.hard_stop.cancelled() => false,
             };
             if !keep {
@@ -237,8 +237,16 @@ impl Connection {
         }
     }
 
-    /// Hands a fast-path connection to hyper, bytes read so far included.
-    async fn hand_over(self, conn: ClientConn) {
+    /// Hands a fast-path connection to hyper, bytes read so far included. A client that has sent
+    /// only part of the HTTP/2 preface is read until it is whole, so that an HTTP/2 connection is
+    /// known for one (and gets the idle limit hyper's HTTP/1.1 side has of its own).
+    async fn hand_over(self, mut conn: ClientConn) {
+        while conn.buf.len() < H2_PREFACE.len() && H2_PREFACE.starts_with(&conn.buf) {
+            match tokio::time::timeout(self.header_read_timeout, conn.fill()).await {
+                Ok(Ok(1..)) => {}
+                _ => return,
+            }
+        }
         let ClientConn { stream, buf, .. } = conn;
         let h2 = buf.starts_with(H2_PREFACE);
         self.serve(Rewind::new(buf.freeze(), stream), h2).await
@@ -343,14 +351,16 @@ async fn sleep_until_some(deadline: Option<tokio::time::Instant>) {
 }
 
 /// What a hyper-served connection is doing, for [`Activity::watch`]: requests in flight (from
-/// the service call to the end of the response body) and responses being written out.
+/// the service call until hyper has taken the last of the response body; HTTP/2 may still be
+/// sending it) and responses being written out.
 struct Activity {
     base: tokio::time::Instant,
     in_flight: AtomicUsize,
     /// Response bodies whose last frame has been taken and not yet followed by a request for
     /// the next: the connection is writing to the client (or the client does not read).
     sending: AtomicUsize,
-    /// Milliseconds since `base` when the connection last had no request in flight.
+    /// Milliseconds since `base` when a request last ended (the connection is idle from then on
+    /// if none is in flight).
     idle_since: AtomicU64,
     /// Milliseconds since `base` of the last frame taken from a response body.
     progress_at: AtomicU64,
@@ -437,8 +447,9 @@ struct InFlight(Arc<Activity>);
 impl Drop for InFlight {
     fn drop(&mut self) {
         let activity = &self.0;
+        // Stored first: a watcher that sees no request in flight must see when that began.
+        activity.idle_since.store(activity.now(), Ordering::SeqCst);
         if activity.in_flight.fetch_sub(1, Ordering::SeqCst) == 1 {
-            activity.idle_since.store(activity.now(), Ordering::SeqCst);
             activity.changed.notify_one();
         }
     }
@@ -510,17 +521,19 @@ async fn close_idle(mut stream: TcpStream, hard_stop: &CancellationToken) {
     }
 }
 
-/// Answers a connection over `client.max_connections` with a plain 503 and closes it.
-async fn refuse(mut stream: TcpStream) {
-    const BUSY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nx-rollout-error: too_many_connections\r\n\
+/// The answer to a connection over `client.max_connections`.
+const TOO_MANY_CONNECTIONS: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nx-rollout-error: too_many_connections\r\n\
 content-type: text/plain; charset=utf-8\r\ncontent-length: 21\r\nconnection: close\r\n\r\ntoo many connections\n";
-    let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(BUSY)).await;
+
+/// Answers a connection over a connection limit with `answer` (a whole response) and closes it.
+pub(crate) async fn refuse(mut stream: TcpStream, answer: &'static [u8]) {
+    let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(answer)).await;
     let _ = stream.shutdown().await;
 }
 
 /// Errors about one connection are skipped at once; resource exhaustion gets a short pause so
 /// the loop does not spin while descriptors are short.
-async fn back_off(err: io::Error) {
+pub(crate) async fn back_off(err: io::Error) {
     match err.kind() {
         io::ErrorKind::ConnectionAborted | io::ErrorKind::ConnectionReset | io::ErrorKind::Interrupted => {
             debug!(error = %err, "accept failed for one connection")

@@ -52,7 +52,7 @@ pub trait HeaderSource {
 
 impl HeaderSource for HeaderMap {
     fn values<'a>(&'a self, name: &str) -> impl Iterator<Item = &'a str> {
-        self.get_all(name).iter().filter_map(|v| v.to_str().ok())
+        self.get_all(name).iter().filter_map(|v| crate::headers::text_value(v.as_bytes()))
     }
 }
 

@@ -24,8 +24,6 @@ pub struct Snapshot {
     /// Whether responses carry `x-rollout-pool`.
     pub pool_header: bool,
     pub max_header_bytes: usize,
-    /// `client.send_timeout`: most time a write to a client may make no progress.
-    pub send_timeout: Duration,
     /// `client.allow_underscores_in_headers`.
     pub allow_underscores: bool,
     pub response_timeout: Duration,
@@ -66,7 +64,6 @@ impl Snapshot {
             pools,
             pool_header: config.routes.pool_header,
             max_header_bytes: config.client.max_header_bytes,
-            send_timeout: config.client.send_timeout,
             allow_underscores: config.client.allow_underscores_in_headers,
             response_timeout: config.upstream.response_timeout,
             keys: KeyExtractor::new(config.sessions.keys.clone()),

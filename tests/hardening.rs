@@ -18,32 +18,13 @@ use bytes::Bytes;
 use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use support::{config_yaml, get, metric, spawn_proxy, Upstream};
+use support::{config_yaml, get, metric, raw_upstream, spawn_proxy, Upstream};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 /// Makes the proxy hand the connection to its hyper path: a `Connection` header naming another
 /// field is left to hyper, and so is every later request on that connection.
 const TO_HYPER: &str = "GET /prime HTTP/1.1\r\nHost: a\r\nConnection: keep-alive, x-h\r\nX-H: 1\r\n\r\n";
-
-/// A raw upstream: `serve` runs once per accepted connection, with the connection's number.
-async fn raw_upstream<F, Fut>(serve: F) -> (SocketAddr, Arc<AtomicUsize>)
-where
-    F: Fn(TcpStream, usize) -> Fut + Send + Sync + 'static,
-    Fut: Future<Output = ()> + Send + 'static,
-{
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let accepted = Arc::new(AtomicUsize::new(0));
-    let counter = accepted.clone();
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            let n = counter.fetch_add(1, Ordering::SeqCst);
-            tokio::spawn(serve(stream, n));
-        }
-    });
-    (addr, accepted)
-}
 
 /// Reads one request head (and a Content-Length body) from `stream`; its request line.
 async fn read_request(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Option<String> {
@@ -80,7 +61,7 @@ fn clean(line: &str) -> String {
 /// An upstream that answers requests for `/first` with `bytes` (then `later`, 300 ms on, on the
 /// same socket) and every other request cleanly.
 async fn scripted_upstream(bytes: &'static str, later: &'static str) -> SocketAddr {
-    raw_upstream(move |mut s, _| async move {
+    raw_upstream(move |mut s| async move {
         let mut buf = Vec::new();
         while let Some(line) = read_request(&mut s, &mut buf).await {
             if line.contains(" /first") {
@@ -582,14 +563,14 @@ async fn admin_json_with_trailing_bytes_is_refused_and_changes_nothing() {
 #[tokio::test]
 async fn an_idempotent_request_with_a_body_is_not_sent_twice() {
     // v1-a reads the request and closes without answering; v1-b counts what reaches it.
-    let (a, _) = raw_upstream(|mut s, _| async move {
+    let (a, _) = raw_upstream(|mut s| async move {
         let mut buf = Vec::new();
         let _ = read_request(&mut s, &mut buf).await;
     })
     .await;
     let b_seen = Arc::new(AtomicUsize::new(0));
     let seen = b_seen.clone();
-    let (b, _) = raw_upstream(move |mut s, _| {
+    let (b, _) = raw_upstream(move |mut s| {
         let seen = seen.clone();
         async move {
             let mut buf = Vec::new();
@@ -656,5 +637,141 @@ async fn a_fragment_is_cut_off_before_routing_on_both_paths() {
     let text = metrics_text(&proxy).await;
     assert_eq!(metric(&text, "rollout_session_keys_rejected_total", &[("reason", "invalid")]), Some(0.0));
     assert_eq!(metric(&text, "rollout_sessions_started_total", &[("pool", "v1")]), Some(2.0));
+    proxy.shutdown().await;
+}
+
+// A client that stalls while sending its body is the client's error on both paths: 408, and
+// the upstream is not blamed.
+#[tokio::test]
+async fn a_body_that_stops_arriving_is_408_on_both_paths() {
+    let v1 = Upstream::new("v1-a").spawn().await;
+    let proxy = proxy_to(v1, "upstream: { response_timeout: 300ms }\n").await;
+    for (path, request) in [
+        ("fast", "POST /api/members HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\n01234"),
+        (
+            "hyper",
+            "POST /api/members HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n5\r\n01234\r\n",
+        ),
+    ] {
+        let answer = one_request(proxy.addr, None, request).await;
+        assert!(answer.starts_with("HTTP/1.1 408 "), "{path}: {answer}");
+        assert!(answer.contains("x-rollout-error: client_timeout"), "{path}: {answer}");
+    }
+    let text = metrics_text(&proxy).await;
+    assert_eq!(
+        metric(
+            &text,
+            "rollout_upstream_errors_total",
+            &[("pool", "v1"), ("upstream", "v1-a"), ("kind", "timeout")]
+        ),
+        Some(0.0),
+        "the upstream was blamed"
+    );
+    proxy.shutdown().await;
+}
+
+/// A client socket whose first write stops after 12 bytes for 100 ms: the HTTP/2 preface
+/// arrives in two pieces.
+struct SplitFirstWrite {
+    inner: TcpStream,
+    pause: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+    written: usize,
+}
+
+impl tokio::io::AsyncRead for SplitFirstWrite {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for SplitFirstWrite {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        if self.written == 0 {
+            let n = buf.len().min(12);
+            let polled = std::pin::Pin::new(&mut self.inner).poll_write(cx, &buf[..n]);
+            if let std::task::Poll::Ready(Ok(n)) = polled {
+                self.written = n;
+                self.pause = Some(Box::pin(tokio::time::sleep(Duration::from_millis(100))));
+            }
+            return polled;
+        }
+        if let Some(pause) = self.pause.as_mut() {
+            std::task::ready!(pause.as_mut().poll(cx));
+            self.pause = None;
+        }
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+// The HTTP/2 preface sent in pieces still makes the connection known as HTTP/2, and so bounded
+// when idle, even for a client that answers every PING.
+#[tokio::test]
+async fn an_http2_preface_sent_in_pieces_is_still_bounded() {
+    let v1 = Upstream::new("v1-a").spawn().await;
+    let proxy = proxy_to(v1, "client: { header_read_timeout: 300ms }\n").await;
+    let stream =
+        SplitFirstWrite { inner: TcpStream::connect(proxy.addr).await.unwrap(), pause: None, written: 0 };
+    let (mut sender, connection) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream)).await.unwrap();
+    let connection = tokio::spawn(connection);
+    let req = Request::get(proxy.url("/api/members/me")).body(Full::<Bytes>::default()).unwrap();
+    let response = sender.send_request(req).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    response.into_body().collect().await.unwrap();
+    let ended = tokio::time::timeout(Duration::from_secs(5), connection).await;
+    assert!(ended.is_ok(), "an HTTP/2 connection whose preface came in pieces stayed open when idle");
+    proxy.shutdown().await;
+}
+
+// A WebSocket tunnel keeps its upstream connection under max_connections_per_upstream.
+#[tokio::test]
+async fn an_open_tunnel_counts_against_the_upstream_connection_cap() {
+    use futures_util::{SinkExt, StreamExt};
+    let echo = support::spawn_websocket_echo().await;
+    let v1 = Upstream::new("v1-a").spawn().await;
+    let extra = "upstream: { max_connections_per_upstream: 1, connect_timeout: 300ms, retries: 0 }\n";
+    let proxy = spawn_proxy(&config_yaml(&[("v1-a", v1, 1)], &[("ws", echo, 1)], extra)).await;
+    let url = format!("ws://{}/api/v2/live", proxy.addr);
+    let (mut first, _) = tokio_tungstenite::connect_async(url.as_str()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    match tokio_tungstenite::connect_async(url.as_str()).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+            assert_eq!(response.headers()["x-rollout-error"], "upstream_busy");
+        }
+        other => panic!("a second tunnel got past the cap: {:?}", other.map(|(_, r)| r.status())),
+    }
+    first.send(tokio_tungstenite::tungstenite::Message::text("still here")).await.unwrap();
+    assert!(first.next().await.unwrap().is_ok());
+    first.close(None).await.unwrap();
+    while let Some(Ok(_)) = first.next().await {}
+    drop(first);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        tokio_tungstenite::connect_async(url.as_str()).await.is_ok(),
+        "the closed tunnel's place came free"
+    );
     proxy.shutdown().await;
 }

@@ -4,35 +4,13 @@
 
 mod support;
 
-use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use support::{config_yaml, spawn_proxy, Upstream};
+use support::{config_yaml, raw_upstream, spawn_proxy, Upstream};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-
-/// A raw upstream: `serve` runs once per accepted connection. Returns the address and the
-/// number of connections accepted so far.
-async fn raw_upstream<F, Fut>(serve: F) -> (SocketAddr, Arc<AtomicUsize>)
-where
-    F: Fn(TcpStream) -> Fut + Send + Sync + 'static,
-    Fut: Future<Output = ()> + Send + 'static,
-{
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let accepted = Arc::new(AtomicUsize::new(0));
-    let counter = accepted.clone();
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            counter.fetch_add(1, Ordering::SeqCst);
-            tokio::spawn(serve(stream));
-        }
-    });
-    (addr, accepted)
-}
+use tokio::net::TcpStream;
 
 /// Reads one request head from `stream` (bodies are not used by these upstreams).
 async fn read_head(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Option<String> {
@@ -256,8 +234,8 @@ async fn a_body_sent_after_its_head_arrives_whole_and_close_is_honoured() {
 }
 
 /// The body has one deadline (`response_timeout`) for all of it: a client sending a byte every
-/// 150 ms, each within the deadline of the one before, is still cut off, and nothing of its
-/// request reaches the upstream.
+/// 150 ms, each within the deadline of the one before, is still cut off with 408, and nothing of
+/// its request reaches the upstream.
 #[tokio::test]
 async fn a_body_trickled_byte_by_byte_is_cut_off_at_one_deadline() {
     let (v1, accepted) =
@@ -285,7 +263,9 @@ async fn a_body_trickled_byte_by_byte_is_cut_off_at_one_deadline() {
         sent += 1;
     }
     let (text, closed) = read_until(&mut client, |_| false).await;
-    assert!(closed && text.is_empty(), "expected the connection closed without an answer, got {text:?}");
+    assert!(closed, "the connection stayed open: {text:?}");
+    assert!(text.starts_with("HTTP/1.1 408 "), "expected 408, got {text:?}");
+    assert!(text.contains("x-rollout-error: client_timeout"), "{text:?}");
     assert!(sent < 20, "the whole trickled body was accepted");
     assert!(started.elapsed() < Duration::from_millis(2900), "cut off only after {:?}", started.elapsed());
     assert_eq!(accepted.load(Ordering::SeqCst), 0, "the request reached the upstream");

@@ -7,10 +7,10 @@
 
 use std::mem::MaybeUninit;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::{Buf, BytesMut};
-use http::Method;
+use http::{Method, StatusCode};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
@@ -75,6 +75,27 @@ pub struct H1Request {
     logged: Logged,
 }
 
+/// Reads a request's `len` body bytes into `conn.buf`, all within `limit`: one deadline for the
+/// whole body, so a client trickling it byte by byte does not reset it. The clock is read only
+/// when the body is not all here yet (most requests have none).
+async fn read_body(conn: &mut ClientConn, len: usize, limit: Duration) -> Result<(), ProxyError> {
+    let mut deadline = None;
+    while conn.buf.len() < len {
+        let deadline = *deadline.get_or_insert_with(|| tokio::time::Instant::now() + limit);
+        match tokio::time::timeout_at(deadline, conn.fill()).await {
+            Ok(Ok(n)) if n > 0 => {}
+            Ok(Ok(_)) => {
+                return Err(ProxyError::ClientBody("the client closed before the end of its body".into()))
+            }
+            Ok(Err(err)) => return Err(ProxyError::ClientBody(err.into())),
+            Err(_) => return Err(ProxyError::ClientTimeout),
+        }
+    }
+    conn.request.extend_from_slice(&conn.buf[..len]);
+    conn.buf.advance(len);
+    Ok(())
+}
+
 impl Proxy {
     /// Reads the request head at the start of `conn.buf`, routes it and writes its upstream head
     /// into the connection's request buffer. Requests the fast path does not serve, including
@@ -128,24 +149,22 @@ impl Proxy {
         req: H1Request,
         conn: &mut ClientConn,
         draining: &CancellationToken,
+        send_timeout: Duration,
     ) -> bool {
         conn.buf.advance(req.head_len);
-        // One deadline for the whole body: a client trickling it byte by byte does not reset it.
-        // Read from the clock only when the body is not all here yet (most requests have none).
-        let mut deadline = None;
-        while conn.buf.len() < req.body_len {
-            let deadline =
-                *deadline.get_or_insert_with(|| tokio::time::Instant::now() + snapshot.response_timeout);
-            match tokio::time::timeout_at(deadline, conn.fill()).await {
-                Ok(Ok(n)) if n > 0 => {}
-                _ => {
-                    debug!(peer = %conn.peer.addr, "client left or stalled while sending its body");
-                    return false;
+        if let Err(err) = read_body(conn, req.body_len, snapshot.response_timeout).await {
+            // The client's failure, not the upstream's: a client that stalled is told so; one
+            // that left is counted as its request's 400 and hears nothing.
+            self.log_failure(&conn.peer, Some(req.choice.routed.pool), &err);
+            let status = match err {
+                ProxyError::ClientTimeout => {
+                    self.answer_error(snapshot, conn, &req, err, true, send_timeout).await.0
                 }
-            }
+                _ => StatusCode::BAD_REQUEST.as_u16(),
+            };
+            self.account(&conn.peer, Some(req.choice.routed), status, req.started, req.logged);
+            return false;
         }
-        conn.request.extend_from_slice(&conn.buf[..req.body_len]);
-        conn.buf.advance(req.body_len);
 
         let drain_ahead = self.admit(&req.choice).await;
         let pool = req.choice.routed.pool;
@@ -161,8 +180,7 @@ impl Proxy {
                 let status = head.status;
                 let until_close = matches!(head.framing, h1::Framing::UntilClose);
                 h1::finish_response_head(&mut conn.out, &head.framing, close);
-                match upstream_conn.relay(head, &mut conn.out, &mut conn.stream, snapshot.send_timeout).await
-                {
+                match upstream_conn.relay(head, &mut conn.out, &mut conn.stream, send_timeout).await {
                     Ok(reusable) => {
                         if reusable {
                             upstream_conn.release();
@@ -171,18 +189,22 @@ impl Proxy {
                     }
                     Err(RelayError::Invalid { head_sent, source }) => {
                         // The upstream's framing cannot be trusted: both connections close. If
-                        // nothing reached the client yet, it is answered 502.
+                        // nothing reached the client yet, it is answered 502. Like every failure
+                        // after the response head, it is logged, not counted for ejection (the
+                        // hyper path cannot tell it apart from a body cut short).
                         let error = UpstreamError::Invalid {
                             upstream: upstream.name().clone(),
                             source: source.into(),
                         };
-                        self.note_error(snapshot, pool, upstream, &error);
                         let error = ProxyError::from(error);
                         self.log_failure(&conn.peer, Some(pool), &error);
                         if head_sent {
                             (status, false)
                         } else {
-                            (self.answer_error(snapshot, conn, &req, error, true).await.0, false)
+                            (
+                                self.answer_error(snapshot, conn, &req, error, true, send_timeout).await.0,
+                                false,
+                            )
                         }
                     }
                     Err(err) => {
@@ -196,7 +218,7 @@ impl Proxy {
             }
             Err(err) => {
                 self.log_failure(&conn.peer, Some(pool), &err);
-                self.answer_error(snapshot, conn, &req, err, close).await
+                self.answer_error(snapshot, conn, &req, err, close, send_timeout).await
             }
         };
         self.account(&conn.peer, Some(req.choice.routed), status, req.started, req.logged);
@@ -212,10 +234,11 @@ impl Proxy {
         req: &H1Request,
         err: ProxyError,
         close: bool,
+        send_timeout: Duration,
     ) -> (u16, bool) {
         let shown = snapshot.pool_header.then_some(req.choice.routed.pool);
         let status = write_error_response(&mut conn.out, &err, shown, req.head_request, close).as_u16();
-        let written = h1::send(&mut conn.stream, &conn.out, snapshot.send_timeout).await;
+        let written = h1::send(&mut conn.stream, &conn.out, send_timeout).await;
         if let Err(e) = &written {
             self.note_send_failure(e);
         }

@@ -20,7 +20,9 @@ use super::{
 use crate::config::PoolName;
 use crate::headers;
 use crate::snapshot::Snapshot;
-use crate::upstream::{ClientBodyWatch, SendError, UpstreamBody, UpstreamError, UpstreamResponseBody};
+use crate::upstream::{
+    ClientBodyWatch, OpenConnection, SendError, UpstreamBody, UpstreamError, UpstreamResponseBody,
+};
 use crate::ErrorChain;
 
 /// What it takes to send a request again after an attempt failed: the request head, for a
@@ -61,7 +63,8 @@ impl Proxy {
         if !req.uri().path().starts_with('/') {
             return Err(ProxyError::BadRequest("the request target must be a path"));
         }
-        let host_fields = req.headers().get_all(HOST).into_iter().map(HeaderValue::as_bytes);
+        let host_fields =
+            headers::HostFields::of(req.headers().get_all(HOST).into_iter().map(HeaderValue::as_bytes));
         let host = headers::request_host(req.uri().authority().map(|a| a.as_str().as_bytes()), host_fields)?;
         let host = HeaderValue::from_bytes(host).expect("a valid authority is a valid header value");
         let size = headers::head_size(req.uri(), req.headers());
@@ -95,8 +98,11 @@ impl Proxy {
         if response.status() == StatusCode::SWITCHING_PROTOCOLS {
             if let Some(client) = client_upgrade {
                 let upstream = hyper::upgrade::on(&mut response);
+                // The upstream connection stays under its cap while the tunnel is open.
+                let open = response.extensions_mut().remove::<OpenConnection>();
                 let closing = self.closing.clone();
                 self.tunnels.spawn(async move {
+                    let _open = open;
                     tokio::select! {
                         _ = tunnel(client, upstream) => {}
                         _ = closing.cancelled() => debug!("tunnel closed at the end of the grace period"),
@@ -155,8 +161,15 @@ impl Proxy {
                 }
                 Err(SendError { error, request }) => (error, request),
             };
+            // The client's body failed, or the response timed out while the upstream waited for
+            // more of it: the client's doing, counted against no upstream.
             if watch.as_ref().is_some_and(ClientBodyWatch::failed) {
                 return Err(ProxyError::ClientBody(error.into()));
+            }
+            if matches!(error, UpstreamError::Timeout { .. })
+                && watch.as_ref().is_some_and(ClientBodyWatch::is_waiting_on_client)
+            {
+                return Err(ProxyError::ClientTimeout);
             }
             self.note_error(snapshot, pool, upstream, &error);
             let sent = unsent.is_none();

@@ -126,12 +126,15 @@ impl Peer {
 pub enum ProxyError {
     #[error("bad request: {0}")]
     BadRequest(&'static str),
-    #[error("bad request")]
+    #[error("bad Host")]
     Host(#[from] HostError),
     /// The client's body failed while it was being sent upstream: malformed chunked framing, or
     /// the client went away mid-upload. The client's error, not the upstream's.
     #[error("the client's request body failed")]
     ClientBody(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// The client did not send its body within `upstream.response_timeout`.
+    #[error("the client did not send its request body in time")]
+    ClientTimeout,
     #[error("request head of {size} bytes is over the limit of {limit}")]
     HeadersTooLarge { size: usize, limit: usize },
     #[error("pool {pool} has no usable upstream")]
@@ -238,7 +241,10 @@ impl Proxy {
     /// Logs a request the proxy answered itself.
     fn log_failure(&self, peer: &Peer, pool: Option<PoolName>, err: &ProxyError) {
         match err {
-            ProxyError::BadRequest(_) | ProxyError::Host(_) | ProxyError::ClientBody(_) => {
+            ProxyError::BadRequest(_)
+            | ProxyError::Host(_)
+            | ProxyError::ClientBody(_)
+            | ProxyError::ClientTimeout => {
                 debug!(peer = %peer.addr, error = %ErrorChain(err), "bad request")
             }
             _ => {
@@ -523,6 +529,9 @@ fn error_parts(err: &ProxyError) -> (StatusCode, &'static str, &'static str) {
         ProxyError::BadRequest(_) | ProxyError::Host(_) | ProxyError::ClientBody(_) => {
             (StatusCode::BAD_REQUEST, "bad_request", "bad request")
         }
+        ProxyError::ClientTimeout => {
+            (StatusCode::REQUEST_TIMEOUT, "client_timeout", "request body not received in time")
+        }
         ProxyError::HeadersTooLarge { .. } => {
             (StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, "headers_too_large", "request headers too large")
         }
@@ -549,7 +558,7 @@ fn error_parts(err: &ProxyError) -> (StatusCode, &'static str, &'static str) {
 }
 
 /// Whether the connection closes after the proxy answers `err`: a client whose request was
-/// refused (400, 431) may have left the connection's framing in doubt, so nothing more is read
+/// refused (400, 408, 431) may have left the connection's framing in doubt, so nothing more is read
 /// from it.
 fn closes_connection(err: &ProxyError) -> bool {
     error_parts(err).0.is_client_error()

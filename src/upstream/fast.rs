@@ -15,11 +15,8 @@ use tokio::sync::OwnedSemaphorePermit;
 use tracing::debug;
 
 use super::pool::Slot;
-use super::{Upstream, UpstreamClient, UpstreamError, UpstreamState};
+use super::{Upstream, UpstreamClient, UpstreamError, UpstreamState, MAX_RESPONSE_HEAD};
 use crate::h1;
-
-/// Largest upstream response head accepted on the fast path.
-const MAX_RESPONSE_HEAD: usize = 64 * 1024;
 
 /// Response body bytes at most copied behind the head into one write.
 const COALESCE: usize = 16 * 1024;

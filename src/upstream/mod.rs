@@ -33,7 +33,7 @@ use tokio_rustls::TlsConnector;
 use tracing::debug;
 
 pub use fast::{H1SendError, RelayError, UpstreamConn};
-use pool::{ConnPool, Slot};
+use pool::{ConnPool, HyperConn, Slot};
 
 use crate::config::{UpstreamConfig, UpstreamName, UpstreamSettings, UpstreamUrl};
 use crate::health::Health;
@@ -43,30 +43,47 @@ use crate::tls::TlsError;
 /// How long a pooled connection may take to be ready for a new request before another is used.
 const READY_WAIT: Duration = Duration::from_millis(100);
 
+/// Largest upstream response head accepted, on either path.
+const MAX_RESPONSE_HEAD: usize = 64 * 1024;
+
 /// What the proxy sends upstream on the hyper path: nothing (which can be sent again), or the
 /// client's streamed body, watched so that a client's failure is told apart from the upstream's.
 #[derive(Debug)]
 pub enum UpstreamBody {
     Empty,
-    Client { inner: Incoming, failed: Arc<AtomicBool> },
+    Client { inner: Incoming, watch: Arc<BodyState> },
+}
+
+/// How a client's streamed body is doing, as the upstream client reads it.
+#[derive(Debug, Default)]
+pub struct BodyState {
+    failed: AtomicBool,
+    /// The last read of the body found nothing yet: it waits on the client.
+    waiting: AtomicBool,
 }
 
 impl UpstreamBody {
     /// The client's body, and the watch that tells afterwards whether the client failed it.
     pub fn from_client(inner: Incoming) -> (Self, ClientBodyWatch) {
-        let failed = Arc::new(AtomicBool::new(false));
-        (UpstreamBody::Client { inner, failed: failed.clone() }, ClientBodyWatch(failed))
+        let watch = Arc::new(BodyState::default());
+        (UpstreamBody::Client { inner, watch: watch.clone() }, ClientBodyWatch(watch))
     }
 }
 
-/// Says whether a client's body failed while it was sent upstream: malformed chunked framing,
-/// the client gone mid-upload. Such a failure is the client's, not the upstream's.
+/// Says whether a client's body failed while it was sent upstream (malformed chunked framing,
+/// the client gone mid-upload) or was still awaited from the client: either way the client's
+/// doing, not the upstream's.
 #[derive(Debug)]
-pub struct ClientBodyWatch(Arc<AtomicBool>);
+pub struct ClientBodyWatch(Arc<BodyState>);
 
 impl ClientBodyWatch {
     pub fn failed(&self) -> bool {
-        self.0.load(Ordering::Acquire)
+        self.0.failed.load(Ordering::Acquire)
+    }
+
+    /// The upstream was ready for more of the body and the client had not sent it.
+    pub fn is_waiting_on_client(&self) -> bool {
+        self.0.waiting.load(Ordering::Acquire)
     }
 }
 
@@ -80,10 +97,11 @@ impl Body for UpstreamBody {
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         match self.get_mut() {
             UpstreamBody::Empty => Poll::Ready(None),
-            UpstreamBody::Client { inner, failed } => {
+            UpstreamBody::Client { inner, watch } => {
                 let polled = Pin::new(inner).poll_frame(cx);
+                watch.waiting.store(polled.is_pending(), Ordering::Release);
                 if let Poll::Ready(Some(Err(_))) = &polled {
-                    failed.store(true, Ordering::Release);
+                    watch.failed.store(true, Ordering::Release);
                 }
                 polled
             }
@@ -238,16 +256,19 @@ impl UpstreamError {
     }
 
     /// Whether the upstream caused the failure, so it counts towards passive ejection. Not a
-    /// response timeout (possibly a slow client's upload), not the proxy's own connection cap,
-    /// and not the proxy running out of descriptors or memory for the socket.
+    /// response timeout (possibly a slow client's upload), and not one of the proxy's own
+    /// ([`UpstreamError::is_local`]).
     pub fn is_upstream_fault(&self) -> bool {
+        !self.is_local() && !matches!(self, UpstreamError::Timeout { .. })
+    }
+
+    /// Whether the proxy itself stopped the request before the upstream had a say: its own
+    /// connection cap, or no descriptor or memory for the socket.
+    pub fn is_local(&self) -> bool {
         match self {
-            UpstreamError::Connect { source, .. } => !is_local_shortage(source),
-            UpstreamError::Timeout { .. } | UpstreamError::Busy { .. } => false,
-            UpstreamError::ConnectTimeout { .. }
-            | UpstreamError::Tls { .. }
-            | UpstreamError::Closed { .. }
-            | UpstreamError::Invalid { .. } => true,
+            UpstreamError::Connect { source, .. } => is_local_shortage(source),
+            UpstreamError::Busy { .. } => true,
+            _ => false,
         }
     }
 }
@@ -268,11 +289,19 @@ pub struct SendError {
     pub request: Option<Request<UpstreamBody>>,
 }
 
+/// An upstream connection's place under `upstream.max_connections_per_upstream`. A response that
+/// switches protocols carries it in its extensions: the tunnel that takes the connection over
+/// holds it until the tunnel closes.
+#[derive(Debug, Clone)]
+pub struct OpenConnection {
+    _held: Arc<OwnedSemaphorePermit>,
+}
+
 /// A response body from an upstream; returns its connection to the pool once read to the end.
 pub struct UpstreamResponseBody {
     inner: Incoming,
     /// The connection and its pool, until the body ends.
-    give_back: Option<(http1::SendRequest<UpstreamBody>, Arc<UpstreamState>)>,
+    give_back: Option<(HyperConn, Arc<UpstreamState>)>,
 }
 
 impl UpstreamResponseBody {
@@ -348,11 +377,11 @@ impl UpstreamClient {
         *req.version_mut() = Version::HTTP_11;
 
         loop {
-            let (mut sender, reused) =
+            let ((mut sender, open), reused) =
                 match upstream.state.pool.slot(ConnPool::checkout, self.connect_timeout).await {
-                    Some(Slot::Idle(sender)) => (sender, true),
-                    Some(Slot::New(permit)) => match self.connect(upstream, permit).await {
-                        Ok(sender) => (sender, false),
+                    Some(Slot::Idle(conn)) => (conn, true),
+                    Some(Slot::New(permit)) => match self.connect(upstream, Arc::new(permit)).await {
+                        Ok(conn) => (conn, false),
                         Err(error) => return Err(SendError { error, request: Some(req) }),
                     },
                     None => return Err(SendError { error: self.busy(upstream), request: Some(req) }),
@@ -369,10 +398,14 @@ impl UpstreamClient {
                         UpstreamError::Timeout { upstream: upstream.name.clone(), after: response_timeout };
                     return Err(SendError { error, request: None });
                 }
-                Ok(Ok(response)) => {
-                    // A switched connection belongs to its tunnel from now on.
+                Ok(Ok(mut response)) => {
+                    // A switched connection belongs to its tunnel from now on, with its place
+                    // under the cap.
                     let reusable = response.status() != http::StatusCode::SWITCHING_PROTOCOLS;
-                    let mut give_back = reusable.then(|| (sender, upstream.state.clone()));
+                    if !reusable {
+                        response.extensions_mut().insert(OpenConnection { _held: open.clone() });
+                    }
+                    let mut give_back = reusable.then(|| ((sender, open), upstream.state.clone()));
                     // An empty body (HEAD, 204, 304, Content-Length: 0) may never be polled: the
                     // connection goes back now.
                     if response.body().is_end_stream() {
@@ -428,8 +461,8 @@ impl UpstreamClient {
     async fn connect(
         &self,
         upstream: &Upstream,
-        open: OwnedSemaphorePermit,
-    ) -> Result<http1::SendRequest<UpstreamBody>, UpstreamError> {
+        open: Arc<OwnedSemaphorePermit>,
+    ) -> Result<HyperConn, UpstreamError> {
         let started = Instant::now();
         let stream = self.connect_tcp(upstream).await?;
         if !upstream.tls {
@@ -453,22 +486,24 @@ impl UpstreamClient {
         &self,
         upstream: &Upstream,
         io: I,
-        open: OwnedSemaphorePermit,
-    ) -> Result<http1::SendRequest<UpstreamBody>, UpstreamError>
+        open: Arc<OwnedSemaphorePermit>,
+    ) -> Result<HyperConn, UpstreamError>
     where
         I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
         let (sender, connection) =
-            http1::Builder::new().handshake(TokioIo::new(io)).await.map_err(|source| {
-                UpstreamError::Closed { upstream: upstream.name.clone(), source: source.into() }
-            })?;
+            // The largest response head is the same on both paths.
+            http1::Builder::new().max_buf_size(MAX_RESPONSE_HEAD).handshake(TokioIo::new(io)).await.map_err(
+                |source| UpstreamError::Closed { upstream: upstream.name.clone(), source: source.into() },
+            )?;
         let upstream_name = upstream.name.clone();
+        let held = open.clone();
         tokio::spawn(async move {
-            let _open = open;
+            let _open = held;
             if let Err(err) = connection.with_upgrades().await {
                 debug!(upstream = %upstream_name, error = %err, "upstream connection ended with an error");
             }
         });
-        Ok(sender)
+        Ok((sender, open))
     }
 }

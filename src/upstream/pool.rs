@@ -35,9 +35,13 @@ pub(crate) struct ConnPool {
 
 #[derive(Debug)]
 struct Idle {
-    sender: http1::SendRequest<UpstreamBody>,
+    sender: HyperConn,
     since: Instant,
 }
+
+/// A hyper client connection and its place under the cap, shared with the task that drives the
+/// connection (and, after a protocol switch, with the tunnel that takes it over).
+pub(crate) type HyperConn = (http1::SendRequest<UpstreamBody>, Arc<OwnedSemaphorePermit>);
 
 /// What a request gets to send on: a connection that was idle, or the right to open one.
 pub(crate) enum Slot<C> {
@@ -70,20 +74,35 @@ impl ConnPool {
         if let Some(conn) = checkout(self) {
             return Some(Slot::Idle(conn));
         }
-        if let Some(permit) = self.try_open() {
+        if let Ok(permit) = self.open.clone().try_acquire_owned() {
             return Some(Slot::New(permit));
         }
-        self.waiting.fetch_add(1, Ordering::SeqCst);
-        let waited = tokio::time::timeout(patience, async {
+        // At the cap, which is rare: the waiting is boxed so that it does not make every
+        // request's future larger.
+        Box::pin(self.wait_for_slot(checkout, patience)).await
+    }
+
+    async fn wait_for_slot<C>(
+        &self,
+        checkout: impl Fn(&Self) -> Option<C>,
+        patience: Duration,
+    ) -> Option<Slot<C>> {
+        // The idle connections left are the other path's (the caller's own checkout found
+        // none): the oldest one makes room. A fast-path connection's permit is free at once,
+        // hyper's once its connection task sees the sender gone. One is enough.
+        let oldest_h1 = pop_oldest(&self.idle_h1);
+        if oldest_h1.is_none() {
+            drop(pop_oldest(&self.idle));
+        }
+        drop(oldest_h1);
+        let _waiting = Waiting::new(&self.waiting);
+        tokio::time::timeout(patience, async {
             loop {
                 let returned = self.returned.notified();
                 tokio::pin!(returned);
                 returned.as_mut().enable();
                 if let Some(conn) = checkout(self) {
                     return Slot::Idle(conn);
-                }
-                if let Some(permit) = self.try_open() {
-                    return Slot::New(permit);
                 }
                 tokio::select! {
                     permit = self.open.clone().acquire_owned() => {
@@ -93,25 +112,8 @@ impl ConnPool {
                 }
             }
         })
-        .await;
-        self.waiting.fetch_sub(1, Ordering::SeqCst);
-        waited.ok()
-    }
-
-    /// A permit for a new connection, closing an idle connection to make room if need be.
-    fn try_open(&self) -> Option<OwnedSemaphorePermit> {
-        if let Ok(permit) = self.open.clone().try_acquire_owned() {
-            return Some(permit);
-        }
-        // The idle connections left are the other path's (the caller's own checkout found
-        // none): the oldest one makes room. A fast-path connection's permit is free at once,
-        // hyper's once its connection task sees the sender gone.
-        let oldest_h1 = pop_oldest(&self.idle_h1);
-        if oldest_h1.is_none() {
-            drop(pop_oldest(&self.idle));
-        }
-        drop(oldest_h1);
-        self.open.clone().try_acquire_owned().ok()
+        .await
+        .ok()
     }
 
     fn wake_one_waiter(&self) {
@@ -121,18 +123,18 @@ impl ConnPool {
     }
 
     /// The most recently used idle hyper connection that is still open.
-    pub(crate) fn checkout(&self) -> Option<http1::SendRequest<UpstreamBody>> {
+    pub(crate) fn checkout(&self) -> Option<HyperConn> {
         let mut idle = lock(&self.idle);
         while let Some(conn) = idle.pop() {
-            if !conn.sender.is_closed() && conn.since.elapsed() < self.idle_timeout {
+            if !conn.sender.0.is_closed() && conn.since.elapsed() < self.idle_timeout {
                 return Some(conn.sender);
             }
         }
         None
     }
 
-    pub(crate) fn checkin(&self, sender: http1::SendRequest<UpstreamBody>) {
-        if sender.is_closed() {
+    pub(crate) fn checkin(&self, sender: HyperConn) {
+        if sender.0.is_closed() {
             return;
         }
         let mut idle = lock(&self.idle);
@@ -143,8 +145,9 @@ impl ConnPool {
         }
     }
 
-    /// The most recently used idle fast-path connection that is still open. The reactor has
-    /// already seen any close or stray bytes on it, so checking costs no system call.
+    /// The most recently used idle fast-path connection that nothing has arrived on, by the
+    /// readiness the reactor has recorded (no system call): a close or stray bytes it has seen
+    /// disqualify the connection. One that closes unseen is caught by the exchange itself.
     pub(crate) fn checkout_h1(&self) -> Option<UpstreamConn> {
         let mut idle = lock(&self.idle_h1);
         while let Some((conn, since)) = idle.pop() {
@@ -171,6 +174,22 @@ impl ConnPool {
             drop(idle);
             self.wake_one_waiter();
         }
+    }
+}
+
+/// Counts a request waiting at the cap for as long as it waits, however its wait ends.
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl<'a> Waiting<'a> {
+    fn new(count: &'a AtomicUsize) -> Self {
+        count.fetch_add(1, Ordering::SeqCst);
+        Waiting(count)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
