@@ -152,8 +152,7 @@ pub fn parse_request<'b>(
 /// `http::Uri` (hyper's) takes as they are in a path or a query, so both paths see the same
 /// target; anything else is hyper's to judge. `http::Uri` reads nothing after a `#` either.
 fn plain_target(target: &str) -> Option<&str> {
-    let plain =
-        target.bytes().position(|b| b == b'#' || !(0x21..=0x7e).contains(&b) || b"\"<>`".contains(&b));
+    let plain = target.bytes().position(|b| !PLAIN_TARGET[usize::from(b)]);
     let end = match plain {
         None => target.len(),
         Some(i) if target.as_bytes()[i] == b'#' => i,
@@ -161,6 +160,18 @@ fn plain_target(target: &str) -> Option<&str> {
     };
     (target.starts_with('/') && target.len() < usize::from(u16::MAX)).then(|| &target[..end])
 }
+
+/// The bytes [`plain_target`] takes as they are: visible ASCII but for `"`, `<`, `>`, `` ` ``
+/// and `#` (where the fragment starts). A table, as the target is scanned on every request.
+static PLAIN_TARGET: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut b = 0x21;
+    while b <= 0x7e {
+        table[b] = !matches!(b as u8, b'"' | b'<' | b'>' | b'`' | b'#');
+        b += 1;
+    }
+    table
+};
 
 /// Writes the upstream request for `head`: the same method and target, the client's headers
 /// without the ones [`headers::is_dropped_request_field`] refuses, and `X-Forwarded-Host`, `-For`
