@@ -1,23 +1,26 @@
 #!/usr/bin/env bash
-# Step 4 of the kit: copy the v1 rows that existed before the triggers into the v2 tables.
+# Step 4 of the kit: bring every v2 row that was not written by a trigger in line with v1: rows that
+# existed before the triggers, and rows written while only some of the triggers were installed.
 #
 #   deploy/mysql/backfill.sh -D app [-S /run/mysqld/mysqld.sock | -h HOST [-P PORT]] [-u USER]
 #                            [--defaults-extra-file FILE] [--chunk 1000] [--sleep 0] [--restart]
 #
-# Per v2 table, walks the v1 primary key in chunks. Each chunk is one short transaction:
-#   INSERT INTO v2 SELECT ... FROM kit_v1_<table> WHERE id > cursor AND id <= cursor + chunk
-#   LOCK IN SHARE MODE ON DUPLICATE KEY UPDATE id = id
-# plus the cursor row's advance. The shared locks make a concurrent v1 write to those rows wait for
-# the chunk (or the chunk for it), and ON DUPLICATE KEY UPDATE id = id leaves every row a trigger
-# already wrote as it is: the trigger's copy is never older than the backfill's.
+# Per v2 table, walks the v1 primary key in keyset chunks (WHERE id > cursor ORDER BY id LIMIT
+# chunk: sparse ids cost nothing). Each chunk is one short READ COMMITTED transaction that syncs
+# every id of the chunk's range, on either side, with the routines the triggers use
+# (kit_backfill_*_1 in triggers.sql): a v2 row is written whole from the latest committed v1 rows,
+# read with locking reads, or deleted when its v1 row is gone; then the cursor row advances. So
+# the backfill upserts: it also repairs rows written before the full trigger set existed. A v1
+# write to the chunk's rows waits for the chunk, or the chunk for it, and either way the last
+# writer of the v2 row computed it from what v1 says at its commit.
 # Kill it at any point: the chunk in flight rolls back and the next run resumes after the last
-# committed one. Re-running after it finished does nothing; --restart walks everything again, which
-# inserts only what is missing. It refuses to start unless the kit's triggers are installed,
-# because a row written between a copy and the trigger install would be lost.
+# committed one. Re-running after it finished does nothing; --restart walks everything again. It
+# refuses to start unless the kit's triggers are installed. Every lock it takes is one chunk's;
+# a deadlock or lock wait timeout rolls the chunk back and it is retried.
 # Password: use --defaults-extra-file (a [client] section) or MYSQL_PWD, never the command line.
 set -euo pipefail
 
-usage() { sed -n '2,6p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
+usage() { sed -n '5,6p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
 
 . "$(dirname "$0")/client.sh"
 chunk=1000 pause=0 restart=0
@@ -50,15 +53,17 @@ for t in $expected_triggers; do
 done
 if [ -n "$missing" ]; then
   echo "backfill: refusing to run: the kit's triggers are not installed in '$database' (missing:$missing)." >&2
-  echo "backfill: the order is v2_schema.sql, mapping.sql, triggers.sql, then backfill.sh (deploy/mysql/README.md)." >&2
+  echo "backfill: the order is v2_schema.sql, install.sh, then backfill.sh (deploy/mysql/README.md)." >&2
   exit 3
 fi
 objects=$(sql "SELECT COUNT(*) FROM information_schema.TABLES WHERE table_schema = DATABASE()
                AND table_name IN ('study', 'participant', 'content', 'pomodoro_study_to_study',
-                                  'kit_backfill_cursor', 'kit_v1_study', 'kit_v1_participant',
-                                  'kit_v1_content', 'kit_v1_pomodoro_study_to_study')")
-if [ "$objects" != 9 ]; then
-  echo "backfill: refusing to run: v2_schema.sql and mapping.sql are not both loaded in '$database'" >&2
+                                  'kit_backfill_cursor')")
+routines=$(sql "SELECT COUNT(*) FROM information_schema.ROUTINES WHERE routine_schema = DATABASE()
+                AND routine_name IN ('kit_backfill_rooms_1', 'kit_backfill_participants_1',
+                                     'kit_backfill_contents_1')")
+if [ "$objects" != 5 ] || [ "$routines" != 3 ]; then
+  echo "backfill: refusing to run: v2_schema.sql and install.sh have not both run in '$database'" >&2
   exit 3
 fi
 
@@ -67,83 +72,84 @@ if [ "$restart" = 1 ]; then
   echo "backfill: cursors reset; walking every table again (rows already in v2 are left as they are)"
 fi
 
-echo "backfill: database $database, $chunk source ids per chunk"
+echo "backfill: database $database, $chunk source rows per chunk"
 
-# Target table, v1 source table, then "v2 table:view" pairs filled in the same chunk.
+# Target v2 table, v1 source table, and the routine that syncs one chunk of it.
 plan=(
-  "study pomodoro_room study:kit_v1_study pomodoro_study_to_study:kit_v1_pomodoro_study_to_study"
-  "participant pomodoro_progress participant:kit_v1_participant"
-  "content pomodoro_content content:kit_v1_content"
+  "study pomodoro_room kit_backfill_rooms_1"
+  "participant pomodoro_progress kit_backfill_participants_1"
+  "content pomodoro_content kit_backfill_contents_1"
 )
-columns() {
-  case "$1" in
-    study) echo "id, participant_code_id, name, total_cycle, time_per_cycle, current_cycle, step, created_date, last_modified_date" ;;
-    pomodoro_study_to_study) echo "pomodoro_room_id, study_id" ;;
-    participant) echo "id, study_id, member_id, nickname, is_host, created_date, last_modified_date" ;;
-    content) echo "id, participant_id, cycle, plan, retrospect, created_date, last_modified_date" ;;
-  esac
-}
-key() { [ "$1" = pomodoro_study_to_study ] && echo pomodoro_room_id || echo id; }
 
 now() { date +%s.%N; }
 elapsed() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }'; }
 
-run_chunk() {
-  local name=$1 source=$2; shift 2
-  local body="" pair target view k
-  for pair in "$@"; do
-    target=${pair%%:*} view=${pair#*:} k=$(key "$target")
-    body+="
-INSERT INTO $target ($(columns "$target"))
-SELECT $(columns "$target") FROM $view
-WHERE $k > @kit_lo AND $k <= @kit_hi
-LOCK IN SHARE MODE
-ON DUPLICATE KEY UPDATE $target.$k = $target.$k;
-SET @kit_copied = IF(@kit_copied IS NULL, ROW_COUNT(), @kit_copied);"
+# Runs one statement batch, retrying it (it rolled back whole) after a deadlock or a lock wait
+# timeout against a v1 write; prints its output. Any other error ends the backfill.
+retried() {
+  local what=$1 sql=$2 out tries=0
+  while :; do
+    if out=$("${db[@]}" -e "$sql" 2>&1); then
+      printf '%s\n' "$out"
+      return 0
+    fi
+    tries=$((tries + 1))
+    if grep -qE 'ERROR (1213|1205)' <<<"$out" && [ "$tries" -lt 100 ]; then
+      sleep 0.$((RANDOM % 5 + 1))
+      continue
+    fi
+    echo "backfill: $what failed: $out" >&2
+    exit 1
   done
-  sql "
-SET SESSION TRANSACTION ISOLATION LEVEL REPEATABLE READ;
+}
+
+run_chunk() {
+  local name=$1 source=$2 routine=$3
+  retried "$name: chunk" "
+SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED;
 SET SESSION innodb_lock_wait_timeout = 5;
 START TRANSACTION;
 SELECT last_id, max_id INTO @kit_lo, @kit_max FROM kit_backfill_cursor
 WHERE table_name = '$name' FOR UPDATE;
-SET @kit_hi = LEAST(@kit_lo + $chunk, @kit_max), @kit_copied = NULL;
-$body
-SELECT COUNT(*) INTO @kit_seen FROM $source WHERE id > @kit_lo AND id <= @kit_hi LOCK IN SHARE MODE;
+SELECT MAX(id), COUNT(*) INTO @kit_hi, @kit_seen
+FROM (SELECT id FROM $source WHERE id > @kit_lo AND id <= @kit_max ORDER BY id LIMIT $chunk) chunk;
+SET @kit_hi = IF(@kit_seen < $chunk, @kit_max, @kit_hi);
+CALL $routine(@kit_lo, @kit_hi);
 UPDATE kit_backfill_cursor
-SET last_id = @kit_hi, rows_done = rows_done + @kit_seen, rows_copied = rows_copied + @kit_copied,
-    chunks = chunks + 1, updated_at = NOW(6),
+SET last_id = @kit_hi, rows_done = rows_done + @kit_seen, chunks = chunks + 1, updated_at = NOW(6),
     finished_at = IF(@kit_hi >= max_id, NOW(6), NULL)
 WHERE table_name = '$name';
 COMMIT;
-SELECT last_id, max_id, rows_done, rows_total, rows_copied, finished_at IS NOT NULL
+SELECT last_id, max_id, rows_done, rows_total, finished_at IS NOT NULL
 FROM kit_backfill_cursor WHERE table_name = '$name';"
 }
 
-report() {  # name last max done total copied finished [suffix]
+report() {  # name last max done total finished [suffix]
   local pct
-  if [ "$7" = 1 ]; then pct=100; elif [ "$5" -gt 0 ]; then pct=$(( $4 * 100 / $5 )); else pct=0; fi
+  if [ "$6" = 1 ]; then pct=100; elif [ "$5" -gt 0 ]; then pct=$(( $4 * 100 / $5 )); else pct=0; fi
   [ "$pct" -le 100 ] || pct=100
-  [ "$7" = 1 ] || [ "$pct" -lt 100 ] || pct=99
-  printf 'backfill: %s: %d/%d rows (%d%%), up to id %d of %d, %d copied%s\n' "$1" "$4" "$5" "$pct" "$2" "$3" "$6" "${8:-}"
+  [ "$6" = 1 ] || [ "$pct" -lt 100 ] || pct=99
+  printf 'backfill: %s: %d/%d rows (%d%%), up to id %d of %d%s\n' "$1" "$4" "$5" "$pct" "$2" "$3" "${7:-}"
 }
 
 interrupted() { echo "backfill: interrupted; re-run the same command to resume after the last committed chunk" >&2; exit 130; }
 trap interrupted INT TERM
 
 for entry in "${plan[@]}"; do
-  read -r name source pairs <<<"$entry"
-  # The first run for a table records where to start and where to stop: rows above max_id were
-  # inserted after the triggers were installed, so the triggers have copied them.
-  sql "INSERT INTO kit_backfill_cursor (table_name, last_id, max_id, rows_total, started_at, updated_at, finished_at)
-       SELECT '$name', COALESCE(MIN(id), 1) - 1, COALESCE(MAX(id), 0), COUNT(*), NOW(6), NOW(6),
-              IF(COUNT(*) = 0, NOW(6), NULL)
-       FROM $source
-       ON DUPLICATE KEY UPDATE table_name = table_name"
-  read -r last max done total copied finished <<<"$(sql "SELECT last_id, max_id, rows_done, rows_total, rows_copied, finished_at IS NOT NULL
-                                                         FROM kit_backfill_cursor WHERE table_name = '$name'")"
+  read -r name source routine <<<"$entry"
+  # The first run for a table records where to stop: rows above max_id were inserted after the
+  # triggers were all installed, so the triggers have them. The bounds come from a plain read,
+  # which locks nothing; the cursor starts at 0 so that v2 rows below the first v1 id are
+  # looked at too.
+  retried "$name: start" "
+SELECT COALESCE(MAX(id), 0), COUNT(*) INTO @kit_max, @kit_total FROM $source;
+INSERT INTO kit_backfill_cursor (table_name, last_id, max_id, rows_total, started_at, updated_at)
+VALUES ('$name', 0, @kit_max, @kit_total, NOW(6), NOW(6))
+ON DUPLICATE KEY UPDATE table_name = table_name;" >/dev/null
+  read -r last max done total finished <<<"$(retried "$name: cursor" "SELECT last_id, max_id, rows_done, rows_total, finished_at IS NOT NULL
+                                                 FROM kit_backfill_cursor WHERE table_name = '$name'")"
   if [ "$finished" = 1 ]; then
-    report "$name" "$last" "$max" "$done" "$total" "$copied" 1 ", finished earlier"
+    report "$name" "$last" "$max" "$done" "$total" 1 ", finished earlier"
     continue
   fi
   if [ "$done" -gt 0 ]; then
@@ -153,25 +159,13 @@ for entry in "${plan[@]}"; do
   fi
   started=$(now) shown=$(date +%s)
   while [ "$finished" != 1 ]; do
-    tries=0
-    while :; do
-      if out=$(run_chunk "$name" "$source" $pairs 2>&1); then break; fi
-      tries=$((tries + 1))
-      # Deadlock or lock wait timeout against a v1 write: the chunk rolled back; try it again.
-      if grep -qE 'ERROR (1213|1205)' <<<"$out" && [ "$tries" -lt 30 ]; then
-        sleep 0.$((RANDOM % 5 + 1))
-        continue
-      fi
-      echo "backfill: $name: chunk after id $last failed: $out" >&2
-      exit 1
-    done
-    read -r last max done total copied finished <<<"$out"
+    read -r last max done total finished <<<"$(run_chunk "$name" "$source" "$routine")"
     if [ "$finished" = 1 ] || [ "$(date +%s)" -gt "$shown" ]; then
       shown=$(date +%s)
       if [ "$finished" = 1 ]; then
-        report "$name" "$last" "$max" "$done" "$total" "$copied" 1 ", done in $(elapsed "$started") s"
+        report "$name" "$last" "$max" "$done" "$total" 1 ", done in $(elapsed "$started") s"
       else
-        report "$name" "$last" "$max" "$done" "$total" "$copied" 0
+        report "$name" "$last" "$max" "$done" "$total" 0
       fi
     fi
     [ "$pause" = 0 ] || sleep "$pause"

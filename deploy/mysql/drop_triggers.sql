@@ -18,5 +18,12 @@ DROP TRIGGER IF EXISTS kit_member_ad;
 DROP TRIGGER IF EXISTS kit_pomodoro_content_ai;
 DROP TRIGGER IF EXISTS kit_pomodoro_content_au;
 DROP TRIGGER IF EXISTS kit_pomodoro_content_ad;
+-- The routines go last, once no trigger calls them: every revision the kit has used.
+DROP PROCEDURE IF EXISTS kit_sync_room_1;
+DROP PROCEDURE IF EXISTS kit_sync_participant_1;
+DROP PROCEDURE IF EXISTS kit_sync_content_1;
+DROP PROCEDURE IF EXISTS kit_backfill_rooms_1;
+DROP PROCEDURE IF EXISTS kit_backfill_participants_1;
+DROP PROCEDURE IF EXISTS kit_backfill_contents_1;
 DROP PROCEDURE IF EXISTS kit_refold_study;
 DROP PROCEDURE IF EXISTS kit_upsert_participant;

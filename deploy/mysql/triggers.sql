@@ -1,260 +1,321 @@
--- Upsert triggers that keep the v2 tables equal to the kit_v1_* views (mapping.sql) while v1 keeps
--- writing. Step 3 of the kit: load after v2_schema.sql and mapping.sql, before backfill.sh.
---   mariadb -D app < deploy/mysql/triggers.sql
--- Safe to re-run (DROP ... IF EXISTS first).
+-- Triggers that keep the v2 tables equal to what the v1 rows say (the mapping of mapping.sql)
+-- while v1 keeps writing. Step 3 of the kit, after v2_schema.sql and mapping.sql, before
+-- backfill.sh; load it with install.sh, which retries it as a whole:
+--   deploy/mysql/install.sh -D app
 --
--- Rules every trigger here follows (README.md, "Triggers"):
+-- Rules every trigger and routine here follows (README.md, "Triggers"):
 --   * Each v2 row has one owning v1 row (study <- pomodoro_room, participant <- pomodoro_progress,
---     content <- pomodoro_content). Writes are INSERT ... ON DUPLICATE KEY UPDATE on the v2
---     primary key: a v2 row that is missing (not backfilled yet) is created from the current v1
---     rows, and one that exists is updated. Nothing fails on a duplicate, nothing is skipped.
---   * ON DUPLICATE KEY UPDATE sets only the columns the firing v1 table feeds, so a trigger on
---     one table never writes back stale values of columns another table owns.
---   * Values from other v1 rows (the host's progress, a member's nickname) are read with
---     LOCK IN SHARE MODE: a concurrent change to them waits or is waited for, so the last
---     committed writer of every v2 column computed it from committed v1 data.
---   * Deletes are mirrored by primary key.
+--     content <- pomodoro_content). A v2 row is written whole with INSERT ... ON DUPLICATE KEY
+--     UPDATE from the current v1 rows, or deleted when its v1 row is gone: one that is missing
+--     (not backfilled yet) is created, one that is wrong is corrected, nothing fails on a
+--     duplicate.
+--   * Every value that comes from another v1 row (the room's host, the host's progress, a
+--     member's nickname) is read with a locking read of that row by its key: a locking read sees
+--     the latest committed version (never the writer's snapshot, whatever its isolation level),
+--     and holds the row until commit, so the last writer of every v2 value computed it from what
+--     v1 says at its commit. No derived value is read through a view or a subquery: MySQL does
+--     not lock the rows of a nested subquery in a locking read.
+--   * Text is compared as bytes (CAST AS BINARY): under the default case- and accent-insensitive
+--     collation 'alice' = 'Alice' = 'alice ', and such a change must reach v2 all the same.
 -- A trigger runs inside the v1 statement's transaction: the v1 write and its v2 copy commit or
 -- roll back together.
+--
+-- Re-running this file under load fails no v1 write and loses none:
+--   * every trigger is CREATE OR REPLACE TRIGGER, which swaps the definition in one step under the
+--     table's metadata lock (MariaDB 10.6+ atomic DDL): there is no moment without it;
+--   * the routines the triggers call are created IF NOT EXISTS and never dropped here; a changed
+--     routine gets a new revision number (the _1 suffix), so a statement already running keeps
+--     the routine it started with. drop_triggers.sql removes them at the end of the rollout.
+-- CREATE OR REPLACE TRIGGER waits for an exclusive metadata lock on its table, queued behind any
+-- open transaction that used the table; it gives up after @kit_lock_wait_timeout seconds (10 by
+-- default) rather than stall every query on the table. install.sh then runs the whole file again.
 
--- CREATE/DROP TRIGGER need an exclusive metadata lock on the v1 table. Queued behind a long
--- transaction, that request would block every new query on the table; give up after 10 s instead
--- and re-run this file.
-SET SESSION lock_wait_timeout = 10;
+SET SESSION lock_wait_timeout = COALESCE(@kit_lock_wait_timeout, 10);
 
 DELIMITER $$
 
--- Re-fold one study from its room's current host (mapping.sql: kit_v1_study) and, with
--- p_flags, move participant.is_host to the current host. Called when the host's progress changes
--- or when the host itself changes (first member joins, host leaves, a row changes rooms).
-DROP PROCEDURE IF EXISTS kit_refold_study $$
-CREATE PROCEDURE kit_refold_study(IN p_room_id BIGINT, IN p_flags BOOLEAN)
+-- The study and the mapping row of one room, written whole from the room row and its host's
+-- progress (the room's progress row with the lowest id, mapping.sql), or deleted with the room.
+-- With p_flags, participant.is_host of the room's rows moves to the current host.
+CREATE PROCEDURE IF NOT EXISTS kit_sync_room_1(IN p_room BIGINT, IN p_flags BOOLEAN)
   MODIFIES SQL DATA
 BEGIN
-  DECLARE v_host BIGINT DEFAULT NULL;
-  DECLARE CONTINUE HANDLER FOR NOT FOUND SET v_host = NULL;
+  DECLARE v_found BOOLEAN DEFAULT FALSE;
+  DECLARE v_code, v_host BIGINT DEFAULT NULL;
+  DECLARE v_name VARCHAR(255) DEFAULT NULL;
+  DECLARE v_total, v_time, v_cycle INT DEFAULT NULL;
+  DECLARE v_done BIT(1) DEFAULT NULL;
+  DECLARE v_status VARCHAR(16) DEFAULT NULL;
+  DECLARE v_created, v_modified DATETIME(6) DEFAULT NULL;
+  DECLARE CONTINUE HANDLER FOR NOT FOUND BEGIN END;
 
-  INSERT INTO study (id, participant_code_id, name, total_cycle, time_per_cycle,
-                     current_cycle, step, created_date, last_modified_date)
-  SELECT s.id, s.participant_code_id, s.name, s.total_cycle, s.time_per_cycle,
-         s.current_cycle, s.step, s.created_date, s.last_modified_date
-  FROM kit_v1_study s
-  WHERE s.id = p_room_id
-  LOCK IN SHARE MODE
-  ON DUPLICATE KEY UPDATE current_cycle = VALUES(current_cycle),
-                          step          = VALUES(step);
-
+  SELECT participant_code_id, name, total_cycle, time_per_cycle, created_date, last_modified_date,
+         TRUE
+    INTO v_code, v_name, v_total, v_time, v_created, v_modified, v_found
+    FROM pomodoro_room WHERE id = p_room LOCK IN SHARE MODE;
+  SELECT id, is_done, current_cycle, pomodoro_status
+    INTO v_host, v_done, v_cycle, v_status
+    FROM pomodoro_progress WHERE pomodoro_room_id = p_room ORDER BY id LIMIT 1 LOCK IN SHARE MODE;
+  IF v_found THEN
+    INSERT INTO study (id, participant_code_id, name, total_cycle, time_per_cycle,
+                       current_cycle, step, created_date, last_modified_date)
+    VALUES (p_room, v_code, v_name, v_total, v_time, COALESCE(v_cycle, 1),
+            kit_study_step(v_host, v_done, v_status), v_created, v_modified)
+    ON DUPLICATE KEY UPDATE participant_code_id = VALUES(participant_code_id),
+                            name                = VALUES(name),
+                            total_cycle         = VALUES(total_cycle),
+                            time_per_cycle      = VALUES(time_per_cycle),
+                            current_cycle       = VALUES(current_cycle),
+                            step                = VALUES(step),
+                            created_date        = VALUES(created_date),
+                            last_modified_date  = VALUES(last_modified_date);
+    INSERT INTO pomodoro_study_to_study (pomodoro_room_id, study_id)
+    VALUES (p_room, p_room)
+    ON DUPLICATE KEY UPDATE study_id = VALUES(study_id);
+  ELSE
+    DELETE FROM study WHERE id = p_room;
+    DELETE FROM pomodoro_study_to_study WHERE pomodoro_room_id = p_room;
+  END IF;
   IF p_flags THEN
-    SELECT id INTO v_host FROM pomodoro_progress
-    WHERE pomodoro_room_id = p_room_id
-    ORDER BY id LIMIT 1
-    LOCK IN SHARE MODE;
-
     UPDATE participant SET is_host = (id <=> v_host)
-    WHERE study_id = p_room_id AND is_host <> (id <=> v_host);
+    WHERE study_id = p_room AND is_host <> (id <=> v_host);
   END IF;
 END $$
 
--- Upsert the participant copy of one pomodoro_progress row. Its own columns come from the row
--- (p_* = NEW.*); nickname and is_host come from the current v1 rows through kit_v1_participant.
--- Returns whether the row is its room's host.
-DROP PROCEDURE IF EXISTS kit_upsert_participant $$
-CREATE PROCEDURE kit_upsert_participant(IN p_id BIGINT, IN p_room_id BIGINT, IN p_member_id BIGINT,
-                                        IN p_created DATETIME(6), IN p_modified DATETIME(6),
-                                        OUT p_is_host BOOLEAN)
+-- The participant row of one pomodoro_progress row, written whole (its own columns, the member's
+-- nickname, whether it is its room's host), or deleted with the progress row. p_is_host says
+-- whether the row is now its room's host.
+CREATE PROCEDURE IF NOT EXISTS kit_sync_participant_1(IN p_id BIGINT, OUT p_is_host BOOLEAN)
   MODIFIES SQL DATA
 BEGIN
+  DECLARE v_found BOOLEAN DEFAULT FALSE;
+  DECLARE v_room, v_member, v_host BIGINT DEFAULT NULL;
   DECLARE v_nickname VARCHAR(255) DEFAULT NULL;
-  DECLARE v_is_host BOOLEAN DEFAULT FALSE;
-  DECLARE CONTINUE HANDLER FOR NOT FOUND SET v_nickname = NULL;
+  DECLARE v_created, v_modified DATETIME(6) DEFAULT NULL;
+  DECLARE CONTINUE HANDLER FOR NOT FOUND BEGIN END;
 
-  SELECT nickname, is_host INTO v_nickname, v_is_host
-  FROM kit_v1_participant
-  WHERE id = p_id
-  LOCK IN SHARE MODE;
+  SET p_is_host = FALSE;
+  SELECT pomodoro_room_id, member_id, created_date, last_modified_date, TRUE
+    INTO v_room, v_member, v_created, v_modified, v_found
+    FROM pomodoro_progress WHERE id = p_id LOCK IN SHARE MODE;
+  IF v_found THEN
+    SELECT nickname INTO v_nickname FROM member WHERE id = v_member LOCK IN SHARE MODE;
+    SELECT id INTO v_host FROM pomodoro_progress
+    WHERE pomodoro_room_id = v_room ORDER BY id LIMIT 1 LOCK IN SHARE MODE;
+    SET p_is_host = (p_id <=> v_host);
+    INSERT INTO participant (id, study_id, member_id, nickname, is_host,
+                             created_date, last_modified_date)
+    VALUES (p_id, v_room, v_member, v_nickname, p_is_host, v_created, v_modified)
+    ON DUPLICATE KEY UPDATE study_id           = VALUES(study_id),
+                            member_id          = VALUES(member_id),
+                            nickname           = VALUES(nickname),
+                            is_host            = VALUES(is_host),
+                            created_date       = VALUES(created_date),
+                            last_modified_date = VALUES(last_modified_date);
+  ELSE
+    DELETE FROM participant WHERE id = p_id;
+  END IF;
+END $$
 
-  INSERT INTO participant (id, study_id, member_id, nickname, is_host,
-                           created_date, last_modified_date)
-  VALUES (p_id, p_room_id, p_member_id, v_nickname, v_is_host, p_created, p_modified)
-  ON DUPLICATE KEY UPDATE study_id           = VALUES(study_id),
-                          member_id          = VALUES(member_id),
-                          nickname           = VALUES(nickname),
-                          is_host            = VALUES(is_host),
+-- The content row of one pomodoro_content row, written whole or deleted with it (backfill.sh and
+-- repair.sh; the content triggers write NEW directly).
+CREATE PROCEDURE IF NOT EXISTS kit_sync_content_1(IN p_id BIGINT)
+  MODIFIES SQL DATA
+BEGIN
+  DECLARE v_found INT DEFAULT 0;
+  SELECT COUNT(*) INTO v_found FROM pomodoro_content WHERE id = p_id LOCK IN SHARE MODE;
+  IF v_found > 0 THEN
+    INSERT INTO content (id, participant_id, cycle, plan, retrospect,
+                         created_date, last_modified_date)
+    SELECT id, pomodoro_progress_id, cycle, plan, retrospect, created_date, last_modified_date
+    FROM pomodoro_content WHERE id = p_id
+    LOCK IN SHARE MODE
+    ON DUPLICATE KEY UPDATE participant_id     = VALUES(participant_id),
+                            cycle              = VALUES(cycle),
+                            plan               = VALUES(plan),
+                            retrospect         = VALUES(retrospect),
+                            created_date       = VALUES(created_date),
+                            last_modified_date = VALUES(last_modified_date);
+  ELSE
+    DELETE FROM content WHERE id = p_id;
+  END IF;
+END $$
+
+-- One backfill chunk per table (backfill.sh): every id in (p_lo, p_hi] on the v1 side or the v2
+-- side is synced, so rows written before the full trigger set existed are repaired and v2 rows
+-- whose v1 row was deleted meanwhile go. The ids are found with a plain read; each row is then
+-- synced by the same routine the triggers call, with its locking reads.
+CREATE PROCEDURE IF NOT EXISTS kit_backfill_rooms_1(IN p_lo BIGINT, IN p_hi BIGINT)
+  MODIFIES SQL DATA
+BEGIN
+  DECLARE v_id BIGINT;
+  DECLARE v_end BOOLEAN DEFAULT FALSE;
+  DECLARE ids CURSOR FOR
+    SELECT id FROM pomodoro_room WHERE id > p_lo AND id <= p_hi
+    UNION SELECT id FROM study WHERE id > p_lo AND id <= p_hi
+    UNION SELECT pomodoro_room_id FROM pomodoro_study_to_study
+          WHERE pomodoro_room_id > p_lo AND pomodoro_room_id <= p_hi;
+  DECLARE CONTINUE HANDLER FOR NOT FOUND SET v_end = TRUE;
+  OPEN ids;
+  rooms: LOOP
+    FETCH ids INTO v_id;
+    IF v_end THEN LEAVE rooms; END IF;
+    CALL kit_sync_room_1(v_id, TRUE);
+  END LOOP;
+  CLOSE ids;
+END $$
+
+CREATE PROCEDURE IF NOT EXISTS kit_backfill_participants_1(IN p_lo BIGINT, IN p_hi BIGINT)
+  MODIFIES SQL DATA
+BEGIN
+  DECLARE v_id BIGINT;
+  DECLARE v_is_host BOOLEAN;
+  DECLARE v_end BOOLEAN DEFAULT FALSE;
+  DECLARE ids CURSOR FOR
+    SELECT id FROM pomodoro_progress WHERE id > p_lo AND id <= p_hi
+    UNION SELECT id FROM participant WHERE id > p_lo AND id <= p_hi;
+  DECLARE CONTINUE HANDLER FOR NOT FOUND SET v_end = TRUE;
+  OPEN ids;
+  participants: LOOP
+    FETCH ids INTO v_id;
+    IF v_end THEN LEAVE participants; END IF;
+    CALL kit_sync_participant_1(v_id, v_is_host);
+  END LOOP;
+  CLOSE ids;
+END $$
+
+-- Contents depend on their own row only: one locking INSERT ... SELECT for the chunk, then the
+-- v2 rows of the range that have no v1 row.
+CREATE PROCEDURE IF NOT EXISTS kit_backfill_contents_1(IN p_lo BIGINT, IN p_hi BIGINT)
+  MODIFIES SQL DATA
+BEGIN
+  DECLARE v_id BIGINT;
+  DECLARE v_end BOOLEAN DEFAULT FALSE;
+  DECLARE gone CURSOR FOR
+    SELECT x.id FROM content x LEFT JOIN pomodoro_content c ON c.id = x.id
+    WHERE x.id > p_lo AND x.id <= p_hi AND c.id IS NULL;
+  DECLARE CONTINUE HANDLER FOR NOT FOUND SET v_end = TRUE;
+  INSERT INTO content (id, participant_id, cycle, plan, retrospect, created_date, last_modified_date)
+  SELECT id, pomodoro_progress_id, cycle, plan, retrospect, created_date, last_modified_date
+  FROM pomodoro_content WHERE id > p_lo AND id <= p_hi
+  LOCK IN SHARE MODE
+  ON DUPLICATE KEY UPDATE participant_id     = VALUES(participant_id),
+                          cycle              = VALUES(cycle),
+                          plan               = VALUES(plan),
+                          retrospect         = VALUES(retrospect),
                           created_date       = VALUES(created_date),
                           last_modified_date = VALUES(last_modified_date);
-  SET p_is_host = v_is_host;
+  OPEN gone;
+  stale: LOOP
+    FETCH gone INTO v_id;
+    IF v_end THEN LEAVE stale; END IF;
+    CALL kit_sync_content_1(v_id);
+  END LOOP;
+  CLOSE gone;
 END $$
 
--- pomodoro_room -> study (room columns) and pomodoro_study_to_study ------------------------------
+-- pomodoro_room -> study, pomodoro_study_to_study ------------------------------------------------
+-- Rooms are written rarely (created once, renamed now and then): the whole study row is synced.
 
-DROP TRIGGER IF EXISTS kit_pomodoro_room_ai $$
-CREATE TRIGGER kit_pomodoro_room_ai AFTER INSERT ON pomodoro_room FOR EACH ROW
-BEGIN
-  -- current_cycle and step are folded from the host's progress; a new room has none yet, but
-  -- reading them through the view keeps one definition.
-  INSERT INTO study (id, participant_code_id, name, total_cycle, time_per_cycle,
-                     current_cycle, step, created_date, last_modified_date)
-  SELECT NEW.id, NEW.participant_code_id, NEW.name, NEW.total_cycle, NEW.time_per_cycle,
-         s.current_cycle, s.step, NEW.created_date, NEW.last_modified_date
-  FROM kit_v1_study s
-  WHERE s.id = NEW.id
-  LOCK IN SHARE MODE
-  ON DUPLICATE KEY UPDATE participant_code_id = VALUES(participant_code_id),
-                          name                = VALUES(name),
-                          total_cycle         = VALUES(total_cycle),
-                          time_per_cycle      = VALUES(time_per_cycle),
-                          created_date        = VALUES(created_date),
-                          last_modified_date  = VALUES(last_modified_date);
-  INSERT INTO pomodoro_study_to_study (pomodoro_room_id, study_id)
-  VALUES (NEW.id, NEW.id)
-  ON DUPLICATE KEY UPDATE study_id = VALUES(study_id);
-END $$
+CREATE OR REPLACE TRIGGER kit_pomodoro_room_ai AFTER INSERT ON pomodoro_room FOR EACH ROW
+  CALL kit_sync_room_1(NEW.id, FALSE) $$
 
-DROP TRIGGER IF EXISTS kit_pomodoro_room_au $$
-CREATE TRIGGER kit_pomodoro_room_au AFTER UPDATE ON pomodoro_room FOR EACH ROW
+CREATE OR REPLACE TRIGGER kit_pomodoro_room_au AFTER UPDATE ON pomodoro_room FOR EACH ROW
 BEGIN
   IF NEW.id <> OLD.id THEN
-    DELETE FROM study WHERE id = OLD.id;
-    DELETE FROM pomodoro_study_to_study WHERE pomodoro_room_id = OLD.id;
+    CALL kit_sync_room_1(OLD.id, FALSE);
   END IF;
-  INSERT INTO study (id, participant_code_id, name, total_cycle, time_per_cycle,
-                     current_cycle, step, created_date, last_modified_date)
-  SELECT NEW.id, NEW.participant_code_id, NEW.name, NEW.total_cycle, NEW.time_per_cycle,
-         s.current_cycle, s.step, NEW.created_date, NEW.last_modified_date
-  FROM kit_v1_study s
-  WHERE s.id = NEW.id
-  LOCK IN SHARE MODE
-  ON DUPLICATE KEY UPDATE participant_code_id = VALUES(participant_code_id),
-                          name                = VALUES(name),
-                          total_cycle         = VALUES(total_cycle),
-                          time_per_cycle      = VALUES(time_per_cycle),
-                          created_date        = VALUES(created_date),
-                          last_modified_date  = VALUES(last_modified_date);
-  INSERT INTO pomodoro_study_to_study (pomodoro_room_id, study_id)
-  VALUES (NEW.id, NEW.id)
-  ON DUPLICATE KEY UPDATE study_id = VALUES(study_id);
+  CALL kit_sync_room_1(NEW.id, FALSE);
 END $$
 
-DROP TRIGGER IF EXISTS kit_pomodoro_room_ad $$
-CREATE TRIGGER kit_pomodoro_room_ad AFTER DELETE ON pomodoro_room FOR EACH ROW
-BEGIN
-  DELETE FROM study WHERE id = OLD.id;
-  DELETE FROM pomodoro_study_to_study WHERE pomodoro_room_id = OLD.id;
-END $$
+CREATE OR REPLACE TRIGGER kit_pomodoro_room_ad AFTER DELETE ON pomodoro_room FOR EACH ROW
+  CALL kit_sync_room_1(OLD.id, FALSE) $$
 
--- pomodoro_progress -> participant, and study.current_cycle/step when the host is involved -------
+-- pomodoro_progress -> participant, and the study when its host is involved ---------------------
 
-DROP TRIGGER IF EXISTS kit_pomodoro_progress_ai $$
-CREATE TRIGGER kit_pomodoro_progress_ai AFTER INSERT ON pomodoro_progress FOR EACH ROW
+CREATE OR REPLACE TRIGGER kit_pomodoro_progress_ai AFTER INSERT ON pomodoro_progress FOR EACH ROW
 BEGIN
   DECLARE v_is_host BOOLEAN DEFAULT FALSE;
-  CALL kit_upsert_participant(NEW.id, NEW.pomodoro_room_id, NEW.member_id,
-                              NEW.created_date, NEW.last_modified_date, v_is_host);
-  -- The first member of a room becomes its host: the study takes this row's step, and a row
-  -- inserted below an existing host (explicit id) takes the host flag from it.
+  CALL kit_sync_participant_1(NEW.id, v_is_host);
+  -- The first member of a room becomes its host (and one inserted below the host, with an
+  -- explicit id, takes over): the study takes this row's step and the host flag moves.
   IF v_is_host THEN
-    CALL kit_refold_study(NEW.pomodoro_room_id, TRUE);
+    CALL kit_sync_room_1(NEW.pomodoro_room_id, TRUE);
   END IF;
 END $$
 
-DROP TRIGGER IF EXISTS kit_pomodoro_progress_au $$
-CREATE TRIGGER kit_pomodoro_progress_au AFTER UPDATE ON pomodoro_progress FOR EACH ROW
+CREATE OR REPLACE TRIGGER kit_pomodoro_progress_au AFTER UPDATE ON pomodoro_progress FOR EACH ROW
 BEGIN
-  DECLARE v_is_host BOOLEAN DEFAULT FALSE;
+  DECLARE v_is_host, v_was BOOLEAN DEFAULT FALSE;
   IF NEW.id <> OLD.id THEN
-    DELETE FROM participant WHERE id = OLD.id;
+    CALL kit_sync_participant_1(OLD.id, v_was);
   END IF;
-  CALL kit_upsert_participant(NEW.id, NEW.pomodoro_room_id, NEW.member_id,
-                              NEW.created_date, NEW.last_modified_date, v_is_host);
+  CALL kit_sync_participant_1(NEW.id, v_is_host);
   IF NEW.id <> OLD.id OR NEW.pomodoro_room_id <> OLD.pomodoro_room_id THEN
     -- Who hosts the old room and the new one may both have changed.
-    CALL kit_refold_study(OLD.pomodoro_room_id, TRUE);
-    CALL kit_refold_study(NEW.pomodoro_room_id, TRUE);
+    CALL kit_sync_room_1(OLD.pomodoro_room_id, TRUE);
+    CALL kit_sync_room_1(NEW.pomodoro_room_id, TRUE);
   ELSEIF v_is_host THEN
     -- The host's own progress moved: the study follows it. Other members' progress does not
     -- change the study (README.md, "One step per study").
-    CALL kit_refold_study(NEW.pomodoro_room_id, FALSE);
+    CALL kit_sync_room_1(NEW.pomodoro_room_id, FALSE);
   END IF;
 END $$
 
-DROP TRIGGER IF EXISTS kit_pomodoro_progress_ad $$
-CREATE TRIGGER kit_pomodoro_progress_ad AFTER DELETE ON pomodoro_progress FOR EACH ROW
+CREATE OR REPLACE TRIGGER kit_pomodoro_progress_ad AFTER DELETE ON pomodoro_progress FOR EACH ROW
 BEGIN
-  DELETE FROM participant WHERE id = OLD.id;
+  DECLARE v_is_host BOOLEAN DEFAULT FALSE;
+  DECLARE v_next BIGINT DEFAULT NULL;
+  DECLARE CONTINUE HANDLER FOR NOT FOUND BEGIN END;
+  CALL kit_sync_participant_1(OLD.id, v_is_host);
   -- The host left when no remaining row of the room is below it: the next member by id becomes
   -- the host and the study takes that member's step (or WAITING when the room is now empty).
-  IF NOT EXISTS (SELECT 1 FROM pomodoro_progress
-                 WHERE pomodoro_room_id = OLD.pomodoro_room_id AND id < OLD.id
-                 LOCK IN SHARE MODE) THEN
-    CALL kit_refold_study(OLD.pomodoro_room_id, TRUE);
+  SELECT id INTO v_next FROM pomodoro_progress
+  WHERE pomodoro_room_id = OLD.pomodoro_room_id ORDER BY id LIMIT 1 LOCK IN SHARE MODE;
+  IF v_next IS NULL OR v_next > OLD.id THEN
+    CALL kit_sync_room_1(OLD.pomodoro_room_id, TRUE);
   END IF;
 END $$
 
--- member -> participant.nickname ------------------------------------------------------------------
--- The foreign key from pomodoro_progress means a member row is normally inserted before and
--- deleted after every progress row that names it; the insert and delete triggers only matter for
--- writes made with foreign_key_checks = 0, and then keep the copies equal to the view.
+-- member -> participant.nickname -----------------------------------------------------------------
+-- Only the nickname is carried, to the participant rows that name the member. The foreign key
+-- from pomodoro_progress means a member row is normally inserted before and deleted after every
+-- progress row that names it; the insert and delete triggers matter only for writes made with
+-- foreign_key_checks = 0.
 
-DROP TRIGGER IF EXISTS kit_member_ai $$
-CREATE TRIGGER kit_member_ai AFTER INSERT ON member FOR EACH ROW
-BEGIN
-  INSERT INTO participant (id, study_id, member_id, nickname, is_host,
-                           created_date, last_modified_date)
-  SELECT v.id, v.study_id, v.member_id, v.nickname, v.is_host,
-         v.created_date, v.last_modified_date
-  FROM kit_v1_participant v
-  WHERE v.member_id = NEW.id
-  LOCK IN SHARE MODE
-  ON DUPLICATE KEY UPDATE nickname = VALUES(nickname);
-END $$
+CREATE OR REPLACE TRIGGER kit_member_ai AFTER INSERT ON member FOR EACH ROW
+  UPDATE participant SET nickname = NEW.nickname WHERE member_id = NEW.id $$
 
-DROP TRIGGER IF EXISTS kit_member_au $$
-CREATE TRIGGER kit_member_au AFTER UPDATE ON member FOR EACH ROW
+CREATE OR REPLACE TRIGGER kit_member_au AFTER UPDATE ON member FOR EACH ROW
 BEGIN
-  IF NOT (NEW.nickname <=> OLD.nickname) OR NEW.id <> OLD.id THEN
-    INSERT INTO participant (id, study_id, member_id, nickname, is_host,
-                             created_date, last_modified_date)
-    SELECT v.id, v.study_id, v.member_id, v.nickname, v.is_host,
-           v.created_date, v.last_modified_date
-    FROM kit_v1_participant v
-    WHERE v.member_id IN (NEW.id, OLD.id)
-    LOCK IN SHARE MODE
-    ON DUPLICATE KEY UPDATE nickname = VALUES(nickname);
+  -- Bytes, not collation: 'alice' -> 'Alice', 'bob' -> 'bob ' and 'Jose' -> 'José' are changes.
+  IF NOT (CAST(NEW.nickname AS BINARY) <=> CAST(OLD.nickname AS BINARY)) OR NEW.id <> OLD.id THEN
+    UPDATE participant SET nickname = NEW.nickname WHERE member_id = NEW.id;
+  END IF;
+  IF NEW.id <> OLD.id THEN
+    UPDATE participant SET nickname = NULL WHERE member_id = OLD.id;
   END IF;
 END $$
 
-DROP TRIGGER IF EXISTS kit_member_ad $$
-CREATE TRIGGER kit_member_ad AFTER DELETE ON member FOR EACH ROW
-BEGIN
-  INSERT INTO participant (id, study_id, member_id, nickname, is_host,
-                           created_date, last_modified_date)
-  SELECT v.id, v.study_id, v.member_id, v.nickname, v.is_host,
-         v.created_date, v.last_modified_date
-  FROM kit_v1_participant v
-  WHERE v.member_id = OLD.id
-  LOCK IN SHARE MODE
-  ON DUPLICATE KEY UPDATE nickname = VALUES(nickname);
-END $$
+CREATE OR REPLACE TRIGGER kit_member_ad AFTER DELETE ON member FOR EACH ROW
+  UPDATE participant SET nickname = NULL WHERE member_id = OLD.id $$
 
--- pomodoro_content -> content -------------------------------------------------------------------
+-- pomodoro_content -> content ---------------------------------------------------------------------
+-- A content row depends on its own v1 row only: NEW is written as it is.
 
-DROP TRIGGER IF EXISTS kit_pomodoro_content_ai $$
-CREATE TRIGGER kit_pomodoro_content_ai AFTER INSERT ON pomodoro_content FOR EACH ROW
-BEGIN
+CREATE OR REPLACE TRIGGER kit_pomodoro_content_ai AFTER INSERT ON pomodoro_content FOR EACH ROW
   INSERT INTO content (id, participant_id, cycle, plan, retrospect,
                        created_date, last_modified_date)
   VALUES (NEW.id, NEW.pomodoro_progress_id, NEW.cycle, NEW.plan, NEW.retrospect,
           NEW.created_date, NEW.last_modified_date)
-  ON DUPLICATE KEY UPDATE participant_id     = NEW.pomodoro_progress_id,
-                          cycle              = NEW.cycle,
-                          plan               = NEW.plan,
-                          retrospect         = NEW.retrospect,
-                          created_date       = NEW.created_date,
-                          last_modified_date = NEW.last_modified_date;
-END $$
+  ON DUPLICATE KEY UPDATE participant_id     = VALUES(participant_id),
+                          cycle              = VALUES(cycle),
+                          plan               = VALUES(plan),
+                          retrospect         = VALUES(retrospect),
+                          created_date       = VALUES(created_date),
+                          last_modified_date = VALUES(last_modified_date) $$
 
-DROP TRIGGER IF EXISTS kit_pomodoro_content_au $$
-CREATE TRIGGER kit_pomodoro_content_au AFTER UPDATE ON pomodoro_content FOR EACH ROW
+CREATE OR REPLACE TRIGGER kit_pomodoro_content_au AFTER UPDATE ON pomodoro_content FOR EACH ROW
 BEGIN
   IF NEW.id <> OLD.id THEN
     DELETE FROM content WHERE id = OLD.id;
@@ -263,18 +324,15 @@ BEGIN
                        created_date, last_modified_date)
   VALUES (NEW.id, NEW.pomodoro_progress_id, NEW.cycle, NEW.plan, NEW.retrospect,
           NEW.created_date, NEW.last_modified_date)
-  ON DUPLICATE KEY UPDATE participant_id     = NEW.pomodoro_progress_id,
-                          cycle              = NEW.cycle,
-                          plan               = NEW.plan,
-                          retrospect         = NEW.retrospect,
-                          created_date       = NEW.created_date,
-                          last_modified_date = NEW.last_modified_date;
+  ON DUPLICATE KEY UPDATE participant_id     = VALUES(participant_id),
+                          cycle              = VALUES(cycle),
+                          plan               = VALUES(plan),
+                          retrospect         = VALUES(retrospect),
+                          created_date       = VALUES(created_date),
+                          last_modified_date = VALUES(last_modified_date);
 END $$
 
-DROP TRIGGER IF EXISTS kit_pomodoro_content_ad $$
-CREATE TRIGGER kit_pomodoro_content_ad AFTER DELETE ON pomodoro_content FOR EACH ROW
-BEGIN
-  DELETE FROM content WHERE id = OLD.id;
-END $$
+CREATE OR REPLACE TRIGGER kit_pomodoro_content_ad AFTER DELETE ON pomodoro_content FOR EACH ROW
+  DELETE FROM content WHERE id = OLD.id $$
 
 DELIMITER ;

@@ -3,35 +3,35 @@
 # "verdict: PASS missing=0 different=0 stale=0" (1 on FAIL, 2 when it could not run).
 #
 #   deploy/mysql/verify.sh -D app [-S SOCKET | -h HOST [-P PORT]] [-u USER]
-#                          [--defaults-extra-file FILE] [--chunk 1000]
+#                          [--defaults-extra-file FILE] [--after-cutover]
 #
 # Read-only and lock-free (one consistent snapshot): run it while v1 is live, as often as needed.
+# After cutover, --after-cutover leaves out rows a v2 server has written since (README.md).
 set -euo pipefail
 
 usage() { sed -n '5,6p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
 
 . "$(dirname "$0")/client.sh"
-chunk=1000
+after_cutover=0
 while [ $# -gt 0 ]; do
   case "$1" in
     -D|--database|-S|--socket|-h|--host|-P|--port|-u|--user|--defaults-extra-file)
       kit_connection_option "$1" "$2"; shift 2 ;;
-    --chunk) chunk=$2; shift 2 ;;
+    --after-cutover) after_cutover=1; shift ;;
     --help) usage ;;
     *) echo "verify: unknown argument: $1" >&2; usage ;;
   esac
 done
 [ -n "$database" ] || { echo "verify: -D DATABASE is required" >&2; usage; }
-case "$chunk" in ''|*[!0-9]*|0) echo "verify: --chunk must be a positive integer" >&2; exit 2 ;; esac
 
 kit_connect verify
 
 triggers=$("${db[@]}" -e "SELECT COUNT(*) FROM information_schema.TRIGGERS
                           WHERE trigger_schema = DATABASE() AND trigger_name LIKE 'kit\\_%'")
-echo "verify: database $database, $chunk ids per checksum chunk, $triggers of 12 kit triggers installed"
+echo "verify: database $database, row by row, $triggers of 12 kit triggers installed"
 
 started=$(date +%s.%N)
-if ! out=$( { echo "SET @kit_chunk = $chunk;"; cat "$(dirname "$0")/verify.sql"; } | "${db[@]}" 2>&1); then
+if ! out=$( { echo "SET @kit_after_cutover = $after_cutover;"; cat "$(dirname "$0")/verify.sql"; } | "${db[@]}" 2>&1); then
   printf '%s\n' "$out" >&2
   echo "verify: could not run verify.sql" >&2
   exit 2
