@@ -119,6 +119,8 @@ END $$
 
 -- The content row of one pomodoro_content row, written whole or deleted with it (backfill.sh and
 -- repair.sh; the content triggers write NEW directly).
+-- (The row is share-locked by the COUNT before the INSERT ... SELECT, which then never waits while
+-- it holds the v2 table's AUTO-INC lock; see kit_backfill_contents_1.)
 CREATE PROCEDURE IF NOT EXISTS kit_sync_content_1(IN p_id BIGINT)
   MODIFIES SQL DATA
 BEGIN
@@ -184,17 +186,22 @@ BEGIN
   CLOSE ids;
 END $$
 
--- Contents depend on their own row only: one locking INSERT ... SELECT for the chunk, then the
--- v2 rows of the range that have no v1 row.
+-- Contents depend on their own row only: one INSERT ... SELECT for the chunk, then the v2 rows of
+-- the range that have no v1 row. The chunk's v1 rows are share-locked first, by a plain locking
+-- read: an INSERT ... SELECT holds the v2 table's AUTO-INC lock for as long as it runs
+-- (innodb_autoinc_lock_mode 1, the default), and must not wait for a v1 row lock while it does,
+-- or every v1 insert, whose trigger inserts into the same v2 table, would wait behind it.
 CREATE PROCEDURE IF NOT EXISTS kit_backfill_contents_1(IN p_lo BIGINT, IN p_hi BIGINT)
   MODIFIES SQL DATA
 BEGIN
   DECLARE v_id BIGINT;
+  DECLARE v_rows INT;
   DECLARE v_end BOOLEAN DEFAULT FALSE;
   DECLARE gone CURSOR FOR
     SELECT x.id FROM content x LEFT JOIN pomodoro_content c ON c.id = x.id
     WHERE x.id > p_lo AND x.id <= p_hi AND c.id IS NULL;
   DECLARE CONTINUE HANDLER FOR NOT FOUND SET v_end = TRUE;
+  SELECT COUNT(*) INTO v_rows FROM pomodoro_content WHERE id > p_lo AND id <= p_hi LOCK IN SHARE MODE;
   INSERT INTO content (id, participant_id, cycle, plan, retrospect, created_date, last_modified_date)
   SELECT id, pomodoro_progress_id, cycle, plan, retrospect, created_date, last_modified_date
   FROM pomodoro_content WHERE id > p_lo AND id <= p_hi
