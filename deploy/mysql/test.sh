@@ -1,18 +1,31 @@
 #!/usr/bin/env bash
 # End-to-end test of the database compatibility kit (SPEC §9), on a private MariaDB server.
-#   bash deploy/mysql/test.sh          (as root, from the repository root; CI runs it this way)
-# Installs mariadb-server and mariadb-client with apt when no server is installed, starts a
+#   bash deploy/mysql/test.sh [--scale N]   (as root, from the repository root; CI runs it this way)
+# Installs mariadb-server, mariadb-client and python3-pymysql with apt when missing, starts a
 # throwaway server on a Unix socket in a temporary directory (no TCP port, the system service is
-# not used) and always stops it and removes the directory on exit.
-#  1. Kit: v1 schema with a few thousand rows; v2 schema, mapping and triggers; the backfill runs
-#     with small chunks while a concurrent writer inserts, updates and deletes in every v1 table;
-#     the backfill is killed once mid-table and resumed; verify.sh must PASS with all counts 0,
-#     during the writes and after them, and again after a full re-run of the backfill. Then the
-#     host rule step by step through the triggers, and drop_triggers.sql.
-#  2. Naive: the same data and writer against naive.sh in a second database; verify.sh must FAIL.
-# Prints "ok: ..." per check and ends with "db-kit: N passed, 0 failed"; exits non-zero on failure.
+# not used) and always stops it and removes the directory on exit. --scale multiplies the seed
+# (300 rooms, 3000 members and progress rows, 5000 contents); CI runs 1, a manual run more.
+#  1. Kit: v2 schema, install.sh; the backfill runs with small chunks while a writer inserts,
+#     updates and deletes in every v1 table, is killed once mid-table and resumed; verify.sh must
+#     PASS during the writes and after them, and after a full re-run of the backfill. Then the
+#     host rule step by step, drop_triggers.sql, and the gate on v2 rows changed behind its back.
+#  2. Defects: one check per defect an adversarial run found (deploy/mysql/README.md).
+#  3. Real writers: adversary.py's six writers across install, backfill (killed and resumed),
+#     re-installs and the gate; an independent comparison must find 0 differences and the gate
+#     agree. Then the cost to v1 writes, with and without the triggers.
+#  4. Naive: the same data and writer against naive.sh in a second database; verify.sh must FAIL.
+# Prints "ok: ..." per check and ends with "db-kit: N passed, 0 failed"; exits non-zero on failure
+# (KIT_TEST_KEEP_GOING=1 runs every check anyway; KIT_TEST_SEED fixes the writers' seed).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+scale=1
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --scale) scale=$2; shift 2 ;;
+    *) echo "test.sh: unknown argument: $1 (only --scale N)" >&2; exit 2 ;;
+  esac
+done
+case "$scale" in ''|*[!0-9]*|0) echo "test.sh: --scale must be a positive integer" >&2; exit 2 ;; esac
 kit=deploy/mysql
 started=$(date +%s)
 passed=0
@@ -27,10 +40,11 @@ fail() {
 }
 
 export PATH="$PATH:/usr/sbin:/usr/local/sbin"
-if ! { command -v mariadbd || command -v mysqld; } >/dev/null || ! command -v mariadb-install-db >/dev/null; then
-  echo "installing mariadb-server and mariadb-client"
+if ! { command -v mariadbd || command -v mysqld; } >/dev/null || ! command -v mariadb-install-db >/dev/null \
+   || ! /usr/bin/python3 -c 'import pymysql' 2>/dev/null; then
+  echo "installing mariadb-server, mariadb-client and python3-pymysql (for adversary.py)"
   apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mariadb-server mariadb-client >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mariadb-server mariadb-client python3-pymysql >/dev/null
 fi
 server=$(command -v mariadbd || command -v mysqld)
 client=$(command -v mariadb || command -v mysql)
@@ -71,46 +85,54 @@ sql() { local d=$1; shift; "$client" "${conn[@]}" --batch --skip-column-names --
 args=(-S "$tmp/sock" -u root)
 
 # v1 data: 300 rooms (the last 10 nobody joined), 3000 members and progress rows, 5000 contents,
-# with microsecond timestamps, NULL and empty texts and texts containing separators.
+# each times --scale, with microsecond timestamps, NULL and empty texts and texts containing
+# separators.
 seed_v1() {
   sql "$1" <"$kit/v1_schema.sql"
-  sql "$1" <<'SQL'
+  { echo "SET @rooms = $((300 * scale)), @members = $((3000 * scale)), @contents = $((5000 * scale));"
+    cat <<'SQL'
 CREATE TEMPORARY TABLE seq (n INT PRIMARY KEY);
 INSERT INTO seq
 WITH RECURSIVE d(n) AS (SELECT 0 UNION ALL SELECT n + 1 FROM d WHERE n < 9)
-SELECT 1 + a.n + 10 * b.n + 100 * c.n + 1000 * e.n FROM d a, d b, d c, d e;
+SELECT n FROM (
+  SELECT 1 + a.n + 10 * b.n + 100 * c.n + 1000 * e.n + 10000 * f.n + 100000 * g.n AS n
+  FROM d a, d b, d c, d e, (SELECT n FROM d WHERE n <= @contents / 10000) f,
+       (SELECT n FROM d WHERE n <= @contents / 100000) g
+) numbers
+WHERE n <= @contents;
 SET @t0 = TIMESTAMP('2024-03-01 09:00:00');
 INSERT INTO participant_code (id, code, created_date, last_modified_date)
 SELECT n, CONCAT('code-', n), @t0 + INTERVAL n SECOND + INTERVAL n * 7919 % 1000000 MICROSECOND,
        @t0 + INTERVAL n SECOND + INTERVAL n * 7919 % 1000000 MICROSECOND
-FROM seq WHERE n <= 300;
+FROM seq WHERE n <= @rooms;
 INSERT INTO pomodoro_room (id, participant_code_id, name, total_cycle, time_per_cycle,
                            created_date, last_modified_date)
 SELECT n, n, CONCAT('study room ', n), 1 + n % 8, 25 + 5 * (n % 4),
        @t0 + INTERVAL n SECOND + INTERVAL n * 104729 % 1000000 MICROSECOND,
        @t0 + INTERVAL 2 * n SECOND + INTERVAL n * 1299709 % 1000000 MICROSECOND
-FROM seq WHERE n <= 300;
+FROM seq WHERE n <= @rooms;
 INSERT INTO member (id, nickname, created_date, last_modified_date)
 SELECT n, CONCAT('member ', n, IF(n % 5 = 0, ' | a, b', '')),
        @t0 + INTERVAL n SECOND + INTERVAL n * 15485863 % 1000000 MICROSECOND,
        @t0 + INTERVAL n SECOND + INTERVAL n * 15485863 % 1000000 MICROSECOND
-FROM seq WHERE n <= 3000;
+FROM seq WHERE n <= @members;
 INSERT INTO pomodoro_progress (id, pomodoro_room_id, member_id, is_done, current_cycle,
                                pomodoro_status, created_date, last_modified_date)
-SELECT n, 1 + n * 7 % 290, n, IF(n % 9 = 0, b'1', b'0'), 1 + n % 4,
+SELECT n, 1 + n * 7 % (@rooms - 10), n, IF(n % 9 = 0, b'1', b'0'), 1 + n % 4,
        ELT(1 + n % 3, 'PLANNING', 'RETROSPECT', 'STUDYING'),
        @t0 + INTERVAL n SECOND + INTERVAL n * 32452843 % 1000000 MICROSECOND,
        @t0 + INTERVAL 3 * n SECOND + INTERVAL n * 49979687 % 1000000 MICROSECOND
-FROM seq WHERE n <= 3000;
+FROM seq WHERE n <= @members;
 INSERT INTO pomodoro_content (id, pomodoro_progress_id, cycle, plan, retrospect,
                               created_date, last_modified_date)
-SELECT n, 1 + n * 13 % 3000, 1 + n % 4,
+SELECT n, 1 + n * 13 % @members, 1 + n % 4,
        CASE n % 10 WHEN 0 THEN NULL WHEN 1 THEN '' ELSE CONCAT('plan ', n, ' | read, write') END,
        IF(n % 3 = 0, NULL, CONCAT('retro ', n)),
        @t0 + INTERVAL n SECOND + INTERVAL n * 86028121 % 1000000 MICROSECOND,
        @t0 + INTERVAL 4 * n SECOND + INTERVAL n * 104395301 % 1000000 MICROSECOND
-FROM seq WHERE n <= 5000;
+FROM seq WHERE n <= @contents;
 SQL
+  } | sql "$1"
 }
 
 # A v1 writer: at most $2 transactions, and none once the file $tmp/stop-$3 exists; each one short
@@ -528,7 +550,83 @@ backfill_pid=""
 expect_verdict chunked "$PASS" "gate after the chunked backfill"
 ok "defect 6: with a v1 row lock held inside the content table, an insert and an update elsewhere took $waited ms and the backfill finished after the lock went"
 
-# 3. The naive procedure --------------------------------------------------------------------------
+# 3. Against real writers -----------------------------------------------------------------------
+# adversary.py's writers (six, half READ COMMITTED and half REPEATABLE READ: short transactions,
+# explicit rollbacks, long read-then-write ones, case/space/accent-only edits, hosts leaving,
+# deletes, writers chasing just above the backfill cursor) run from before the triggers are
+# installed until the end: through the install, a backfill killed with kill -9 and resumed, two
+# more installs under load and the gate. Then an independent comparison, written without the
+# kit's views, routines or checksums, must find 0 differences, and the gate must agree.
+adversary() { local sub=$1 d=$2; shift 2; /usr/bin/python3 "$kit/adversary.py" "$sub" --socket "$tmp/sock" --user root --database "$d" "$@"; }
+seed=${KIT_TEST_SEED:-$RANDOM}
+fresh adv
+adversary write adv --writers 6 --seconds 3600 --stop-file "$tmp/stop-adv" --isolation mixed --chase \
+  --seed "$seed" >"$tmp/adv-writers.json" 2>"$tmp/adv-writers.log" &
+writer_pid=$!
+sleep 2
+"$kit/install.sh" "${args[@]}" -D adv | sed 's/^/    /'
+setsid "$kit/backfill.sh" "${args[@]}" -D adv --chunk 50 >"$tmp/adv-backfill1.log" 2>&1 &
+backfill_pid=$!
+for _ in $(seq 1200); do
+  [ "$(sql adv -e "SELECT COALESCE(MAX(IF(table_name = 'participant', rows_done, NULL)), 0) FROM kit_backfill_cursor")" -ge $((1000 * scale)) ] && break
+  kill -0 "$backfill_pid" 2>/dev/null || break
+  sleep 0.05
+done
+kill -KILL -- "-$backfill_pid" 2>/dev/null || fail "adversarial: the backfill ended before it could be killed"
+wait "$backfill_pid" 2>/dev/null || true
+backfill_pid=""
+"$kit/backfill.sh" "${args[@]}" -D adv --chunk 50 >"$tmp/adv-backfill2.log" \
+  || { cat "$tmp/adv-backfill2.log"; fail "adversarial: the resumed backfill"; }
+grep -q 'resuming after id' "$tmp/adv-backfill2.log" || fail "adversarial: the backfill did not resume"
+for round in 1 2; do
+  "$kit/install.sh" "${args[@]}" -D adv >/dev/null || fail "adversarial: install again under load (round $round)"
+done
+for round in 1 2; do
+  expect_verdict adv "$PASS" "adversarial: the gate during the writes (round $round)"
+done
+kill -0 "$writer_pid" 2>/dev/null || fail "adversarial: the writers stopped early: $(tail -3 "$tmp/adv-writers.log")"
+touch "$tmp/stop-adv"
+wait "$writer_pid" || { cat "$tmp/adv-writers.log"; fail "adversarial: the writers failed"; }
+writer_pid=""
+summary=$(tail -1 "$tmp/adv-writers.json")
+read -r committed failures codes <<<"$(/usr/bin/python3 -c '
+import json, sys
+s = json.loads(sys.argv[1])
+print(s["committed"], s["failed_total"], ",".join(f"{c}x{n}" for c, n in s["failed"].items()) or "none")' "$summary")"
+# What a v1 write may fail with while the kit runs: deadlocks and lock wait timeouts, which the
+# application retries, and the writers' own foreign-key races (a member deleted while another
+# transaction adds a content row for them), which happen without the kit too.
+unexpected=$(tr ',' '\n' <<<"$codes" | grep -vE '^(1213|1205|1452)x|^none$' || true)
+[ -z "$unexpected" ] || fail "adversarial: v1 writes failed with errors the kit must not cause: $unexpected"
+echo "    writers (seed $seed): $committed transactions committed; failed: $codes"
+adversary compare adv >"$tmp/adv-compare.json" 2>"$tmp/adv-compare.log" \
+  || { cat "$tmp/adv-compare.log"; fail "adversarial: the independent comparison found differences"; }
+expect_verdict adv "$PASS" "adversarial: the gate after the writes"
+ok "adversarial: $committed v1 transactions from 6 writers across install, kill -9 and resume of the backfill, two re-installs and the gate: independent comparison 0 differences, gate $PASS"
+
+# (4) Re-installing under load failed no v1 write (checked above: no error code but retryable
+# ones); (7) what the triggers cost v1 writes: the same write mix for 10 s without and with them.
+fresh bench
+adversary bench bench --writers 6 --seconds 10 --phase before --seed "$seed" --results "$tmp/bench.json" \
+  >/dev/null 2>"$tmp/bench-before.log" || { cat "$tmp/bench-before.log"; fail "bench before the triggers"; }
+"$kit/install.sh" "${args[@]}" -D bench >/dev/null
+"$kit/backfill.sh" "${args[@]}" -D bench --chunk 500 >/dev/null
+adversary bench bench --writers 6 --seconds 10 --phase after --seed "$seed" --results "$tmp/bench.json" \
+  >"$tmp/bench-after.json" 2>"$tmp/bench-after.log" || { cat "$tmp/bench-after.log"; fail "bench with the triggers"; }
+cost=$(/usr/bin/python3 - "$tmp/bench-after.json" <<'PY'
+import json, sys
+after = json.loads(open(sys.argv[1]).read().splitlines()[-1])
+before = after["before"]
+def run(s, what):
+    codes = ", ".join("%sx%s" % kv for kv in s["failed"].items()) or "none"
+    return "%s/s %s (%.1f%% failed: %s)" % (s["committed_per_second"], what, 100 * s["failure_rate"], codes)
+print("%s, %s, ratio %s" % (run(before, "without the triggers"), run(after, "with them"), after["throughput_ratio"]))
+PY
+)
+expect_verdict bench "$PASS" "gate after the bench"
+ok "cost to v1 writes (6 writers, 10 s each): $cost"
+
+# 4. The naive procedure --------------------------------------------------------------------------
 sql mysql -e "CREATE DATABASE naive"
 seed_v1 naive
 sql naive <"$kit/v2_schema.sql"

@@ -229,10 +229,24 @@ CREATE OR REPLACE TRIGGER kit_pomodoro_room_ai AFTER INSERT ON pomodoro_room FOR
 
 CREATE OR REPLACE TRIGGER kit_pomodoro_room_au AFTER UPDATE ON pomodoro_room FOR EACH ROW
 BEGIN
-  IF NEW.id <> OLD.id THEN
-    CALL kit_sync_room_1(OLD.id, FALSE);
+  DECLARE v_study BIGINT DEFAULT NULL;
+  DECLARE CONTINUE HANDLER FOR NOT FOUND BEGIN END;
+  IF NEW.id = OLD.id THEN
+    -- A rename: the study's room columns only. Its step and cycle are the host's business, and
+    -- reading the host's progress here would lock it against the host's own writes.
+    SELECT id INTO v_study FROM study WHERE id = NEW.id FOR UPDATE;
   END IF;
-  CALL kit_sync_room_1(NEW.id, FALSE);
+  IF v_study IS NOT NULL THEN
+    UPDATE study SET participant_code_id = NEW.participant_code_id, name = NEW.name,
+                     total_cycle = NEW.total_cycle, time_per_cycle = NEW.time_per_cycle,
+                     created_date = NEW.created_date, last_modified_date = NEW.last_modified_date
+    WHERE id = NEW.id;
+  ELSE
+    IF NEW.id <> OLD.id THEN
+      CALL kit_sync_room_1(OLD.id, FALSE);
+    END IF;
+    CALL kit_sync_room_1(NEW.id, FALSE);
+  END IF;
 END $$
 
 CREATE OR REPLACE TRIGGER kit_pomodoro_room_ad AFTER DELETE ON pomodoro_room FOR EACH ROW
@@ -254,18 +268,43 @@ END $$
 CREATE OR REPLACE TRIGGER kit_pomodoro_progress_au AFTER UPDATE ON pomodoro_progress FOR EACH ROW
 BEGIN
   DECLARE v_is_host, v_was BOOLEAN DEFAULT FALSE;
-  IF NEW.id <> OLD.id THEN
-    CALL kit_sync_participant_1(OLD.id, v_was);
+  DECLARE v_flag BOOLEAN DEFAULT NULL;
+  DECLARE v_study BIGINT DEFAULT NULL;
+  DECLARE CONTINUE HANDLER FOR NOT FOUND BEGIN END;
+  IF NEW.id = OLD.id AND NEW.pomodoro_room_id = OLD.pomodoro_room_id AND NEW.member_id = OLD.member_id THEN
+    -- The common case, a member's progress moving: only the row's own dates change in v2, and
+    -- the study's step and cycle only if this row is the host, from NEW itself. Whether it is,
+    -- is the copy's host flag, read with a lock: every change of host rewrites the flags of the
+    -- room's rows under their locks, so one in flight either waits for this row or has already
+    -- set it. No other v1 row is locked: members' writes and the host's do not wait for each
+    -- other, nor for a rename of the room.
+    SELECT is_host INTO v_flag FROM participant WHERE id = NEW.id FOR UPDATE;
+    IF v_flag THEN
+      SELECT id INTO v_study FROM study WHERE id = NEW.pomodoro_room_id FOR UPDATE;
+    END IF;
   END IF;
-  CALL kit_sync_participant_1(NEW.id, v_is_host);
-  IF NEW.id <> OLD.id OR NEW.pomodoro_room_id <> OLD.pomodoro_room_id THEN
-    -- Who hosts the old room and the new one may both have changed.
-    CALL kit_sync_room_1(OLD.pomodoro_room_id, TRUE);
-    CALL kit_sync_room_1(NEW.pomodoro_room_id, TRUE);
-  ELSEIF v_is_host THEN
-    -- The host's own progress moved: the study follows it. Other members' progress does not
-    -- change the study (README.md, "One step per study").
-    CALL kit_sync_room_1(NEW.pomodoro_room_id, FALSE);
+  IF v_flag IS NOT NULL AND (NOT v_flag OR v_study IS NOT NULL) THEN
+    UPDATE participant SET created_date = NEW.created_date, last_modified_date = NEW.last_modified_date
+    WHERE id = NEW.id;
+    IF v_flag THEN
+      UPDATE study SET current_cycle = NEW.current_cycle,
+                       step = kit_study_step(NEW.id, NEW.is_done, NEW.pomodoro_status)
+      WHERE id = NEW.pomodoro_room_id;
+    END IF;
+  ELSE
+    IF NEW.id <> OLD.id THEN
+      CALL kit_sync_participant_1(OLD.id, v_was);
+    END IF;
+    CALL kit_sync_participant_1(NEW.id, v_is_host);
+    IF NEW.id <> OLD.id OR NEW.pomodoro_room_id <> OLD.pomodoro_room_id THEN
+      -- Who hosts the old room and the new one may both have changed.
+      CALL kit_sync_room_1(OLD.pomodoro_room_id, TRUE);
+      CALL kit_sync_room_1(NEW.pomodoro_room_id, TRUE);
+    ELSEIF v_is_host THEN
+      -- The host's own progress moved: the study follows it. Other members' progress does not
+      -- change the study (README.md, "One step per study").
+      CALL kit_sync_room_1(NEW.pomodoro_room_id, FALSE);
+    END IF;
   END IF;
 END $$
 
@@ -286,12 +325,18 @@ END $$
 
 -- member -> participant.nickname -----------------------------------------------------------------
 -- Only the nickname is carried, to the participant rows that name the member. The foreign key
--- from pomodoro_progress means a member row is normally inserted before and deleted after every
--- progress row that names it; the insert and delete triggers matter only for writes made with
--- foreign_key_checks = 0.
+-- from pomodoro_progress means a member row is inserted before and deleted after every progress
+-- row that names it, so the insert and delete triggers have nothing to do unless a session wrote
+-- with foreign_key_checks = 0; they do nothing otherwise, because even an UPDATE that matches no
+-- row takes a gap lock on participant's member index, and two members joining rooms at once
+-- would then deadlock on it.
 
 CREATE OR REPLACE TRIGGER kit_member_ai AFTER INSERT ON member FOR EACH ROW
-  UPDATE participant SET nickname = NEW.nickname WHERE member_id = NEW.id $$
+BEGIN
+  IF @@foreign_key_checks = 0 THEN
+    UPDATE participant SET nickname = NEW.nickname WHERE member_id = NEW.id;
+  END IF;
+END $$
 
 CREATE OR REPLACE TRIGGER kit_member_au AFTER UPDATE ON member FOR EACH ROW
 BEGIN
@@ -305,7 +350,11 @@ BEGIN
 END $$
 
 CREATE OR REPLACE TRIGGER kit_member_ad AFTER DELETE ON member FOR EACH ROW
-  UPDATE participant SET nickname = NULL WHERE member_id = OLD.id $$
+BEGIN
+  IF @@foreign_key_checks = 0 THEN
+    UPDATE participant SET nickname = NULL WHERE member_id = OLD.id;
+  END IF;
+END $$
 
 -- pomodoro_content -> content ---------------------------------------------------------------------
 -- A content row depends on its own v1 row only: NEW is written as it is.
