@@ -84,24 +84,8 @@ plan=(
 now() { date +%s.%N; }
 elapsed() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }'; }
 
-# Runs one statement batch, retrying it (it rolled back whole) after a deadlock or a lock wait
-# timeout against a v1 write; prints its output. Any other error ends the backfill.
-retried() {
-  local what=$1 sql=$2 out tries=0
-  while :; do
-    if out=$("${db[@]}" -e "$sql" 2>&1); then
-      printf '%s\n' "$out"
-      return 0
-    fi
-    tries=$((tries + 1))
-    if grep -qE 'ERROR (1213|1205)' <<<"$out" && [ "$tries" -lt 100 ]; then
-      sleep 0.$((RANDOM % 5 + 1))
-      continue
-    fi
-    echo "backfill: $what failed: $out" >&2
-    exit 1
-  done
-}
+# A statement batch, retried after a deadlock or lock wait timeout against a v1 write.
+retried() { kit_retried backfill "$2" "$1"; }
 
 run_chunk() {
   local name=$1 source=$2 routine=$3

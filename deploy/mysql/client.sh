@@ -1,5 +1,5 @@
-# Sourced by backfill.sh and verify.sh: the connection options they both take, and the mariadb
-# (or mysql) command line built from them.
+# Sourced by the kit's scripts: the connection options they all take, the mariadb (or mysql)
+# command line built from them, and a retry of statement batches.
 
 database="" socket="" host="" port="" user="" extra=""
 
@@ -30,4 +30,24 @@ kit_connect() {
   [ -z "$user" ] || db+=("--user=$user")
   db+=(--batch --skip-column-names "--database=$database")
   "${db[@]}" -e "SELECT 1" >/dev/null || { echo "$name: cannot connect to database '$database'" >&2; exit 2; }
+}
+
+# Runs the statement batch $2 and prints its output, running it again after a deadlock or a lock
+# wait timeout (InnoDB rolled it back whole), up to 100 times; any other error is printed with
+# "$1: $3 failed" and ends the script with exit 1.
+kit_retried() {
+  local name=$1 sql=$2 what=$3 out tries=0
+  while :; do
+    if out=$("${db[@]}" -e "$sql" 2>&1); then
+      printf '%s\n' "$out"
+      return 0
+    fi
+    tries=$((tries + 1))
+    if grep -qE 'ERROR (1213|1205)' <<<"$out" && [ "$tries" -lt 100 ]; then
+      sleep 0.$((RANDOM % 5 + 1))
+      continue
+    fi
+    echo "$name: $what failed: $out" >&2
+    exit 1
+  done
 }

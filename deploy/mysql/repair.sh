@@ -62,21 +62,9 @@ calls=$(awk '
   $1 == "participant" { print "CALL kit_sync_participant_1(" $2 ", @kit_is_host);" }
   $1 == "content" { print "CALL kit_sync_content_1(" $2 ");" }' <<<"$rows")
 batch() {
-  local body=$1 out tries=0
-  while :; do
-    if out=$("${db[@]}" -e "SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED;
-                            SET SESSION innodb_lock_wait_timeout = 5;
-                            START TRANSACTION; $body COMMIT;" 2>&1); then
-      return 0
-    fi
-    tries=$((tries + 1))
-    if grep -qE 'ERROR (1213|1205)' <<<"$out" && [ "$tries" -lt 100 ]; then
-      sleep 0.$((RANDOM % 5 + 1))
-      continue
-    fi
-    echo "repair: failed: $out" >&2
-    exit 1
-  done
+  kit_retried repair "SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED;
+                      SET SESSION innodb_lock_wait_timeout = 5;
+                      START TRANSACTION; $1 COMMIT;" "re-sync" >/dev/null
 }
 while IFS= read -r chunk; do
   batch "$chunk"
