@@ -44,6 +44,11 @@ impl Balancer {
         Some(&self.upstreams[chosen])
     }
 
+    /// Whether the pool has a usable upstream (weight above 0, healthy) other than `upstream`.
+    pub fn has_other_usable(&self, upstream: &Upstream) -> bool {
+        self.upstreams.iter().any(|u| !std::ptr::eq(&**u, upstream) && u.weight() > 0 && u.is_healthy())
+    }
+
     pub fn upstreams(&self) -> &[Arc<Upstream>] {
         &self.upstreams
     }

@@ -12,9 +12,28 @@ use prometheus::{
 
 use crate::config::{ByPool, PoolName};
 use crate::router::Decision;
-use crate::session::EndReason;
 
 const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+
+/// Why a pin ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EndReason {
+    Idle,
+    MaxDuration,
+    Admin,
+}
+
+impl EndReason {
+    pub const ALL: [EndReason; 3] = [EndReason::Idle, EndReason::MaxDuration, EndReason::Admin];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EndReason::Idle => "idle",
+            EndReason::MaxDuration => "max_duration",
+            EndReason::Admin => "admin",
+        }
+    }
+}
 
 /// Index into [`CLASSES`] for a status code.
 fn class_index(status: u16) -> usize {

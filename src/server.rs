@@ -307,7 +307,11 @@ impl Server {
         let admin_task = tokio::spawn(admin::serve(admin_listener, admin_state, admin_stop.clone()));
         let upkeep_stop = CancellationToken::new();
         let upkeep = tokio::spawn(upkeep(proxy.clone(), upkeep_stop.clone()));
-        let checks = tokio::spawn(crate::health::run_checks(proxy.clone(), shutdown.clone()));
+        let checks = tokio::spawn(crate::health::checks::run_checks(
+            proxy.snapshot_handle(),
+            proxy.client().clone(),
+            shutdown.clone(),
+        ));
 
         let stopping = shutdown.clone();
         let proxy_handle = proxy.clone();

@@ -22,7 +22,7 @@ use http::{HeaderMap, Uri};
 use crate::clock::{SharedClock, UnixMillis};
 use crate::config::{ByPool, PoolName, SessionKeySpec, SessionsConfig};
 use crate::drain::READ_BACK_SLACK;
-use crate::metrics::Metrics;
+use crate::metrics::{EndReason, Metrics};
 use crate::state::{Op, Store, StoredPin};
 use table::{stripe_of, PinTable, STRIPES};
 
@@ -164,26 +164,6 @@ impl PinPolicy {
     /// before the bound keeps the second kind rare.
     pub fn refresh_lag(&self) -> u32 {
         (self.stale_secs / 4).max(1)
-    }
-}
-
-/// Why a pin ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum EndReason {
-    Idle,
-    MaxDuration,
-    Admin,
-}
-
-impl EndReason {
-    pub const ALL: [EndReason; 3] = [EndReason::Idle, EndReason::MaxDuration, EndReason::Admin];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            EndReason::Idle => "idle",
-            EndReason::MaxDuration => "max_duration",
-            EndReason::Admin => "admin",
-        }
     }
 }
 

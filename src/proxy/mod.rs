@@ -276,15 +276,9 @@ impl Proxy {
         }
     }
 
-    /// Counts a failure towards passive ejection. The last healthy upstream of a pool is never
-    /// ejected: with nowhere else to go, trying it beats answering 503 for the whole period.
+    /// Counts a failure towards passive ejection ([`crate::health::Health::record_failure`]).
     fn note_failure(&self, pool: PoolName, balancer: &Balancer, upstream: &Upstream, ejection: &Ejection) {
-        let others_healthy = balancer
-            .upstreams()
-            .iter()
-            .any(|u| !std::ptr::eq(&**u, upstream) && u.weight() > 0 && u.is_healthy());
-        let threshold = if others_healthy { ejection.consecutive_failures } else { 0 };
-        if upstream.health().record_failure(threshold, ejection.duration) {
+        if upstream.health().record_failure(ejection, balancer.has_other_usable(upstream)) {
             warn!(pool = %pool, upstream = %upstream.name(), for_ = ?ejection.duration, "upstream ejected after consecutive failures");
         }
     }
@@ -404,6 +398,10 @@ impl Proxy {
             self.closing.cancel();
             self.tunnels.wait().await;
         }
+    }
+
+    pub fn snapshot_handle(&self) -> SharedSnapshot {
+        self.snapshot.clone()
     }
 
     pub fn snapshot(&self) -> Arc<Snapshot> {
