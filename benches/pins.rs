@@ -19,7 +19,7 @@ use rollout_proxy::clock::SystemClock;
 use rollout_proxy::config::{Config, PoolName};
 use rollout_proxy::metrics::Metrics;
 use rollout_proxy::session::{PinPolicy, Sessions};
-use rollout_proxy::state::{Op, Store, FOLD_AFTER, STATE_FILE};
+use rollout_proxy::store::{Op, Store, FOLD_AFTER, STATE_FILE};
 
 const PINS: usize = 1_000_000;
 

@@ -34,7 +34,7 @@ use tracing::debug;
 use crate::config::{Percent, PoolName};
 use crate::control::{Actor, Applied, Control, ControlError};
 use crate::drain::rfc3339;
-use crate::proxy::Proxy;
+use crate::shared::Shared;
 
 /// Environment variable that may hold the admin token instead of `admin.token_file`.
 pub const TOKEN_ENV: &str = "ROLLOUT_ADMIN_TOKEN";
@@ -94,7 +94,7 @@ impl Token {
 /// What the handlers share.
 #[derive(Clone)]
 pub struct AdminState {
-    pub proxy: Arc<Proxy>,
+    pub shared: Arc<Shared>,
     pub control: Arc<Control>,
     pub readiness: Arc<Readiness>,
     pub token: Option<Arc<Token>>,
@@ -324,13 +324,13 @@ async fn readyz(State(state): State<AdminState>) -> (StatusCode, &'static str) {
 }
 
 async fn metrics(State(state): State<AdminState>) -> impl IntoResponse {
-    let text = state.proxy.metrics().render(&state.proxy.scrape_state());
+    let text = state.shared.metrics().render(&state.shared.scrape_state());
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text)
 }
 
 /// 200 when drained, 503 when not, so a deploy script can poll it with `curl --fail`.
 async fn drain(State(state): State<AdminState>) -> impl IntoResponse {
-    let status = state.proxy.drain_status();
+    let status = state.shared.drain_status();
     let code = if status.drained { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     (code, Json(status))
 }
@@ -401,8 +401,8 @@ async fn list_sessions(
             AdminError::BadRequest(format!("limit: {l:?} is not a number from 1 to {MAX_LIST}"))
         })?,
     };
-    let snapshot = state.proxy.snapshot();
-    let sessions = state.proxy.sessions();
+    let snapshot = state.shared.snapshot();
+    let sessions = state.shared.sessions();
     let pins: Vec<_> = sessions
         .list(pool, &snapshot.pin_policy, limit)
         .into_iter()

@@ -16,10 +16,10 @@ use tokio::sync::Mutex;
 use tracing::{info, warn};
 
 use crate::config::{ByPool, Config, ConfigError, Percent, PoolName, MAX_WEIGHT};
-use crate::proxy::Proxy;
 use crate::session::is_valid_key;
+use crate::shared::Shared;
 use crate::snapshot::Snapshot;
-use crate::state::Op;
+use crate::store::Op;
 use crate::tls::{CertStore, TlsError};
 use crate::ErrorChain;
 
@@ -116,22 +116,23 @@ struct Running {
 }
 
 pub struct Control {
-    proxy: Arc<Proxy>,
+    shared: Arc<Shared>,
     running: Mutex<Running>,
     /// The served certificate, re-read on every reload.
     certs: Option<Arc<CertStore>>,
 }
 
 impl Control {
-    /// Takes over `proxy`, whose snapshot must already be `file` with `overrides` applied.
+    /// Takes over publishing `shared`'s snapshot, which must already be `file` with `overrides`
+    /// applied.
     pub fn new(
-        proxy: Arc<Proxy>,
+        shared: Arc<Shared>,
         file: Config,
         overrides: Overrides,
         revision: u64,
         certs: Option<Arc<CertStore>>,
     ) -> Self {
-        Control { proxy, running: Mutex::new(Running { file, overrides, revision }), certs }
+        Control { shared, running: Mutex::new(Running { file, overrides, revision }), certs }
     }
 
     /// The file config with stored overrides applied, for the first snapshot.
@@ -146,8 +147,8 @@ impl Control {
     /// The `GET /status` document and its revision.
     pub async fn status(&self) -> (u64, Value) {
         let running = self.running.lock().await;
-        let snapshot = self.proxy.snapshot();
-        let sessions = self.proxy.sessions();
+        let snapshot = self.shared.snapshot();
+        let sessions = self.shared.sessions();
         let overrides = &running.overrides;
         let source = |overridden: bool| if overridden { "admin" } else { "config" };
         let pools: BTreeMap<&str, Value> = PoolName::ALL
@@ -190,7 +191,7 @@ impl Control {
                 "active": { "v1": sessions.live(PoolName::V1), "v2": sessions.live(PoolName::V2) },
                 "max_active": snapshot.pin_policy.max_active,
             },
-            "drain": self.proxy.drain_status(),
+            "drain": self.shared.drain_status(),
         });
         (running.revision, status)
     }
@@ -204,7 +205,7 @@ impl Control {
     ) -> Result<Applied, ControlError> {
         let mut running = self.running.lock().await;
         check_revision(&running, expected)?;
-        let old = self.proxy.snapshot().router.legacy_v1_percent().as_f64();
+        let old = self.shared.snapshot().router.legacy_v1_percent().as_f64();
         let mut overrides = running.overrides.clone();
         overrides.legacy_v1_percent = Some(percent.as_f64());
         self.commit(
@@ -236,7 +237,7 @@ impl Control {
             });
         }
         let mut running = self.running.lock().await;
-        let snapshot = self.proxy.snapshot();
+        let snapshot = self.shared.snapshot();
         let Some(upstream) = snapshot.pool(pool).upstreams().iter().find(|u| u.name().as_str() == name)
         else {
             return Err(ControlError::UnknownUpstream { pool, name: name.to_owned() });
@@ -277,7 +278,7 @@ impl Control {
             Some(certs) => certs.reload().map(|()| file).map_err(ControlError::Certificate),
             None => Ok(file),
         });
-        let metrics = self.proxy.metrics();
+        let metrics = self.shared.metrics();
         let file = match result {
             Ok(file) => file,
             Err(err) => {
@@ -318,8 +319,8 @@ impl Control {
         let running = self.running.lock().await;
         check_revision(&running, expected)?;
         let pool =
-            self.proxy.sessions().remove(key).ok_or_else(|| ControlError::UnknownSession(key.to_owned()))?;
-        self.proxy.metrics().admin_changes.with_label_values(&["session_delete"]).inc();
+            self.shared.sessions().remove(key).ok_or_else(|| ControlError::UnknownSession(key.to_owned()))?;
+        self.shared.metrics().admin_changes.with_label_values(&["session_delete"]).inc();
         info!(target: "audit", actor = %actor.0, kind = "session_delete", session = key, pool = %pool, revision = running.revision, "admin change");
         Ok(Applied {
             revision: running.revision,
@@ -345,17 +346,17 @@ impl Control {
         let effective = overrides.apply(&file);
         let revision = running.revision + 1;
         let json = serde_json::to_vec(&overrides).expect("overrides serialize");
-        let store = self.proxy.sessions().store();
+        let store = self.shared.store();
         store.send(Op::Overrides { json, revision });
         if !store.flush().await {
             return Err(ControlError::Store);
         }
-        let previous = self.proxy.snapshot();
-        self.proxy.swap(Snapshot::build(&effective, self.proxy.metrics(), Some(&previous)));
+        let previous = self.shared.snapshot();
+        self.shared.swap(Snapshot::build(&effective, self.shared.metrics(), Some(&previous)));
         running.file = file;
         running.overrides = overrides;
         running.revision = revision;
-        self.proxy.metrics().admin_changes.with_label_values(&[kind]).inc();
+        self.shared.metrics().admin_changes.with_label_values(&[kind]).inc();
         info!(target: "audit", actor = %actor.0, kind, old = %old, new = %new, revision, "admin change");
         Ok(Applied { revision, old, new, restart_required: Vec::new() })
     }

@@ -70,8 +70,9 @@ pub mod proxy;
 pub mod router;
 pub mod server;
 pub mod session;
+pub mod shared;
 pub mod snapshot;
-pub mod state;
+pub mod store;
 pub mod tls;
 pub mod upstream;
 

@@ -14,6 +14,8 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use http::{Request, Response};
+use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -28,7 +30,7 @@ use tracing::{debug, info, warn};
 use crate::config::ClientConfig;
 use crate::h1::Rewind;
 use crate::metrics::Metrics;
-use crate::proxy::{Body, ClientConn, Gate, H1Plan, Peer};
+use crate::proxy::{error_response, Body, ClientConn, H1Plan, Peer, Proxy, ProxyError};
 
 /// How long connections accepted just before a stop get to send their first request before the
 /// drain closes idle connections.
@@ -36,6 +38,61 @@ const ACCEPT_LINGER: Duration = Duration::from_millis(250);
 
 /// How long the accept loop pauses after a resource error such as EMFILE before trying again.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// The proxy once it is ready. During a takeover the listeners accept before the state store is
+/// free; requests wait here (up to `patience`) instead of failing.
+pub struct Gate {
+    proxy: std::sync::OnceLock<Arc<Proxy>>,
+    opened: tokio::sync::Notify,
+    patience: std::time::Duration,
+}
+
+impl Gate {
+    pub fn new(patience: std::time::Duration) -> Arc<Gate> {
+        Arc::new(Gate { proxy: std::sync::OnceLock::new(), opened: tokio::sync::Notify::new(), patience })
+    }
+
+    pub fn patience(&self) -> std::time::Duration {
+        self.patience
+    }
+
+    pub fn open(&self, proxy: Arc<Proxy>) {
+        let _ = self.proxy.set(proxy);
+        self.opened.notify_waiters();
+    }
+
+    /// The proxy if it is ready.
+    pub fn proxy_now(&self) -> Option<&Arc<Proxy>> {
+        self.proxy.get()
+    }
+
+    /// The proxy, waiting for it while it starts; `None` if it did not come in time.
+    pub async fn proxy(&self) -> Option<&Arc<Proxy>> {
+        if let Some(proxy) = self.proxy.get() {
+            return Some(proxy);
+        }
+        let wait = async {
+            loop {
+                let opened = self.opened.notified();
+                tokio::pin!(opened);
+                opened.as_mut().enable();
+                if let Some(proxy) = self.proxy.get() {
+                    return proxy;
+                }
+                opened.await;
+            }
+        };
+        tokio::time::timeout(self.patience, wait).await.ok()
+    }
+
+    /// Answers `req` with the proxy, or with 503 `starting` if it is not ready in time.
+    pub async fn handle(&self, req: Request<Incoming>, peer: &Peer) -> Response<Body> {
+        match self.proxy().await {
+            Some(proxy) => proxy.handle(req, peer).await,
+            None => error_response(&ProxyError::Starting, None, req.version()),
+        }
+    }
+}
 
 /// Connection-level settings for client connections.
 fn http_builder(client: &ClientConfig) -> auto::Builder<TokioExecutor> {

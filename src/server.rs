@@ -17,24 +17,26 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
+use std::os::unix::net::UnixStream;
+
+use tokio_rustls::TlsAcceptor;
+
 use crate::admin::{self, AdminState, Readiness, Token, TokenError};
 use crate::clock::{SharedClock, SystemClock};
-use crate::config::{Config, PoolName};
+use crate::config::{ClientConfig, Config, PoolName};
 use crate::control::{Actor, Control, Overrides};
 use crate::drain::DrainClock;
 use crate::handover;
-use crate::listener;
+use crate::health;
+use crate::listener::{self, Gate};
 use crate::metrics::Metrics;
-use crate::proxy::{Gate, Proxy};
+use crate::proxy::Proxy;
 use crate::session::{PinPolicy, Sessions};
-use crate::snapshot;
-use crate::state::{Loaded, StateError, Store};
+use crate::shared::Shared;
+use crate::snapshot::Snapshot;
+use crate::store::{Loaded, StateError, Store};
 use crate::tls::CertStore;
 use crate::upstream::UpstreamClient;
-
-/// How often pins are expired and flushed and the drain clock is persisted; §4 asks for at least
-/// once a second.
-pub const UPKEEP_INTERVAL: std::time::Duration = crate::drain::FLUSH_INTERVAL;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -63,29 +65,6 @@ pub enum StartError {
         #[source]
         source: serde_json::Error,
     },
-}
-
-/// Runs [`Proxy::maintain`] every second until `stop` fires, and grows the pin table ahead of
-/// need ([`crate::session::Sessions::reserve`]).
-async fn upkeep(proxy: Arc<Proxy>, stop: CancellationToken) {
-    let mut tick = tokio::time::interval(UPKEEP_INTERVAL);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tick.tick() => {}
-        }
-        let scanning = proxy.clone();
-        // A scan of a large pin table is blocking work; keep it off the request threads' hot path.
-        let sent = tokio::task::spawn_blocking(move || {
-            let sent = scanning.maintain();
-            scanning.sessions().reserve();
-            sent
-        })
-        .await
-        .unwrap_or(None);
-        proxy.confirm_upkeep(sent).await;
-    }
 }
 
 /// How a server starts, beyond its config.
@@ -128,10 +107,89 @@ pub struct Server {
     /// Where the data plane listens (the bound address, so port 0 is resolved).
     pub addr: SocketAddr,
     pub admin_addr: SocketAddr,
-    proxy: Arc<Proxy>,
+    shared: Arc<Shared>,
     control: Arc<Control>,
     shutdown: CancellationToken,
     stopped: JoinHandle<()>,
+}
+
+/// How a start reaches the state store.
+enum Storage {
+    /// Opened before anything was bound (a plain start).
+    Opened(Store, Loaded),
+    /// Opened once the process being taken over lets it go, waiting at most `patience`;
+    /// `predecessor` (if one was running) is told when this process serves its sockets.
+    AfterTakeover { predecessor: Option<UnixStream>, patience: Duration },
+}
+
+/// What a start has in hand before it serves: the config, both listeners and the way to the
+/// store.
+struct Launch {
+    config: Config,
+    clock: SharedClock,
+    token: Option<Token>,
+    data: TcpListener,
+    admin: TcpListener,
+    storage: Storage,
+}
+
+/// What [`listener::serve`] needs to serve the data plane.
+struct DataListener {
+    listener: TcpListener,
+    acceptor: Option<TlsAcceptor>,
+    gate: Arc<Gate>,
+    metrics: Arc<Metrics>,
+    client: ClientConfig,
+}
+
+/// The data-plane listener, served through the gate once [`DataPlane::start`] is called.
+struct DataPlane {
+    /// The listener, until it is started.
+    pending: Option<DataListener>,
+    stop: CancellationToken,
+    grace: Duration,
+    task: Option<JoinHandle<()>>,
+}
+
+impl DataPlane {
+    /// Starts accepting, unless it already does.
+    fn start(&mut self) {
+        let Some(DataListener { listener, acceptor, gate, metrics, client }) = self.pending.take() else {
+            return;
+        };
+        let (stop, grace) = (self.stop.clone(), self.grace);
+        self.task = Some(tokio::spawn(async move {
+            let addr = listener.local_addr().ok();
+            info!(listen = ?addr, "accepting");
+            listener::serve(listener, acceptor, gate, metrics, &client, stop, grace).await;
+        }));
+    }
+
+    /// Stops the data plane of a start that failed.
+    async fn abort(&mut self) {
+        self.stop.cancel();
+        self.finished().await;
+    }
+
+    /// Waits until the listener has stopped and its connections are finished (or cut at the
+    /// end of the grace period); the stop token must have fired.
+    async fn finished(&mut self) {
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+    }
+}
+
+/// The background parts of a serving proxy, which a stop takes down in order.
+struct Running {
+    shared: Arc<Shared>,
+    proxy: Arc<Proxy>,
+    data_plane: DataPlane,
+    readiness: Arc<Readiness>,
+    upkeep: (JoinHandle<()>, CancellationToken),
+    checks: JoinHandle<()>,
+    admin: (JoinHandle<()>, CancellationToken),
+    grace: Duration,
 }
 
 impl Server {
@@ -146,210 +204,164 @@ impl Server {
         if token.is_none() && !config.admin_listen.ip().is_loopback() {
             return Err(StartError::AdminWithoutToken { addr: config.admin_listen });
         }
-        let Some(patience) = options.takeover else {
+        let (data, admin, storage) = match options.takeover {
             // A plain start opens the store first: a second process on the same directory fails
             // before it takes any port.
-            let (store, loaded) = Store::open_with_delay(&config.state_dir, options.commit_delay)?;
-            let store = Arc::new(store);
-            let listeners = async {
-                let admin = bind(config.admin_listen, "admin.listen").await?;
-                let data = bind(config.listen, "listen").await?;
-                Ok::<_, StartError>((data, admin))
-            };
-            let (data, admin) = match listeners.await {
-                Ok(listeners) => listeners,
-                Err(err) => {
-                    store.close().await;
-                    return Err(err);
-                }
-            };
-            let gate = Gate::new(Duration::ZERO);
-            let metrics = Arc::new(Metrics::new());
-            return Server::launch(
-                config,
-                options.clock,
-                Some((store, loaded)),
-                data,
-                admin,
-                gate,
-                metrics,
-                token,
-                None,
-            )
-            .await;
-        };
-        // A takeover gets the running process's sockets (or binds its own if none is running)
-        // and serves at once; requests wait at the gate until the store is free.
-        let (data, admin, predecessor) = match handover::take(&config.state_dir).await? {
-            Some((data, admin, predecessor)) => (data, admin, Some(predecessor)),
             None => {
-                (bind(config.listen, "listen").await?, bind(config.admin_listen, "admin.listen").await?, None)
-            }
-        };
-        let gate = Gate::new(patience);
-        let metrics = Arc::new(Metrics::new());
-        Server::launch(config, options.clock, None, data, admin, gate, metrics, token, predecessor).await
-    }
-
-    /// Serves on `data` (at once, through `gate`) and `admin` (once the proxy is ready). With no
-    /// `opened` store, the store is opened here, waiting as long as the gate's patience for the
-    /// process being taken over to release it.
-    #[allow(clippy::too_many_arguments)]
-    async fn launch(
-        config: Config,
-        clock: SharedClock,
-        opened: Option<(Arc<Store>, Loaded)>,
-        data_listener: TcpListener,
-        admin_listener: TcpListener,
-        gate: Arc<Gate>,
-        metrics: Arc<Metrics>,
-        token: Option<Token>,
-        predecessor: Option<std::os::unix::net::UnixStream>,
-    ) -> Result<Server, StartError> {
-        let addr =
-            data_listener.local_addr().map_err(|source| bind_error("listen", config.listen, source))?;
-        let admin_addr = admin_listener
-            .local_addr()
-            .map_err(|source| bind_error("admin.listen", config.admin_listen, source))?;
-        let certs = match &config.tls {
-            Some(tls) => Some(CertStore::load(&tls.cert, &tls.key)?),
-            None => None,
-        };
-        let acceptor =
-            certs.clone().map(|store| tokio_rustls::TlsAcceptor::from(crate::tls::server_config(store)));
-        let client = UpstreamClient::new(&config.upstream)?;
-
-        let shutdown = CancellationToken::new();
-        let data_socket = handover::duplicate(&data_listener)
-            .map_err(|source| bind_error("listen", config.listen, source))?;
-        let mut serve_data = Some({
-            let (gate, metrics, client_config, stop) =
-                (gate.clone(), metrics.clone(), config.client.clone(), shutdown.clone());
-            let grace = config.grace_period;
-            move || {
-                tokio::spawn(async move {
-                    info!(listen = %addr, "accepting");
-                    listener::serve(data_listener, acceptor, gate, metrics, &client_config, stop, grace)
-                        .await;
-                })
-            }
-        });
-        let mut start_data_plane =
-            || serve_data.take().map(|serve| serve()).expect("the data plane starts once");
-
-        // With the store in hand, the proxy is built before the first connection is accepted.
-        // In a takeover, connections are accepted first and wait at the gate for the store.
-        let (data_plane, store, loaded) = match opened {
-            Some((store, loaded)) => (None, store, loaded),
-            None => {
-                let data_plane = start_data_plane();
-                if let Some(predecessor) = predecessor {
-                    handover::acknowledge(predecessor);
-                }
-                match wait_for_store(&config.state_dir, gate.patience()).await {
-                    Ok((store, loaded)) => (Some(data_plane), Arc::new(store), loaded),
+                let (store, loaded) = Store::open_with_delay(&config.state_dir, options.commit_delay)?;
+                match bind_both(&config).await {
+                    Ok((data, admin)) => (data, admin, Storage::Opened(store, loaded)),
                     Err(err) => {
-                        shutdown.cancel();
-                        let _ = data_plane.await;
+                        store.close().await;
                         return Err(err);
                     }
                 }
             }
-        };
-        let prepared = Server::prepare(&config, &clock, &metrics, store.clone(), loaded, client, certs);
-        let (proxy, control) = match prepared {
-            Ok(prepared) => prepared,
-            Err(err) => {
-                shutdown.cancel();
-                if let Some(data_plane) = data_plane {
-                    let _ = data_plane.await;
+            // A takeover gets the running process's sockets (or binds its own if none is
+            // running) and serves at once; requests wait at the gate until the store is free.
+            Some(patience) => match handover::take(&config.state_dir).await? {
+                Some((data, admin, predecessor)) => {
+                    (data, admin, Storage::AfterTakeover { predecessor: Some(predecessor), patience })
                 }
-                store.close().await;
-                return Err(err);
-            }
+                None => {
+                    let (data, admin) = bind_both(&config).await?;
+                    (data, admin, Storage::AfterTakeover { predecessor: None, patience })
+                }
+            },
         };
+        Server::launch(Launch { config, clock: options.clock, token, data, admin, storage }).await
+    }
+
+    /// The start half: serves the data plane (at once through the gate in a takeover, else once
+    /// the proxy is ready) and the admin listener, and starts the background tasks. The stop
+    /// half is [`Running::stop`].
+    async fn launch(launch: Launch) -> Result<Server, StartError> {
+        let Launch { config, clock, token, data, admin, storage } = launch;
+        let addr = data.local_addr().map_err(|source| bind_error("listen", config.listen, source))?;
+        let admin_addr =
+            admin.local_addr().map_err(|source| bind_error("admin.listen", config.admin_listen, source))?;
+        let certs = match &config.tls {
+            Some(tls) => Some(CertStore::load(&tls.cert, &tls.key)?),
+            None => None,
+        };
+        let acceptor = certs.clone().map(|store| TlsAcceptor::from(crate::tls::server_config(store)));
+        let client = UpstreamClient::new(&config.upstream)?;
+        let metrics = Arc::new(Metrics::new());
+        let shutdown = CancellationToken::new();
+        let data_socket =
+            handover::duplicate(&data).map_err(|source| bind_error("listen", config.listen, source))?;
+        let patience = match &storage {
+            Storage::Opened(..) => Duration::ZERO,
+            Storage::AfterTakeover { patience, .. } => *patience,
+        };
+        let gate = Gate::new(patience);
+        let mut data_plane = DataPlane {
+            pending: Some(DataListener {
+                listener: data,
+                acceptor,
+                gate: gate.clone(),
+                metrics: metrics.clone(),
+                client: config.client.clone(),
+            }),
+            stop: shutdown.clone(),
+            grace: config.grace_period,
+            task: None,
+        };
+        let (shared, control) =
+            Server::open_state(&config, &clock, &metrics, storage, &mut data_plane, certs.clone()).await?;
+        let proxy = Arc::new(Proxy::new(
+            shared.clone(),
+            client.clone(),
+            if certs.is_some() { "https" } else { "http" },
+        ));
         gate.open(proxy.clone());
-        let data_plane = data_plane.unwrap_or_else(start_data_plane);
+        data_plane.start();
 
         let readiness = Arc::new(Readiness::default());
         let admin_stop = CancellationToken::new();
         let admin_state = AdminState {
-            proxy: proxy.clone(),
+            shared: shared.clone(),
             control: control.clone(),
             readiness: readiness.clone(),
             token: token.map(Arc::new),
         };
-        // A successor started with --takeover gets these sockets; this process then stops, and
-        // leaves the shared admin socket to the successor at once.
-        let handed_over = CancellationToken::new();
-        let offered = handover::offer(
-            &config.state_dir,
-            data_socket,
-            &admin_listener,
-            handed_over.clone(),
-            shutdown.clone(),
-        );
-        if let Err(err) = &offered {
-            tracing::warn!(error = %crate::ErrorChain(err), "hitless restart is unavailable for this process");
-        }
-        {
-            let (shutdown, admin_stop) = (shutdown.clone(), admin_stop.clone());
-            tokio::spawn(async move {
-                tokio::select! {
-                    _ = handed_over.cancelled() => {
-                        admin_stop.cancel();
-                        shutdown.cancel();
-                    }
-                    _ = shutdown.cancelled() => {}
-                }
-            });
-        }
-        let admin_task = tokio::spawn(admin::serve(admin_listener, admin_state, admin_stop.clone()));
+        offer_handover(&config, data_socket, &admin, &shutdown, &admin_stop);
+        let admin_task = tokio::spawn(admin::serve(admin, admin_state, admin_stop.clone()));
         let upkeep_stop = CancellationToken::new();
-        let upkeep = tokio::spawn(upkeep(proxy.clone(), upkeep_stop.clone()));
-        let checks = tokio::spawn(crate::health::checks::run_checks(
-            proxy.snapshot_handle(),
-            proxy.client().clone(),
+        let upkeep = tokio::spawn(crate::shared::run_upkeep(shared.clone(), upkeep_stop.clone()));
+        let checks = tokio::spawn(health::checks::run_checks(
+            shared.snapshot_handle().clone(),
+            client,
             shutdown.clone(),
         ));
-
+        let running = Running {
+            shared: shared.clone(),
+            proxy,
+            data_plane,
+            readiness,
+            upkeep: (upkeep, upkeep_stop),
+            checks,
+            admin: (admin_task, admin_stop),
+            grace: config.grace_period,
+        };
         let stopping = shutdown.clone();
-        let proxy_handle = proxy.clone();
-        let grace = config.grace_period;
         let stopped = tokio::spawn(async move {
-            readiness.set(true);
+            running.readiness.set(true);
             info!(listen = %addr, admin = %admin_addr, "serving");
             stopping.cancelled().await;
-            readiness.set(false);
-            let _ = data_plane.await;
-            // Pin activity and the drain clock kept being flushed during the drain; stop now,
-            // write the last of both and release the state directory (a successor waits for
-            // it). Tunnels still open need no state.
-            upkeep_stop.cancel();
-            let _ = upkeep.await;
-            let _ = checks.await;
-            let _ = proxy.maintain();
-            proxy.sessions().store().close().await;
-            // Upgraded connections (WebSocket) are no longer HTTP connections the listener
-            // tracks; they get a grace period of their own.
-            proxy.close_tunnels(grace).await;
-            admin_stop.cancel();
-            let _ = admin_task.await;
-            info!("stopped");
+            running.stop().await;
         });
-        Ok(Server { addr, admin_addr, proxy: proxy_handle, control, shutdown, stopped })
+        Ok(Server { addr, admin_addr, shared, control, shutdown, stopped })
     }
 
-    /// Builds the proxy and its control plane from what the store held.
+    /// Opens the store (in a takeover, serving the data plane meanwhile, once the process taken
+    /// over lets go of it) and builds the shared state and the control plane from what it held.
+    /// On failure the data plane is stopped and the store released.
+    async fn open_state(
+        config: &Config,
+        clock: &SharedClock,
+        metrics: &Arc<Metrics>,
+        storage: Storage,
+        data_plane: &mut DataPlane,
+        certs: Option<Arc<CertStore>>,
+    ) -> Result<(Arc<Shared>, Arc<Control>), StartError> {
+        let opened = match storage {
+            Storage::Opened(store, loaded) => Ok((store, loaded)),
+            Storage::AfterTakeover { predecessor, patience } => {
+                data_plane.start();
+                if let Some(predecessor) = predecessor {
+                    handover::acknowledge(predecessor);
+                }
+                wait_for_store(&config.state_dir, patience).await
+            }
+        };
+        let (store, loaded) = match opened {
+            Ok(opened) => opened,
+            Err(err) => {
+                data_plane.abort().await;
+                return Err(err);
+            }
+        };
+        let store = Arc::new(store);
+        match Server::prepare(config, clock, metrics, store.clone(), loaded, certs) {
+            Ok(prepared) => Ok(prepared),
+            Err(err) => {
+                data_plane.abort().await;
+                store.close().await;
+                Err(err)
+            }
+        }
+    }
+
+    /// Builds the shared state and the control plane from what the store held.
     fn prepare(
         config: &Config,
         clock: &SharedClock,
         metrics: &Arc<Metrics>,
         store: Arc<Store>,
         loaded: Loaded,
-        client: UpstreamClient,
         certs: Option<Arc<CertStore>>,
-    ) -> Result<(Arc<Proxy>, Arc<Control>), StartError> {
+    ) -> Result<(Arc<Shared>, Arc<Control>), StartError> {
         let mut overrides: Overrides = match &loaded.overrides {
             None => Overrides::default(),
             Some(json) => serde_json::from_slice(json)
@@ -361,27 +373,20 @@ impl Server {
         }
         let started_pins = loaded.pins.len();
         let policy = PinPolicy::from_config(&effective.sessions);
-        let sessions = Arc::new(Sessions::new(loaded.pins, &policy, store, clock.clone(), metrics.clone()));
-        let drain = Arc::new(DrainClock::new(loaded.last_v1_request_ms, clock.now()));
+        let sessions = Sessions::new(loaded.pins, &policy, store, clock.clone(), metrics.clone());
+        let drain = DrainClock::new(loaded.last_v1_request_ms, clock.now());
         let live = sessions.live(PoolName::V1) + sessions.live(PoolName::V2);
         info!(state_dir = %config.state_dir.display(), pins = live, expired_while_down = started_pins - live, "state loaded");
-        let proxy = Arc::new(Proxy::new(
-            snapshot::shared(&effective, metrics),
-            client,
-            sessions,
-            drain,
-            metrics.clone(),
-            clock.clone(),
-            if certs.is_some() { "https" } else { "http" },
-        ));
+        let snapshot = Snapshot::build(&effective, metrics, None);
+        let shared = Arc::new(Shared::new(snapshot, sessions, drain, metrics.clone(), clock.clone()));
         let control =
-            Arc::new(Control::new(proxy.clone(), config.clone(), overrides, loaded.revision, certs));
-        Ok((proxy, control))
+            Arc::new(Control::new(shared.clone(), config.clone(), overrides, loaded.revision, certs));
+        Ok((shared, control))
     }
 
-    /// The running proxy: its sessions, metrics and drain signal.
-    pub fn proxy(&self) -> &Arc<Proxy> {
-        &self.proxy
+    /// The running proxy's shared state: its snapshot, sessions, store, metrics and drain signal.
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
     }
 
     /// The control plane: admin changes and reloads.
@@ -404,6 +409,65 @@ impl Server {
         self.shutdown.cancel();
         self.wait().await;
     }
+}
+
+impl Running {
+    /// The stop half: "not ready" first, then the data plane drains, the last pin activity and
+    /// drain clock are written and the state directory released (a successor waits for it),
+    /// open tunnels get their own grace period, and the admin listener closes last.
+    async fn stop(mut self) {
+        self.readiness.set(false);
+        self.data_plane.finished().await;
+        // Pin activity and the drain clock kept being flushed during the drain; stop now and
+        // write the last of both. Tunnels still open need no state.
+        let (upkeep, upkeep_stop) = self.upkeep;
+        upkeep_stop.cancel();
+        let _ = upkeep.await;
+        let _ = self.checks.await;
+        let _ = self.shared.maintain();
+        self.shared.store().close().await;
+        // Upgraded connections (WebSocket) are no longer HTTP connections the listener
+        // tracks; they get a grace period of their own.
+        self.proxy.close_tunnels(self.grace).await;
+        let (admin, admin_stop) = self.admin;
+        admin_stop.cancel();
+        let _ = admin.await;
+        info!("stopped");
+    }
+}
+
+/// Offers this process's sockets to a successor started with `--takeover`; once it takes them,
+/// this process stops and leaves the shared admin socket to the successor at once.
+fn offer_handover(
+    config: &Config,
+    data_socket: std::os::fd::OwnedFd,
+    admin: &TcpListener,
+    shutdown: &CancellationToken,
+    admin_stop: &CancellationToken,
+) {
+    let handed_over = CancellationToken::new();
+    let offered =
+        handover::offer(&config.state_dir, data_socket, admin, handed_over.clone(), shutdown.clone());
+    if let Err(err) = &offered {
+        tracing::warn!(error = %crate::ErrorChain(err), "hitless restart is unavailable for this process");
+    }
+    let (shutdown, admin_stop) = (shutdown.clone(), admin_stop.clone());
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = handed_over.cancelled() => {
+                admin_stop.cancel();
+                shutdown.cancel();
+            }
+            _ = shutdown.cancelled() => {}
+        }
+    });
+}
+
+/// Binds the data-plane and admin listeners, admin first.
+async fn bind_both(config: &Config) -> Result<(TcpListener, TcpListener), StartError> {
+    let admin = bind(config.admin_listen, "admin.listen").await?;
+    let data = bind(config.listen, "listen").await?;
+    Ok((data, admin))
 }
 
 async fn bind(addr: SocketAddr, key: &'static str) -> Result<TcpListener, StartError> {

@@ -6,7 +6,7 @@
 //! ([`table`]) and an atomic store, never a global lock; creating or ending a pin takes that
 //! stripe's write lock. Expiry of
 //! pins nobody asks for again runs in the background ([`Sessions::maintain`]). Making pins durable
-//! is [`crate::state`]'s job; choosing the pool for a new pin is [`crate::router`]'s.
+//! is [`crate::store`]'s job; choosing the pool for a new pin is [`crate::router`]'s.
 
 mod table;
 
@@ -23,7 +23,7 @@ use crate::clock::{SharedClock, UnixMillis};
 use crate::config::{ByPool, PoolName, SessionKeySpec, SessionsConfig};
 use crate::drain::READ_BACK_SLACK;
 use crate::metrics::{EndReason, Metrics};
-use crate::state::{Op, Store, StoredPin};
+use crate::store::{Op, Store, StoredPin};
 use table::{stripe_of, PinTable, STRIPES};
 
 /// Longest accepted session key.

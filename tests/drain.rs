@@ -89,10 +89,10 @@ async fn a_live_v1_pin_holds_the_signal_until_it_ends() {
     let clock = ManualClock::starting_now();
     let proxy = proxy(100, &clock, tempfile::tempdir().unwrap()).await;
     assert_eq!(get(&proxy.url("/api/studies/77/contents")).await.header("x-rollout-pool"), Some("v1"));
-    let _ = proxy.proxy().maintain();
+    let _ = proxy.shared().maintain();
 
     clock.advance(61 * MINUTE);
-    let _ = proxy.proxy().maintain();
+    let _ = proxy.shared().maintain();
     let (status, body) = drain(&proxy).await;
     assert_eq!(
         status,
@@ -103,7 +103,7 @@ async fn a_live_v1_pin_holds_the_signal_until_it_ends() {
     assert!(body["quiet_for_seconds"].as_f64().unwrap() >= 3600.0);
 
     clock.advance(60 * MINUTE); // the pin has been idle for its 2 h idle timeout
-    let _ = proxy.proxy().maintain();
+    let _ = proxy.shared().maintain();
     let (status, body) = drain(&proxy).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["v1_active_pins"], 0);

@@ -79,7 +79,7 @@ async fn a_new_pin_is_durable_before_its_response_and_before_anyone_follows_it()
     let p = pools().await;
     let slow_disk = StartOptions { commit_delay: Duration::from_millis(400), ..StartOptions::default() };
     let proxy = spawn_proxy_opts(&yaml(&p, 50.0, ""), slow_disk, tempfile::tempdir().unwrap()).await;
-    let store = proxy.proxy().sessions().store().clone();
+    let store = proxy.shared().sessions().store().clone();
     let timed_get = |url: String| {
         let store = store.clone();
         async move {
@@ -114,7 +114,7 @@ async fn concurrent_new_pins_share_commits() {
         spawn_proxy_with(&yaml(&p, 50.0, ""), Arc::new(SystemClock), tempfile::tempdir().unwrap()).await;
     let before = metric(&metrics_text(&proxy).await, "rollout_state_commits_total", &[]).unwrap();
     pools_of(by_path(&proxy, 0..512)).await;
-    proxy.proxy().sessions().store().flush().await;
+    proxy.shared().sessions().store().flush().await;
     let commits = metric(&metrics_text(&proxy).await, "rollout_state_commits_total", &[]).unwrap() - before;
     // Requests go 16 at a time and each waits for its pin's commit: without group commit that
     // is one commit per pin.
@@ -153,7 +153,7 @@ async fn pins_end_on_idle_timeout_and_max_duration_and_come_back_as_new_pins() {
     for _ in 0..11 {
         clock.advance(Duration::from_secs(300));
         pools_of(by_path(&proxy, 100..105)).await;
-        let _ = proxy.proxy().maintain();
+        let _ = proxy.shared().maintain();
     }
     let text = metrics_text(&proxy).await;
     let ended = |reason| {
@@ -161,10 +161,10 @@ async fn pins_end_on_idle_timeout_and_max_duration_and_come_back_as_new_pins() {
     };
     assert_eq!(ended("idle"), 10.0, "{text}");
     assert_eq!(ended("max_duration"), 0.0);
-    assert_eq!(proxy.proxy().sessions().live(PoolName::V1), 5);
+    assert_eq!(proxy.shared().sessions().live(PoolName::V1), 5);
 
     clock.advance(Duration::from_secs(300)); // 60 minutes after the busy studies began
-    let _ = proxy.proxy().maintain();
+    let _ = proxy.shared().maintain();
     let text = metrics_text(&proxy).await;
     let ended = |reason| {
         metric(&text, "rollout_sessions_ended_total", &[("pool", "v1"), ("reason", reason)]).unwrap()
@@ -210,8 +210,9 @@ async fn a_full_pin_table_routes_new_keys_unpinned_and_keeps_every_live_pin() {
 
     // 200,000 random keys straight through the session table (the HTTP path adds nothing here
     // but time): the first 99,800 fill it, the rest must be turned away.
-    let sessions = proxy.proxy().sessions().clone();
-    let snapshot = proxy.proxy().snapshot();
+    let shared = proxy.shared().clone();
+    let sessions = shared.sessions();
+    let snapshot = proxy.shared().snapshot();
     let mut unpinned = 0;
     for _ in 0..200_000 {
         let key = format!("abuse-{:016x}", fastrand::u64(..));
@@ -281,7 +282,7 @@ async fn invalid_keys_are_served_unkeyed_and_counted() {
     }
     let text = metrics_text(&proxy).await;
     assert_eq!(metric(&text, "rollout_session_keys_rejected_total", &[("reason", "invalid")]), Some(3.0));
-    assert_eq!(proxy.proxy().sessions().live(PoolName::V1), 0);
+    assert_eq!(proxy.shared().sessions().live(PoolName::V1), 0);
     proxy.shutdown().await;
 }
 

@@ -248,7 +248,7 @@ impl Proxy {
     /// Counts a write to a client that gave up after `client.send_timeout`.
     fn note_send_failure(&self, err: &std::io::Error) {
         if err.kind() == std::io::ErrorKind::TimedOut {
-            self.metrics.client_rejected.send_timeout.inc();
+            self.shared.metrics().client_rejected.send_timeout.inc();
         }
     }
 

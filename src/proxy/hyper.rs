@@ -36,7 +36,7 @@ impl Proxy {
         let logged = tracing::enabled!(tracing::Level::DEBUG)
             .then(|| (req.method().to_string(), req.uri().path().to_owned()));
         let version = req.version();
-        let snapshot = self.snapshot.load_full();
+        let snapshot = self.snapshot();
         let mut routed = None;
         let response = match self.forward(&snapshot, req, peer, &mut routed).await {
             Ok(response) => response,

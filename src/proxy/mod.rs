@@ -16,14 +16,12 @@ mod fast;
 mod hyper;
 
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
-use ::hyper::body::Incoming;
 use bytes::Bytes;
 use http::header::{HeaderName, HeaderValue, CONNECTION, CONTENT_TYPE};
-use http::{Method, Request, Response, StatusCode};
+use http::{Method, Response, StatusCode};
 use http_body_util::{Either, Full};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -32,18 +30,15 @@ use tracing::{debug, warn};
 pub use fast::{ClientConn, H1Plan, H1Request};
 
 use crate::balancer::Balancer;
-use crate::clock::{SharedClock, UnixMillis};
-use crate::config::Ejection;
-use crate::config::{ByPool, PoolName};
-use crate::drain::{DrainClock, DrainStatus};
+use crate::clock::UnixMillis;
+use crate::config::{Ejection, PoolName};
 use crate::h1;
 use crate::headers::{ClientIp, HostError};
-use crate::metrics::{Metrics, ScrapeState};
-use crate::router::Decision;
-use crate::router::Route;
-use crate::session::{HeaderSource, KeyOutcome, Located, Resolution, Sessions};
-use crate::snapshot::{SharedSnapshot, Snapshot};
-use crate::state::Op;
+use crate::router::{Decision, Route};
+use crate::session::{HeaderSource, KeyOutcome, Located, Resolution};
+use crate::shared::Shared;
+use crate::snapshot::Snapshot;
+use crate::store::Op;
 use crate::upstream::{Upstream, UpstreamClient, UpstreamError, UpstreamResponseBody};
 use crate::ErrorChain;
 
@@ -52,61 +47,6 @@ pub type Body = Either<UpstreamResponseBody, Full<Bytes>>;
 
 pub static X_ROLLOUT_POOL: HeaderName = HeaderName::from_static("x-rollout-pool");
 pub static X_ROLLOUT_ERROR: HeaderName = HeaderName::from_static("x-rollout-error");
-
-/// The proxy once it is ready. During a takeover the listeners accept before the state store is
-/// free; requests wait here (up to `patience`) instead of failing.
-pub struct Gate {
-    proxy: std::sync::OnceLock<Arc<Proxy>>,
-    opened: tokio::sync::Notify,
-    patience: std::time::Duration,
-}
-
-impl Gate {
-    pub fn new(patience: std::time::Duration) -> Arc<Gate> {
-        Arc::new(Gate { proxy: std::sync::OnceLock::new(), opened: tokio::sync::Notify::new(), patience })
-    }
-
-    pub fn patience(&self) -> std::time::Duration {
-        self.patience
-    }
-
-    pub fn open(&self, proxy: Arc<Proxy>) {
-        let _ = self.proxy.set(proxy);
-        self.opened.notify_waiters();
-    }
-
-    /// The proxy if it is ready.
-    pub fn proxy_now(&self) -> Option<&Arc<Proxy>> {
-        self.proxy.get()
-    }
-
-    /// The proxy, waiting for it while it starts; `None` if it did not come in time.
-    pub async fn proxy(&self) -> Option<&Arc<Proxy>> {
-        if let Some(proxy) = self.proxy.get() {
-            return Some(proxy);
-        }
-        let wait = async {
-            loop {
-                let opened = self.opened.notified();
-                tokio::pin!(opened);
-                opened.as_mut().enable();
-                if let Some(proxy) = self.proxy.get() {
-                    return proxy;
-                }
-                opened.await;
-            }
-        };
-        tokio::time::timeout(self.patience, wait).await.ok()
-    }
-
-    /// Answers `req` with the proxy, or with 503 `starting` if it is not ready in time.
-    pub async fn handle(&self, req: Request<Incoming>, peer: &Peer) -> Response<Body> {
-        match self.proxy().await {
-            Some(proxy) => proxy.handle(req, peer).await,
-            None => error_response(&ProxyError::Starting, None, req.version()),
-        }
-    }
-}
 
 /// The client end of a connection, worked out once per connection.
 #[derive(Debug, Clone)]
@@ -145,14 +85,11 @@ pub enum ProxyError {
     Upstream(#[from] UpstreamError),
 }
 
-/// Everything a request needs, shared by all connections.
+/// Everything a request needs, shared by all connections: the shared state plus the upstream
+/// client and the tunnels a graceful stop waits for.
 pub struct Proxy {
-    snapshot: SharedSnapshot,
+    shared: Arc<Shared>,
     client: UpstreamClient,
-    sessions: Arc<Sessions>,
-    drain: Arc<DrainClock>,
-    metrics: Arc<Metrics>,
-    clock: SharedClock,
     /// Upgraded connections (WebSocket) being relayed; a graceful stop waits for them.
     tunnels: TaskTracker,
     /// Fired when a stop's grace period is over: open tunnels are closed.
@@ -189,26 +126,8 @@ struct Choice {
 type Logged = Option<(String, String)>;
 
 impl Proxy {
-    pub fn new(
-        snapshot: SharedSnapshot,
-        client: UpstreamClient,
-        sessions: Arc<Sessions>,
-        drain: Arc<DrainClock>,
-        metrics: Arc<Metrics>,
-        clock: SharedClock,
-        proto: &'static str,
-    ) -> Self {
-        Proxy {
-            snapshot,
-            client,
-            sessions,
-            drain,
-            metrics,
-            clock,
-            tunnels: TaskTracker::new(),
-            closing: CancellationToken::new(),
-            proto,
-        }
+    pub fn new(shared: Arc<Shared>, client: UpstreamClient, proto: &'static str) -> Self {
+        Proxy { shared, client, tunnels: TaskTracker::new(), closing: CancellationToken::new(), proto }
     }
 
     /// Counts and logs one answered request, whichever path served it. A request that was
@@ -217,12 +136,12 @@ impl Proxy {
         let elapsed = started.elapsed();
         match routed {
             Some(Routed { pool, decision }) => {
-                self.metrics.request(decision, pool, status, elapsed.as_secs_f64())
+                self.shared.metrics().request(decision, pool, status, elapsed.as_secs_f64())
             }
             None if status == StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE.as_u16() => {
-                self.metrics.client_rejected.headers_too_large.inc()
+                self.shared.metrics().client_rejected.headers_too_large.inc()
             }
-            None => self.metrics.client_rejected.bad_request.inc(),
+            None => self.shared.metrics().client_rejected.bad_request.inc(),
         }
         if let Some((method, path)) = logged {
             debug!(
@@ -298,9 +217,9 @@ impl Proxy {
             return Classified::Prefix;
         }
         match snapshot.keys.extract_from(path, query, headers) {
-            KeyOutcome::Key(key) => Classified::Keyed(self.sessions.locate(key)),
+            KeyOutcome::Key(key) => Classified::Keyed(self.shared.sessions().locate(key)),
             KeyOutcome::Invalid => {
-                self.metrics.keys_rejected_invalid.inc();
+                self.shared.metrics().keys_rejected_invalid.inc();
                 Classified::Unkeyed
             }
             KeyOutcome::Absent => Classified::Unkeyed,
@@ -316,10 +235,10 @@ impl Proxy {
             Classified::Unkeyed => return plain(snapshot.router.split(), Decision::Unkeyed),
             Classified::Keyed(key) => key,
         };
-        match self.sessions.resolve(key, &snapshot.pin_policy, || snapshot.router.split()) {
+        match self.shared.sessions().resolve(key, &snapshot.pin_policy, || snapshot.router.split()) {
             Resolution::Pinned { pool, seq, write_ahead } => Choice {
                 routed: Routed { pool, decision: Decision::Pinned },
-                pending: (!self.sessions.store().is_settled(seq)).then_some(seq),
+                pending: (!self.shared.store().is_settled(seq)).then_some(seq),
                 write_ahead,
             },
             Resolution::NewPin { pool, seq } => Choice {
@@ -336,10 +255,10 @@ impl Proxy {
     /// Returns the drain clock value to make durable with the answer, if any.
     async fn admit(&self, choice: &Choice) -> Option<UnixMillis> {
         if let (Decision::Pinned, Some(seq)) = (choice.routed.decision, choice.pending) {
-            self.sessions.settle(seq).await;
+            self.shared.sessions().settle(seq).await;
         }
         if choice.routed.pool == PoolName::V1 {
-            self.drain.record_v1(self.clock.now())
+            self.shared.drain().record_v1(self.shared.now())
         } else {
             None
         }
@@ -369,19 +288,19 @@ impl Proxy {
     /// activity, and the drain clock if `drain_ahead`), within a bound. False if that could not
     /// be confirmed.
     async fn persist(&self, new_pin: Option<u64>, drain_ahead: Option<UnixMillis>) -> bool {
-        let store = self.sessions.store();
+        let store = self.shared.store();
         if let Some(at) = drain_ahead {
             store.send(Op::LastV1Request(at));
         }
         let flushed = tokio::time::timeout(std::time::Duration::from_secs(5), store.flush()).await;
         // The flush reports its own commit; a new pin may have been in an earlier one that failed.
         let pin_durable = match new_pin {
-            Some(seq) => self.sessions.settle(seq).await,
+            Some(seq) => self.shared.sessions().settle(seq).await,
             None => true,
         };
         let durable = matches!(flushed, Ok(true)) && pin_durable;
         if let (true, Some(at)) = (durable, drain_ahead) {
-            self.drain.mark_durable(at);
+            self.shared.drain().mark_durable(at);
         }
         durable
     }
@@ -400,87 +319,12 @@ impl Proxy {
         }
     }
 
-    pub fn snapshot_handle(&self) -> SharedSnapshot {
-        self.snapshot.clone()
-    }
-
     pub fn snapshot(&self) -> Arc<Snapshot> {
-        self.snapshot.load_full()
+        self.shared.snapshot()
     }
 
-    /// Publishes a new snapshot; the next request uses it, requests in flight finish on theirs.
-    pub fn swap(&self, snapshot: Snapshot) {
-        self.snapshot.store(Arc::new(snapshot));
-    }
-
-    pub fn sessions(&self) -> &Arc<Sessions> {
-        &self.sessions
-    }
-
-    pub fn metrics(&self) -> &Arc<Metrics> {
-        &self.metrics
-    }
-
-    /// The drain signal as of now.
-    pub fn drain_status(&self) -> DrainStatus {
-        let snapshot = self.snapshot.load();
-        self.drain.status(
-            self.clock.now(),
-            self.sessions.live(PoolName::V1),
-            self.sessions.v1_pins_end(),
-            snapshot.quiet_window,
-        )
-    }
-
-    /// State gauges for a metrics scrape.
-    pub fn scrape_state(&self) -> ScrapeState {
-        let snapshot = self.snapshot.load();
-        let drain = self.drain_status();
-        let mut upstreams = Vec::new();
-        for pool in PoolName::ALL {
-            for u in snapshot.pool(pool).upstreams() {
-                upstreams.push((pool, u.name().to_string(), u.is_healthy(), u.weight()));
-            }
-        }
-        let health = &self.sessions.store().health;
-        ScrapeState {
-            sessions_active: ByPool {
-                v1: self.sessions.live(PoolName::V1),
-                v2: self.sessions.live(PoolName::V2),
-            },
-            legacy_v1_percent: snapshot.router.legacy_v1_percent().as_f64(),
-            v1_last_request_seconds: self.drain.last_v1_request() as f64 / 1000.0,
-            v1_quiet_seconds: drain.quiet_for_seconds,
-            quiet_window_seconds: drain.quiet_window_seconds,
-            drained: drain.drained,
-            upstreams,
-            state_last_commit_seconds: health.last_commit.load(Ordering::Relaxed) as f64,
-            state_commits: health.commits.load(Ordering::Relaxed),
-            state_write_errors: health.write_errors.load(Ordering::Relaxed),
-        }
-    }
-
-    /// Background upkeep, run about once a second: pin expiry and `last_seen` flushing, and
-    /// persisting the drain clock. Returns the drain clock value it sent, if any; see
-    /// [`Proxy::confirm_upkeep`].
-    pub fn maintain(&self) -> Option<UnixMillis> {
-        let snapshot = self.snapshot.load();
-        self.sessions.maintain(&snapshot.pin_policy);
-        let sent = self.drain.take_unstored();
-        if let Some(ms) = sent {
-            self.sessions.store().send(Op::LastV1Request(ms));
-        }
-        sent
-    }
-
-    /// Waits for the upkeep's writes to be committed (so passes never pile up in the store's
-    /// queue) and records the drain clock value as durable.
-    pub async fn confirm_upkeep(&self, sent: Option<UnixMillis>) {
-        if self.sessions.store().flush().await {
-            if let Some(ms) = sent {
-                self.drain.mark_durable(ms);
-            }
-        }
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
     }
 }
 

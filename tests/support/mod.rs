@@ -298,8 +298,8 @@ impl ProxyHandle {
         format!("http://{}{}", self.admin_addr, path)
     }
 
-    pub fn proxy(&self) -> &Arc<rollout_proxy::proxy::Proxy> {
-        self.server.as_ref().expect("a running proxy").proxy()
+    pub fn shared(&self) -> &Arc<rollout_proxy::shared::Shared> {
+        self.server.as_ref().expect("a running proxy").shared()
     }
 
     /// Stops gracefully; returns the state directory for a restart.
