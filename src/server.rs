@@ -34,7 +34,7 @@ use crate::proxy::Proxy;
 use crate::session::{PinPolicy, Sessions};
 use crate::shared::Shared;
 use crate::snapshot::Snapshot;
-use crate::store::{Loaded, StateError, Store};
+use crate::store::{Loaded, Store, StoreError};
 use crate::tls::CertStore;
 use crate::upstream::UpstreamClient;
 
@@ -50,7 +50,7 @@ pub enum StartError {
     #[error("cannot install the signal handlers")]
     Signals(#[source] io::Error),
     #[error(transparent)]
-    State(#[from] StateError),
+    State(#[from] StoreError),
     #[error(transparent)]
     Token(#[from] TokenError),
     #[error(transparent)]
@@ -94,7 +94,7 @@ async fn wait_for_store(dir: &std::path::Path, patience: Duration) -> Result<(St
             .await
             .unwrap_or_else(|panic| std::panic::resume_unwind(panic.into_panic()));
         match opened {
-            Err(StateError::Locked { .. }) if tokio::time::Instant::now() < deadline => {
+            Err(StoreError::Locked { .. }) if tokio::time::Instant::now() < deadline => {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
             other => return Ok(other?),

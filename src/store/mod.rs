@@ -1,14 +1,15 @@
-//! Durable state in `state_dir`: session pins, the drain clock, and the admin overrides.
+//! Durable state: session pins, the drain clock, and the admin overrides.
 //!
-//! The store is one redb file (crash-safe copy-on-write B-trees, fsync on commit). All writes go
-//! through one writer thread fed by a channel: while one commit is being synced, new operations
-//! queue up and are committed together in the next one (group commit), so many new pins cost one
-//! fsync. Operations on the same key are sent in the order they happened in memory, so the file
-//! always converges to the in-memory table. Deciding *what* to store is [`crate::session`]'s and
-//! [`crate::drain`]'s business; this module only makes it durable.
-//!
-//! redb locks the file: a second process pointed at the same directory fails to open it with
-//! [`StateError::Locked`] instead of corrupting it.
+//! All writes go through one writer thread fed by a channel: while one commit is being synced,
+//! new operations queue up and are committed together in the next one (group commit), so many
+//! new pins cost one sync. Operations on the same key are sent in the order they happened in
+//! memory, so the stored state always converges to the in-memory table. Where batches are made
+//! durable is a [`Backend`]'s business; today that is one redb file in `state_dir`
+//! ([`embedded`]), and the request path sees only [`Store`], whatever the backend. Deciding
+//! *what* to store is [`crate::session`]'s and [`crate::drain`]'s business; this module only
+//! makes it durable.
+
+mod embedded;
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -17,51 +18,22 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use redb::{
-    Database, DatabaseError, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition,
-};
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{error, warn};
 
 use crate::config::PoolName;
-
-const PINS: TableDefinition<&str, &[u8]> = TableDefinition::new("pins");
-const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
-const ADMIN: TableDefinition<&str, &[u8]> = TableDefinition::new("admin");
-const LAST_V1_REQUEST: &str = "last_v1_request_ms";
-const REVISION: &str = "revision";
-const OVERRIDES: &str = "overrides";
-
-/// Pin activity (`last_seen` moving forward), appended as one record per commit instead of
-/// rewriting each pin's record: refreshing many active pins costs one sequential write, not one
-/// B-tree update each. A record is repeated `[last_seen: u32 LE][key length: u8][key]`. The log
-/// is applied over `pins` when the store is loaded, and folded into `pins` once it holds
-/// [`FOLD_AFTER`] entries: the records a fold covered are dropped, those logged while it ran
-/// stay. Records are numbered from the last one's number up; only a fold empties the log, and
-/// none is running then, so numbers starting over from 0 meet no record a fold still covers.
-const ACTIVITY: TableDefinition<u64, &[u8]> = TableDefinition::new("activity");
-
-/// Activity entries after which the log is folded into `pins`. A fold costs one B-tree update
-/// per distinct key in the log, so a longer log folds the refreshes of pins that stay active
-/// (one every 48 s each by default) more times over per update; a restart after a crash applies
-/// the whole log, so it must stay short enough to load quickly (`benches/pins.rs`: at 1M pins,
-/// a full log adds under a second). While a fold runs (about a second at 1M pins) the log goes
-/// on growing past this.
-pub const FOLD_AFTER: usize = 524_288;
+use embedded::EmbeddedBackend;
+pub use embedded::{FOLD_AFTER, STATE_FILE};
 
 /// Most operations committed in one transaction.
 const MAX_BATCH: usize = 16_384;
 
-/// Pin records a fold updates per commit. A fold of a full log at a million pins takes about a
-/// second; done in one transaction, every new pin made meanwhile would wait for it. In chunks
-/// that ride along with the ordinary commits, a new pin waits for one chunk at most.
-const FOLD_CHUNK: usize = 4_096;
-
-/// The file inside `state_dir`.
-pub const STATE_FILE: &str = "state.redb";
+/// Pauses between attempts at a failing commit.
+const COMMIT_RETRY_PAUSES: [Duration; 3] =
+    [Duration::from_millis(50), Duration::from_millis(200), Duration::from_millis(800)];
 
 #[derive(Debug, thiserror::Error)]
-pub enum StateError {
+pub enum StoreError {
     #[error("cannot create state directory {}", dir.display())]
     CreateDir {
         dir: PathBuf,
@@ -74,7 +46,7 @@ pub enum StateError {
     Open {
         file: PathBuf,
         #[source]
-        source: DatabaseError,
+        source: redb::DatabaseError,
     },
     #[error("cannot read state file {}", file.display())]
     Read {
@@ -86,36 +58,12 @@ pub enum StateError {
     Writer(#[source] std::io::Error),
 }
 
-/// A pin as stored: times in whole seconds since the Unix epoch.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredPin {
     pub key: Box<str>,
     pub pool: PoolName,
     pub first_seen: u32,
     pub last_seen: u32,
-}
-
-fn encode(pool: PoolName, first_seen: u32, last_seen: u32) -> [u8; 9] {
-    let mut out = [0u8; 9];
-    out[0] = match pool {
-        PoolName::V1 => 1,
-        PoolName::V2 => 2,
-    };
-    out[1..5].copy_from_slice(&first_seen.to_le_bytes());
-    out[5..9].copy_from_slice(&last_seen.to_le_bytes());
-    out
-}
-
-fn decode(bytes: &[u8]) -> Option<(PoolName, u32, u32)> {
-    let bytes: &[u8; 9] = bytes.try_into().ok()?;
-    let pool = match bytes[0] {
-        1 => PoolName::V1,
-        2 => PoolName::V2,
-        _ => return None,
-    };
-    let first = u32::from_le_bytes(bytes[1..5].try_into().ok()?);
-    let last = u32::from_le_bytes(bytes[5..9].try_into().ok()?);
-    Some((pool, first, last))
 }
 
 /// What was in the store when it was opened.
@@ -126,11 +74,8 @@ pub struct Loaded {
     /// The admin overrides as last stored (JSON), and the revision they belong to.
     pub overrides: Option<Vec<u8>>,
     pub revision: u64,
-    /// Entries in the activity log not folded into the pins yet.
-    activity_entries: usize,
 }
 
-/// A change to make durable.
 #[derive(Debug)]
 pub enum Op {
     /// A new pin; `seq` comes from [`Store::next_seq`].
@@ -166,9 +111,41 @@ pub struct StoreHealth {
     pub activity_entries: AtomicU64,
 }
 
+/// Why a backend could not commit a batch.
+pub(crate) type BackendError = Box<dyn std::error::Error + Send + Sync>;
+
+/// What a backend has to do between commits, besides the operations queued for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Background {
+    /// Nothing: the writer may sleep until an operation arrives.
+    Idle,
+    /// Work under way elsewhere, with nothing to commit yet: look again shortly.
+    Waiting,
+    /// A step to commit, with or without queued operations.
+    Ready,
+}
+
+/// Where batches are made durable. Called on the writer thread only, one call at a time, so
+/// calls may block; nothing on the request path calls a backend.
+pub(crate) trait Backend: Send {
+    /// What the backend has to do besides queued operations (see [`Background`]).
+    fn background(&mut self) -> Background {
+        Background::Idle
+    }
+
+    /// Commits `batch` all or nothing. A failed commit changes nothing, so the writer may try the
+    /// same batch again.
+    fn commit(&mut self, batch: &[Op]) -> Result<(), BackendError>;
+
+    /// Called once after the last commit, before the writer stops; `unsaved` are pin refreshes
+    /// whose commit failed, a last chance to store them.
+    fn close(self: Box<Self>, unsaved: &[Op]);
+}
+
 /// Handle to the durable store and its writer thread.
 pub struct Store {
-    dir: PathBuf,
+    /// Where the store lives, for log lines.
+    location: PathBuf,
     ops: mpsc::UnboundedSender<Op>,
     next_seq: AtomicU64,
     /// Highest `seq` such that every pin up to it has been committed (or its commit failed).
@@ -181,53 +158,59 @@ pub struct Store {
 
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Store").field("dir", &self.dir).finish_non_exhaustive()
+        f.debug_struct("Store").field("location", &self.location).finish_non_exhaustive()
     }
 }
 
 impl Store {
-    /// Opens (or creates) the store in `dir` and reads everything in it.
-    pub fn open(dir: &Path) -> Result<(Store, Loaded), StateError> {
+    /// Opens (or creates) the embedded store in `dir` and reads everything in it.
+    pub fn open(dir: &Path) -> Result<(Store, Loaded), StoreError> {
         Store::open_with_delay(dir, Duration::ZERO)
     }
 
     /// Like [`Store::open`], with every commit held back by `commit_delay`: a slow disk, for
     /// tests that check what waits for durability.
-    pub fn open_with_delay(dir: &Path, commit_delay: Duration) -> Result<(Store, Loaded), StateError> {
-        std::fs::create_dir_all(dir)
-            .map_err(|source| StateError::CreateDir { dir: dir.to_owned(), source })?;
-        let file = dir.join(STATE_FILE);
-        let db =
-            redb::Builder::new().set_cache_size(32 * 1024 * 1024).create(&file).map_err(|e| match e {
-                DatabaseError::DatabaseAlreadyOpen => StateError::Locked { dir: dir.to_owned() },
-                source => StateError::Open { file: file.clone(), source },
-            })?;
-        let loaded = load(&db).map_err(|source| StateError::Read { file: file.clone(), source })?;
-        let activity_entries = loaded.activity_entries;
+    pub fn open_with_delay(dir: &Path, commit_delay: Duration) -> Result<(Store, Loaded), StoreError> {
+        let health = Arc::new(StoreHealth::default());
+        let (backend, loaded) = EmbeddedBackend::open(dir, health.clone())?;
+        let store = Store::start(dir.to_owned(), Box::new(backend), health, commit_delay)?;
+        Ok((store, loaded))
+    }
 
+    /// Starts the writer thread on `backend`.
+    fn start(
+        location: PathBuf,
+        backend: Box<dyn Backend>,
+        health: Arc<StoreHealth>,
+        commit_delay: Duration,
+    ) -> Result<Store, StoreError> {
         let (ops, rx) = mpsc::unbounded_channel();
         let (settled_tx, settled) = watch::channel(0);
-        let health = Arc::new(StoreHealth::default());
-        health.activity_entries.store(activity_entries as u64, Ordering::Relaxed);
-        let writer_health = health.clone();
         let failed = Arc::new(Mutex::new(BTreeSet::new()));
-        let writer_failed = failed.clone();
+        let writer = Writer {
+            backend,
+            ops: rx,
+            settled: settled_tx,
+            watermark: 0,
+            committed: BTreeSet::new(),
+            failed: failed.clone(),
+            health: health.clone(),
+            commit_delay,
+            carried: Vec::new(),
+        };
         let writer = std::thread::Builder::new()
             .name("rollout-state".to_owned())
-            .spawn(move || {
-                write_loop(db, rx, settled_tx, &writer_failed, &writer_health, commit_delay, activity_entries)
-            })
-            .map_err(StateError::Writer)?;
-        let store = Store {
-            dir: dir.to_owned(),
+            .spawn(move || writer.run())
+            .map_err(StoreError::Writer)?;
+        Ok(Store {
+            location,
             ops,
             next_seq: AtomicU64::new(1),
             settled,
             failed,
             health,
             writer: Mutex::new(Some(writer)),
-        };
-        Ok((store, loaded))
+        })
     }
 
     /// A sequence number for a new pin. Send the pin with [`Store::send`] right after taking it:
@@ -281,612 +264,192 @@ impl Store {
     }
 }
 
-fn load(db: &Database) -> Result<Loaded, redb::Error> {
-    // Make sure both tables exist, so a fresh file reads as empty.
-    let txn = db.begin_write()?;
-    txn.open_table(PINS)?;
-    txn.open_table(META)?;
-    txn.open_table(ADMIN)?;
-    txn.open_table(ACTIVITY)?;
-    txn.commit()?;
-
-    let txn = db.begin_read()?;
-    let pins_table = txn.open_table(PINS)?;
-    let mut pins = Vec::with_capacity(pins_table.len()? as usize);
-    for entry in pins_table.iter()? {
-        let (key, value) = entry?;
-        match decode(value.value()) {
-            Some((pool, first_seen, last_seen)) => {
-                pins.push(StoredPin { key: key.value().into(), pool, first_seen, last_seen })
-            }
-            None => warn!(key = key.value(), "skipping a pin record that does not decode"),
-        }
-    }
-    // Activity moves a stored pin's time forward; entries for pins no longer stored are stale.
-    let activity = txn.open_table(ACTIVITY)?;
-    let mut activity_entries = 0;
-    if !activity.is_empty()? {
-        let index: std::collections::HashMap<Box<str>, usize> =
-            pins.iter().enumerate().map(|(i, pin)| (pin.key.clone(), i)).collect();
-        for record in activity.iter()? {
-            let (_, record) = record?;
-            for (key, last_seen) in decode_activity(record.value()) {
-                activity_entries += 1;
-                if let Some(&i) = index.get(key) {
-                    pins[i].last_seen = pins[i].last_seen.max(last_seen);
-                }
-            }
-        }
-    }
-    let meta = txn.open_table(META)?;
-    let last_v1_request_ms = meta.get(LAST_V1_REQUEST)?.map(|v| v.value());
-    let revision = meta.get(REVISION)?.map_or(0, |v| v.value());
-    let overrides = txn.open_table(ADMIN)?.get(OVERRIDES)?.map(|v| v.value().to_vec());
-    Ok(Loaded { pins, last_v1_request_ms, overrides, revision, activity_entries })
-}
-
-/// Appends one activity entry to a record; false if the key cannot be logged.
-fn encode_activity(record: &mut Vec<u8>, key: &str, last_seen: u32) -> bool {
-    // Session keys are at most 128 bytes (`session::MAX_KEY_LEN`); a longer one is never
-    // truncated, which could move another pin.
-    debug_assert!(key.len() <= usize::from(u8::MAX), "session key of {} bytes", key.len());
-    let Ok(len) = u8::try_from(key.len()) else { return false };
-    let key = key.as_bytes();
-    record.extend_from_slice(&last_seen.to_le_bytes());
-    record.push(len);
-    record.extend_from_slice(key);
-    true
-}
-
-/// The entries of an activity record; a truncated tail is ignored.
-fn decode_activity(mut record: &[u8]) -> impl Iterator<Item = (&str, u32)> {
-    std::iter::from_fn(move || loop {
-        let (head, rest) = record.split_first_chunk::<5>()?;
-        let last_seen = u32::from_le_bytes([head[0], head[1], head[2], head[3]]);
-        let len = head[4] as usize;
-        if rest.len() < len {
-            return None;
-        }
-        let (key, rest) = rest.split_at(len);
-        record = rest;
-        if let Ok(key) = std::str::from_utf8(key) {
-            return Some((key, last_seen));
-        }
-    })
-}
-
-/// Pauses between attempts at a failing commit.
-const COMMIT_RETRY_PAUSES: [Duration; 3] =
-    [Duration::from_millis(50), Duration::from_millis(200), Duration::from_millis(800)];
-
-/// An activity-log fold in progress. The log is read and reduced to each key's latest time on a
-/// thread of its own (a read transaction does not hold up commits); then the writer applies the
-/// result a chunk per commit and, with the last chunk, drops the records it covered. Records
-/// logged meanwhile stay for the next fold. Applying a chunk is idempotent (a stored time only
-/// moves forward), so a crash part-way leaves nothing to repair: the log is still whole.
-enum Folding {
-    Idle,
-    Reading(JoinHandle<Result<Folded, redb::Error>>),
-    Applying(Folded),
-}
-
-/// The log up to record `upto` (exclusive), reduced to each key's latest time, in key order.
-struct Folded {
-    touches: Vec<(String, u32)>,
-    applied: usize,
-    upto: u64,
-    /// Log entries these records held.
-    entries: usize,
-}
-
-impl Folded {
-    /// The next chunk to apply, and whether it is the last.
-    fn next_chunk(&self) -> (&[(String, u32)], bool) {
-        let end = (self.applied + FOLD_CHUNK).min(self.touches.len());
-        (&self.touches[self.applied..end], end == self.touches.len())
-    }
-}
-
-impl Folding {
-    /// Starts reading the log for a fold; if no thread can be started, folds it in one go
-    /// (and empties `activity_entries`).
-    fn start(db: &Arc<Database>, activity_entries: &mut usize) -> Folding {
-        let reader = db.clone();
-        match std::thread::Builder::new().name("rollout-fold".to_owned()).spawn(move || read_log(&reader)) {
-            Ok(handle) => Folding::Reading(handle),
-            Err(err) => {
-                warn!(error = %err, "cannot start the fold reader; folding in one transaction");
-                match fold(db) {
-                    Ok(()) => *activity_entries = 0,
-                    Err(err) => {
-                        warn!(error = %crate::ErrorChain(&err), "could not fold the activity log; trying again later")
-                    }
-                }
-                Folding::Idle
-            }
-        }
-    }
-
-    /// Moves from reading to applying once the reader is done.
-    fn poll(self) -> Folding {
-        match self {
-            Folding::Reading(handle) if handle.is_finished() => match handle.join() {
-                Ok(Ok(folded)) => Folding::Applying(folded),
-                Ok(Err(err)) => {
-                    warn!(error = %crate::ErrorChain(&err), "could not read the activity log to fold it; trying again later");
-                    Folding::Idle
-                }
-                Err(_) => {
-                    error!("the activity log reader panicked; trying again later");
-                    Folding::Idle
-                }
-            },
-            other => other,
-        }
-    }
-}
-
-fn write_loop(
-    db: Database,
-    mut rx: mpsc::UnboundedReceiver<Op>,
+/// The writer thread: takes queued operations in batches, has the backend commit each (trying
+/// again a few times before giving up on it), and tells waiting requests what became durable.
+struct Writer {
+    backend: Box<dyn Backend>,
+    ops: mpsc::UnboundedReceiver<Op>,
     settled: watch::Sender<u64>,
-    failed: &Mutex<BTreeSet<u64>>,
-    health: &StoreHealth,
+    /// Highest `seq` such that every pin up to it is settled.
+    watermark: u64,
+    /// Settled pins above the watermark.
+    committed: BTreeSet<u64>,
+    failed: Arc<Mutex<BTreeSet<u64>>>,
+    health: Arc<StoreHealth>,
     commit_delay: Duration,
-    mut activity_entries: usize,
-) {
-    let db = Arc::new(db);
-    let mut watermark = 0u64;
-    let mut committed = BTreeSet::new();
-    let mut closing = None;
-    let mut flushes = Vec::new();
-    let mut folding = Folding::Idle;
-    // Touches of a batch whose commit failed: memory already counts them as stored (a request
-    // will not write ahead again for a while), so they go again with the next batch.
-    let mut carried: Vec<Op> = Vec::new();
-    while closing.is_none() {
-        folding = folding.poll();
-        // Wait for work only when a fold has none for this thread either.
-        let first = match folding {
-            Folding::Idle => match rx.blocking_recv() {
-                Some(op) => Some(op),
-                None => break,
-            },
-            _ => match rx.try_recv() {
-                Ok(op) => Some(op),
-                Err(mpsc::error::TryRecvError::Empty) => None,
-                Err(mpsc::error::TryRecvError::Disconnected) => break,
-            },
-        };
-        if first.is_none() && carried.is_empty() && matches!(folding, Folding::Reading(_)) {
-            // While the reader runs (about a second at 1M pins, once per full log), an op
-            // waits up to this pause before the writer looks.
-            std::thread::sleep(Duration::from_millis(1));
-            continue;
+    /// Touches of a batch whose commit failed: memory already counts them as stored (a request
+    /// will not write ahead again for a while), so they go again with the next batch.
+    carried: Vec<Op>,
+}
+
+impl Writer {
+    fn run(mut self) {
+        let mut closing = None;
+        while closing.is_none() {
+            let Some(batch) = self.next_batch() else { break };
+            let ok = self.commit(&batch);
+            closing = self.settle(batch, ok);
         }
-        let mut batch = std::mem::take(&mut carried);
-        batch.extend(first);
-        while batch.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(op) => batch.push(op),
-                Err(_) => break,
+        self.backend.close(&self.carried);
+        if let Some(done) = closing {
+            let _ = done.send(());
+        }
+    }
+
+    /// The next batch: what a failed commit left, then up to [`MAX_BATCH`] queued operations.
+    /// Waits for the first operation unless the backend has work of its own. `None` once every
+    /// sender is gone.
+    fn next_batch(&mut self) -> Option<Vec<Op>> {
+        loop {
+            let background = self.backend.background();
+            let first = match background {
+                Background::Idle => Some(self.ops.blocking_recv()?),
+                Background::Waiting | Background::Ready => match self.ops.try_recv() {
+                    Ok(op) => Some(op),
+                    Err(mpsc::error::TryRecvError::Empty) => None,
+                    Err(mpsc::error::TryRecvError::Disconnected) => return None,
+                },
+            };
+            if first.is_none() && self.carried.is_empty() && background == Background::Waiting {
+                // An operation waits up to this pause before the writer looks.
+                std::thread::sleep(Duration::from_millis(1));
+                continue;
             }
-        }
-        if !commit_delay.is_zero() && !batch.is_empty() {
-            std::thread::sleep(commit_delay);
-        }
-        let mut fold_step = match &folding {
-            Folding::Applying(folded) => {
-                let (touches, last) = folded.next_chunk();
-                Some(FoldStep { touches, drop_before: last.then_some(folded.upto) })
+            let mut batch = std::mem::take(&mut self.carried);
+            batch.extend(first);
+            while batch.len() < MAX_BATCH {
+                match self.ops.try_recv() {
+                    Ok(op) => batch.push(op),
+                    Err(_) => break,
+                }
             }
-            _ => None,
-        };
-        // A failed commit changes nothing on disk; try the same batch again a few times before
-        // giving up on it (a full disk, say), so a passing hiccup loses nothing.
-        let mut result = commit(&db, &batch, activity_entries, fold_step.as_ref());
-        let mut fold_failed = false;
-        if result.is_err() && fold_step.is_some() {
-            // The fold only tidies the log: it must never cost a batch its commit. It starts
-            // over later.
-            warn!("could not commit a step of the activity log's fold; trying again later");
-            (fold_step, fold_failed) = (None, true);
-            result = commit(&db, &batch, activity_entries, None);
+            return Some(batch);
         }
+    }
+
+    /// Commits `batch`; a failed commit changes nothing, so the same batch is tried again a few
+    /// times before it is given up (a full disk, say) and a passing hiccup loses nothing.
+    fn commit(&mut self, batch: &[Op]) -> bool {
+        if !self.commit_delay.is_zero() && !batch.is_empty() {
+            std::thread::sleep(self.commit_delay);
+        }
+        let mut result = self.backend.commit(batch);
         for pause in COMMIT_RETRY_PAUSES {
             if result.is_ok() {
                 break;
             }
             std::thread::sleep(pause);
-            result = commit(&db, &batch, activity_entries, fold_step.as_ref());
-        }
-        let ok = result.is_ok();
-        // What of the fold went in: (pin records, whether it was the last chunk).
-        let stepped = fold_step.map(|step| (step.touches.len(), step.drop_before.is_some()));
-        if fold_failed {
-            folding = Folding::Idle;
+            result = self.backend.commit(batch);
         }
         match result {
-            Ok(entries) => {
-                activity_entries = entries;
-                if let (Some((applied, last)), Folding::Applying(folded)) = (stepped, &mut folding) {
-                    folded.applied += applied;
-                    if last {
-                        activity_entries = activity_entries.saturating_sub(folded.entries);
-                        folding = Folding::Idle;
-                    }
-                }
-                if activity_entries >= FOLD_AFTER && matches!(folding, Folding::Idle) {
-                    folding = Folding::start(&db, &mut activity_entries);
-                }
+            Ok(()) => {
                 let now = crate::clock::Clock::now(&crate::clock::SystemClock) / 1000;
-                health.last_commit.store(now, Ordering::Relaxed);
-                health.commits.fetch_add(1, Ordering::Relaxed);
-                health.activity_entries.store(activity_entries as u64, Ordering::Relaxed);
+                self.health.last_commit.store(now, Ordering::Relaxed);
+                self.health.commits.fetch_add(1, Ordering::Relaxed);
+                true
             }
             Err(err) => {
-                health.write_errors.fetch_add(1, Ordering::Relaxed);
-                error!(error = %crate::ErrorChain(&err), ops = batch.len(), "state commit failed; these changes are not durable");
+                self.health.write_errors.fetch_add(1, Ordering::Relaxed);
+                error!(error = %crate::ErrorChain(&*err), ops = batch.len(), "state commit failed; these changes are not durable");
+                false
             }
         }
+    }
+
+    /// Records what `batch`'s commit (`ok` or not) settled, answers its flushes, and keeps its
+    /// refreshes for the next batch if it failed. Returns the close request, if the batch had one.
+    fn settle(&mut self, batch: Vec<Op>, ok: bool) -> Option<oneshot::Sender<()>> {
+        let mut closing = None;
+        let mut flushes = Vec::new();
         for op in batch {
             match op {
                 Op::Pin { seq, .. } => {
-                    committed.insert(seq);
+                    self.committed.insert(seq);
                     if !ok {
-                        failed.lock().unwrap_or_else(|p| p.into_inner()).insert(seq);
+                        self.failed.lock().unwrap_or_else(|p| p.into_inner()).insert(seq);
                     }
                 }
                 Op::Flush(done) => flushes.push(done),
                 Op::Close(done) => closing = Some(done),
-                Op::Touch(touches) if !ok => carried.push(Op::Touch(touches)),
+                Op::Touch(touches) if !ok => self.carried.push(Op::Touch(touches)),
                 _ => {}
             }
         }
-        while committed.remove(&(watermark + 1)) {
-            watermark += 1;
+        while self.committed.remove(&(self.watermark + 1)) {
+            self.watermark += 1;
         }
-        settled.send_replace(watermark);
+        self.settled.send_replace(self.watermark);
         // Answered last, so whoever waited on a flush also sees the pins in it as settled.
-        for done in flushes.drain(..) {
+        for done in flushes {
             let _ = done.send(ok);
         }
+        closing
     }
-    // The reader holds the database open; let it finish before the file is let go.
-    if let Folding::Reading(handle) = folding {
-        let _ = handle.join();
-    }
-    // A graceful stop leaves the pin records complete: the next start (or an older build, which
-    // does not read the log) finds every refresh in them. A fold part-way is simply redone.
-    if activity_entries > 0 || !carried.is_empty() {
-        if !carried.is_empty() {
-            if let Err(err) = commit(&db, &carried, activity_entries, None) {
-                error!(error = %crate::ErrorChain(&err), "pin activity not stored at shutdown");
-            }
-        }
-        if let Err(err) = fold(&db) {
-            warn!(error = %crate::ErrorChain(&err), "could not fold the activity log at shutdown");
-        }
-    }
-    drop(db);
-    if let Some(done) = closing {
-        let _ = done.send(());
-    }
-}
-
-/// Part of a fold to commit along with a batch: pin records to move forward, and, with the
-/// last chunk, the log records the fold covered (those before `drop_before`).
-struct FoldStep<'a> {
-    touches: &'a [(String, u32)],
-    drop_before: Option<u64>,
-}
-
-/// Commits `batch`, and a step of a fold, in one transaction. `activity_entries` is the size of
-/// the activity log before it; returns the size after (a fold's dropped records not counted).
-fn commit(
-    db: &Database,
-    batch: &[Op],
-    activity_entries: usize,
-    fold_step: Option<&FoldStep<'_>>,
-) -> Result<usize, redb::Error> {
-    let txn = db.begin_write()?;
-    let entries = {
-        let mut pins = txn.open_table(PINS)?;
-        let mut meta = txn.open_table(META)?;
-        let mut admin = txn.open_table(ADMIN)?;
-        let mut activity = txn.open_table(ACTIVITY)?;
-        // Touches only ever move a stored time forward and are applied only to pins still
-        // stored, so they need not keep their place among pins and removals: a touch of a key
-        // that is removed and pinned again later carries an older time than the new pin's.
-        let mut record = Vec::new();
-        let mut entries = activity_entries;
-        for op in batch {
-            match op {
-                Op::Pin { pin, .. } => {
-                    pins.insert(&*pin.key, encode(pin.pool, pin.first_seen, pin.last_seen).as_slice())?;
-                }
-                Op::Touch(touches) => {
-                    for (key, last_seen) in touches {
-                        entries += usize::from(encode_activity(&mut record, key, *last_seen));
-                    }
-                }
-                Op::Remove(key) => {
-                    pins.remove(&**key)?;
-                }
-                Op::LastV1Request(ms) => {
-                    meta.insert(LAST_V1_REQUEST, ms)?;
-                }
-                Op::Overrides { json, revision } => {
-                    admin.insert(OVERRIDES, json.as_slice())?;
-                    meta.insert(REVISION, revision)?;
-                }
-                Op::Flush(_) | Op::Close(_) => {}
-            }
-        }
-        if let Some(step) = fold_step {
-            apply_touches(&mut pins, step.touches)?;
-            if let Some(upto) = step.drop_before {
-                activity.retain_in(..upto, |_, _| false)?;
-            }
-        }
-        if !record.is_empty() {
-            let next = activity.last()?.map_or(0, |(k, _)| k.value() + 1);
-            activity.insert(next, record.as_slice())?;
-        }
-        entries
-    };
-    txn.commit()?;
-    Ok(entries)
-}
-
-/// Moves the activity log into the pins' records and empties it, in one transaction.
-fn fold(db: &Database) -> Result<(), redb::Error> {
-    let txn = db.begin_write()?;
-    fold_activity(&mut txn.open_table(PINS)?, &mut txn.open_table(ACTIVITY)?)?;
-    txn.commit()?;
-    Ok(())
-}
-
-fn fold_activity(
-    pins: &mut redb::Table<&str, &[u8]>,
-    activity: &mut redb::Table<u64, &[u8]>,
-) -> Result<(), redb::Error> {
-    let folded = reduce_log(activity, u64::MAX)?;
-    apply_touches(pins, &folded.touches)?;
-    activity.retain(|_, _| false)?;
-    Ok(())
-}
-
-/// Reads the whole activity log as of now, for a fold applied in chunks.
-fn read_log(db: &Database) -> Result<Folded, redb::Error> {
-    let txn = db.begin_read()?;
-    let activity = txn.open_table(ACTIVITY)?;
-    let upto = activity.last()?.map_or(0, |(k, _)| k.value() + 1);
-    reduce_log(&activity, upto)
-}
-
-/// The log's records before `upto`, reduced to each key's latest time, in key order (so that
-/// applying them is one walk over the B-tree's leaves).
-fn reduce_log(activity: &impl ReadableTable<u64, &'static [u8]>, upto: u64) -> Result<Folded, redb::Error> {
-    let mut latest = std::collections::HashMap::<String, u32>::new();
-    let mut entries = 0;
-    for record in activity.range(..upto)? {
-        let (_, record) = record?;
-        for (key, last_seen) in decode_activity(record.value()) {
-            entries += 1;
-            // Most keys repeat (an active pin is refreshed every 48 s by default): copy a key
-            // only the first time.
-            match latest.get_mut(key) {
-                Some(time) => *time = (*time).max(last_seen),
-                None => {
-                    latest.insert(key.to_owned(), last_seen);
-                }
-            }
-        }
-    }
-    let mut touches: Vec<(String, u32)> = latest.into_iter().collect();
-    touches.sort_unstable();
-    Ok(Folded { touches, applied: 0, upto, entries })
-}
-
-/// Writes touches (in key order) to pins that are stored.
-fn apply_touches(pins: &mut redb::Table<&str, &[u8]>, touches: &[(String, u32)]) -> Result<(), redb::Error> {
-    for (key, last_seen) in touches {
-        let (key, last_seen) = (key.as_str(), *last_seen);
-        let current = pins.get(key)?.and_then(|v| decode(v.value()));
-        // A request's write-ahead and the upkeep's refresh may arrive in either order; a stored
-        // time never goes back, and a removed pin is not brought back.
-        if let Some((pool, first_seen, _)) = current.filter(|c| c.2 < last_seen) {
-            pins.insert(key, encode(pool, first_seen, last_seen).as_slice())?;
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn pin(key: &str, pool: PoolName, t: u32) -> StoredPin {
-        StoredPin { key: key.into(), pool, first_seen: t, last_seen: t }
+    /// A backend that keeps what it committed in memory and refuses commits while `down`.
+    struct Flaky {
+        down: Arc<std::sync::atomic::AtomicBool>,
+        committed: Arc<Mutex<Vec<String>>>,
     }
 
-    #[tokio::test]
-    async fn pins_and_clock_survive_reopen_and_removals_stick() {
-        let dir = tempfile::tempdir().unwrap();
-        {
-            let (store, loaded) = Store::open(dir.path()).unwrap();
-            assert!(loaded.pins.is_empty() && loaded.last_v1_request_ms.is_none());
-            for (i, key) in ["a", "b", "c"].iter().enumerate() {
-                let seq = store.next_seq();
-                store.send(Op::Pin { pin: pin(key, PoolName::V1, 100 + i as u32), seq });
+    impl Backend for Flaky {
+        fn commit(&mut self, batch: &[Op]) -> Result<(), BackendError> {
+            if self.down.load(Ordering::Relaxed) {
+                return Err("disk full".into());
             }
-            store.send(Op::Touch(vec![("a".into(), 500)]));
-            store.send(Op::Remove("b".into()));
-            store.send(Op::LastV1Request(123_456));
-            assert!(store.settle(3, Duration::from_secs(5)).await);
-            store.close().await;
+            let mut committed = self.committed.lock().unwrap();
+            for op in batch {
+                match op {
+                    Op::Pin { pin, .. } => committed.push(format!("pin {}", pin.key)),
+                    Op::Touch(touches) => {
+                        touches.iter().for_each(|(k, t)| committed.push(format!("touch {k} {t}")))
+                    }
+                    _ => {}
+                }
+            }
+            Ok(())
         }
-        let (store, loaded) = Store::open(dir.path()).unwrap();
-        let mut pins = loaded.pins;
-        pins.sort_by(|a, b| a.key.cmp(&b.key));
-        assert_eq!(
-            pins,
-            vec![StoredPin { last_seen: 500, ..pin("a", PoolName::V1, 100) }, pin("c", PoolName::V1, 102)]
-        );
-        assert_eq!(loaded.last_v1_request_ms, Some(123_456));
-        assert_eq!(loaded.activity_entries, 0, "a graceful close folds the activity log into the pins");
-        store.close().await;
+
+        fn close(self: Box<Self>, unsaved: &[Op]) {
+            assert!(unsaved.is_empty(), "refreshes left unsaved: {unsaved:?}");
+        }
     }
 
-    #[test]
-    fn touches_only_move_forward_and_never_bring_a_removed_pin_back() {
-        let dir = tempfile::tempdir().unwrap();
-        let db = Database::create(dir.path().join("t.redb")).unwrap();
-        load(&db).unwrap();
-        let touch = |pairs: &[(&str, u32)]| Op::Touch(pairs.iter().map(|(k, t)| ((*k).into(), *t)).collect());
-        let batch = [
-            Op::Pin { pin: pin("a", PoolName::V1, 100), seq: 1 },
-            Op::Pin { pin: pin("b", PoolName::V2, 100), seq: 2 },
-            // The upkeep's refresh (older) arrives after a request's write-ahead (newer).
-            touch(&[("b", 300), ("a", 250)]),
-            touch(&[("a", 200), ("b", 290)]),
-            Op::Remove("b".into()),
-            touch(&[("b", 400)]),
-        ];
-        let logged = commit(&db, &batch, 0, None).unwrap();
-        assert_eq!(logged, 5, "touches go to the activity log");
-        let read_back = |db: &Database| {
-            let mut pins = load(db).unwrap().pins;
-            pins.sort_by(|a, b| a.key.cmp(&b.key));
-            pins
-        };
-        let expected = vec![StoredPin { last_seen: 250, ..pin("a", PoolName::V1, 100) }];
-        assert_eq!(read_back(&db), expected, "from the log");
-        // Folding moves the log into the pins' records: the same result, from the records.
-        fold(&db).unwrap();
-        assert!(db.begin_read().unwrap().open_table(ACTIVITY).unwrap().is_empty().unwrap());
-        assert_eq!(read_back(&db), expected, "from the folded records");
-        // A key pinned again after its removal is not moved by the old pin's activity.
-        commit(&db, &[touch(&[("c", 150)]), Op::Pin { pin: pin("c", PoolName::V2, 600), seq: 3 }], 0, None)
-            .unwrap();
-        assert_eq!(read_back(&db)[1], pin("c", PoolName::V2, 600));
-        assert_eq!(commit(&db, &[touch(&[("a", 260)])], 7, None).unwrap(), 8, "the log's size is counted on");
-    }
-
-    #[test]
-    fn a_fold_in_chunks_keeps_what_was_logged_or_removed_meanwhile() {
-        let dir = tempfile::tempdir().unwrap();
-        let db = Database::create(dir.path().join("t.redb")).unwrap();
-        load(&db).unwrap();
-        let keys: Vec<String> = (0..FOLD_CHUNK + 10).map(|i| format!("k{i:06}")).collect();
-        let pins: Vec<Op> = keys
-            .iter()
-            .enumerate()
-            .map(|(i, k)| Op::Pin { pin: pin(k, PoolName::V1, 100), seq: i as u64 + 1 })
-            .collect();
-        let touches = |t: u32| Op::Touch(keys.iter().map(|k| (k.as_str().into(), t)).collect());
-        let logged = commit(&db, &pins, 0, None).unwrap();
-        let logged = commit(&db, &[touches(200)], logged, None).unwrap();
-        let logged = commit(&db, &[touches(150)], logged, None).unwrap();
-        let folded = read_log(&db).unwrap();
-        assert_eq!((folded.touches.len(), folded.entries), (keys.len(), 2 * keys.len()));
-
-        // Between the read and the chunks: one pin removed, another refreshed again, a third
-        // removed and pinned anew.
-        let (first, last) = folded.next_chunk();
-        assert!(!last, "more than one chunk");
-        let step = FoldStep { touches: first, drop_before: None };
-        let between = [
-            Op::Remove(keys[1].as_str().into()),
-            Op::Touch(vec![(keys[2].as_str().into(), 300)]),
-            Op::Remove(keys[3].as_str().into()),
-            Op::Pin { pin: pin(&keys[3], PoolName::V2, 400), seq: keys.len() as u64 + 1 },
-        ];
-        let logged = commit(&db, &between, logged, Some(&step)).unwrap();
-        let folded = Folded { applied: FOLD_CHUNK, ..folded };
-        let (rest, last) = folded.next_chunk();
-        assert!(last && rest.len() == 10);
-        let step = FoldStep { touches: rest, drop_before: Some(folded.upto) };
-        let logged = commit(&db, &[], logged, Some(&step)).unwrap() - folded.entries;
-        assert_eq!(logged, 1, "only the refresh logged during the fold is left in the log");
-
-        let loaded = load(&db).unwrap();
-        assert_eq!(loaded.activity_entries, 1);
-        let by_key: std::collections::HashMap<_, _> =
-            loaded.pins.iter().map(|p| (&*p.key, p.last_seen)).collect();
-        assert_eq!(by_key.len(), keys.len() - 1, "the removed pin is not brought back");
-        assert!(!by_key.contains_key(keys[1].as_str()));
-        assert_eq!(by_key[keys[2].as_str()], 300, "the refresh logged meanwhile is kept");
-        assert_eq!(by_key[keys[3].as_str()], 400, "the old pin's activity does not move the new one");
-        for key in [&keys[0], &keys[FOLD_CHUNK + 9]] {
-            assert_eq!(by_key[key.as_str()], 200, "{key}: the latest logged time, from its record");
-        }
-        let records = db.begin_read().unwrap().open_table(ACTIVITY).unwrap().len().unwrap();
-        assert_eq!(records, 1);
+    fn pin(key: &str) -> StoredPin {
+        StoredPin { key: key.into(), pool: PoolName::V1, first_seen: 1, last_seen: 1 }
     }
 
     #[tokio::test]
-    async fn a_full_log_is_folded_while_the_store_keeps_committing() {
-        let dir = tempfile::tempdir().unwrap();
-        let (store, _) = Store::open(dir.path()).unwrap();
-        let keys: Vec<String> = (0..2 * FOLD_CHUNK).map(|i| format!("study-{i:06}")).collect();
-        for key in &keys {
-            store.send(Op::Pin { pin: pin(key, PoolName::V2, 100), seq: store.next_seq() });
-        }
-        // A full log: every key many times, the latest time last.
-        // One op, so one commit fills it past the point of folding and the fold covers it all.
-        let rounds = FOLD_AFTER / keys.len() + 1;
-        let touches =
-            (0..rounds).flat_map(|round| keys.iter().map(move |k| (k.as_str().into(), 200 + round as u32)));
-        store.send(Op::Touch(touches.collect()));
+    async fn a_batch_that_cannot_be_committed_fails_its_pins_and_carries_its_refreshes() {
+        let down = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let committed = Arc::new(Mutex::new(Vec::new()));
+        let backend = Flaky { down: down.clone(), committed: committed.clone() };
+        let health = Arc::new(StoreHealth::default());
+        let store = Store::start("memory".into(), Box::new(backend), health.clone(), Duration::ZERO).unwrap();
+
+        let seq = store.next_seq();
+        store.send(Op::Pin { pin: pin("lost"), seq });
+        store.send(Op::Touch(vec![("kept".into(), 7)]));
+        assert!(!store.flush().await, "a flush reports the failed commit");
+        assert!(store.is_settled(seq), "a failed pin is settled: nobody waits for it forever");
+        assert!(!store.settle(seq, Duration::from_secs(1)).await, "but it is not durable");
+        assert_eq!(health.write_errors.load(Ordering::Relaxed), 1, "one batch, tried four times");
+
+        down.store(false, Ordering::Relaxed);
+        let seq = store.next_seq();
+        store.send(Op::Pin { pin: pin("made"), seq });
         assert!(store.flush().await);
-        // New pins commit while the fold goes on.
-        let mut made = 0;
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-        while store.health.activity_entries.load(Ordering::Relaxed) > 0 {
-            assert!(tokio::time::Instant::now() < deadline, "the fold did not finish");
-            store
-                .send(Op::Pin { pin: pin(&format!("new-{made}"), PoolName::V1, 500), seq: store.next_seq() });
-            assert!(store.flush().await);
-            made += 1;
-        }
-        assert!(store.is_all_settled());
-        // As a crash would leave it now: the pins' own records hold the refreshes.
-        let copy = tempfile::tempdir().unwrap();
-        std::fs::copy(dir.path().join(STATE_FILE), copy.path().join(STATE_FILE)).unwrap();
-        let db = Database::open(copy.path().join(STATE_FILE)).unwrap();
-        assert!(db.begin_read().unwrap().open_table(ACTIVITY).unwrap().is_empty().unwrap());
-        let loaded = load(&db).unwrap();
-        assert_eq!(loaded.pins.len(), keys.len() + made);
-        let latest = 200 + rounds as u32 - 1;
-        assert!(loaded.pins.iter().filter(|p| p.key.starts_with("study-")).all(|p| p.last_seen == latest));
-        store.close().await;
-    }
-
-    #[tokio::test]
-    async fn a_second_opener_is_refused_until_the_first_closes() {
-        let dir = tempfile::tempdir().unwrap();
-        let (first, _) = Store::open(dir.path()).unwrap();
-        let err = Store::open(dir.path()).unwrap_err();
-        assert!(matches!(err, StateError::Locked { .. }), "{err:?}");
-        assert!(err.to_string().contains("in use by another rollout-proxy process"));
-        first.close().await;
-        let (second, _) = Store::open(dir.path()).unwrap();
-        second.close().await;
-    }
-
-    #[tokio::test]
-    async fn settling_waits_for_every_earlier_pin() {
-        let dir = tempfile::tempdir().unwrap();
-        let (store, _) = Store::open(dir.path()).unwrap();
-        let early = store.next_seq();
-        let late = store.next_seq();
-        store.send(Op::Pin { pin: pin("late", PoolName::V2, 1), seq: late });
-        store.flush().await;
-        assert!(!store.is_settled(late), "an earlier pin is still unsent");
-        store.send(Op::Pin { pin: pin("early", PoolName::V2, 1), seq: early });
-        assert!(store.settle(late, Duration::from_secs(5)).await);
+        assert!(store.settle(seq, Duration::from_secs(1)).await);
+        assert_eq!(
+            *committed.lock().unwrap(),
+            ["touch kept 7", "pin made"],
+            "the refresh went with the next batch"
+        );
         store.close().await;
     }
 }
