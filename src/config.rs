@@ -168,7 +168,7 @@ fn default_state_dir() -> PathBuf {
 }
 
 /// PEM files of the served certificate chain and its private key.
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawTls {
     pub cert: PathBuf,
@@ -418,6 +418,89 @@ pub struct RawShutdown {
 impl Default for RawShutdown {
     fn default() -> Self {
         RawShutdown { grace_period: Duration::from_secs(30) }
+    }
+}
+
+impl From<&Config> for RawConfig {
+    /// Writes a validated configuration back in the file's format, every default filled in, for
+    /// `check` to print. Reading the result back gives the same [`Config`]; spellings that
+    /// validation normalises (a prefix's trailing `/`, a header name's case) come out normalised.
+    fn from(config: &Config) -> RawConfig {
+        let pool = |pool: &PoolConfig| RawPool {
+            upstreams: pool
+                .upstreams
+                .iter()
+                .map(|u| RawUpstream { name: u.name.to_string(), url: u.url.to_string(), weight: u.weight })
+                .collect(),
+            health: pool.health.as_ref().map(|h| RawHealth {
+                path: h.path.clone(),
+                interval: h.interval,
+                timeout: h.timeout,
+                healthy_threshold: h.healthy_threshold,
+                unhealthy_threshold: h.unhealthy_threshold,
+            }),
+            ejection: RawEjection {
+                consecutive_failures: pool.ejection.consecutive_failures,
+                duration: pool.ejection.duration,
+            },
+        };
+        let session_key = |spec: &SessionKeySpec| match spec {
+            SessionKeySpec::Path { template, .. } => {
+                RawSessionKey { path: Some(template.clone()), ..RawSessionKey::default() }
+            }
+            SessionKeySpec::Query(name) => {
+                RawSessionKey { query: Some(name.clone()), ..RawSessionKey::default() }
+            }
+            SessionKeySpec::Header(name) => {
+                RawSessionKey { header: Some(name.as_str().to_owned()), ..RawSessionKey::default() }
+            }
+            SessionKeySpec::Cookie(name) => {
+                RawSessionKey { cookie: Some(name.clone()), ..RawSessionKey::default() }
+            }
+        };
+        let sessions = &config.sessions;
+        RawConfig {
+            listen: config.listen.to_string(),
+            workers: config.workers,
+            state_dir: config.state_dir.clone(),
+            tls: config.tls.as_ref().map(|t| RawTls { cert: t.cert.clone(), key: t.key.clone() }),
+            admin: RawAdmin {
+                listen: config.admin_listen.to_string(),
+                token_file: config.admin_token_file.clone(),
+            },
+            pools: RawPools { v1: pool(&config.pools.v1), v2: pool(&config.pools.v2) },
+            routes: RawRoutes {
+                v2_prefixes: config.routes.v2_prefixes.iter().map(|p| p.as_str().to_owned()).collect(),
+                legacy_v1_percent: config.routes.legacy_v1_percent.as_f64(),
+                pool_header: config.routes.pool_header,
+            },
+            sessions: RawSessions {
+                keys: sessions.keys.iter().map(session_key).collect(),
+                max_duration: sessions.max_duration,
+                // Written out even where it defaulted to `max_duration`: it is a value in effect.
+                idle_timeout: Some(sessions.idle_timeout),
+                max_active: sessions.max_active,
+            },
+            drain: RawDrain { quiet_window: config.quiet_window },
+            client: RawClient {
+                header_read_timeout: config.client.header_read_timeout,
+                send_timeout: config.client.send_timeout,
+                max_header_bytes: config.client.max_header_bytes,
+                max_connections: config.client.max_connections,
+                max_concurrent_streams: config.client.max_concurrent_streams,
+                allow_underscores_in_headers: config.client.allow_underscores_in_headers,
+            },
+            upstream: RawUpstreamSettings {
+                connect_timeout: config.upstream.connect_timeout,
+                response_timeout: config.upstream.response_timeout,
+                idle_timeout: config.upstream.idle_timeout,
+                max_idle_per_upstream: config.upstream.max_idle_per_upstream,
+                max_connections_per_upstream: config.upstream.max_connections_per_upstream,
+                retries: config.upstream.retries,
+                ca_file: config.upstream.ca_file.clone(),
+            },
+            shutdown: RawShutdown { grace_period: config.grace_period },
+        }
     }
 }
 
@@ -738,11 +821,16 @@ pub struct Config {
     pub upstream: UpstreamSettings,
     pub grace_period: Duration,
     /// Certificate and key files when the data plane speaks TLS.
-    pub tls: Option<RawTls>,
+    pub tls: Option<TlsFiles>,
     /// The file this was read from, for reloads; `None` when built from text.
     pub source: Option<PathBuf>,
-    /// The file as parsed with defaults filled in, for `check` to print.
-    raw: RawConfig,
+}
+
+/// PEM files of the served certificate chain and its private key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 impl Config {
@@ -767,34 +855,31 @@ impl Config {
         })
     }
 
-    /// The effective configuration (defaults filled in) as YAML.
+    /// The effective configuration (defaults filled in) as YAML, in the file's own format: read
+    /// back, it gives this same configuration.
     pub fn effective_yaml(&self) -> String {
-        yaml::to_string(&self.raw).expect("config serializes")
+        yaml::to_string(&RawConfig::from(self)).expect("config serializes")
     }
 
     /// A copy with different listen addresses, for the demo and tests.
     pub fn with_listeners(mut self, listen: SocketAddr, admin_listen: SocketAddr) -> Config {
         self.listen = listen;
-        self.raw.listen = listen.to_string();
         self.admin_listen = admin_listen;
-        self.raw.admin.listen = admin_listen.to_string();
         self
     }
 
     /// A copy with a different state directory, for the demo and tests.
     pub fn with_state_dir(mut self, dir: &Path) -> Config {
         self.state_dir = dir.to_owned();
-        self.raw.state_dir = dir.to_owned();
         self
     }
 
     /// A copy with one upstream's URL replaced, for the demo's stub upstreams.
     pub fn with_upstream_url(mut self, pool: PoolName, index: usize, url: UpstreamUrl) -> Config {
-        let (cfg, raw) = match pool {
-            PoolName::V1 => (&mut self.pools.v1, &mut self.raw.pools.v1),
-            PoolName::V2 => (&mut self.pools.v2, &mut self.raw.pools.v2),
+        let cfg = match pool {
+            PoolName::V1 => &mut self.pools.v1,
+            PoolName::V2 => &mut self.pools.v2,
         };
-        raw.upstreams[index].url = url.to_string();
         cfg.upstreams[index].url = url;
         self
     }
@@ -945,10 +1030,9 @@ impl RawConfig {
                     retries: self.upstream.retries,
                     ca_file: self.upstream.ca_file.clone(),
                 },
-                tls: self.tls.clone(),
+                tls: self.tls.as_ref().map(|t| TlsFiles { cert: t.cert.clone(), key: t.key.clone() }),
                 grace_period: self.shutdown.grace_period,
                 source: None,
-                raw: self.clone(),
             }),
             _ => Err(p.0),
         }
@@ -1210,6 +1294,38 @@ pools:
         assert_eq!(c.quiet_window, Duration::from_secs(86_400));
         assert_eq!(c.pools.v2.upstreams[0].weight, 2);
         assert!(c.effective_yaml().contains("legacy_v1_percent: 100"));
+    }
+
+    #[test]
+    fn effective_yaml_reads_back_as_the_same_config() {
+        let text = format!(
+            "{GOOD}tls: {{ cert: c.pem, key: k.pem }}\n\
+             routes: {{ v2_prefixes: [/a/, /b], legacy_v1_percent: 2.55 }}\n\
+             sessions:\n  keys: [{{ header: X-Study }}, {{ cookie: sid }}, {{ path: \"/s/{{id}}\" }}]\n  \
+             idle_timeout: 5m\n"
+        );
+        let config = Config::from_yaml(&text, Path::new("t.yaml")).unwrap();
+        let again = Config::from_yaml(&config.effective_yaml(), Path::new("t.yaml")).unwrap();
+        assert_eq!(format!("{again:?}"), format!("{config:?}"));
+    }
+
+    #[test]
+    fn effective_yaml_shows_what_the_with_methods_changed() {
+        let url = UpstreamUrl::try_parse("http://127.0.0.1:3").unwrap();
+        let config = Config::from_yaml(GOOD, Path::new("t.yaml"))
+            .unwrap()
+            .with_listeners("127.0.0.1:1".parse().unwrap(), "127.0.0.1:2".parse().unwrap())
+            .with_state_dir(Path::new("/tmp/state"))
+            .with_upstream_url(PoolName::V2, 0, url);
+        let yaml = config.effective_yaml();
+        for line in [
+            "listen: 127.0.0.1:1\n",
+            "  listen: 127.0.0.1:2\n",
+            "state_dir: /tmp/state\n",
+            "url: http://127.0.0.1:3\n",
+        ] {
+            assert!(yaml.contains(line), "{line:?} missing from:\n{yaml}");
+        }
     }
 
     #[test]
