@@ -564,6 +564,13 @@ impl<T> ByPool<T> {
         }
     }
 
+    pub fn get_mut(&mut self, pool: PoolName) -> &mut T {
+        match pool {
+            PoolName::V1 => &mut self.v1,
+            PoolName::V2 => &mut self.v2,
+        }
+    }
+
     pub fn map<U>(&self, mut f: impl FnMut(PoolName, &T) -> U) -> ByPool<U> {
         ByPool { v1: f(PoolName::V1, &self.v1), v2: f(PoolName::V2, &self.v2) }
     }
@@ -876,11 +883,7 @@ impl Config {
 
     /// A copy with one upstream's URL replaced, for the demo's stub upstreams.
     pub fn with_upstream_url(mut self, pool: PoolName, index: usize, url: UpstreamUrl) -> Config {
-        let cfg = match pool {
-            PoolName::V1 => &mut self.pools.v1,
-            PoolName::V2 => &mut self.pools.v2,
-        };
-        cfg.upstreams[index].url = url;
+        self.pools.get_mut(pool).upstreams[index].url = url;
         self
     }
 }
