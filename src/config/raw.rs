@@ -126,6 +126,7 @@ pub(crate) struct RawEjection {
     /// Connect errors, closed connections or 502/503/504 answers in a row that eject; 0 turns
     /// ejection off.
     pub(crate) consecutive_failures: u32,
+    /// How long an ejected upstream is skipped, 1s to 1h.
     #[serde(with = "humantime_serde")]
     pub(crate) duration: Duration,
 }

@@ -63,6 +63,24 @@ fn bounded(value: Duration) -> Result<Duration, String> {
     }
 }
 
+/// Shortest and longest passive ejection. A shorter one barely spares the upstream a request, so
+/// it is more likely a slip (`30ms` for `30s`) than a choice. A longer one outlives its cause:
+/// without active health checks nothing brings the upstream back early, so it quietly takes
+/// capacity out; keeping an upstream out on purpose is what weight 0 is for.
+const MIN_EJECTION: Duration = Duration::from_secs(1);
+const MAX_EJECTION: Duration = Duration::from_secs(3600);
+
+fn ejection_duration(value: Duration) -> Result<Duration, String> {
+    let show = humantime::format_duration;
+    if value < MIN_EJECTION {
+        Err(format!("{} is shorter than the minimum of {}", show(value), show(MIN_EJECTION)))
+    } else if value > MAX_EJECTION {
+        Err(format!("{} is longer than the maximum of {}", show(value), show(MAX_EJECTION)))
+    } else {
+        Ok(value)
+    }
+}
+
 impl RawConfig {
     /// Checks every value and builds the runtime [`Config`]; returns all problems found.
     pub(crate) fn validate(&self) -> Result<Config, Vec<Problem>> {
@@ -215,6 +233,7 @@ fn validate_pool(raw: &RawPool, path: &KeyPath, p: &mut Problems) -> PoolConfig 
             _ => None,
         }
     });
+    p.check(path.key("ejection").key("duration"), ejection_duration(raw.ejection.duration));
     let ejection =
         Ejection { consecutive_failures: raw.ejection.consecutive_failures, duration: raw.ejection.duration };
     PoolConfig { upstreams, health, ejection }
