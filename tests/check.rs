@@ -198,3 +198,23 @@ fn new_client_and_upstream_limits_are_bounds_checked() {
         "16:33: upstream.max_connections_per_upstream: must be at least 1",
     );
 }
+
+#[test]
+fn ejection_duration_is_bounds_checked() {
+    let ejection = |duration: &str| {
+        GOOD.replace(
+            "  v2:\n",
+            &format!("    ejection: {{ consecutive_failures: 3, duration: {duration} }}\n  v2:\n"),
+        )
+    };
+    assert_rejected(
+        &ejection("0s"),
+        "7:52: pools.v1.ejection.duration: 0s is shorter than the minimum of 1s",
+    );
+    assert_rejected(&ejection("2h"), "7:52: pools.v1.ejection.duration: 2h is longer than the maximum of 1h");
+    let dir = tempfile::tempdir().unwrap();
+    for bound in ["1s", "1h"] {
+        let (code, _, stderr) = check(dir.path(), &ejection(bound));
+        assert_eq!(code, Some(0), "{bound}: {stderr}");
+    }
+}

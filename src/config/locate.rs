@@ -1,0 +1,142 @@
+//! Finds where a key path sits in the YAML text, so a problem that validation found in the parsed
+//! value can be reported at its file, line and column. What is wrong is decided elsewhere
+//! (`validate.rs`); this only points at the spot.
+//!
+//! The YAML parser attaches the position of the node it is reading to any error raised while that
+//! node is being visited. To find where a key path sits, the document is read once more with a
+//! visitor that walks the path and fails on the node it names; the error carries the position.
+//! If a step of the path is absent (a defaulted value), the failure is raised on the deepest
+//! mapping that does exist, which is the right place to add the key.
+
+use std::fmt;
+
+use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::Deserializer;
+
+use super::{yaml, Problem};
+
+/// A path of mapping keys and sequence indexes into the config document.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KeyPath(Vec<Segment>);
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Segment {
+    Key(String),
+    Index(usize),
+}
+
+impl KeyPath {
+    pub(crate) fn key(&self, key: &str) -> KeyPath {
+        let mut next = self.clone();
+        next.0.push(Segment::Key(key.to_owned()));
+        next
+    }
+
+    pub(crate) fn index(&self, index: usize) -> KeyPath {
+        let mut next = self.clone();
+        next.0.push(Segment::Index(index));
+        next
+    }
+}
+
+impl fmt::Display for KeyPath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, seg) in self.0.iter().enumerate() {
+            match seg {
+                Segment::Key(k) if i == 0 => write!(f, "{k}")?,
+                Segment::Key(k) => write!(f, ".{k}")?,
+                Segment::Index(n) => write!(f, "[{n}]")?,
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Sets `problem`'s line and column to where its key path sits in `text`; leaves them unset if
+/// the parser gives no position.
+pub(crate) fn problem(text: &str, problem: &mut Problem) {
+    let seek = Seek { path: &problem.path.0 };
+    if let Err(err) = seek.deserialize(yaml::Deserializer::from_str(text)) {
+        if let Some(at) = err.location() {
+            problem.line = Some(at.line());
+            problem.column = Some(at.column());
+        }
+    }
+}
+
+struct Seek<'p> {
+    path: &'p [Segment],
+}
+
+impl<'de> DeserializeSeed<'de> for Seek<'_> {
+    type Value = ();
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        match self.path.split_first() {
+            None => d.deserialize_any(Found),
+            Some((Segment::Key(key), rest)) => d.deserialize_any(SeekKey { key, rest }),
+            Some((Segment::Index(index), rest)) => d.deserialize_any(SeekIndex { index: *index, rest }),
+        }
+    }
+}
+
+/// Fails on whatever node it is given, so the error carries that node's position.
+struct Found;
+
+impl<'de> Visitor<'de> for Found {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("nothing (this visitor marks a position)")
+    }
+}
+
+struct SeekKey<'p> {
+    key: &'p str,
+    rest: &'p [Segment],
+}
+
+impl<'de> Visitor<'de> for SeekKey<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        write!(f, "a mapping with key {}", self.key)
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        while let Some(key) = map.next_key::<yaml::Value>()? {
+            if key.as_str() == Some(self.key) {
+                return map.next_value_seed(Seek { path: self.rest });
+            }
+            map.next_value::<IgnoredAny>()?;
+        }
+        Err(de::Error::custom("key not present"))
+    }
+}
+
+struct SeekIndex<'p> {
+    index: usize,
+    rest: &'p [Segment],
+}
+
+impl<'de> Visitor<'de> for SeekIndex<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        write!(f, "a sequence with an element {}", self.index)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        let mut i = 0;
+        while i < self.index {
+            if seq.next_element::<IgnoredAny>()?.is_none() {
+                return Err(de::Error::custom("element not present"));
+            }
+            i += 1;
+        }
+        match seq.next_element_seed(Seek { path: self.rest })? {
+            Some(()) => Ok(()),
+            None => Err(de::Error::custom("element not present")),
+        }
+    }
+}
