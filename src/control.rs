@@ -47,14 +47,8 @@ impl Overrides {
             effective.routes.legacy_v1_percent = percent;
         }
         for pool in PoolName::ALL {
-            let upstreams = match pool {
-                PoolName::V1 => &mut effective.pools.v1.upstreams,
-                PoolName::V2 => &mut effective.pools.v2.upstreams,
-            };
-            let weights = match pool {
-                PoolName::V1 => &mut self.weights.v1,
-                PoolName::V2 => &mut self.weights.v2,
-            };
+            let upstreams = &mut effective.pools.get_mut(pool).upstreams;
+            let weights = self.weights.get_mut(pool);
             weights.retain(|name, weight| match upstreams.iter_mut().find(|u| u.name.as_str() == name) {
                 Some(upstream) => {
                     upstream.weight = *weight;
@@ -208,16 +202,8 @@ impl Control {
         let old = self.shared.snapshot().router.legacy_v1_percent().as_f64();
         let mut overrides = running.overrides.clone();
         overrides.legacy_v1_percent = Some(percent.as_f64());
-        self.commit(
-            &mut running,
-            None,
-            overrides,
-            "legacy_percent",
-            actor,
-            json!(old),
-            json!(percent.as_f64()),
-        )
-        .await
+        let change = Change::overrides(overrides, "legacy_percent", json!(old), json!(percent.as_f64()));
+        self.commit(&mut running, change, actor).await
     }
 
     /// Sets one upstream's weight.
@@ -245,12 +231,10 @@ impl Control {
         check_revision(&running, expected)?;
         let old = upstream.weight();
         let mut overrides = running.overrides.clone();
-        match pool {
-            PoolName::V1 => overrides.weights.v1.insert(name.to_owned(), weight),
-            PoolName::V2 => overrides.weights.v2.insert(name.to_owned(), weight),
-        };
+        overrides.weights.get_mut(pool).insert(name.to_owned(), weight);
         let what = |w: u32| json!({ "pool": pool, "upstream": name, "weight": w });
-        self.commit(&mut running, None, overrides, "weight", actor, what(old), what(weight)).await
+        self.commit(&mut running, Change::overrides(overrides, "weight", what(old), what(weight)), actor)
+            .await
     }
 
     /// Drops every override: the config file's values apply again.
@@ -262,7 +246,8 @@ impl Control {
         let mut running = self.running.lock().await;
         check_revision(&running, expected)?;
         let old = serde_json::to_value(&running.overrides).unwrap_or(Value::Null);
-        self.commit(&mut running, None, Overrides::default(), "overrides_reset", actor, old, json!({})).await
+        let change = Change::overrides(Overrides::default(), "overrides_reset", old, json!({}));
+        self.commit(&mut running, change, actor).await
     }
 
     /// Re-reads the config file. An invalid file changes nothing.
@@ -291,10 +276,15 @@ impl Control {
         if !restart_required.is_empty() {
             warn!(keys = ?restart_required, "these config changes take effect only after a restart");
         }
-        let overrides = running.overrides.clone();
         let source = json!(file.source);
-        let mut applied =
-            self.commit(&mut running, Some(file), overrides, "reload", actor, source.clone(), source).await;
+        let change = Change {
+            file: Some(file),
+            overrides: running.overrides.clone(),
+            kind: "reload",
+            old: source.clone(),
+            new: source,
+        };
+        let mut applied = self.commit(&mut running, change, actor).await;
         let outcome = if applied.is_ok() { "ok" } else { "error" };
         metrics.config_reloads.with_label_values(&[outcome]).inc();
         if let Ok(applied) = &mut applied {
@@ -330,18 +320,15 @@ impl Control {
         })
     }
 
-    /// Stores `overrides` (and `file`, if given) as the next revision, then publishes them.
-    #[allow(clippy::too_many_arguments)]
+    /// Stores the change's overrides (and file, if it has one) as the next revision, then
+    /// publishes them.
     async fn commit(
         &self,
         running: &mut Running,
-        file: Option<Config>,
-        mut overrides: Overrides,
-        kind: &'static str,
+        change: Change,
         actor: &Actor,
-        old: Value,
-        new: Value,
     ) -> Result<Applied, ControlError> {
+        let Change { file, mut overrides, kind, old, new } = change;
         let file = file.unwrap_or_else(|| running.file.clone());
         let effective = overrides.apply(&file);
         let revision = running.revision + 1;
@@ -359,6 +346,25 @@ impl Control {
         self.shared.metrics().admin_changes.with_label_values(&[kind]).inc();
         info!(target: "audit", actor = %actor.0, kind, old = %old, new = %new, revision, "admin change");
         Ok(Applied { revision, old, new, restart_required: Vec::new() })
+    }
+}
+
+/// One change to the running config, and how its audit line describes it.
+struct Change {
+    /// A new config file (a reload); `None` keeps the running one.
+    file: Option<Config>,
+    /// The complete set of overrides after the change.
+    overrides: Overrides,
+    /// The `kind` label of `rollout_admin_changes_total` and the audit line.
+    kind: &'static str,
+    old: Value,
+    new: Value,
+}
+
+impl Change {
+    /// A change of the overrides only.
+    fn overrides(overrides: Overrides, kind: &'static str, old: Value, new: Value) -> Change {
+        Change { file: None, overrides, kind, old, new }
     }
 }
 

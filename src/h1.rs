@@ -298,25 +298,7 @@ pub fn rewrite_response(
         // Skipped: the caller drops `len` bytes and parses again.
         return Ok(Some(ResponseHead { status, len, framing: Framing::Empty, keep_alive: true }));
     }
-    let fields = &*res.headers;
-    let mut framing_fields = ResponseFraming::default();
-    let (mut close, mut keep_alive_token, mut names_fields) = (false, false, false);
-    for field in fields {
-        framing_fields.read_field(field.name, field.value)?;
-        if field.name.eq_ignore_ascii_case("connection") {
-            for token in headers::connection_tokens(field.value) {
-                if token.eq_ignore_ascii_case(b"close") {
-                    close = true;
-                } else if token.eq_ignore_ascii_case(b"keep-alive") {
-                    keep_alive_token = true;
-                } else {
-                    names_fields = true;
-                }
-            }
-        }
-    }
-    let framing_fields = framing_fields.finish();
-    let connection = || fields.iter().filter(|h| h.name.eq_ignore_ascii_case("connection")).map(|h| h.value);
+    let (framing_fields, connection) = read_response_fields(res.headers)?;
     let no_body = rules.head_request || status == 204 || status == 304;
     let framing = match framing_fields {
         _ if no_body => Framing::Empty,
@@ -324,10 +306,62 @@ pub fn rewrite_response(
         ResponseFraming { length: Some(n), .. } => Framing::Length(n),
         _ => Framing::UntilClose,
     };
+    write_response_head(out, &res, &framing_fields, connection, &rules);
+    let keep_alive =
+        if res.version == Some(0) { connection.keep_alive && !connection.close } else { !connection.close };
+    Ok(Some(ResponseHead { status, len, framing, keep_alive }))
+}
 
+/// What a response's `Connection` fields say (RFC 9110 §7.6.1).
+#[derive(Debug, Default, Clone, Copy)]
+struct ConnectionTokens {
+    close: bool,
+    keep_alive: bool,
+    /// Some token names another field, which then stays behind.
+    names_fields: bool,
+}
+
+/// Reads the fields that decide the response's framing and its connection's fate.
+#[inline]
+fn read_response_fields(
+    fields: &[httparse::Header<'_>],
+) -> Result<(ResponseFraming, ConnectionTokens), ResponseError> {
+    let mut framing = ResponseFraming::default();
+    let mut connection = ConnectionTokens::default();
+    for field in fields {
+        framing.read_field(field.name, field.value)?;
+        if field.name.eq_ignore_ascii_case("connection") {
+            for token in headers::connection_tokens(field.value) {
+                if token.eq_ignore_ascii_case(b"close") {
+                    connection.close = true;
+                } else if token.eq_ignore_ascii_case(b"keep-alive") {
+                    connection.keep_alive = true;
+                } else {
+                    connection.names_fields = true;
+                }
+            }
+        }
+    }
+    Ok((framing.finish(), connection))
+}
+
+/// Writes the head the client gets into `out`: the status line and the fields that pass
+/// ([`headers::is_dropped_response_field`]), the proxy's own coding line for a re-framed body,
+/// and `x-rollout-pool`.
+#[inline]
+fn write_response_head(
+    out: &mut Vec<u8>,
+    res: &httparse::Response<'_, '_>,
+    framing: &ResponseFraming,
+    connection: ConnectionTokens,
+    rules: &ResponseRules,
+) {
+    let fields = &*res.headers;
+    let connection_values =
+        || fields.iter().filter(|h| h.name.eq_ignore_ascii_case("connection")).map(|h| h.value);
     out.clear();
     out.extend_from_slice(b"HTTP/1.1 ");
-    out.extend_from_slice(&itoa3(status));
+    out.extend_from_slice(&itoa3(res.code.unwrap_or_default()));
     out.push(b' ');
     out.extend_from_slice(res.reason.unwrap_or_default().as_bytes());
     out.extend_from_slice(b"\r\n");
@@ -335,8 +369,8 @@ pub fn rewrite_response(
     for field in fields {
         let name = field.name;
         // Most responses name no field in Connection: then there is nothing to look up per field.
-        let named = names_fields.then(connection).into_iter().flatten();
-        if headers::is_dropped_response_field(name, &framing_fields, named)
+        let named = connection.names_fields.then(connection_values).into_iter().flatten();
+        if headers::is_dropped_response_field(name, framing, named)
             || (rules.pool.is_some() && name.eq_ignore_ascii_case("x-rollout-pool"))
         {
             continue;
@@ -346,15 +380,13 @@ pub fn rewrite_response(
         }
         put_header(out, name.as_bytes(), field.value);
     }
-    if framing_fields.chunked {
+    if framing.chunked {
         // The body is re-framed by the proxy, so the coding line is the proxy's own.
         out.extend_from_slice(b"transfer-encoding: chunked\r\n");
     }
     if let Some(pool) = rules.pool {
         put_header(out, b"x-rollout-pool", pool.as_bytes());
     }
-    let keep_alive = if res.version == Some(0) { keep_alive_token && !close } else { !close };
-    Ok(Some(ResponseHead { status, len, framing, keep_alive }))
 }
 
 /// Ends a head [`rewrite_response`] wrote; `close` says the client connection ends after this

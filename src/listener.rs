@@ -237,7 +237,7 @@ impl Connection {
     /// Serves a plain-TCP connection on the HTTP/1.1 fast path ([`crate::h1`]) for as long as
     /// its requests allow, then hands it, with the bytes already read, to hyper.
     async fn serve_h1(self, stream: TcpStream) {
-        let mut conn = ClientConn::new(stream, Peer::new(self.peer));
+        let mut conn = ClientConn::new(stream, Peer::new(self.peer), self.send_timeout);
         let Some(proxy) = self.gate.proxy_now().cloned() else {
             // Starting up: hyper's path waits for the proxy or answers 503. What the client
             // sends first says whether it speaks HTTP/2.
@@ -284,7 +284,7 @@ impl Connection {
                 }
             };
             let keep = tokio::select! {
-                keep = proxy.serve_h1(&snapshot, request, &mut conn, &self.draining, self.send_timeout) => keep,
+                keep = proxy.serve_h1(&snapshot, request, &mut conn, &self.draining) => keep,
                 _ = self.hard_stop.cancelled() => false,
             };
             if !keep {

@@ -33,11 +33,14 @@ pub struct ClientConn {
     request: Vec<u8>,
     /// The response head (and chunk framing) being written to the client.
     out: Vec<u8>,
+    /// `client.send_timeout`: the longest a write to this client may make no progress.
+    send_timeout: Duration,
 }
 
 impl ClientConn {
-    pub fn new(stream: TcpStream, peer: Peer) -> Self {
+    pub fn new(stream: TcpStream, peer: Peer, send_timeout: Duration) -> Self {
         ClientConn {
+            send_timeout,
             stream,
             buf: BytesMut::with_capacity(8 * 1024),
             peer,
@@ -149,7 +152,6 @@ impl Proxy {
         req: H1Request,
         conn: &mut ClientConn,
         draining: &CancellationToken,
-        send_timeout: Duration,
     ) -> bool {
         conn.buf.advance(req.head_len);
         if let Err(err) = read_body(conn, req.body_len, snapshot.response_timeout).await {
@@ -157,9 +159,7 @@ impl Proxy {
             // that left is counted as its request's 400 and hears nothing.
             self.log_failure(&conn.peer, Some(req.choice.routed.pool), &err);
             let status = match err {
-                ProxyError::ClientTimeout => {
-                    self.answer_error(snapshot, conn, &req, err, true, send_timeout).await.0
-                }
+                ProxyError::ClientTimeout => self.answer_error(snapshot, conn, &req, err, true).await.0,
                 _ => StatusCode::BAD_REQUEST.as_u16(),
             };
             self.account(&conn.peer, Some(req.choice.routed), status, req.started, req.logged);
@@ -176,53 +176,59 @@ impl Proxy {
         let result = self.while_persisting(exchange, &req.choice, drain_ahead).await;
         let close = req.close || draining.is_cancelled();
         let (status, keep) = match result {
-            Ok((mut upstream_conn, upstream, head)) => {
-                let status = head.status;
-                let until_close = matches!(head.framing, h1::Framing::UntilClose);
-                h1::finish_response_head(&mut conn.out, &head.framing, close);
-                match upstream_conn.relay(head, &mut conn.out, &mut conn.stream, send_timeout).await {
-                    Ok(reusable) => {
-                        if reusable {
-                            upstream_conn.release();
-                        }
-                        (status, !close && !until_close)
-                    }
-                    Err(RelayError::Invalid { head_sent, source }) => {
-                        // The upstream's framing cannot be trusted: both connections close. If
-                        // nothing reached the client yet, it is answered 502. Like every failure
-                        // after the response head, it is logged, not counted for ejection (the
-                        // hyper path cannot tell it apart from a body cut short).
-                        let error = UpstreamError::Invalid {
-                            upstream: upstream.name().clone(),
-                            source: source.into(),
-                        };
-                        let error = ProxyError::from(error);
-                        self.log_failure(&conn.peer, Some(pool), &error);
-                        if head_sent {
-                            (status, false)
-                        } else {
-                            (
-                                self.answer_error(snapshot, conn, &req, error, true, send_timeout).await.0,
-                                false,
-                            )
-                        }
-                    }
-                    Err(err) => {
-                        if let RelayError::Client(e) = &err {
-                            self.note_send_failure(e);
-                        }
-                        debug!(peer = %conn.peer.addr, pool = %pool, error = %ErrorChain(&err), "response relay stopped");
-                        (status, false)
-                    }
-                }
-            }
+            Ok(exchanged) => self.relay_h1(snapshot, conn, &req, exchanged, close).await,
             Err(err) => {
                 self.log_failure(&conn.peer, Some(pool), &err);
-                self.answer_error(snapshot, conn, &req, err, close, send_timeout).await
+                self.answer_error(snapshot, conn, &req, err, close).await
             }
         };
         self.account(&conn.peer, Some(req.choice.routed), status, req.started, req.logged);
         keep
+    }
+
+    /// Sends the upstream's response to the client, its head rewritten in `conn.out` and ended
+    /// here; returns the status and whether the client connection can take another request.
+    async fn relay_h1(
+        &self,
+        snapshot: &Snapshot,
+        conn: &mut ClientConn,
+        req: &H1Request,
+        (mut upstream_conn, upstream, head): (UpstreamConn, &Upstream, h1::ResponseHead),
+        close: bool,
+    ) -> (u16, bool) {
+        let (status, pool) = (head.status, req.choice.routed.pool);
+        let until_close = matches!(head.framing, h1::Framing::UntilClose);
+        h1::finish_response_head(&mut conn.out, &head.framing, close);
+        match upstream_conn.relay(head, &mut conn.out, &mut conn.stream, conn.send_timeout).await {
+            Ok(reusable) => {
+                if reusable {
+                    upstream_conn.release();
+                }
+                (status, !close && !until_close)
+            }
+            Err(RelayError::Invalid { head_sent, source }) => {
+                // The upstream's framing cannot be trusted: both connections close. If nothing
+                // reached the client yet, it is answered 502. Like every failure after the
+                // response head, it is logged, not counted for ejection (the hyper path cannot
+                // tell it apart from a body cut short).
+                let error =
+                    UpstreamError::Invalid { upstream: upstream.name().clone(), source: source.into() };
+                let error = ProxyError::from(error);
+                self.log_failure(&conn.peer, Some(pool), &error);
+                if head_sent {
+                    (status, false)
+                } else {
+                    (self.answer_error(snapshot, conn, req, error, true).await.0, false)
+                }
+            }
+            Err(err) => {
+                if let RelayError::Client(e) = &err {
+                    self.note_send_failure(e);
+                }
+                debug!(peer = %conn.peer.addr, pool = %pool, error = %ErrorChain(&err), "response relay stopped");
+                (status, false)
+            }
+        }
     }
 
     /// Writes the proxy's own answer to a fast-path request; returns its status and whether the
@@ -234,11 +240,10 @@ impl Proxy {
         req: &H1Request,
         err: ProxyError,
         close: bool,
-        send_timeout: Duration,
     ) -> (u16, bool) {
         let shown = snapshot.pool_header.then_some(req.choice.routed.pool);
         let status = write_error_response(&mut conn.out, &err, shown, req.head_request, close).as_u16();
-        let written = h1::send(&mut conn.stream, &conn.out, send_timeout).await;
+        let written = h1::send(&mut conn.stream, &conn.out, conn.send_timeout).await;
         if let Err(e) = &written {
             self.note_send_failure(e);
         }
