@@ -37,24 +37,24 @@ use crate::drain::rfc3339;
 use crate::shared::Shared;
 
 /// Environment variable that may hold the admin token instead of `admin.token_file`.
-pub const TOKEN_ENV: &str = "ROLLOUT_ADMIN_TOKEN";
+pub(crate) const TOKEN_ENV: &str = "ROLLOUT_ADMIN_TOKEN";
 
 /// Whether the data plane is serving: false while starting and once a stop has begun.
 #[derive(Debug, Default)]
-pub struct Readiness(AtomicBool);
+pub(crate) struct Readiness(AtomicBool);
 
 impl Readiness {
-    pub fn set(&self, ready: bool) {
+    pub(crate) fn set(&self, ready: bool) {
         self.0.store(ready, Ordering::SeqCst);
     }
 
-    pub fn is_ready(&self) -> bool {
+    pub(crate) fn is_ready(&self) -> bool {
         self.0.load(Ordering::SeqCst)
     }
 }
 
 /// The bearer token that guards changing endpoints.
-pub struct Token(Vec<u8>);
+pub(crate) struct Token(Vec<u8>);
 
 #[derive(Debug, thiserror::Error)]
 pub enum TokenError {
@@ -70,7 +70,7 @@ pub enum TokenError {
 
 impl Token {
     /// The token from `file` if set, else from [`TOKEN_ENV`]; surrounding whitespace is ignored.
-    pub fn load(file: Option<&Path>) -> Result<Option<Token>, TokenError> {
+    pub(crate) fn load(file: Option<&Path>) -> Result<Option<Token>, TokenError> {
         let Some(file) = file else {
             let env = std::env::var(TOKEN_ENV).unwrap_or_default();
             let env = env.trim();
@@ -93,14 +93,14 @@ impl Token {
 
 /// What the handlers share.
 #[derive(Clone)]
-pub struct AdminState {
+pub(crate) struct AdminState {
     pub shared: Arc<Shared>,
     pub control: Arc<Control>,
     pub readiness: Arc<Readiness>,
     pub token: Option<Arc<Token>>,
 }
 
-pub fn router(state: AdminState) -> Router {
+pub(crate) fn router(state: AdminState) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
@@ -128,7 +128,7 @@ const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Serves the admin API on `listener` until `stop` fires, with its own connection cap and
 /// header timeout, then lets open requests finish.
-pub async fn serve(listener: TcpListener, state: AdminState, stop: CancellationToken) {
+pub(crate) async fn serve(listener: TcpListener, state: AdminState, stop: CancellationToken) {
     let app = router(state);
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let connections = TaskTracker::new();

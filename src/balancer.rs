@@ -45,11 +45,11 @@ impl Balancer {
     }
 
     /// Whether the pool has a usable upstream (weight above 0, healthy) other than `upstream`.
-    pub fn has_other_usable(&self, upstream: &Upstream) -> bool {
+    pub(crate) fn has_other_usable(&self, upstream: &Upstream) -> bool {
         self.upstreams.iter().any(|u| !std::ptr::eq(&**u, upstream) && u.weight() > 0 && u.is_healthy())
     }
 
-    pub fn upstreams(&self) -> &[Arc<Upstream>] {
+    pub(crate) fn upstreams(&self) -> &[Arc<Upstream>] {
         &self.upstreams
     }
 }

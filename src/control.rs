@@ -26,7 +26,7 @@ use crate::ErrorChain;
 /// Values an operator set through the admin API; they win over the config file until dropped.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Overrides {
+pub(crate) struct Overrides {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub legacy_v1_percent: Option<f64>,
     /// Upstream name → weight, per pool.
@@ -35,7 +35,7 @@ pub struct Overrides {
 }
 
 impl Overrides {
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.legacy_v1_percent.is_none() && self.weights.v1.is_empty() && self.weights.v2.is_empty()
     }
 
@@ -66,7 +66,7 @@ impl Overrides {
 
 /// Why a change was refused. Nothing was changed.
 #[derive(Debug, thiserror::Error)]
-pub enum ControlError {
+pub(crate) enum ControlError {
     #[error("revision {expected} is stale; the current revision is {current}")]
     Stale { expected: u64, current: u64 },
     #[error("unknown pool {0:?} (pools are v1 and v2)")]
@@ -89,11 +89,11 @@ pub enum ControlError {
 
 /// Who asked for a change, for the audit line.
 #[derive(Debug, Clone)]
-pub struct Actor(pub String);
+pub(crate) struct Actor(pub String);
 
 /// The outcome of an accepted change.
 #[derive(Debug, Clone, Serialize)]
-pub struct Applied {
+pub(crate) struct Applied {
     pub revision: u64,
     pub old: Value,
     pub new: Value,
@@ -109,7 +109,7 @@ struct Running {
     revision: u64,
 }
 
-pub struct Control {
+pub(crate) struct Control {
     shared: Arc<Shared>,
     running: Mutex<Running>,
     /// The served certificate, re-read on every reload.
@@ -119,7 +119,7 @@ pub struct Control {
 impl Control {
     /// Takes over publishing `shared`'s snapshot, which must already be `file` with `overrides`
     /// applied.
-    pub fn new(
+    pub(crate) fn new(
         shared: Arc<Shared>,
         file: Config,
         overrides: Overrides,
@@ -130,16 +130,12 @@ impl Control {
     }
 
     /// The file config with stored overrides applied, for the first snapshot.
-    pub fn effective(file: &Config, overrides: &mut Overrides) -> Config {
+    pub(crate) fn effective(file: &Config, overrides: &mut Overrides) -> Config {
         overrides.apply(file)
     }
 
-    pub async fn revision(&self) -> u64 {
-        self.running.lock().await.revision
-    }
-
     /// The `GET /status` document and its revision.
-    pub async fn status(&self) -> (u64, Value) {
+    pub(crate) async fn status(&self) -> (u64, Value) {
         let running = self.running.lock().await;
         let snapshot = self.shared.snapshot();
         let sessions = self.shared.sessions();
@@ -191,7 +187,7 @@ impl Control {
     }
 
     /// Sets the share of new legacy sessions sent to v1.
-    pub async fn set_legacy_percent(
+    pub(crate) async fn set_legacy_percent(
         &self,
         percent: Percent,
         expected: Option<u64>,
@@ -207,7 +203,7 @@ impl Control {
     }
 
     /// Sets one upstream's weight.
-    pub async fn set_weight(
+    pub(crate) async fn set_weight(
         &self,
         pool: &str,
         name: &str,
@@ -238,7 +234,7 @@ impl Control {
     }
 
     /// Drops every override: the config file's values apply again.
-    pub async fn reset_overrides(
+    pub(crate) async fn reset_overrides(
         &self,
         expected: Option<u64>,
         actor: &Actor,
@@ -251,7 +247,7 @@ impl Control {
     }
 
     /// Re-reads the config file. An invalid file changes nothing.
-    pub async fn reload(&self, expected: Option<u64>, actor: &Actor) -> Result<Applied, ControlError> {
+    pub(crate) async fn reload(&self, expected: Option<u64>, actor: &Actor) -> Result<Applied, ControlError> {
         let mut running = self.running.lock().await;
         check_revision(&running, expected)?;
         let result = match &running.file.source {
@@ -294,7 +290,7 @@ impl Control {
     }
 
     /// Ends one session pin.
-    pub async fn delete_session(
+    pub(crate) async fn delete_session(
         &self,
         key: &str,
         expected: Option<u64>,

@@ -18,7 +18,7 @@ use serde_json::{json, Value};
 use crate::admin::TOKEN_ENV;
 
 /// Exit code of `drain` when v1 is not drained.
-pub const NOT_DRAINED: u8 = 3;
+pub(crate) const NOT_DRAINED: u8 = 3;
 
 #[derive(Debug, Clone)]
 pub struct CtlOptions {

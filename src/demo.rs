@@ -21,7 +21,7 @@ use crate::config::{Config, ConfigError, PoolName, UpstreamName, UpstreamUrl};
 use crate::server::{self, Server, StartError};
 
 /// The demo configuration, embedded so the demo needs no files.
-pub const DEMO_CONFIG: &str = include_str!("../config/demo.yaml");
+pub(crate) const DEMO_CONFIG: &str = include_str!("../config/demo.yaml");
 
 #[derive(Debug, thiserror::Error)]
 pub enum DemoError {

@@ -15,14 +15,14 @@ use serde::Serialize;
 use crate::clock::UnixMillis;
 
 /// How often the drain clock is written to the store.
-pub const FLUSH_INTERVAL: Duration = Duration::from_secs(1);
+pub(crate) const FLUSH_INTERVAL: Duration = Duration::from_secs(1);
 
 /// How much older than the truth a stored time can be: one flush interval plus the time that
 /// flush may take to commit. Times read back after a restart are moved this much later.
-pub const READ_BACK_SLACK: Duration = Duration::from_secs(2);
+pub(crate) const READ_BACK_SLACK: Duration = Duration::from_secs(2);
 
 #[derive(Debug)]
-pub struct DrainClock {
+pub(crate) struct DrainClock {
     last_v1_request: AtomicU64,
     /// The last value sent to the store.
     stored: AtomicU64,
@@ -35,7 +35,7 @@ pub struct DrainClock {
 
 /// The answer of `GET /drain`.
 #[derive(Debug, Clone, Serialize, PartialEq)]
-pub struct DrainStatus {
+pub(crate) struct DrainStatus {
     pub drained: bool,
     pub v1_active_pins: usize,
     /// RFC 3339.
@@ -49,7 +49,7 @@ pub struct DrainStatus {
 
 impl DrainClock {
     /// `stored` is what the store had; `now` is the process start.
-    pub fn new(stored: Option<UnixMillis>, now: UnixMillis) -> Self {
+    pub(crate) fn new(stored: Option<UnixMillis>, now: UnixMillis) -> Self {
         let start = match stored {
             Some(ms) => ms.saturating_add(READ_BACK_SLACK.as_millis() as u64),
             None => now,
@@ -68,7 +68,7 @@ impl DrainClock {
     /// Records a request forwarded to a v1 upstream. Returns `Some(now)` when what the store
     /// holds would not cover this request after a crash (the first v1 request after a quiet
     /// spell): the caller must store it, and have it committed, before answering.
-    pub fn record_v1(&self, now: UnixMillis) -> Option<UnixMillis> {
+    pub(crate) fn record_v1(&self, now: UnixMillis) -> Option<UnixMillis> {
         if self.last_v1_request.load(Ordering::Relaxed) < now {
             self.last_v1_request.fetch_max(now, Ordering::Relaxed);
         }
@@ -80,23 +80,29 @@ impl DrainClock {
     }
 
     /// The store confirmed it holds `value`.
-    pub fn mark_durable(&self, value: UnixMillis) {
+    pub(crate) fn mark_durable(&self, value: UnixMillis) {
         self.durable.fetch_max(value, Ordering::Relaxed);
         self.nothing_stored.store(false, Ordering::Relaxed);
     }
 
-    pub fn last_v1_request(&self) -> UnixMillis {
+    pub(crate) fn last_v1_request(&self) -> UnixMillis {
         self.last_v1_request.load(Ordering::Relaxed)
     }
 
     /// The value to write to the store, if it changed since the last call.
-    pub fn take_unstored(&self) -> Option<UnixMillis> {
+    pub(crate) fn take_unstored(&self) -> Option<UnixMillis> {
         let current = self.last_v1_request();
         (self.stored.swap(current, Ordering::Relaxed) != current).then_some(current)
     }
 
     /// `v1_pins_end` is when the last live v1 pin ends without further requests (Unix seconds).
-    pub fn status(&self, now: UnixMillis, v1_pins: usize, v1_pins_end: u32, window: Duration) -> DrainStatus {
+    pub(crate) fn status(
+        &self,
+        now: UnixMillis,
+        v1_pins: usize,
+        v1_pins_end: u32,
+        window: Duration,
+    ) -> DrainStatus {
         let last = self.last_v1_request();
         let quiet_ms = now.saturating_sub(last);
         let window_ms = window.as_millis() as u64;

@@ -30,7 +30,7 @@ pub const MAX_HEADERS: usize = 100;
 
 /// Largest request body read into memory on the fast path; a larger one goes to hyper, which
 /// streams it.
-pub const MAX_BUFFERED_BODY: u64 = 64 * 1024;
+pub(crate) const MAX_BUFFERED_BODY: u64 = 64 * 1024;
 
 /// A client request head the fast path can serve.
 #[derive(Debug)]
@@ -391,7 +391,7 @@ fn write_response_head(
 
 /// Ends a head [`rewrite_response`] wrote; `close` says the client connection ends after this
 /// response (it does anyway after a body that ends with the upstream connection).
-pub fn finish_response_head(out: &mut Vec<u8>, framing: &Framing, close: bool) {
+pub(crate) fn finish_response_head(out: &mut Vec<u8>, framing: &Framing, close: bool) {
     if close || matches!(framing, Framing::UntilClose) {
         out.extend_from_slice(b"connection: close\r\n");
     }
@@ -400,7 +400,7 @@ pub fn finish_response_head(out: &mut Vec<u8>, framing: &Framing, close: bool) {
 
 /// Writes a short proxy-made response; `body` is followed by a line end. The answer to a HEAD
 /// request (`head_request`) has the same head and no body.
-pub fn write_simple_response(
+pub(crate) fn write_simple_response(
     out: &mut Vec<u8>,
     status: http::StatusCode,
     headers: &[(&str, &str)],
@@ -650,7 +650,7 @@ fn put_hex(out: &mut Vec<u8>, n: u64) {
 /// be written for `limit` (`client.send_timeout`): a client that stops reading does not hold its
 /// connection, and the upstream connection behind it, forever. Most writes complete at once and
 /// never touch a timer.
-pub async fn send(stream: &mut TcpStream, mut buf: &[u8], limit: Duration) -> io::Result<()> {
+pub(crate) async fn send(stream: &mut TcpStream, mut buf: &[u8], limit: Duration) -> io::Result<()> {
     while !buf.is_empty() {
         let now = std::future::poll_fn(|cx| match Pin::new(&mut *stream).poll_write(cx, buf) {
             Poll::Pending => Poll::Ready(None),
@@ -673,7 +673,7 @@ pub async fn send(stream: &mut TcpStream, mut buf: &[u8], limit: Duration) -> io
 
 /// Reads more of `io` into `buf`, first making room for at least `room` bytes (reserving `grow`
 /// when there is less); 0 when the peer has closed its side.
-pub async fn fill<R: AsyncRead + Unpin>(
+pub(crate) async fn fill<R: AsyncRead + Unpin>(
     io: &mut R,
     buf: &mut BytesMut,
     room: usize,
@@ -687,13 +687,13 @@ pub async fn fill<R: AsyncRead + Unpin>(
 
 /// A connection whose first bytes were already read: they are read again first. Used to hand a
 /// connection to hyper part-way.
-pub struct Rewind<T> {
+pub(crate) struct Rewind<T> {
     prefix: Bytes,
     inner: T,
 }
 
 impl<T> Rewind<T> {
-    pub fn new(prefix: Bytes, inner: T) -> Self {
+    pub(crate) fn new(prefix: Bytes, inner: T) -> Self {
         Rewind { prefix, inner }
     }
 }

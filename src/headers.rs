@@ -14,9 +14,9 @@ use http::header::{
 };
 use http::{HeaderMap, Uri};
 
-pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
-pub const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
-pub const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+pub(crate) const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+pub(crate) const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+pub(crate) const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
 /// Connection-specific headers (RFC 9110 §7.6.1), the non-standard `Keep-Alive` and
 /// `Proxy-Connection` that clients still send, and `Proxy-Authorization`, which is meant for the
@@ -53,7 +53,7 @@ fn is_protected(name: &[u8]) -> bool {
 }
 
 /// The tokens of one `Connection` field value (RFC 9110 §7.6.1), trimmed, empty ones skipped.
-pub fn connection_tokens(value: &[u8]) -> impl Iterator<Item = &[u8]> {
+pub(crate) fn connection_tokens(value: &[u8]) -> impl Iterator<Item = &[u8]> {
     value.split(|&b| b == b',').map(<[u8]>::trim_ascii).filter(|t| !t.is_empty())
 }
 
@@ -66,7 +66,7 @@ fn is_named_in_connection<'a>(connection: impl IntoIterator<Item = &'a [u8]>, na
 
 /// A field value as text, the way [`http::HeaderValue::to_str`] reads it: visible ASCII and tabs
 /// only, so both paths see the same values (a session key from a `Cookie` line, say).
-pub fn text_value(value: &[u8]) -> Option<&str> {
+pub(crate) fn text_value(value: &[u8]) -> Option<&str> {
     if value.iter().all(|&b| b == b'\t' || (b' '..=b'~').contains(&b)) {
         std::str::from_utf8(value).ok()
     } else {
@@ -79,13 +79,13 @@ pub fn text_value(value: &[u8]) -> Option<&str> {
 /// with an underscore. Backends that map `_` to `-` (CGI, WSGI) would read `Content_Length` or
 /// `X_Forwarded_For` as the real thing next to the proxy's own (NGINX's `underscores_in_headers
 /// off` drops them the same way).
-pub fn is_dropped_request_field(name: &str, allow_underscores: bool) -> bool {
+pub(crate) fn is_dropped_request_field(name: &str, allow_underscores: bool) -> bool {
     is_hop_by_hop(name) || is_forwarded_field(name) || (!allow_underscores && name.contains('_'))
 }
 
 /// Why a request has no usable host.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub enum HostError {
+pub(crate) enum HostError {
     #[error("the request has no Host")]
     Missing,
     #[error("the request has more than one Host")]
@@ -96,19 +96,19 @@ pub enum HostError {
 
 /// The `Host` fields of a request, as a codec meets them while it reads the fields.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct HostFields<'a> {
+pub(crate) struct HostFields<'a> {
     first: Option<&'a [u8]>,
     count: usize,
 }
 
 impl<'a> HostFields<'a> {
     /// Notes one `Host` field.
-    pub fn add(&mut self, value: &'a [u8]) {
+    pub(crate) fn add(&mut self, value: &'a [u8]) {
         self.first.get_or_insert(value);
         self.count += 1;
     }
 
-    pub fn of(values: impl Iterator<Item = &'a [u8]>) -> Self {
+    pub(crate) fn of(values: impl Iterator<Item = &'a [u8]>) -> Self {
         values.fold(HostFields::default(), |mut fields, value| {
             fields.add(value);
             fields
@@ -119,7 +119,7 @@ impl<'a> HostFields<'a> {
 /// The host of a request (RFC 9112 §3.2): the target's authority when it has one (absolute-form,
 /// or HTTP/2's `:authority`), which replaces any `Host` field (RFC 9112 §3.2.2); otherwise
 /// exactly one `Host` field. Either way it must be a valid `host[:port]` authority.
-pub fn request_host<'a>(
+pub(crate) fn request_host<'a>(
     target_authority: Option<&'a [u8]>,
     fields: HostFields<'a>,
 ) -> Result<&'a [u8], HostError> {
@@ -175,13 +175,13 @@ fn is_reg_name(host: &[u8]) -> bool {
 }
 
 /// Whether a response status can be relayed: three digits from 100 to 599 (RFC 9110 §15).
-pub fn is_valid_status(status: u16) -> bool {
+pub(crate) fn is_valid_status(status: u16) -> bool {
     (100..=599).contains(&status)
 }
 
 /// How an upstream response's body is delimited, from its header fields (RFC 9112 §6.3).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct ResponseFraming {
+pub(crate) struct ResponseFraming {
     /// `Transfer-Encoding: chunked`; any `Content-Length` next to it is void and dropped.
     pub chunked: bool,
     /// The `Content-Length`, when there is one and no `Transfer-Encoding`.
@@ -207,7 +207,7 @@ impl ResponseFraming {
     /// downstream: `Transfer-Encoding` must be the single coding `chunked` (the proxy decodes
     /// nothing else), every `Content-Length` must be the same run of digits (RFC 9110 §8.6 lets
     /// identical duplicates be merged).
-    pub fn read_field(&mut self, name: &str, value: &[u8]) -> Result<(), InvalidResponse> {
+    pub(crate) fn read_field(&mut self, name: &str, value: &[u8]) -> Result<(), InvalidResponse> {
         if name.eq_ignore_ascii_case("transfer-encoding") {
             let mut codings = value.split(|&b| b == b',').map(<[u8]>::trim_ascii);
             let single = codings.next().is_some_and(|c| c.eq_ignore_ascii_case(b"chunked"))
@@ -228,7 +228,7 @@ impl ResponseFraming {
     }
 
     /// The framing once every field is read: with `Transfer-Encoding`, no length.
-    pub fn finish(mut self) -> Self {
+    pub(crate) fn finish(mut self) -> Self {
         if self.chunked {
             self.length = None;
             self.repeated_length = false;
@@ -238,7 +238,7 @@ impl ResponseFraming {
 }
 
 /// [`ResponseFraming::read_field`] over all of a response's fields.
-pub fn response_framing<'a>(
+pub(crate) fn response_framing<'a>(
     fields: impl Iterator<Item = (&'a str, &'a [u8])>,
 ) -> Result<ResponseFraming, InvalidResponse> {
     let mut framing = ResponseFraming::default();
@@ -250,7 +250,7 @@ pub fn response_framing<'a>(
 
 /// A `Content-Length` value: decimal digits only (RFC 9110 §8.6), no sign, no list, at most 15 of
 /// them.
-pub fn parse_length(value: &[u8]) -> Option<u64> {
+pub(crate) fn parse_length(value: &[u8]) -> Option<u64> {
     if value.is_empty() || value.len() > 15 || !value.iter().all(u8::is_ascii_digit) {
         return None;
     }
@@ -260,7 +260,7 @@ pub fn parse_length(value: &[u8]) -> Option<u64> {
 /// Whether an upstream response's field `name` stays behind: hop-by-hop fields (the body is
 /// re-framed for the client), a `Content-Length` void next to `Transfer-Encoding`
 /// (RFC 9112 §6.3), and fields its `Connection` names. `x-rollout-pool` is the caller's.
-pub fn is_dropped_response_field<'a>(
+pub(crate) fn is_dropped_response_field<'a>(
     name: &str,
     framing: &ResponseFraming,
     connection: impl IntoIterator<Item = &'a [u8]>,
@@ -271,7 +271,7 @@ pub fn is_dropped_response_field<'a>(
 }
 
 /// Whether a request asks to switch protocols (RFC 9110 §7.8), e.g. to WebSocket.
-pub fn is_upgrade(headers: &HeaderMap) -> bool {
+pub(crate) fn is_upgrade(headers: &HeaderMap) -> bool {
     headers.contains_key(UPGRADE)
         && headers
             .get_all(CONNECTION)
@@ -325,7 +325,7 @@ impl ClientIp {
         ClientIp(HeaderValue::from_str(&ip.to_string()).expect("an IP address is a valid header value"))
     }
 
-    pub fn as_str(&self) -> &str {
+    pub(crate) fn as_str(&self) -> &str {
         self.0.to_str().expect("an IP address is ASCII")
     }
 }
@@ -372,7 +372,7 @@ pub fn prepare_request(
 /// path's twin of [`crate::h1::rewrite_response`]): hop-by-hop and `Connection`-named fields
 /// removed (a protocol switch keeps its `Upgrade`), a void `Content-Length` dropped and repeated
 /// identical ones merged.
-pub fn prepare_response(status: u16, headers: &mut HeaderMap) -> Result<(), InvalidResponse> {
+pub(crate) fn prepare_response(status: u16, headers: &mut HeaderMap) -> Result<(), InvalidResponse> {
     if !is_valid_status(status) {
         return Err(InvalidResponse::Status(status));
     }
@@ -403,7 +403,7 @@ fn joined(headers: &HeaderMap, name: &HeaderName) -> Option<Vec<u8>> {
 }
 
 /// The size of a request head as the client sent it, near enough: target plus each header line.
-pub fn head_size(uri: &Uri, headers: &HeaderMap) -> usize {
+pub(crate) fn head_size(uri: &Uri, headers: &HeaderMap) -> usize {
     headers.iter().fold(uri.path_and_query().map_or(1, |pq| pq.as_str().len()), |sum, (name, value)| {
         sum + name.as_str().len() + value.len() + 4
     })

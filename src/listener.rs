@@ -41,33 +41,29 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
 /// The proxy once it is ready. During a takeover the listeners accept before the state store is
 /// free; requests wait here (up to `patience`) instead of failing.
-pub struct Gate {
+pub(crate) struct Gate {
     proxy: std::sync::OnceLock<Arc<Proxy>>,
     opened: tokio::sync::Notify,
     patience: std::time::Duration,
 }
 
 impl Gate {
-    pub fn new(patience: std::time::Duration) -> Arc<Gate> {
+    pub(crate) fn new(patience: std::time::Duration) -> Arc<Gate> {
         Arc::new(Gate { proxy: std::sync::OnceLock::new(), opened: tokio::sync::Notify::new(), patience })
     }
 
-    pub fn patience(&self) -> std::time::Duration {
-        self.patience
-    }
-
-    pub fn open(&self, proxy: Arc<Proxy>) {
+    pub(crate) fn open(&self, proxy: Arc<Proxy>) {
         let _ = self.proxy.set(proxy);
         self.opened.notify_waiters();
     }
 
     /// The proxy if it is ready.
-    pub fn proxy_now(&self) -> Option<&Arc<Proxy>> {
+    pub(crate) fn proxy_now(&self) -> Option<&Arc<Proxy>> {
         self.proxy.get()
     }
 
     /// The proxy, waiting for it while it starts; `None` if it did not come in time.
-    pub async fn proxy(&self) -> Option<&Arc<Proxy>> {
+    pub(crate) async fn proxy(&self) -> Option<&Arc<Proxy>> {
         if let Some(proxy) = self.proxy.get() {
             return Some(proxy);
         }
@@ -86,7 +82,7 @@ impl Gate {
     }
 
     /// Answers `req` with the proxy, or with 503 `starting` if it is not ready in time.
-    pub async fn handle(&self, req: Request<Incoming>, peer: &Peer) -> Response<Body> {
+    pub(crate) async fn handle(&self, req: Request<Incoming>, peer: &Peer) -> Response<Body> {
         match self.proxy().await {
             Some(proxy) => proxy.handle(req, peer).await,
             None => error_response(&ProxyError::Starting, None, req.version()),
@@ -121,7 +117,7 @@ fn http_builder(client: &ClientConfig) -> auto::Builder<TokioExecutor> {
 }
 
 /// Serves `listener` until `shutdown` fires, then waits up to `grace` for open connections.
-pub async fn serve(
+pub(crate) async fn serve(
     listener: TcpListener,
     tls: Option<TlsAcceptor>,
     gate: Arc<Gate>,

@@ -17,16 +17,16 @@ const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 
 /// Why a pin ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum EndReason {
+pub(crate) enum EndReason {
     Idle,
     MaxDuration,
     Admin,
 }
 
 impl EndReason {
-    pub const ALL: [EndReason; 3] = [EndReason::Idle, EndReason::MaxDuration, EndReason::Admin];
+    pub(crate) const ALL: [EndReason; 3] = [EndReason::Idle, EndReason::MaxDuration, EndReason::Admin];
 
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             EndReason::Idle => "idle",
             EndReason::MaxDuration => "max_duration",
@@ -42,7 +42,7 @@ fn class_index(status: u16) -> usize {
 
 /// What went wrong talking to an upstream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum UpstreamErrorKind {
+pub(crate) enum UpstreamErrorKind {
     Connect,
     Timeout,
     Io,
@@ -78,11 +78,11 @@ impl UpstreamStats {
         }
     }
 
-    pub fn response(&self, status: u16) {
+    pub(crate) fn response(&self, status: u16) {
         self.requests[class_index(status)].inc();
     }
 
-    pub fn error(&self, kind: UpstreamErrorKind) {
+    pub(crate) fn error(&self, kind: UpstreamErrorKind) {
         self.errors[kind as usize].inc();
     }
 }
@@ -100,7 +100,7 @@ pub struct ClientRejections {
 
 /// Values only known when scraped.
 #[derive(Debug, Clone)]
-pub struct ScrapeState {
+pub(crate) struct ScrapeState {
     pub sessions_active: ByPool<usize>,
     pub legacy_v1_percent: f64,
     pub v1_last_request_seconds: f64,
@@ -144,7 +144,7 @@ pub struct Metrics {
 }
 
 /// Kinds of admin change, pre-created so every series exists from the start.
-pub const ADMIN_CHANGE_KINDS: [&str; 5] =
+pub(crate) const ADMIN_CHANGE_KINDS: [&str; 5] =
     ["legacy_percent", "weight", "session_delete", "reload", "overrides_reset"];
 
 fn register<T: prometheus::core::Collector + Clone + 'static>(registry: &Registry, metric: T) -> T {
@@ -334,7 +334,7 @@ impl Metrics {
     }
 
     /// Counts a finished client request.
-    pub fn request(&self, decision: Decision, pool: PoolName, status: u16, seconds: f64) {
+    pub(crate) fn request(&self, decision: Decision, pool: PoolName, status: u16, seconds: f64) {
         let index = (decision as usize * 2 + pool as usize) * CLASSES.len() + class_index(status);
         if let Some(counter) = &self.requests[index] {
             counter.inc();
@@ -342,12 +342,12 @@ impl Metrics {
         self.durations.get(pool).observe(seconds);
     }
 
-    pub fn session_ended(&self, pool: PoolName, reason: EndReason) {
+    pub(crate) fn session_ended(&self, pool: PoolName, reason: EndReason) {
         self.sessions_ended[pool as usize * EndReason::ALL.len() + reason as usize].inc();
     }
 
     /// Counter handles for one upstream.
-    pub fn upstream_stats(&self, pool: PoolName, upstream: &str) -> UpstreamStats {
+    pub(crate) fn upstream_stats(&self, pool: PoolName, upstream: &str) -> UpstreamStats {
         UpstreamStats {
             requests: CLASSES
                 .map(|c| self.upstream_requests.with_label_values(&[pool.as_str(), upstream, c])),
@@ -357,7 +357,7 @@ impl Metrics {
     }
 
     /// Refreshes the state gauges and renders everything in the Prometheus text format.
-    pub fn render(&self, state: &ScrapeState) -> String {
+    pub(crate) fn render(&self, state: &ScrapeState) -> String {
         for pool in PoolName::ALL {
             self.sessions_active
                 .with_label_values(&[pool.as_str()])

@@ -16,7 +16,7 @@ pub enum Route {
 }
 
 impl Route {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Route::V2Prefix => "v2_prefix",
             Route::Legacy => "legacy",
@@ -26,7 +26,7 @@ impl Route {
 
 /// How the pool of a request was decided; a metrics label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Decision {
+pub(crate) enum Decision {
     /// Under a v2 prefix.
     Prefix,
     /// A legacy request following its session's live pin.
@@ -38,9 +38,10 @@ pub enum Decision {
 }
 
 impl Decision {
-    pub const ALL: [Decision; 4] = [Decision::Prefix, Decision::Pinned, Decision::NewPin, Decision::Unkeyed];
+    pub(crate) const ALL: [Decision; 4] =
+        [Decision::Prefix, Decision::Pinned, Decision::NewPin, Decision::Unkeyed];
 
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Decision::Prefix => "prefix",
             Decision::Pinned => "pinned",
@@ -49,7 +50,7 @@ impl Decision {
         }
     }
 
-    pub fn route(self) -> Route {
+    pub(crate) fn route(self) -> Route {
         match self {
             Decision::Prefix => Route::V2Prefix,
             _ => Route::Legacy,
@@ -81,7 +82,7 @@ impl Router {
         split_with(self.legacy_v1, fastrand::u16(0..10_000))
     }
 
-    pub fn legacy_v1_percent(&self) -> Percent {
+    pub(crate) fn legacy_v1_percent(&self) -> Percent {
         self.legacy_v1
     }
 }

@@ -194,7 +194,7 @@ struct Running {
 
 impl Server {
     /// Binds both listeners and starts serving.
-    pub async fn start(config: Config) -> Result<Server, StartError> {
+    pub(crate) async fn start(config: Config) -> Result<Server, StartError> {
         Server::start_with(config, StartOptions::default()).await
     }
 
@@ -390,17 +390,17 @@ impl Server {
     }
 
     /// The control plane: admin changes and reloads.
-    pub fn control(&self) -> &Arc<Control> {
+    pub(crate) fn control(&self) -> &Arc<Control> {
         &self.control
     }
 
     /// A token that starts a graceful stop when cancelled.
-    pub fn shutdown_token(&self) -> CancellationToken {
+    pub(crate) fn shutdown_token(&self) -> CancellationToken {
         self.shutdown.clone()
     }
 
     /// Waits until the proxy has stopped.
-    pub async fn wait(self) {
+    pub(crate) async fn wait(self) {
         let _ = self.stopped.await;
     }
 
@@ -504,7 +504,7 @@ pub async fn run(config: Config, takeover: Option<Duration>) -> Result<(), Start
 
 /// Resolves on the first SIGTERM or SIGINT. Handlers are installed before this returns, so a
 /// signal that arrives while the server starts is not lost.
-pub fn stop_signal() -> Result<impl std::future::Future<Output = ()>, StartError> {
+pub(crate) fn stop_signal() -> Result<impl std::future::Future<Output = ()>, StartError> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).map_err(StartError::Signals)?;
     let mut int = signal(SignalKind::interrupt()).map_err(StartError::Signals)?;

@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use compact_str::CompactString;
 use hashbrown::DefaultHashBuilder;
-use http::{HeaderMap, Uri};
+use http::HeaderMap;
 
 use crate::clock::{SharedClock, UnixMillis};
 use crate::config::{ByPool, PoolName, SessionKeySpec, SessionsConfig};
@@ -27,10 +27,10 @@ use crate::store::{Op, Store, StoredPin};
 use table::{stripe_of, PinTable, STRIPES};
 
 /// Longest accepted session key.
-pub const MAX_KEY_LEN: usize = 128;
+pub(crate) const MAX_KEY_LEN: usize = 128;
 
 /// 1–128 bytes of `[A-Za-z0-9._~-]` (RFC 3986 unreserved characters).
-pub fn is_valid_key(key: &str) -> bool {
+pub(crate) fn is_valid_key(key: &str) -> bool {
     (1..=MAX_KEY_LEN).contains(&key.len())
         && key.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'~' | b'-'))
 }
@@ -67,12 +67,8 @@ impl KeyExtractor {
         KeyExtractor { specs }
     }
 
-    pub fn extract<'r>(&self, uri: &'r Uri, headers: &'r HeaderMap) -> KeyOutcome<'r> {
-        self.extract_from(uri.path(), uri.query(), headers)
-    }
-
-    /// [`KeyExtractor::extract`] for a request whose head is not parsed into a [`Uri`] and a
-    /// [`HeaderMap`].
+    /// The session key of a request, from its path, query and header fields (a hyper
+    /// [`HeaderMap`] or the fast path's parsed head), by the first spec that finds one.
     pub fn extract_from<'r>(
         &self,
         path: &'r str,
@@ -162,7 +158,7 @@ impl PinPolicy {
     /// refreshes it. Background writes go in large batches and nobody waits for them; a request
     /// whose time the stored value does not cover waits for its own commit. Refreshing well
     /// before the bound keeps the second kind rare.
-    pub fn refresh_lag(&self) -> u32 {
+    pub(crate) fn refresh_lag(&self) -> u32 {
         (self.stale_secs / 4).max(1)
     }
 }
@@ -223,7 +219,7 @@ pub enum Resolution {
 
 /// A live pin as listed by the admin API.
 #[derive(Debug, Clone, serde::Serialize)]
-pub struct PinInfo {
+pub(crate) struct PinInfo {
     pub key: String,
     pub pool: PoolName,
     pub first_seen: u32,
@@ -415,7 +411,7 @@ impl Sessions {
     }
 
     /// Waits (bounded) until pin `seq` is durable. Returns false if the store did not confirm in time.
-    pub async fn settle(&self, seq: u64) -> bool {
+    pub(crate) async fn settle(&self, seq: u64) -> bool {
         self.store.is_settled(seq) || self.store.settle(seq, Duration::from_secs(5)).await
     }
 
@@ -482,7 +478,7 @@ impl Sessions {
     }
 
     /// Ends one pin by operator request. Returns the pool it was on.
-    pub fn remove(&self, key: &str) -> Option<PoolName> {
+    pub(crate) fn remove(&self, key: &str) -> Option<PoolName> {
         let hash = self.hash(key);
         let mut table = self.table.write(stripe_of(hash));
         let Entry { pin, .. } = table.remove(hash, key)?;
@@ -498,12 +494,12 @@ impl Sessions {
 
     /// Unix seconds at which the last v1 pin ends without further requests (0: none), as of
     /// the last [`Sessions::maintain`].
-    pub fn v1_pins_end(&self) -> u32 {
+    pub(crate) fn v1_pins_end(&self) -> u32 {
         self.v1_pins_end.load(Ordering::Relaxed)
     }
 
     /// Up to `limit` live pins, optionally of one pool, in no particular order.
-    pub fn list(&self, pool: Option<PoolName>, policy: &PinPolicy, limit: usize) -> Vec<PinInfo> {
+    pub(crate) fn list(&self, pool: Option<PoolName>, policy: &PinPolicy, limit: usize) -> Vec<PinInfo> {
         let now = secs(self.clock.now());
         let mut out = Vec::new();
         for stripe in 0..STRIPES {
@@ -540,7 +536,7 @@ mod tests {
         let yaml = "pools:\n  v1: { upstreams: [{ name: a, url: \"http://x:1\" }] }\n  v2: { upstreams: [{ name: b, url: \"http://x:2\" }] }\nsessions:\n  keys: [{ path: \"/api/studies/{id}\" }, { query: studyId }, { header: X-Study-Id }, { cookie: study }]\n";
         let config = crate::config::Config::from_yaml(yaml, std::path::Path::new("t")).unwrap();
         let extractor = KeyExtractor::new(config.sessions.keys);
-        let parsed: Uri = uri.parse().unwrap();
+        let parsed: http::Uri = uri.parse().unwrap();
         let mut map = HeaderMap::new();
         for (k, v) in headers {
             map.append(*k, http::HeaderValue::from_static(v));
@@ -550,7 +546,7 @@ mod tests {
             KeyOutcome::Invalid => "invalid".to_owned(),
             KeyOutcome::Absent => "absent".to_owned(),
         };
-        let from_map = shown(extractor.extract(&parsed, &map));
+        let from_map = shown(extractor.extract_from(parsed.path(), parsed.query(), &map));
 
         // The fast path reads the same request from its raw head: it must name the same session.
         let mut raw = format!("GET {uri} HTTP/1.1\r\nHost: h\r\n");

@@ -22,7 +22,7 @@ use crate::store::{Op, Store};
 
 /// How often pins are expired and flushed and the drain clock is persisted; §4 asks for at least
 /// once a second.
-pub const UPKEEP_INTERVAL: std::time::Duration = crate::drain::FLUSH_INTERVAL;
+pub(crate) const UPKEEP_INTERVAL: std::time::Duration = crate::drain::FLUSH_INTERVAL;
 
 /// One handle on the proxy's shared state; see the module documentation.
 pub struct Shared {
@@ -71,7 +71,7 @@ impl Shared {
     }
 
     /// The durable store behind the pins, the drain clock and the admin overrides.
-    pub fn store(&self) -> &Store {
+    pub(crate) fn store(&self) -> &Store {
         self.sessions.store()
     }
 
@@ -79,7 +79,7 @@ impl Shared {
         &self.drain
     }
 
-    pub fn metrics(&self) -> &Arc<Metrics> {
+    pub(crate) fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
     }
 
@@ -89,7 +89,7 @@ impl Shared {
     }
 
     /// The drain signal as of now.
-    pub fn drain_status(&self) -> DrainStatus {
+    pub(crate) fn drain_status(&self) -> DrainStatus {
         let snapshot = self.snapshot.load();
         self.drain.status(
             self.clock.now(),
@@ -142,7 +142,7 @@ impl Shared {
 
     /// Waits for the upkeep's writes to be committed (so passes never pile up in the store's
     /// queue) and records the drain clock value as durable.
-    pub async fn confirm_upkeep(&self, sent: Option<UnixMillis>) {
+    pub(crate) async fn confirm_upkeep(&self, sent: Option<UnixMillis>) {
         if self.store().flush().await {
             if let Some(ms) = sent {
                 self.drain.mark_durable(ms);

@@ -40,7 +40,7 @@ pub struct Snapshot {
 impl Snapshot {
     /// Builds a snapshot of `config`. Upstreams that `previous` also has (same pool, name and
     /// URL) keep their health and their idle connections.
-    pub fn build(config: &Config, metrics: &Metrics, previous: Option<&Snapshot>) -> Snapshot {
+    pub(crate) fn build(config: &Config, metrics: &Metrics, previous: Option<&Snapshot>) -> Snapshot {
         let pools = config.pools.map(|pool, cfg| {
             let upstreams = cfg
                 .upstreams
@@ -82,14 +82,10 @@ impl Snapshot {
         }
     }
 
-    pub fn pool(&self, pool: PoolName) -> &Balancer {
+    pub(crate) fn pool(&self, pool: PoolName) -> &Balancer {
         self.pools.get(pool)
     }
 }
 
 /// The handle every request reads the current snapshot from.
-pub type SharedSnapshot = Arc<ArcSwap<Snapshot>>;
-
-pub fn shared(config: &Config, metrics: &Metrics) -> SharedSnapshot {
-    Arc::new(ArcSwap::from_pointee(Snapshot::build(config, metrics, None)))
-}
+pub(crate) type SharedSnapshot = Arc<ArcSwap<Snapshot>>;

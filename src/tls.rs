@@ -63,26 +63,22 @@ fn certificates(file: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
 
 /// The served certificate, swappable at run time.
 #[derive(Debug)]
-pub struct CertStore {
+pub(crate) struct CertStore {
     cert: PathBuf,
     key: PathBuf,
     current: ArcSwap<CertifiedKey>,
 }
 
 impl CertStore {
-    pub fn load(cert: &Path, key: &Path) -> Result<Arc<CertStore>, TlsError> {
+    pub(crate) fn load(cert: &Path, key: &Path) -> Result<Arc<CertStore>, TlsError> {
         let current = ArcSwap::from_pointee(Self::read(cert, key)?);
         Ok(Arc::new(CertStore { cert: cert.to_owned(), key: key.to_owned(), current }))
     }
 
     /// Reads both files again; on any problem the served certificate stays as it was.
-    pub fn reload(&self) -> Result<(), TlsError> {
+    pub(crate) fn reload(&self) -> Result<(), TlsError> {
         self.current.store(Arc::new(Self::read(&self.cert, &self.key)?));
         Ok(())
-    }
-
-    pub fn paths(&self) -> (&Path, &Path) {
-        (&self.cert, &self.key)
     }
 
     fn read(cert: &Path, key: &Path) -> Result<CertifiedKey, TlsError> {
@@ -108,7 +104,7 @@ impl ResolvesServerCert for CertStore {
 }
 
 /// Server settings: the certificate from `store`, ALPN `h2` then `http/1.1`.
-pub fn server_config(store: Arc<CertStore>) -> Arc<rustls::ServerConfig> {
+pub(crate) fn server_config(store: Arc<CertStore>) -> Arc<rustls::ServerConfig> {
     let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(provider::default_provider()))
         .with_safe_default_protocol_versions()
         .expect("the ring provider supports the default protocol versions")
@@ -119,7 +115,7 @@ pub fn server_config(store: Arc<CertStore>) -> Arc<rustls::ServerConfig> {
 }
 
 /// Client settings for `https://` upstreams: the Mozilla roots, plus the CAs in `ca_file`.
-pub fn client_config(ca_file: Option<&Path>) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+pub(crate) fn client_config(ca_file: Option<&Path>) -> Result<Arc<rustls::ClientConfig>, TlsError> {
     let mut roots = rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };
     if let Some(file) = ca_file {
         for cert in certificates(file)? {

@@ -30,7 +30,7 @@ use http::uri::{Authority, Scheme};
 use serde::{Deserialize, Serialize};
 use serde_yaml as yaml;
 
-pub use self::locate::KeyPath;
+pub(crate) use self::locate::KeyPath;
 use self::raw::{RawConfig, RawUpstreamSettings};
 
 /// Why a config file could not be used.
@@ -105,9 +105,9 @@ pub enum PoolName {
 }
 
 impl PoolName {
-    pub const ALL: [PoolName; 2] = [PoolName::V1, PoolName::V2];
+    pub(crate) const ALL: [PoolName; 2] = [PoolName::V1, PoolName::V2];
 
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             PoolName::V1 => "v1",
             PoolName::V2 => "v2",
@@ -147,21 +147,21 @@ pub struct ByPool<T> {
 }
 
 impl<T> ByPool<T> {
-    pub fn get(&self, pool: PoolName) -> &T {
+    pub(crate) fn get(&self, pool: PoolName) -> &T {
         match pool {
             PoolName::V1 => &self.v1,
             PoolName::V2 => &self.v2,
         }
     }
 
-    pub fn get_mut(&mut self, pool: PoolName) -> &mut T {
+    pub(crate) fn get_mut(&mut self, pool: PoolName) -> &mut T {
         match pool {
             PoolName::V1 => &mut self.v1,
             PoolName::V2 => &mut self.v2,
         }
     }
 
-    pub fn map<U>(&self, mut f: impl FnMut(PoolName, &T) -> U) -> ByPool<U> {
+    pub(crate) fn map<U>(&self, mut f: impl FnMut(PoolName, &T) -> U) -> ByPool<U> {
         ByPool { v1: f(PoolName::V1, &self.v1), v2: f(PoolName::V2, &self.v2) }
     }
 }
@@ -181,7 +181,7 @@ impl UpstreamName {
         }
     }
 
-    pub fn as_str(&self) -> &str {
+    pub(crate) fn as_str(&self) -> &str {
         &self.0
     }
 }
@@ -203,8 +203,10 @@ impl fmt::Display for UpstreamName {
 pub struct Percent(u16);
 
 impl Percent {
-    pub const ZERO: Percent = Percent(0);
-    pub const HUNDRED: Percent = Percent(10_000);
+    #[cfg(test)]
+    pub(crate) const ZERO: Percent = Percent(0);
+    #[cfg(test)]
+    pub(crate) const HUNDRED: Percent = Percent(10_000);
 
     pub fn try_from_f64(value: f64) -> Result<Self, String> {
         if !value.is_finite() || !(0.0..=100.0).contains(&value) {
@@ -218,11 +220,11 @@ impl Percent {
     }
 
     /// Hundredths of a percent, 0..=10_000.
-    pub fn basis_points(self) -> u16 {
+    pub(crate) fn basis_points(self) -> u16 {
         self.0
     }
 
-    pub fn as_f64(self) -> f64 {
+    pub(crate) fn as_f64(self) -> f64 {
         f64::from(self.0) / 100.0
     }
 }
@@ -262,11 +264,11 @@ impl UpstreamUrl {
 }
 
 impl UpstreamUrl {
-    pub fn is_tls(&self) -> bool {
+    pub(crate) fn is_tls(&self) -> bool {
         self.scheme == Scheme::HTTPS
     }
 
-    pub fn port(&self) -> u16 {
+    pub(crate) fn port(&self) -> u16 {
         self.authority.port_u16().unwrap_or(if self.is_tls() { 443 } else { 80 })
     }
 }
@@ -278,7 +280,7 @@ impl fmt::Display for UpstreamUrl {
 }
 
 /// Largest weight accepted; keeps the round-robin arithmetic far from overflow.
-pub const MAX_WEIGHT: u32 = 10_000;
+pub(crate) const MAX_WEIGHT: u32 = 10_000;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UpstreamConfig {
@@ -335,7 +337,7 @@ impl Prefix {
         Ok(Prefix(trimmed.to_owned()))
     }
 
-    pub fn as_str(&self) -> &str {
+    pub(crate) fn as_str(&self) -> &str {
         &self.0
     }
 }
@@ -462,7 +464,7 @@ impl Config {
     }
 
     /// A copy with different listen addresses, for the demo and tests.
-    pub fn with_listeners(mut self, listen: SocketAddr, admin_listen: SocketAddr) -> Config {
+    pub(crate) fn with_listeners(mut self, listen: SocketAddr, admin_listen: SocketAddr) -> Config {
         self.listen = listen;
         self.admin_listen = admin_listen;
         self
@@ -475,7 +477,7 @@ impl Config {
     }
 
     /// A copy with one upstream's URL replaced, for the demo's stub upstreams.
-    pub fn with_upstream_url(mut self, pool: PoolName, index: usize, url: UpstreamUrl) -> Config {
+    pub(crate) fn with_upstream_url(mut self, pool: PoolName, index: usize, url: UpstreamUrl) -> Config {
         self.pools.get_mut(pool).upstreams[index].url = url;
         self
     }

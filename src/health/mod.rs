@@ -53,7 +53,7 @@ impl Default for Health {
 }
 
 impl Health {
-    pub fn is_healthy(&self) -> bool {
+    pub(crate) fn is_healthy(&self) -> bool {
         if !self.probed_up.load(Ordering::Relaxed) {
             return false;
         }
@@ -62,12 +62,12 @@ impl Health {
     }
 
     /// Forces the probed state (tests and operators' tooling).
-    pub fn set_probed(&self, up: bool) {
+    pub(crate) fn set_probed(&self, up: bool) {
         self.probed_up.store(up, Ordering::Relaxed);
     }
 
     /// A real exchange succeeded.
-    pub fn record_success(&self) {
+    pub(crate) fn record_success(&self) {
         if self.failures.load(Ordering::Relaxed) != 0 {
             self.failures.store(0, Ordering::Relaxed);
         }
@@ -77,7 +77,7 @@ impl Health {
     /// Returns true if this ejected the upstream for `ejection.duration`. The last usable
     /// upstream of a pool (`others_usable` false) is never ejected: with nowhere else to go,
     /// trying it beats answering 503 for the whole period.
-    pub fn record_failure(&self, ejection: &Ejection, others_usable: bool) -> bool {
+    pub(crate) fn record_failure(&self, ejection: &Ejection, others_usable: bool) -> bool {
         let threshold = ejection.consecutive_failures;
         if threshold == 0 || !others_usable {
             return false;

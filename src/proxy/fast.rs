@@ -24,7 +24,7 @@ use crate::ErrorChain;
 
 /// A client connection served on the HTTP/1.1 fast path, with buffers reused from one request
 /// to the next.
-pub struct ClientConn {
+pub(crate) struct ClientConn {
     pub stream: TcpStream,
     /// Bytes read from the client and not used yet.
     pub buf: BytesMut,
@@ -38,7 +38,7 @@ pub struct ClientConn {
 }
 
 impl ClientConn {
-    pub fn new(stream: TcpStream, peer: Peer, send_timeout: Duration) -> Self {
+    pub(crate) fn new(stream: TcpStream, peer: Peer, send_timeout: Duration) -> Self {
         ClientConn {
             send_timeout,
             stream,
@@ -50,13 +50,13 @@ impl ClientConn {
     }
 
     /// Reads more from the client; 0 when it has closed its side.
-    pub async fn fill(&mut self) -> std::io::Result<usize> {
+    pub(crate) async fn fill(&mut self) -> std::io::Result<usize> {
         h1::fill(&mut self.stream, &mut self.buf, 2048, 8 * 1024).await
     }
 }
 
 /// What [`Proxy::plan_h1`] made of the bytes a fast-path connection has read.
-pub enum H1Plan {
+pub(crate) enum H1Plan {
     /// The request head is not complete yet.
     Partial,
     /// A request for hyper's path: the connection is handed over.
@@ -65,7 +65,7 @@ pub enum H1Plan {
 }
 
 /// A fast-path request whose head has been read and routed, and whose upstream head is written.
-pub struct H1Request {
+pub(crate) struct H1Request {
     head_len: usize,
     body_len: usize,
     /// The client asked to close the connection after this exchange.
@@ -103,7 +103,7 @@ impl Proxy {
     /// Reads the request head at the start of `conn.buf`, routes it and writes its upstream head
     /// into the connection's request buffer. Requests the fast path does not serve, including
     /// any that hyper's path answers with an error, are [`H1Plan::Unsupported`].
-    pub fn plan_h1(&self, snapshot: &Snapshot, conn: &mut ClientConn) -> H1Plan {
+    pub(crate) fn plan_h1(&self, snapshot: &Snapshot, conn: &mut ClientConn) -> H1Plan {
         if !snapshot.plain_upstreams {
             return H1Plan::Unsupported;
         }
@@ -146,7 +146,7 @@ impl Proxy {
     /// Serves a request [`Proxy::plan_h1`] planned: reads its body, exchanges it with an upstream
     /// and relays the response. Once `draining` fires, the response closes the connection.
     /// Returns whether the connection can take another request.
-    pub async fn serve_h1(
+    pub(crate) async fn serve_h1(
         &self,
         snapshot: &Snapshot,
         req: H1Request,

@@ -31,7 +31,7 @@ type Replay = Option<(Method, http::Uri, http::HeaderMap)>;
 
 impl Proxy {
     /// Answers one client request. Infallible: failures come back as proxy-made responses.
-    pub async fn handle(&self, req: Request<Incoming>, peer: &Peer) -> Response<Body> {
+    pub(crate) async fn handle(&self, req: Request<Incoming>, peer: &Peer) -> Response<Body> {
         let started = Instant::now();
         let logged = tracing::enabled!(tracing::Level::DEBUG)
             .then(|| (req.method().to_string(), req.uri().path().to_owned()));

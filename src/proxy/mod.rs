@@ -27,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
-pub use fast::{ClientConn, H1Plan, H1Request};
+pub(crate) use fast::{ClientConn, H1Plan};
 
 use crate::balancer::Balancer;
 use crate::clock::UnixMillis;
@@ -43,27 +43,27 @@ use crate::upstream::{Upstream, UpstreamClient, UpstreamError, UpstreamResponseB
 use crate::ErrorChain;
 
 /// Response body: the upstream's streamed body, or a short body the proxy wrote itself.
-pub type Body = Either<UpstreamResponseBody, Full<Bytes>>;
+pub(crate) type Body = Either<UpstreamResponseBody, Full<Bytes>>;
 
-pub static X_ROLLOUT_POOL: HeaderName = HeaderName::from_static("x-rollout-pool");
-pub static X_ROLLOUT_ERROR: HeaderName = HeaderName::from_static("x-rollout-error");
+pub(crate) static X_ROLLOUT_POOL: HeaderName = HeaderName::from_static("x-rollout-pool");
+pub(crate) static X_ROLLOUT_ERROR: HeaderName = HeaderName::from_static("x-rollout-error");
 
 /// The client end of a connection, worked out once per connection.
 #[derive(Debug, Clone)]
-pub struct Peer {
+pub(crate) struct Peer {
     pub addr: SocketAddr,
     pub ip: ClientIp,
 }
 
 impl Peer {
-    pub fn new(addr: SocketAddr) -> Self {
+    pub(crate) fn new(addr: SocketAddr) -> Self {
         Peer { addr, ip: ClientIp::new(addr.ip()) }
     }
 }
 
 /// Why the proxy answered a request itself.
 #[derive(Debug, thiserror::Error)]
-pub enum ProxyError {
+pub(crate) enum ProxyError {
     #[error("bad request: {0}")]
     BadRequest(&'static str),
     #[error("bad Host")]
@@ -87,7 +87,7 @@ pub enum ProxyError {
 
 /// Everything a request needs, shared by all connections: the shared state plus the upstream
 /// client and the tunnels a graceful stop waits for.
-pub struct Proxy {
+pub(crate) struct Proxy {
     shared: Arc<Shared>,
     client: UpstreamClient,
     /// Upgraded connections (WebSocket) being relayed; a graceful stop waits for them.
@@ -126,7 +126,7 @@ struct Choice {
 type Logged = Option<(String, String)>;
 
 impl Proxy {
-    pub fn new(shared: Arc<Shared>, client: UpstreamClient, proto: &'static str) -> Self {
+    pub(crate) fn new(shared: Arc<Shared>, client: UpstreamClient, proto: &'static str) -> Self {
         Proxy { shared, client, tunnels: TaskTracker::new(), closing: CancellationToken::new(), proto }
     }
 
@@ -203,7 +203,7 @@ impl Proxy {
     }
 
     /// What the request's route and session key say, before any pin is looked up; a keyed
-    /// request's pin slot starts loading here ([`Sessions::locate`]). Both paths give it the
+    /// request's pin slot starts loading here ([`Sessions::locate`](crate::session::Sessions::locate)). Both paths give it the
     /// path and query as the client sent them, without a `#fragment`, and the request's own
     /// header fields.
     fn classify<'r>(
@@ -305,12 +305,8 @@ impl Proxy {
         durable
     }
 
-    pub fn client(&self) -> &UpstreamClient {
-        &self.client
-    }
-
     /// Waits up to `grace` for open tunnels to end, then closes the rest.
-    pub async fn close_tunnels(&self, grace: std::time::Duration) {
+    pub(crate) async fn close_tunnels(&self, grace: std::time::Duration) {
         self.tunnels.close();
         if tokio::time::timeout(grace, self.tunnels.wait()).await.is_err() {
             warn!(open = self.tunnels.len(), "grace period over; closing open tunnels");
@@ -319,12 +315,8 @@ impl Proxy {
         }
     }
 
-    pub fn snapshot(&self) -> Arc<Snapshot> {
+    pub(crate) fn snapshot(&self) -> Arc<Snapshot> {
         self.shared.snapshot()
-    }
-
-    pub fn shared(&self) -> &Arc<Shared> {
-        &self.shared
     }
 }
 
@@ -409,7 +401,11 @@ fn closes_connection(err: &ProxyError) -> bool {
 /// The response for a request the proxy could not forward: status, `x-rollout-error` naming the
 /// cause, and a one-line plain-text body; on HTTP/1 a refused request also closes the
 /// connection.
-pub fn error_response(err: &ProxyError, pool: Option<PoolName>, version: http::Version) -> Response<Body> {
+pub(crate) fn error_response(
+    err: &ProxyError,
+    pool: Option<PoolName>,
+    version: http::Version,
+) -> Response<Body> {
     let (status, cause, text) = error_parts(err);
     let mut response = Response::new(Either::Right(Full::from(format!("{text}\n"))));
     *response.status_mut() = status;

@@ -170,7 +170,7 @@ impl Store {
 
     /// Like [`Store::open`], with every commit held back by `commit_delay`: a slow disk, for
     /// tests that check what waits for durability.
-    pub fn open_with_delay(dir: &Path, commit_delay: Duration) -> Result<(Store, Loaded), StoreError> {
+    pub(crate) fn open_with_delay(dir: &Path, commit_delay: Duration) -> Result<(Store, Loaded), StoreError> {
         let health = Arc::new(StoreHealth::default());
         let (backend, loaded) = EmbeddedBackend::open(dir, health.clone())?;
         let store = Store::start(dir.to_owned(), Box::new(backend), health, commit_delay)?;
@@ -215,7 +215,7 @@ impl Store {
 
     /// A sequence number for a new pin. Send the pin with [`Store::send`] right after taking it:
     /// later pins count as durable only once every earlier number has been committed.
-    pub fn next_seq(&self) -> u64 {
+    pub(crate) fn next_seq(&self) -> u64 {
         self.next_seq.fetch_add(1, Ordering::Relaxed)
     }
 
@@ -231,13 +231,13 @@ impl Store {
         self.is_settled(self.next_seq.load(Ordering::Relaxed) - 1)
     }
 
-    pub fn is_settled(&self, seq: u64) -> bool {
+    pub(crate) fn is_settled(&self, seq: u64) -> bool {
         *self.settled.borrow() >= seq
     }
 
     /// Waits until pin `seq` has been committed, at most `limit`. False on time-out or when the
     /// commit failed.
-    pub async fn settle(&self, seq: u64, limit: Duration) -> bool {
+    pub(crate) async fn settle(&self, seq: u64, limit: Duration) -> bool {
         let mut settled = self.settled.clone();
         let reached = tokio::time::timeout(limit, settled.wait_for(|s| *s >= seq)).await;
         matches!(reached, Ok(Ok(_))) && !self.failed.lock().unwrap_or_else(|p| p.into_inner()).contains(&seq)

@@ -23,7 +23,7 @@ const COALESCE: usize = 16 * 1024;
 
 /// An upstream connection of the HTTP/1.1 fast path: the socket and what was read from it.
 #[derive(Debug)]
-pub struct UpstreamConn {
+pub(crate) struct UpstreamConn {
     stream: TcpStream,
     buf: BytesMut,
     /// The upstream whose pool the connection returns to. Weak: the pool holds its idle
@@ -52,14 +52,14 @@ enum ExchangeError {
 
 /// A failed fast-path send; `written` says whether the request may have reached the upstream.
 #[derive(Debug)]
-pub struct H1SendError {
+pub(crate) struct H1SendError {
     pub error: UpstreamError,
     pub written: bool,
 }
 
 /// Why relaying a response body stopped early.
 #[derive(Debug, thiserror::Error)]
-pub enum RelayError {
+pub(crate) enum RelayError {
     #[error("reading the upstream body failed")]
     Upstream(#[source] std::io::Error),
     #[error("the upstream closed before the end of the body")]
@@ -131,7 +131,7 @@ impl UpstreamConn {
     /// Sends the response whose head is `head` to `client`: `out` (the rewritten head, finished)
     /// with the body bytes already read, then the rest of the body as it arrives, each write
     /// within `send_timeout`. Returns whether the upstream connection can carry another request.
-    pub async fn relay(
+    pub(crate) async fn relay(
         &mut self,
         head: h1::ResponseHead,
         out: &mut Vec<u8>,
@@ -177,7 +177,7 @@ impl UpstreamConn {
     }
 
     /// Returns the connection to its upstream's pool, if the upstream is still configured.
-    pub fn release(self) {
+    pub(crate) fn release(self) {
         if let Some(home) = self.home.upgrade() {
             home.pool.checkin_h1(self);
         }
@@ -210,7 +210,7 @@ impl UpstreamClient {
     /// Sends `request` (a complete upstream request, head and body) on the HTTP/1.1 fast path
     /// and reads the response head, writing the client's version to `out`. A pooled connection
     /// that turns out closed before answering is replaced when `replayable`.
-    pub async fn send_h1(
+    pub(crate) async fn send_h1(
         &self,
         upstream: &Upstream,
         request: &[u8],

@@ -32,7 +32,7 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio_rustls::TlsConnector;
 use tracing::debug;
 
-pub use fast::{H1SendError, RelayError, UpstreamConn};
+pub(crate) use fast::{H1SendError, RelayError, UpstreamConn};
 use pool::{ConnPool, HyperConn, Slot};
 
 use crate::config::{UpstreamConfig, UpstreamName, UpstreamSettings, UpstreamUrl};
@@ -49,14 +49,14 @@ const MAX_RESPONSE_HEAD: usize = 64 * 1024;
 /// What the proxy sends upstream on the hyper path: nothing (which can be sent again), or the
 /// client's streamed body, watched so that a client's failure is told apart from the upstream's.
 #[derive(Debug)]
-pub enum UpstreamBody {
+pub(crate) enum UpstreamBody {
     Empty,
     Client { inner: Incoming, watch: Arc<BodyState> },
 }
 
 /// How a client's streamed body is doing, as the upstream client reads it.
 #[derive(Debug, Default)]
-pub struct BodyState {
+pub(crate) struct BodyState {
     failed: AtomicBool,
     /// The last read of the body found nothing yet: it waits on the client.
     waiting: AtomicBool,
@@ -64,7 +64,7 @@ pub struct BodyState {
 
 impl UpstreamBody {
     /// The client's body, and the watch that tells afterwards whether the client failed it.
-    pub fn from_client(inner: Incoming) -> (Self, ClientBodyWatch) {
+    pub(crate) fn from_client(inner: Incoming) -> (Self, ClientBodyWatch) {
         let watch = Arc::new(BodyState::default());
         (UpstreamBody::Client { inner, watch: watch.clone() }, ClientBodyWatch(watch))
     }
@@ -74,15 +74,15 @@ impl UpstreamBody {
 /// the client gone mid-upload) or was still awaited from the client: either way the client's
 /// doing, not the upstream's.
 #[derive(Debug)]
-pub struct ClientBodyWatch(Arc<BodyState>);
+pub(crate) struct ClientBodyWatch(Arc<BodyState>);
 
 impl ClientBodyWatch {
-    pub fn failed(&self) -> bool {
+    pub(crate) fn failed(&self) -> bool {
         self.0.failed.load(Ordering::Acquire)
     }
 
     /// The upstream was ready for more of the body and the client had not sent it.
-    pub fn is_waiting_on_client(&self) -> bool {
+    pub(crate) fn is_waiting_on_client(&self) -> bool {
         self.0.waiting.load(Ordering::Acquire)
     }
 }
@@ -173,15 +173,15 @@ impl Upstream {
         }
     }
 
-    pub fn name(&self) -> &UpstreamName {
+    pub(crate) fn name(&self) -> &UpstreamName {
         &self.name
     }
 
-    pub fn url(&self) -> &UpstreamUrl {
+    pub(crate) fn url(&self) -> &UpstreamUrl {
         &self.url
     }
 
-    pub fn authority(&self) -> &Authority {
+    pub(crate) fn authority(&self) -> &Authority {
         &self.authority
     }
 
@@ -189,27 +189,23 @@ impl Upstream {
         self.weight
     }
 
-    pub fn is_tls(&self) -> bool {
-        self.tls
-    }
-
-    pub fn is_healthy(&self) -> bool {
+    pub(crate) fn is_healthy(&self) -> bool {
         self.state.health.is_healthy()
     }
 
-    pub fn health(&self) -> &Health {
+    pub(crate) fn health(&self) -> &Health {
         &self.state.health
     }
 
     /// The long-lived state, to carry into the next snapshot.
-    pub fn state(&self) -> &Arc<UpstreamState> {
+    pub(crate) fn state(&self) -> &Arc<UpstreamState> {
         &self.state
     }
 }
 
 /// Why an upstream produced no usable response head.
 #[derive(Debug, thiserror::Error)]
-pub enum UpstreamError {
+pub(crate) enum UpstreamError {
     #[error("could not connect to upstream {upstream}")]
     Connect {
         upstream: UpstreamName,
@@ -244,7 +240,7 @@ pub enum UpstreamError {
 
 impl UpstreamError {
     /// The `kind` label of `rollout_upstream_errors_total`; `None` for the proxy's own limit.
-    pub fn kind(&self) -> Option<UpstreamErrorKind> {
+    pub(crate) fn kind(&self) -> Option<UpstreamErrorKind> {
         match self {
             UpstreamError::Connect { .. } | UpstreamError::Tls { .. } => Some(UpstreamErrorKind::Connect),
             UpstreamError::ConnectTimeout { .. } | UpstreamError::Timeout { .. } => {
@@ -258,13 +254,13 @@ impl UpstreamError {
     /// Whether the upstream caused the failure, so it counts towards passive ejection. Not a
     /// response timeout (possibly a slow client's upload), and not one of the proxy's own
     /// ([`UpstreamError::is_local`]).
-    pub fn is_upstream_fault(&self) -> bool {
+    pub(crate) fn is_upstream_fault(&self) -> bool {
         !self.is_local() && !matches!(self, UpstreamError::Timeout { .. })
     }
 
     /// Whether the proxy itself stopped the request before the upstream had a say: its own
     /// connection cap, or no descriptor or memory for the socket.
-    pub fn is_local(&self) -> bool {
+    pub(crate) fn is_local(&self) -> bool {
         match self {
             UpstreamError::Connect { source, .. } => is_local_shortage(source),
             UpstreamError::Busy { .. } => true,
@@ -284,7 +280,7 @@ fn is_local_shortage(err: &std::io::Error) -> bool {
 /// A failed send. `request` is the request itself when it never left the proxy, so it can be
 /// sent elsewhere.
 #[derive(Debug)]
-pub struct SendError {
+pub(crate) struct SendError {
     pub error: UpstreamError,
     pub request: Option<Request<UpstreamBody>>,
 }
@@ -293,12 +289,12 @@ pub struct SendError {
 /// switches protocols carries it in its extensions: the tunnel that takes the connection over
 /// holds it until the tunnel closes.
 #[derive(Debug, Clone)]
-pub struct OpenConnection {
+pub(crate) struct OpenConnection {
     _held: Arc<OwnedSemaphorePermit>,
 }
 
 /// A response body from an upstream; returns its connection to the pool once read to the end.
-pub struct UpstreamResponseBody {
+pub(crate) struct UpstreamResponseBody {
     inner: Incoming,
     /// The connection and its pool, until the body ends.
     give_back: Option<(HyperConn, Arc<UpstreamState>)>,
@@ -351,21 +347,21 @@ impl Body for UpstreamResponseBody {
 
 /// The client for all upstreams.
 #[derive(Clone)]
-pub struct UpstreamClient {
+pub(crate) struct UpstreamClient {
     connect_timeout: Duration,
     tls: TlsConnector,
 }
 
 impl UpstreamClient {
     /// Fails only when `upstream.ca_file` cannot be used.
-    pub fn new(settings: &UpstreamSettings) -> Result<Self, TlsError> {
+    pub(crate) fn new(settings: &UpstreamSettings) -> Result<Self, TlsError> {
         let tls = TlsConnector::from(crate::tls::client_config(settings.ca_file.as_deref())?);
         Ok(UpstreamClient { connect_timeout: settings.connect_timeout, tls })
     }
 
     /// Sends `req` (headers already rewritten, target in any form) to `upstream`, waiting at most
     /// `response_timeout` for the response head.
-    pub async fn send(
+    pub(crate) async fn send(
         &self,
         upstream: &Upstream,
         mut req: Request<UpstreamBody>,
