@@ -9,24 +9,28 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// Milliseconds since the Unix epoch.
-pub type UnixMillis = u64;
+pub(crate) type UnixMillis = u64;
 
 pub trait Clock: Send + Sync + std::fmt::Debug {
     fn now(&self) -> UnixMillis;
 }
 
-/// The system's wall clock, read at the kernel's tick resolution (a few milliseconds), which is
+/// The system's wall clock, on Linux read at the kernel's tick resolution (a few milliseconds), which is
 /// far finer than pins (seconds) need and several times cheaper than a precise read.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct SystemClock;
 
 impl Clock for SystemClock {
     fn now(&self) -> UnixMillis {
-        let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-        // SAFETY: `ts` is a valid, writable timespec; CLOCK_REALTIME_COARSE exists on Linux.
-        if unsafe { libc::clock_gettime(libc::CLOCK_REALTIME_COARSE, &mut ts) } == 0 {
-            return ts.tv_sec as u64 * 1000 + ts.tv_nsec as u64 / 1_000_000;
+        #[cfg(target_os = "linux")]
+        {
+            let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+            // SAFETY: `ts` is a valid, writable timespec; CLOCK_REALTIME_COARSE exists on Linux.
+            if unsafe { libc::clock_gettime(libc::CLOCK_REALTIME_COARSE, &mut ts) } == 0 {
+                return ts.tv_sec as u64 * 1000 + ts.tv_nsec as u64 / 1_000_000;
+            }
         }
+        // Elsewhere (and should the coarse clock ever fail) the precise clock.
         SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
     }
 }
@@ -36,7 +40,7 @@ impl Clock for SystemClock {
 pub struct ManualClock(Arc<AtomicU64>);
 
 impl ManualClock {
-    pub fn new(now: UnixMillis) -> Self {
+    pub(crate) fn new(now: UnixMillis) -> Self {
         ManualClock(Arc::new(AtomicU64::new(now)))
     }
 
@@ -51,10 +55,6 @@ impl ManualClock {
 
     pub fn now_ms(&self) -> UnixMillis {
         self.0.load(Ordering::SeqCst)
-    }
-
-    pub fn set(&self, now: UnixMillis) {
-        self.0.store(now, Ordering::SeqCst);
     }
 }
 

@@ -6,22 +6,25 @@
 //! processes accept from the *same* sockets, so no connection queued in the kernel is lost in
 //! the switch, which closing one of two SO_REUSEPORT listeners would do. The state store is
 //! handed over by its lock: the old process releases it when drained, and the new one's
-//! requests wait for it (see [`crate::proxy::Gate`]).
+//! requests wait for it (see [`crate::listener::Gate`]).
 
-use std::io;
-use std::io::{Read, Write};
-use std::mem::size_of;
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::io::{self, IoSlice, IoSliceMut, Read, Write};
+use std::mem::MaybeUninit;
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use rustix::net::{
+    RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, ReturnFlags, SendAncillaryBuffer,
+    SendAncillaryMessage, SendFlags,
+};
 use tokio::net::{TcpListener, UnixListener};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 /// The socket inside `state_dir`.
-pub const SOCKET: &str = "handover.sock";
+pub(crate) const SOCKET: &str = "handover.sock";
 
 #[derive(Debug, thiserror::Error)]
 pub enum HandoverError {
@@ -43,7 +46,7 @@ pub enum HandoverError {
 const HANDOVER_WAIT: Duration = Duration::from_secs(10);
 
 /// The listeners (data plane, admin) taken over, and the stream to [`acknowledge`] on.
-pub type TakenOver = (TcpListener, TcpListener, UnixStream);
+pub(crate) type TakenOver = (TcpListener, TcpListener, UnixStream);
 
 /// Takes the listeners from the process serving `state_dir`, if one offers them. `Ok(None)`
 /// when nobody does: the caller binds its own.
@@ -81,7 +84,7 @@ fn receive(path: &Path) -> io::Result<Option<([OwnedFd; 2], UnixStream)>> {
 }
 
 /// Tells the process the sockets came from that they are being served here, so it may stop.
-pub fn acknowledge(mut predecessor: UnixStream) {
+pub(crate) fn acknowledge(mut predecessor: UnixStream) {
     if let Err(err) = predecessor.write_all(b"A") {
         warn!(error = %err, "could not confirm the takeover; the old process keeps serving too");
     }
@@ -89,14 +92,14 @@ pub fn acknowledge(mut predecessor: UnixStream) {
 
 /// A second descriptor for `listener`'s socket, so it can be offered while the listener itself
 /// is in use elsewhere.
-pub fn duplicate(listener: &TcpListener) -> io::Result<OwnedFd> {
+pub(crate) fn duplicate(listener: &TcpListener) -> io::Result<OwnedFd> {
     listener.as_fd().try_clone_to_owned()
 }
 
 /// Offers the data-plane socket (`data`, a duplicate from [`duplicate`]) and `admin` to one
 /// successor; fires `handed_over` once it has them, which should start this process's graceful
 /// stop. Ends when `stop` fires.
-pub fn offer(
+pub(crate) fn offer(
     state_dir: &Path,
     data: OwnedFd,
     admin: &TcpListener,
@@ -109,7 +112,7 @@ pub fn offer(
     // A socket file left by a process that died is stale: nobody answers on it.
     let _ = std::fs::remove_file(&path);
     let listener = UnixListener::bind(&path).map_err(offer_error)?;
-    let fds = [data.as_raw_fd(), admin.as_raw_fd()];
+    let fds = std::sync::Arc::new([data, admin]);
     Ok(tokio::spawn(async move {
         // Offer until one successor confirms; one that dies on the way leaves this process
         // serving, ready for the next.
@@ -119,6 +122,7 @@ pub fn offer(
                 accepted = listener.accept() => accepted.ok(),
             };
             let Some((stream, _)) = accepted else { break };
+            let fds = fds.clone();
             // Send, then wait for the successor to say it is accepting; only then stop.
             let handed = tokio::task::spawn_blocking(move || {
                 let mut stream = stream.into_std()?;
@@ -140,79 +144,62 @@ pub fn offer(
             }
         }
         let _ = std::fs::remove_file(&path);
-        drop((data, admin));
+        drop(fds);
     }))
 }
 
-/// A control-message buffer with the alignment `cmsghdr` needs, for `fds` descriptors.
-fn control_buffer(fds: usize) -> (Vec<u64>, usize) {
-    // SAFETY: CMSG_SPACE only computes a size.
-    let space = unsafe { libc::CMSG_SPACE((fds * size_of::<RawFd>()) as u32) } as usize;
-    (vec![0u64; space.div_ceil(size_of::<u64>())], space)
-}
-
-/// A message of one byte (`iov`) with room for control data (`control`, `space` bytes).
-///
-/// # Safety
-/// The returned header points into `iov` and `control`; it must not outlive them.
-unsafe fn message(iov: &mut libc::iovec, control: &mut [u64], space: usize) -> libc::msghdr {
-    // SAFETY: a zeroed msghdr is a valid empty message.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = control.as_mut_ptr().cast();
-    msg.msg_controllen = space as _;
-    msg
-}
-
-fn send_fds(stream: &UnixStream, fds: &[RawFd; 2]) -> io::Result<()> {
-    let mut byte = [b'L'];
-    let mut iov = libc::iovec { iov_base: byte.as_mut_ptr().cast(), iov_len: 1 };
-    let (mut control, space) = control_buffer(fds.len());
-    // SAFETY: `iov` and `control` outlive the sendmsg call; the control buffer is aligned for
-    // cmsghdr and CMSG_SPACE bytes long, enough for one header carrying `fds`, written unaligned.
-    unsafe {
-        let msg = message(&mut iov, &mut control, space);
-        let cmsg = libc::CMSG_FIRSTHDR(&msg);
-        (*cmsg).cmsg_level = libc::SOL_SOCKET;
-        (*cmsg).cmsg_type = libc::SCM_RIGHTS;
-        (*cmsg).cmsg_len = libc::CMSG_LEN(std::mem::size_of_val(fds) as u32) as _;
-        std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<[RawFd; 2]>(), *fds);
-        if libc::sendmsg(stream.as_raw_fd(), &msg, 0) < 0 {
-            return Err(io::Error::last_os_error());
-        }
-    }
+/// Sends the two listening sockets as one SCM_RIGHTS message, with one byte of data.
+fn send_fds(stream: &UnixStream, fds: &[OwnedFd; 2]) -> io::Result<()> {
+    let borrowed = [fds[0].as_fd(), fds[1].as_fd()];
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(2))];
+    let mut control = SendAncillaryBuffer::new(&mut space);
+    // The buffer is sized for exactly this message, so it always fits.
+    let fits = control.push(SendAncillaryMessage::ScmRights(&borrowed));
+    debug_assert!(fits);
+    rustix::net::sendmsg(stream, &[IoSlice::new(b"L")], &mut control, SendFlags::empty())?;
     Ok(())
 }
 
+/// Receives the two listening sockets [`send_fds`] sent. Every descriptor received is owned
+/// (and closed on every error path) before anything is checked.
 fn receive_fds(stream: &UnixStream) -> io::Result<[OwnedFd; 2]> {
     let mut byte = [0u8];
-    let mut iov = libc::iovec { iov_base: byte.as_mut_ptr().cast(), iov_len: 1 };
-    let (mut control, space) = control_buffer(2);
-    // SAFETY: as in `send_fds`; the kernel writes at most `msg_controllen` bytes of control data.
-    // Received descriptors are owned (closed on every error path) before anything is checked.
-    unsafe {
-        let mut msg = message(&mut iov, &mut control, space);
-        if libc::recvmsg(stream.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) < 0 {
-            return Err(io::Error::last_os_error());
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(2))];
+    let mut control = RecvAncillaryBuffer::new(&mut space);
+    let received =
+        rustix::net::recvmsg(stream, &mut [IoSliceMut::new(&mut byte)], &mut control, RECEIVE_FLAGS)?;
+    let mut owned = Vec::new();
+    for message in control.drain() {
+        if let RecvAncillaryMessage::ScmRights(fds) = message {
+            owned.extend(fds);
         }
-        let mut owned = Vec::new();
-        let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
-        while !cmsg.is_null() {
-            if (*cmsg).cmsg_level == libc::SOL_SOCKET && (*cmsg).cmsg_type == libc::SCM_RIGHTS {
-                let bytes = (*cmsg).cmsg_len as usize - libc::CMSG_LEN(0) as usize;
-                let data = libc::CMSG_DATA(cmsg).cast::<RawFd>();
-                for i in 0..bytes / size_of::<RawFd>() {
-                    owned.push(OwnedFd::from_raw_fd(std::ptr::read_unaligned(data.add(i))));
-                }
-            }
-            cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
-        }
-        if msg.msg_flags & libc::MSG_CTRUNC != 0 {
-            return Err(io::Error::new(io::ErrorKind::InvalidData, "the handover message was truncated"));
-        }
-        <[OwnedFd; 2]>::try_from(owned).map_err(|_| {
-            io::Error::new(io::ErrorKind::InvalidData, "the handover message did not carry two sockets")
-        })
     }
+    close_on_exec(&owned)?;
+    if received.flags.contains(ReturnFlags::CTRUNC) {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, "the handover message was truncated"));
+    }
+    <[OwnedFd; 2]>::try_from(owned).map_err(|_| {
+        io::Error::new(io::ErrorKind::InvalidData, "the handover message did not carry two sockets")
+    })
+}
+
+/// Received descriptors are close-on-exec atomically where the kernel can do it.
+#[cfg(any(target_os = "linux", target_os = "android", target_os = "freebsd"))]
+const RECEIVE_FLAGS: RecvFlags = RecvFlags::CMSG_CLOEXEC;
+#[cfg(not(any(target_os = "linux", target_os = "android", target_os = "freebsd")))]
+const RECEIVE_FLAGS: RecvFlags = RecvFlags::empty();
+
+#[cfg(any(target_os = "linux", target_os = "android", target_os = "freebsd"))]
+fn close_on_exec(_: &[OwnedFd]) -> io::Result<()> {
+    Ok(())
+}
+
+/// Elsewhere (macOS) they are marked right after: this process does not exec, so nothing can
+/// inherit them in between.
+#[cfg(not(any(target_os = "linux", target_os = "android", target_os = "freebsd")))]
+fn close_on_exec(fds: &[OwnedFd]) -> io::Result<()> {
+    for fd in fds {
+        rustix::io::fcntl_setfd(fd, rustix::io::FdFlags::CLOEXEC)?;
+    }
+    Ok(())
 }

@@ -67,6 +67,7 @@
 //! - [`demo`]: the self-contained tour with built-in stub upstreams.
 
 #![warn(unreachable_pub)]
+#![warn(clippy::undocumented_unsafe_blocks)]
 // The docs are for the people working on the proxy (`cargo doc --document-private-items`): public
 // items may point at the internals that do the work.
 #![allow(rustdoc::private_intra_doc_links)]

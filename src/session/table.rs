@@ -43,6 +43,8 @@ struct Slot {
     hash: u64,
     entry: Option<Entry>,
 }
+// One lookup, one cache line: an `Entry` that grows past 56 bytes would make it two.
+const _: () = assert!(size_of::<Slot>() == 64);
 
 const HUGE_PAGE: usize = 2 << 20;
 
@@ -122,6 +124,7 @@ pub(super) struct PinTable {
 // SAFETY: the arena is only reached through a stripe's lock (stripe data) or with every lock
 // held (the arena itself), and entries are Send + Sync (checked below).
 unsafe impl Send for PinTable {}
+// SAFETY: as for Send: every access to the arena goes through the locks.
 unsafe impl Sync for PinTable {}
 const _: () = {
     const fn shareable<T: Send + Sync>() {}
@@ -130,7 +133,7 @@ const _: () = {
 
 impl PinTable {
     /// A table with room for about `capacity` entries before it first grows.
-    pub fn with_capacity(capacity: usize) -> Self {
+    pub(super) fn with_capacity(capacity: usize) -> Self {
         // A margin over the even share: stripes fill unevenly, and the fullest one grows them all.
         let share = capacity / STRIPES;
         let mut per_stripe = 8;
@@ -147,14 +150,14 @@ impl PinTable {
         }
     }
 
-    pub fn read(&self, stripe: usize) -> StripeRead<'_> {
+    pub(super) fn read(&self, stripe: usize) -> StripeRead<'_> {
         let len = self.locks[stripe].read().unwrap_or_else(|p| p.into_inner());
         // SAFETY: the lock keeps the arena in place.
         let arena = unsafe { &*self.arena.get() };
         StripeRead { len, start: arena.stripe_start(stripe), slots: arena.per_stripe, _slots: PhantomData }
     }
 
-    pub fn write(&self, stripe: usize) -> StripeWrite<'_> {
+    pub(super) fn write(&self, stripe: usize) -> StripeWrite<'_> {
         let len = self.locks[stripe].write().unwrap_or_else(|p| p.into_inner());
         // SAFETY: the lock keeps the arena in place.
         let arena = unsafe { &*self.arena.get() };
@@ -163,7 +166,7 @@ impl PinTable {
 
     /// [`PinTable::write`], growing the table first if the stripe has no room for one more.
     /// [`PinTable::reserve`] normally grows it before that, off the request path.
-    pub fn write_with_room(&self, stripe: usize) -> StripeWrite<'_> {
+    pub(super) fn write_with_room(&self, stripe: usize) -> StripeWrite<'_> {
         loop {
             let stripe_write = self.write(stripe);
             if stripe_write.has_room() {
@@ -179,7 +182,7 @@ impl PinTable {
     /// has to. For a background thread: making a larger arena takes long (at a million pins,
     /// 128 MiB of fresh huge pages take a few hundred milliseconds), only moving the entries
     /// holds the locks.
-    pub fn reserve(&self) {
+    pub(super) fn reserve(&self) {
         let (fullest, per_stripe) = (0..STRIPES)
             .map(|i| {
                 let stripe = self.read(i);
@@ -235,7 +238,7 @@ impl PinTable {
     /// for memory. Only a hint: read without a lock, so it may name a slot of an arena just
     /// replaced; then the load is wasted, never wrong, because nothing is read through it.
     #[inline]
-    pub fn prefetch(&self, hash: u64) {
+    pub(super) fn prefetch(&self, hash: u64) {
         let base = self.hint.0.load(Ordering::Relaxed);
         let per_stripe = self.hint.1.load(Ordering::Relaxed);
         let slot = stripe_of(hash) * per_stripe + (hash as usize & (per_stripe - 1));
@@ -294,11 +297,11 @@ impl StripeRead<'_> {
         unsafe { std::slice::from_raw_parts(self.start.as_ptr(), self.slots) }
     }
 
-    pub fn find(&self, hash: u64, key: &str) -> Option<&Entry> {
+    pub(super) fn find(&self, hash: u64, key: &str) -> Option<&Entry> {
         find(self.slots(), hash, key)
     }
 
-    pub fn iter(&self) -> impl Iterator<Item = &Entry> {
+    pub(super) fn iter(&self) -> impl Iterator<Item = &Entry> {
         self.slots().iter().filter_map(|slot| slot.entry.as_ref())
     }
 }
@@ -322,7 +325,7 @@ impl StripeWrite<'_> {
         unsafe { std::slice::from_raw_parts_mut(self.start.as_ptr(), self.slots) }
     }
 
-    pub fn find(&self, hash: u64, key: &str) -> Option<&Entry> {
+    pub(super) fn find(&self, hash: u64, key: &str) -> Option<&Entry> {
         find(self.slots(), hash, key)
     }
 
@@ -332,13 +335,13 @@ impl StripeWrite<'_> {
 
     /// Adds an entry whose key is not in the table. The stripe must have room
     /// ([`PinTable::write_with_room`]).
-    pub fn insert_unique(&mut self, hash: u64, entry: Entry) {
+    pub(super) fn insert_unique(&mut self, hash: u64, entry: Entry) {
         assert!(self.has_room(), "pin table stripe is full");
         place(self.slots_mut(), hash, entry);
         *self.len += 1;
     }
 
-    pub fn remove(&mut self, hash: u64, key: &str) -> Option<Entry> {
+    pub(super) fn remove(&mut self, hash: u64, key: &str) -> Option<Entry> {
         let mut hole = position(self.slots(), hash, key)?;
         *self.len -= 1;
         let slots = self.slots_mut();

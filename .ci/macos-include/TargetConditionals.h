@@ -1,0 +1,4 @@
+#define TARGET_OS_IPHONE 0
+#define TARGET_OS_OSX 1
+#define TARGET_OS_MAC 1
+#define TARGET_OS_IOS 0
