@@ -28,7 +28,7 @@ use std::time::Duration;
 use http::header::HeaderName;
 use http::uri::{Authority, Scheme};
 use serde::{Deserialize, Serialize};
-use serde_yaml as yaml;
+use serde_yaml_ng as yaml;
 
 pub(crate) use self::locate::KeyPath;
 use self::raw::{RawConfig, RawUpstreamSettings};
