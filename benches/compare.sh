@@ -19,6 +19,9 @@
 #! per request.
 #!
 #! Usage: benches/compare.sh [--quick]   (--quick: 2 s per run, one round; checks the script)
+#! With BASELINE_BIN=path/to/an/older/rollout-proxy, that build runs as one more target
+#! ("baseline", same config, its cells next to rollout-proxy's), for before/after comparisons of a
+#! change in the same run.
 #! Needs root for apt-get (nginx, haproxy, wrk are installed when missing). Loopback only.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -35,6 +38,8 @@ if [ ${#need[@]} -gt 0 ]; then
 fi
 cargo build --release --quiet
 bin=$PWD/target/release/rollout-proxy
+baseline_bin=${BASELINE_BIN:-}
+if [ -n "$baseline_bin" ]; then baseline_bin=$(realpath "$baseline_bin"); fi
 
 work=$(mktemp -d)
 pids=()
@@ -46,6 +51,7 @@ cleanup() {
 trap cleanup EXIT
 
 V1=19101 V2=19102 DIRECT=19101 NGINX=19201 HAPROXY=19202 ROLLOUT=19203 ADMIN=19204
+BASELINE=19205 BASELINE_ADMIN=19206
 
 wait_port() {
   for _ in $(seq 100); do
@@ -133,21 +139,33 @@ EOF
 taskset -c 1 haproxy -f "$work/haproxy.cfg" -db &
 pids+=($!)
 
-cat >"$work/rollout.yaml" <<EOF
-listen: "127.0.0.1:$ROLLOUT"
+rollout_config() { # PORT ADMIN_PORT STATE_DIR
+  cat <<EOF
+listen: "127.0.0.1:$1"
 workers: 1
-state_dir: $work/state
-admin: { listen: "127.0.0.1:$ADMIN" }
+state_dir: $3
+admin: { listen: "127.0.0.1:$2" }
 pools:
   v1: { upstreams: [ { name: v1, url: "http://127.0.0.1:$V1" } ] }
   v2: { upstreams: [ { name: v2, url: "http://127.0.0.1:$V2" } ] }
 routes: { v2_prefixes: ["/api/v2"], legacy_v1_percent: 100 }
 client: { max_connections: 20000 }
 EOF
+}
+rollout_config $ROLLOUT $ADMIN "$work/state" >"$work/rollout.yaml"
 RUST_LOG=warn taskset -c 1 "$bin" run --config "$work/rollout.yaml" &
 pids+=($!)
+ports=($V1 $V2 $NGINX $HAPROXY $ROLLOUT)
+proxies=(nginx haproxy rollout)
+if [ -n "$baseline_bin" ]; then
+  rollout_config $BASELINE $BASELINE_ADMIN "$work/state-baseline" >"$work/baseline.yaml"
+  RUST_LOG=warn taskset -c 1 "$baseline_bin" run --config "$work/baseline.yaml" &
+  pids+=($!)
+  ports+=($BASELINE)
+  proxies+=(baseline)
+fi
 
-for port in $V1 $V2 $NGINX $HAPROXY $ROLLOUT; do wait_port "$port"; done
+for port in "${ports[@]}"; do wait_port "$port"; done
 
 # The process whose CPU time counts: NGINX's worker, HAProxy, rollout-proxy, the upstream worker.
 worker_of() { pgrep -P "$(cat "$1")" | head -1; }
@@ -157,9 +175,15 @@ pid_of() {
     nginx) worker_of "$work/nginx/nginx.pid" ;;
     haproxy) pgrep -f "haproxy -f $work/haproxy.cfg" | head -1 ;;
     rollout) pgrep -f "$bin run --config $work/rollout.yaml" | head -1 ;;
+    baseline) pgrep -f "$baseline_bin run --config $work/baseline.yaml" | head -1 ;;
   esac
 }
-port_of() { case $1 in direct) echo $DIRECT ;; nginx) echo $NGINX ;; haproxy) echo $HAPROXY ;; rollout) echo $ROLLOUT ;; esac; }
+port_of() {
+  case $1 in
+    direct) echo $DIRECT ;; nginx) echo $NGINX ;; haproxy) echo $HAPROXY ;; rollout) echo $ROLLOUT ;;
+    baseline) echo $BASELINE ;;
+  esac
+}
 cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
 
 # --- wrk scripts. ----------------------------------------------------------------------------
@@ -192,10 +216,14 @@ wrk.headers["Content-Type"] = "application/octet-stream"
 EOF
 
 # Pin all 100,000 studies in rollout-proxy before the runs (scenario b measures lookups).
-echo "pinning 100,000 studies in rollout-proxy..." >&2
-taskset -c 0 wrk -t4 -c64 -d8s -s "$work/warm.lua" "http://127.0.0.1:$ROLLOUT" >/dev/null
-pins=$(curl -s "http://127.0.0.1:$ADMIN/metrics" | awk '/^rollout_sessions_active/ { n += $2 } END { print n + 0 }')
-echo "live pins: $pins" >&2
+pin_all() { # PORT ADMIN_PORT NAME
+  echo "pinning 100,000 studies in $3..." >&2
+  taskset -c 0 wrk -t4 -c64 -d8s -s "$work/warm.lua" "http://127.0.0.1:$1" >/dev/null
+  pins=$(curl -s "http://127.0.0.1:$2/metrics" | awk '/^rollout_sessions_active/ { n += $2 } END { print n + 0 }')
+  echo "live pins: $pins" >&2
+}
+pin_all $ROLLOUT $ADMIN rollout-proxy
+if [ -n "$baseline_bin" ]; then pin_all $BASELINE $BASELINE_ADMIN baseline; fi
 
 # run TARGET SCENARIO: one wrk run; prints "rps p50_ms p99_ms cpu_us_per_request".
 run() {
@@ -232,6 +260,12 @@ for round in $(seq "$rounds"); do
       a | c) targets=(direct haproxy nginx rollout) ;;
       b | d) targets=(rollout nginx haproxy direct) ;;
     esac
+    if [ -n "$baseline_bin" ]; then
+      case $scenario in
+        a | c) targets+=(baseline) ;;
+        b | d) targets=(baseline "${targets[@]}") ;;
+      esac
+    fi
     for target in "${targets[@]}"; do
       read -r r a b c < <(run "$target" "$scenario")
       key="$scenario/$target"
@@ -252,7 +286,7 @@ printf '| scenario | target | req/s | p50 ms | p99 ms | CPU µs/req | req/s vs N
 printf '|---|---|---:|---:|---:|---:|---:|---:|---:|\n'
 for scenario in a b c d; do
   n_rps=$(median <<<"${rps[$scenario/nginx]}"); n_p99=$(median <<<"${p99[$scenario/nginx]}"); n_cpu=$(median <<<"${cpu[$scenario/nginx]}")
-  for target in direct nginx haproxy rollout; do
+  for target in direct "${proxies[@]}"; do
     key="$scenario/$target"
     r=$(median <<<"${rps[$key]}"); a=$(median <<<"${p50[$key]}"); b=$(median <<<"${p99[$key]}"); c=$(median <<<"${cpu[$key]}")
     awk -v s="$scenario" -v t="$target" -v r="$r" -v a="$a" -v b="$b" -v c="$c" -v nr="$n_rps" -v nb="$n_p99" -v nc="$n_cpu" 'BEGIN {
@@ -276,3 +310,10 @@ echo "- (a) rollout-proxy / NGINX, CPU per request: $(paired round_cpu a/rollout
 echo "- (a) rollout-proxy / NGINX, req/s: $(paired round_rps a/rollout a/nginx)"
 echo "- (a) rollout-proxy / NGINX, p99: $(paired round_p99 a/rollout a/nginx)"
 echo "- (b) / (a), rollout-proxy, CPU per request: $(paired round_cpu b/rollout a/rollout)"
+if [ -n "$baseline_bin" ]; then
+  echo "- (a) rollout-proxy / baseline ($baseline_bin), CPU per request: $(paired round_cpu a/rollout a/baseline)"
+  echo "- (a) rollout-proxy / baseline, req/s: $(paired round_rps a/rollout a/baseline)"
+  echo "- (a) rollout-proxy / baseline, p99: $(paired round_p99 a/rollout a/baseline)"
+  echo "- (b) rollout-proxy / baseline, CPU per request: $(paired round_cpu b/rollout b/baseline)"
+  echo "- (d) rollout-proxy / baseline, CPU per request: $(paired round_cpu d/rollout d/baseline)"
+fi
