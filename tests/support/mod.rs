@@ -1,6 +1,7 @@
 //! Shared test fixtures: stub upstreams on real sockets, an in-process proxy, an HTTP client.
 #![allow(dead_code)]
 
+pub mod config;
 pub mod raw;
 
 use std::collections::BTreeMap;
@@ -13,6 +14,10 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
+#[allow(unused_imports)] // each test binary uses some
+pub use config::{
+    edit, ClientSettings, ConfigBuilder, Ejection, Health, Pool, SessionKey, Sessions, UpstreamSettings,
+};
 use http::{HeaderMap, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Body, Frame, Incoming};
