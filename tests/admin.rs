@@ -3,17 +3,13 @@
 
 mod support;
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use http::StatusCode;
-use rollout_proxy::clock::SystemClock;
-use rollout_proxy::config::Config;
-use rollout_proxy::server::{Server, StartOptions};
 use serde_json::Value;
-use support::{
-    admin_call, config_yaml, get, metric, pools_of, with_token_file, ProxyHandle, Reply, Upstream,
-};
+use support::{admin_call, get, metric, pools_of, ConfigBuilder, ProxyBuilder, ProxyHandle, Reply, Upstream};
 
 const TOKEN: &str = "s3cret-admin-token";
 
@@ -21,8 +17,8 @@ const TOKEN: &str = "s3cret-admin-token";
 struct Fixture {
     proxy: ProxyHandle,
     dir: tempfile::TempDir,
-    v1: std::net::SocketAddr,
-    v2: std::net::SocketAddr,
+    v1: SocketAddr,
+    v2: SocketAddr,
 }
 
 impl Fixture {
@@ -31,11 +27,10 @@ impl Fixture {
         let v1 = Upstream::new("v1-a").spawn().await;
         let v2 = Upstream::new("v2-a").spawn().await;
         std::fs::write(dir.path().join("token"), format!("{TOKEN}\n")).unwrap();
-        let fixture_dir = tempfile::tempdir().unwrap();
-        let mut fixture = Fixture { proxy: placeholder(), dir, v1, v2 };
-        fixture.write_config(100.0);
-        fixture.proxy = fixture.spawn(fixture_dir).await;
-        fixture
+        let file = dir.path().join("rollout.yaml");
+        write_config(&file, &dir, v1, v2, 100.0);
+        let proxy = ProxyBuilder::from_file(&file).spawn().await;
+        Fixture { proxy, dir, v1, v2 }
     }
 
     fn config_file(&self) -> PathBuf {
@@ -43,24 +38,7 @@ impl Fixture {
     }
 
     fn write_config(&self, percent: f64) {
-        let yaml = config_yaml(
-            &[("v1-a", self.v1, 1), ("v1-b", self.v1, 1)],
-            &[("v2-a", self.v2, 1)],
-            &format!("routes: {{ legacy_v1_percent: {percent} }}\n"),
-        );
-        std::fs::write(self.config_file(), with_token_file(&yaml, &self.dir.path().join("token"))).unwrap();
-    }
-
-    async fn spawn(&self, state: tempfile::TempDir) -> ProxyHandle {
-        let config = Config::load(&self.config_file()).unwrap().with_state_dir(state.path());
-        let server = Server::start_with(config, StartOptions::default()).await.unwrap();
-        ProxyHandle::from_server(server, state)
-    }
-
-    async fn restart(&mut self) {
-        let proxy = std::mem::replace(&mut self.proxy, placeholder());
-        let state = proxy.shutdown().await;
-        self.proxy = self.spawn(state).await;
+        write_config(&self.config_file(), &self.dir, self.v1, self.v2, percent);
     }
 
     async fn call(&self, method: &str, path: &str, body: Option<&str>) -> Reply {
@@ -72,8 +50,15 @@ impl Fixture {
     }
 }
 
-fn placeholder() -> ProxyHandle {
-    ProxyHandle::placeholder()
+/// Two v1 upstreams (both at `v1`), one v2, the token file in `dir`.
+fn write_config(file: &Path, dir: &tempfile::TempDir, v1: SocketAddr, v2: SocketAddr, percent: f64) {
+    let config = ConfigBuilder::new()
+        .v1("v1-a", v1, 1)
+        .v1("v1-b", v1, 1)
+        .v2("v2-a", v2, 1)
+        .legacy_v1_percent(percent)
+        .admin_token_file(&dir.path().join("token"));
+    std::fs::write(file, config.render()).unwrap();
 }
 
 fn error_of(reply: &Reply) -> String {
@@ -178,7 +163,7 @@ async fn changing_endpoints_need_the_right_token_and_a_refusal_changes_nothing()
 async fn without_a_configured_token_changes_are_refused_with_an_explanation() {
     let v1 = Upstream::new("v1-a").spawn().await;
     let v2 = Upstream::new("v2-a").spawn().await;
-    let proxy = support::spawn_proxy(&config_yaml(&[("v1-a", v1, 1)], &[("v2-a", v2, 1)], "")).await;
+    let proxy = ProxyBuilder::new(&ConfigBuilder::one_each(v1, v2)).spawn().await;
     for (method, path, body) in MUTATIONS {
         let reply = admin_call(method, &proxy.admin_url(path), Some(TOKEN), None, body).await;
         assert_eq!(reply.status, StatusCode::FORBIDDEN, "{method} {path}");
@@ -190,19 +175,9 @@ async fn without_a_configured_token_changes_are_refused_with_an_explanation() {
 
 #[tokio::test]
 async fn a_non_loopback_admin_address_without_a_token_refuses_to_start() {
-    let yaml = config_yaml(
-        &[("v1-a", "127.0.0.1:1".parse().unwrap(), 1)],
-        &[("v2-a", "127.0.0.1:2".parse().unwrap(), 1)],
-        "",
-    )
-    .replace("admin: { listen: \"127.0.0.1:0\" }", "admin: { listen: \"0.0.0.0:0\" }");
-    let state = tempfile::tempdir().unwrap();
-    let config = Config::from_yaml(&yaml, Path::new("t.yaml")).unwrap().with_state_dir(state.path());
-    let err =
-        Server::start_with(config, StartOptions { clock: Arc::new(SystemClock), ..StartOptions::default() })
-            .await
-            .err()
-            .expect("refused");
+    let config = ConfigBuilder::one_each("127.0.0.1:1".parse().unwrap(), "127.0.0.1:2".parse().unwrap())
+        .admin_listen("0.0.0.0:0");
+    let err = ProxyBuilder::new(&config).try_spawn().await.err().expect("refused");
     assert!(err.to_string().contains("is not a loopback address and no admin token is configured"), "{err}");
 }
 
@@ -341,7 +316,7 @@ async fn the_percentage_moves_under_traffic_and_the_override_survives_restart_an
     assert_eq!(traffic.await.unwrap(), Vec::<usize>::new(), "pinned studies moved");
 
     // A restart keeps the override.
-    f.restart().await;
+    f.proxy.restart().await;
     assert_eq!(f.status().await["routes"]["legacy_v1_percent"], 0.0);
     assert_eq!(pools_of(vec![f.proxy.url("/api/studies/new-2")]).await, ["v2"]);
     assert_eq!(pools_of(vec![f.proxy.url("/api/studies/7")]).await, ["v1"]);

@@ -2,31 +2,34 @@
 
 mod support;
 
+use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use rollout_proxy::config::Config;
-use rollout_proxy::server::{Server, StartOptions};
-use support::{config_yaml, pools_of, with_token_file, ProxyHandle, Upstream};
+use support::{pools_of, ConfigBuilder, ProxyBuilder, ProxyHandle, Upstream};
 
 const TOKEN: &str = "ctl-test-token";
 
-async fn proxy(dir: &Path, extra: &str) -> ProxyHandle {
+/// A proxy with one upstream per pool, the admin token in `dir/token`, loaded from
+/// `dir/rollout.yaml` (so `ctl reload` works), its config adjusted by `adjust`.
+async fn proxy(dir: &Path, adjust: impl FnOnce(ConfigBuilder) -> ConfigBuilder) -> ProxyHandle {
     let v1 = Upstream::new("v1-a").spawn().await;
     let v2 = Upstream::new("v2-a").spawn().await;
     std::fs::write(dir.join("token"), TOKEN).unwrap();
-    let yaml =
-        with_token_file(&config_yaml(&[("v1-a", v1, 1)], &[("v2-a", v2, 1)], extra), &dir.join("token"));
-    std::fs::write(dir.join("rollout.yaml"), yaml).unwrap();
-    let state = tempfile::tempdir().unwrap();
-    let config = Config::load(&dir.join("rollout.yaml")).unwrap().with_state_dir(state.path());
-    ProxyHandle::from_server(Server::start_with(config, StartOptions::default()).await.unwrap(), state)
+    let config = adjust(ConfigBuilder::one_each(v1, v2).admin_token_file(&dir.join("token")));
+    std::fs::write(dir.join("rollout.yaml"), config.render()).unwrap();
+    ProxyBuilder::from_file(&dir.join("rollout.yaml")).spawn().await
 }
 
 /// Runs `ctl` with `args` against `proxy`; returns (exit code, stdout, stderr).
 async fn ctl(proxy: &ProxyHandle, token_file: Option<&Path>, args: &[&str]) -> (i32, String, String) {
+    ctl_at(proxy.admin_addr, token_file, args).await
+}
+
+/// Runs `ctl` with `args` against the admin API at `admin`.
+async fn ctl_at(admin: SocketAddr, token_file: Option<&Path>, args: &[&str]) -> (i32, String, String) {
     let mut command = support::binary();
-    command.args(["ctl", "--admin", &format!("http://{}", proxy.admin_addr)]);
+    command.args(["ctl", "--admin", &format!("http://{admin}")]);
     if let Some(file) = token_file {
         command.arg("--token-file").arg(file);
     }
@@ -42,7 +45,7 @@ async fn ctl(proxy: &ProxyHandle, token_file: Option<&Path>, args: &[&str]) -> (
 #[tokio::test]
 async fn every_command_works_against_a_running_proxy() {
     let dir = tempfile::tempdir().unwrap();
-    let proxy = proxy(dir.path(), "").await;
+    let proxy = proxy(dir.path(), |c| c).await;
     let token = dir.path().join("token");
     let token = Some(token.as_path());
 
@@ -92,7 +95,7 @@ async fn every_command_works_against_a_running_proxy() {
 #[tokio::test]
 async fn a_bad_token_or_bad_input_exits_non_zero_with_the_servers_message() {
     let dir = tempfile::tempdir().unwrap();
-    let proxy = proxy(dir.path(), "").await;
+    let proxy = proxy(dir.path(), |c| c).await;
     std::fs::write(dir.path().join("wrong"), "not-the-token").unwrap();
     let (code, _, err) = ctl(&proxy, Some(&dir.path().join("wrong")), &["legacy-percent", "10"]).await;
     assert_eq!(code, 1);
@@ -108,10 +111,11 @@ async fn a_bad_token_or_bad_input_exits_non_zero_with_the_servers_message() {
     let (code, _, err) = ctl(&proxy, Some(&token), &["weight", "v1-a", "1"]).await;
     assert_eq!(code, 1);
     assert!(err.contains("is not POOL/UPSTREAM"), "{err}");
-    let gone = ProxyHandle::placeholder();
     proxy.shutdown().await;
 
-    let (code, _, err) = ctl(&gone, Some(&token), &["status"]).await;
+    // An address where nothing listens.
+    let (gone, _reserved) = support::refused_addr();
+    let (code, _, err) = ctl_at(gone, Some(&token), &["status"]).await;
     assert_eq!(code, 1);
     assert!(err.contains("cannot reach the admin API"), "{err}");
 }
@@ -120,7 +124,7 @@ async fn a_bad_token_or_bad_input_exits_non_zero_with_the_servers_message() {
 async fn drain_wait_returns_when_the_signal_turns_on() {
     let dir = tempfile::tempdir().unwrap();
     // Legacy traffic all to v2, and a 2-second quiet window counted from the start.
-    let proxy = proxy(dir.path(), "routes: { legacy_v1_percent: 0 }\ndrain: { quiet_window: 2s }\n").await;
+    let proxy = proxy(dir.path(), |c| c.legacy_v1_percent(0.0).quiet_window(Duration::from_secs(2))).await;
     let (code, out, _) = ctl(&proxy, None, &["drain"]).await;
     assert_eq!(code, 3, "not drained yet: {out}");
     assert!(out.starts_with("not drained"), "{out}");

@@ -14,7 +14,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use support::{config_yaml, spawn_proxy, Upstream};
+use support::{ConfigBuilder, ProxyBuilder, Upstream};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -291,7 +291,7 @@ async fn run(proxy: SocketAddr, request: &str, hyper_path: bool) -> Outcome {
 async fn both_paths_forward_and_answer_the_same() {
     let (v1, seen) = recording_upstream().await;
     let v2 = Upstream::new("v2-a").spawn().await;
-    let proxy = spawn_proxy(&config_yaml(&[("v1-a", v1, 1)], &[("v2-a", v2, 1)], "")).await;
+    let proxy = ProxyBuilder::new(&ConfigBuilder::one_each(v1, v2)).spawn().await;
 
     let mut cases = Vec::new();
     for (shape, template) in REQUESTS {
@@ -362,7 +362,7 @@ async fn the_upstream_sees_what_the_rules_say() {
     // are wrong.
     let (v1, seen) = recording_upstream().await;
     let v2 = Upstream::new("v2-a").spawn().await;
-    let proxy = spawn_proxy(&config_yaml(&[("v1-a", v1, 1)], &[("v2-a", v2, 1)], "")).await;
+    let proxy = ProxyBuilder::new(&ConfigBuilder::one_each(v1, v2)).spawn().await;
     for (path, hyper_path) in [("fast", false), ("hyper", true)] {
         let request = REQUESTS[1].1.replace("{target}", "/r/ok").replace("{case}", path);
         run(proxy.addr, &request, hyper_path).await;

@@ -2,24 +2,26 @@
 
 mod support;
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use http::StatusCode;
-use rollout_proxy::clock::{ManualClock, SharedClock};
 use serde_json::Value;
-use support::{config_yaml, get, metric, spawn_proxy_with, ProxyHandle, Upstream};
+use support::{get, metric, ConfigBuilder, ManualClock, ProxyBuilder, ProxyHandle, Sessions, Upstream};
 
 const MINUTE: Duration = Duration::from_secs(60);
 
-async fn proxy(percent: u32, clock: &ManualClock, state: tempfile::TempDir) -> ProxyHandle {
+async fn proxy(percent: f64, clock: &ManualClock, state: tempfile::TempDir) -> ProxyHandle {
     let v1 = Upstream::new("v1-a").spawn().await;
     let v2 = Upstream::new("v2-a").spawn().await;
-    let extra = format!(
-        "routes: {{ legacy_v1_percent: {percent} }}\ndrain: {{ quiet_window: 1h }}\nsessions: {{ idle_timeout: 2h, max_duration: 10h40m }}\n"
-    );
-    let shared: SharedClock = Arc::new(clock.clone());
-    spawn_proxy_with(&config_yaml(&[("v1-a", v1, 1)], &[("v2-a", v2, 1)], &extra), shared, state).await
+    let config = ConfigBuilder::one_each(v1, v2)
+        .legacy_v1_percent(percent)
+        .quiet_window(60 * MINUTE)
+        .sessions(Sessions {
+            idle_timeout: Some(120 * MINUTE),
+            max_duration: Some(640 * MINUTE),
+            ..Sessions::default()
+        });
+    ProxyBuilder::new(&config).clock(clock).state_dir(state).spawn().await
 }
 
 /// `GET /drain`: (HTTP status, body).
@@ -41,7 +43,7 @@ fn unix_ms(rfc3339: &Value) -> u64 {
 #[tokio::test]
 async fn with_no_state_the_window_starts_at_process_start_and_v2_traffic_does_not_disturb_it() {
     let clock = ManualClock::starting_now();
-    let proxy = proxy(0, &clock, tempfile::tempdir().unwrap()).await;
+    let proxy = proxy(0.0, &clock, tempfile::tempdir().unwrap()).await;
     let (status, body) = drain(&proxy).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
     assert_eq!(body["drained"], false);
@@ -66,7 +68,7 @@ async fn with_no_state_the_window_starts_at_process_start_and_v2_traffic_does_no
 #[tokio::test]
 async fn v1_traffic_restarts_the_quiet_window() {
     let clock = ManualClock::starting_now();
-    let proxy = proxy(100, &clock, tempfile::tempdir().unwrap()).await;
+    let proxy = proxy(100.0, &clock, tempfile::tempdir().unwrap()).await;
     clock.advance(2 * 60 * MINUTE);
     assert_eq!(drain(&proxy).await.0, StatusCode::OK, "quiet for two hours since start");
 
@@ -87,12 +89,12 @@ async fn v1_traffic_restarts_the_quiet_window() {
 #[tokio::test]
 async fn a_live_v1_pin_holds_the_signal_until_it_ends() {
     let clock = ManualClock::starting_now();
-    let proxy = proxy(100, &clock, tempfile::tempdir().unwrap()).await;
+    let proxy = proxy(100.0, &clock, tempfile::tempdir().unwrap()).await;
     assert_eq!(get(&proxy.url("/api/studies/77/contents")).await.header("x-rollout-pool"), Some("v1"));
-    let _ = proxy.shared().maintain();
+    proxy.maintain();
 
     clock.advance(61 * MINUTE);
-    let _ = proxy.shared().maintain();
+    proxy.maintain();
     let (status, body) = drain(&proxy).await;
     assert_eq!(
         status,
@@ -103,7 +105,7 @@ async fn a_live_v1_pin_holds_the_signal_until_it_ends() {
     assert!(body["quiet_for_seconds"].as_f64().unwrap() >= 3600.0);
 
     clock.advance(60 * MINUTE); // the pin has been idle for its 2 h idle timeout
-    let _ = proxy.shared().maintain();
+    proxy.maintain();
     let (status, body) = drain(&proxy).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["v1_active_pins"], 0);
@@ -113,13 +115,13 @@ async fn a_live_v1_pin_holds_the_signal_until_it_ends() {
 #[tokio::test]
 async fn a_restart_never_makes_the_signal_come_earlier() {
     let clock = ManualClock::starting_now();
-    let proxy1 = proxy(100, &clock, tempfile::tempdir().unwrap()).await;
+    let proxy1 = proxy(100.0, &clock, tempfile::tempdir().unwrap()).await;
     let v1_at = clock.now_ms();
     get(&proxy1.url("/api/members/me")).await;
     let state = proxy1.shutdown().await;
 
     clock.advance(59 * MINUTE);
-    let proxy2 = proxy(100, &clock, state).await;
+    let proxy2 = proxy(100.0, &clock, state).await;
     let (status, body) = drain(&proxy2).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
     assert!(unix_ms(&body["last_v1_request_at"]) >= v1_at, "the clock did not move back: {body}");
@@ -128,10 +130,15 @@ async fn a_restart_never_makes_the_signal_come_earlier() {
 
     // Within the read-back slack of the window's end it is still not drained; after it, it is.
     clock.advance(MINUTE);
-    let proxy3 = proxy(100, &clock, state).await;
+    let proxy3 = proxy(100.0, &clock, state).await;
     assert_eq!(drain(&proxy3).await.0, StatusCode::SERVICE_UNAVAILABLE);
     clock.advance(Duration::from_secs(3));
     let (status, body) = drain(&proxy3).await;
-    assert_eq!(status, StatusCode::OK, "{body} v1_at={}", rollout_proxy::drain::rfc3339(v1_at));
+    assert_eq!(
+        status,
+        StatusCode::OK,
+        "{body} v1_at={}",
+        humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + Duration::from_millis(v1_at))
+    );
     proxy3.shutdown().await;
 }

@@ -8,19 +8,21 @@ use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
 use http::StatusCode;
-use support::{config_yaml, get, spawn_proxy, Upstream};
+use support::{get, ConfigBuilder, Ejection, Health, Pool, ProxyBuilder, Upstream, UpstreamSettings};
 use tokio_tungstenite::tungstenite::Message;
 
-const RESILIENT: &str = "\
-upstream: { retries: 2, connect_timeout: 500ms }
-";
+/// Retries on another upstream, and a short connect timeout.
+fn resilient(config: ConfigBuilder) -> ConfigBuilder {
+    config.upstream_settings(UpstreamSettings {
+        retries: Some(2),
+        connect_timeout: Some(Duration::from_millis(500)),
+        ..UpstreamSettings::default()
+    })
+}
 
-fn with_checks(yaml: &str) -> String {
-    // Health checks and fast ejection on the v1 pool.
-    yaml.replace(
-        "  v2:\n",
-        "    health: { path: /healthz, interval: 200ms, timeout: 200ms, healthy_threshold: 2, unhealthy_threshold: 2 }\n    ejection: { consecutive_failures: 3, duration: 1s }\n  v2:\n",
-    )
+/// Health checks and fast ejection on the v1 pool.
+fn with_checks(config: ConfigBuilder) -> ConfigBuilder {
+    config.health(Pool::V1, Health::fast()).ejection(Pool::V1, Ejection::after(3, Duration::from_secs(1)))
 }
 
 /// The health of a v1 upstream as `GET /status` on `admin` reports it.
@@ -44,10 +46,9 @@ async fn killing_one_of_two_v1_upstreams_fails_no_request_and_it_comes_back() {
     let mut b = Upstream::new("v1-b").spawn_killable().await;
     let v2 = Upstream::new("v2-a").spawn().await;
     let dir = tempfile::tempdir().unwrap();
-    let yaml =
-        with_checks(&config_yaml(&[("v1-a", a.addr, 1), ("v1-b", b.addr, 1)], &[("v2-a", v2, 1)], RESILIENT));
+    let config = ConfigBuilder::new().v1("v1-a", a.addr, 1).v1("v1-b", b.addr, 1).v2("v2-a", v2, 1);
     // The proxy as operators run it: the binary, in its own process.
-    let file = support::write_config(dir.path(), &yaml);
+    let file = support::write_config(dir.path(), &with_checks(resilient(config)));
     let proxy = support::ProxyProcess::start(&["run", "--config", &file]).await;
     let admin = proxy.admin_url("");
 
@@ -109,8 +110,9 @@ async fn killing_one_of_two_v1_upstreams_fails_no_request_and_it_comes_back() {
 async fn health_probes_are_not_v1_traffic() {
     let a = Upstream::new("v1-a").spawn().await;
     let v2 = Upstream::new("v2-a").spawn().await;
-    let extra = "routes: { legacy_v1_percent: 0 }\ndrain: { quiet_window: 1500ms }\n";
-    let proxy = spawn_proxy(&with_checks(&config_yaml(&[("v1-a", a, 1)], &[("v2-a", v2, 1)], extra))).await;
+    let config =
+        ConfigBuilder::one_each(a, v2).legacy_v1_percent(0.0).quiet_window(Duration::from_millis(1500));
+    let proxy = ProxyBuilder::new(&with_checks(config)).spawn().await;
     // Probes every 200 ms for two seconds: v1 still counts as quiet.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let text = String::from_utf8(get(&proxy.admin_url("/metrics")).await.body.to_vec()).unwrap();
@@ -125,9 +127,8 @@ async fn all_v1_upstreams_down_answers_503_no_upstream_quickly() {
     let a = Upstream::new("v1-a").spawn_killable().await;
     let b = Upstream::new("v1-b").spawn_killable().await;
     let v2 = Upstream::new("v2-a").spawn().await;
-    let yaml =
-        with_checks(&config_yaml(&[("v1-a", a.addr, 1), ("v1-b", b.addr, 1)], &[("v2-a", v2, 1)], RESILIENT));
-    let proxy = spawn_proxy(&yaml).await;
+    let config = ConfigBuilder::new().v1("v1-a", a.addr, 1).v1("v1-b", b.addr, 1).v2("v2-a", v2, 1);
+    let proxy = ProxyBuilder::new(&with_checks(resilient(config))).spawn().await;
     assert_eq!(get(&proxy.url("/api/studies/1")).await.status, StatusCode::OK);
     a.kill();
     b.kill();
@@ -148,8 +149,8 @@ async fn a_failed_connection_is_retried_on_another_upstream_of_the_same_pool_wit
     let (dead, _reserved) = support::refused_addr();
     let alive = Upstream::new("v1-alive").spawn().await;
     let v2 = Upstream::new("v2-a").spawn().await;
-    let yaml = config_yaml(&[("v1-dead", dead, 1), ("v1-alive", alive, 1)], &[("v2-a", v2, 1)], RESILIENT);
-    let proxy = spawn_proxy(&yaml).await;
+    let config = ConfigBuilder::new().v1("v1-dead", dead, 1).v1("v1-alive", alive, 1).v2("v2-a", v2, 1);
+    let proxy = ProxyBuilder::new(&resilient(config)).spawn().await;
     let body = support::pattern_bytes(200_000);
     for _ in 0..6 {
         let req = http::Request::post(proxy.url("/api/studies/9/contents"))
@@ -173,8 +174,9 @@ async fn a_failed_connection_is_retried_on_another_upstream_of_the_same_pool_wit
 async fn websocket_echo_passes_through_and_a_graceful_stop_waits_for_the_tunnel() {
     let echo = support::spawn_websocket_echo().await;
     let v1 = Upstream::new("v1-a").spawn().await;
-    let yaml = config_yaml(&[("v1-a", v1, 1)], &[("ws", echo, 1)], "shutdown: { grace_period: 10s }\n");
-    let proxy = spawn_proxy(&yaml).await;
+    let config =
+        ConfigBuilder::new().v1("v1-a", v1, 1).v2("ws", echo, 1).grace_period(Duration::from_secs(10));
+    let proxy = ProxyBuilder::new(&config).spawn().await;
 
     let (mut ws, response) =
         tokio_tungstenite::connect_async(format!("ws://{}/api/v2/live", proxy.addr)).await.unwrap();

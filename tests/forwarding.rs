@@ -2,22 +2,28 @@
 
 mod support;
 
+use std::time::Duration;
+
 use bytes::Bytes;
 use http::{Method, Request, StatusCode};
 use http_body_util::Full;
-use support::{config_yaml, get, h2c_client, http1_client, send, spawn_proxy, Upstream};
+use support::{
+    get, h2c_client, http1_client, send, ClientSettings, ConfigBuilder, ProxyBuilder, Upstream,
+    UpstreamSettings,
+};
 
 const FIVE_MIB: usize = 5 * 1024 * 1024;
 
-async fn proxy_to_one_v1(extra: &str) -> support::ProxyHandle {
+/// A proxy with one upstream per pool, its config adjusted by `adjust`.
+async fn proxy_to_one_v1(adjust: impl FnOnce(ConfigBuilder) -> ConfigBuilder) -> support::ProxyHandle {
     let v1 = Upstream::new("v1-a").spawn().await;
     let v2 = Upstream::new("v2-a").spawn().await;
-    spawn_proxy(&config_yaml(&[("v1-a", v1, 1)], &[("v2-a", v2, 1)], extra)).await
+    ProxyBuilder::new(&adjust(ConfigBuilder::one_each(v1, v2))).spawn().await
 }
 
 #[tokio::test]
 async fn five_mib_request_body_arrives_intact() {
-    let proxy = proxy_to_one_v1("").await;
+    let proxy = proxy_to_one_v1(|c| c).await;
     let body = support::pattern_bytes(FIVE_MIB);
     let req = Request::post(proxy.url("/api/studies/9/contents"))
         .body(Full::new(Bytes::from(body.clone())))
@@ -31,7 +37,7 @@ async fn five_mib_request_body_arrives_intact() {
 
 #[tokio::test]
 async fn five_mib_streamed_response_arrives_intact() {
-    let proxy = proxy_to_one_v1("").await;
+    let proxy = proxy_to_one_v1(|c| c).await;
     let reply = get(&proxy.url(&format!("/__big/{FIVE_MIB}"))).await;
     assert_eq!(reply.status, StatusCode::OK);
     assert_eq!(reply.header("x-rollout-pool"), Some("v1"));
@@ -42,7 +48,7 @@ async fn five_mib_streamed_response_arrives_intact() {
 
 #[tokio::test]
 async fn hop_by_hop_headers_stay_behind_and_forwarded_headers_are_set() {
-    let proxy = proxy_to_one_v1("").await;
+    let proxy = proxy_to_one_v1(|c| c).await;
     let req = Request::get(proxy.url("/api/studies/9"))
         .header("host", "study.example")
         .header("connection", "keep-alive, x-hop-secret")
@@ -68,7 +74,7 @@ async fn hop_by_hop_headers_stay_behind_and_forwarded_headers_are_set() {
 
 #[tokio::test]
 async fn pool_header_can_be_turned_off() {
-    let proxy = proxy_to_one_v1("routes: { pool_header: false }\n").await;
+    let proxy = proxy_to_one_v1(|c| c.pool_header(false)).await;
     let reply = get(&proxy.url("/api/studies/1")).await;
     assert_eq!(reply.status, StatusCode::OK);
     assert_eq!(reply.header("x-upstream"), Some("v1-a"));
@@ -78,7 +84,7 @@ async fn pool_header_can_be_turned_off() {
 
 #[tokio::test]
 async fn h2c_prior_knowledge_is_served_and_forwarded_as_http1() {
-    let proxy = proxy_to_one_v1("").await;
+    let proxy = proxy_to_one_v1(|c| c).await;
     let client = h2c_client();
     let reply =
         send(&client, Request::get(proxy.url("/api/v2/studies/3")).body(Full::default()).unwrap()).await;
@@ -103,7 +109,8 @@ async fn h2c_prior_knowledge_is_served_and_forwarded_as_http1() {
 async fn refused_upstream_answers_502_upstream_connect() {
     let (dead, _reserved) = support::refused_addr();
     let v2 = Upstream::new("v2-a").spawn().await;
-    let proxy = spawn_proxy(&config_yaml(&[("v1-dead", dead, 1)], &[("v2-a", v2, 1)], "")).await;
+    let proxy =
+        ProxyBuilder::new(&ConfigBuilder::new().v1("v1-dead", dead, 1).v2("v2-a", v2, 1)).spawn().await;
     let reply = get(&proxy.url("/api/studies/1")).await;
     assert_eq!(reply.status, StatusCode::BAD_GATEWAY);
     assert_eq!(reply.header("x-rollout-error"), Some("upstream_connect"));
@@ -114,18 +121,27 @@ async fn refused_upstream_answers_502_upstream_connect() {
 
 #[tokio::test]
 async fn stalled_upstream_answers_504_upstream_timeout() {
-    let proxy = proxy_to_one_v1("upstream: { response_timeout: 300ms }\n").await;
+    let proxy = proxy_to_one_v1(|c| {
+        c.upstream_settings(UpstreamSettings {
+            response_timeout: Some(Duration::from_millis(300)),
+            ..UpstreamSettings::default()
+        })
+    })
+    .await;
     let started = std::time::Instant::now();
     let reply = get(&proxy.url("/__stall")).await;
     assert_eq!(reply.status, StatusCode::GATEWAY_TIMEOUT);
     assert_eq!(reply.header("x-rollout-error"), Some("upstream_timeout"));
-    assert!(started.elapsed() < std::time::Duration::from_secs(10), "the timeout applied");
+    assert!(started.elapsed() < Duration::from_secs(10), "the timeout applied");
     proxy.shutdown().await;
 }
 
 #[tokio::test]
 async fn oversized_headers_answer_431() {
-    let proxy = proxy_to_one_v1("client: { max_header_bytes: 4096 }\n").await;
+    let proxy = proxy_to_one_v1(|c| {
+        c.client(ClientSettings { max_header_bytes: Some(4096), ..ClientSettings::default() })
+    })
+    .await;
     let req = Request::get(proxy.url("/api/studies/1"))
         .header("x-big", "a".repeat(6000))
         .body(Full::default())
@@ -147,7 +163,7 @@ async fn oversized_headers_answer_431() {
 async fn empty_pool_by_weight_answers_503_no_upstream_and_never_crosses_pools() {
     let v1 = Upstream::new("v1-a").spawn().await;
     let v2 = Upstream::new("v2-a").spawn().await;
-    let proxy = spawn_proxy(&config_yaml(&[("v1-a", v1, 0)], &[("v2-a", v2, 1)], "")).await;
+    let proxy = ProxyBuilder::new(&ConfigBuilder::new().v1("v1-a", v1, 0).v2("v2-a", v2, 1)).spawn().await;
     let reply = get(&proxy.url("/api/studies/1")).await;
     assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(reply.header("x-rollout-error"), Some("no_upstream"));

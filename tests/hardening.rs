@@ -18,7 +18,10 @@ use bytes::Bytes;
 use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use support::{config_yaml, get, metric, raw_upstream, spawn_proxy, Upstream};
+use support::{
+    get, metric, raw_upstream, ClientSettings, ConfigBuilder, Ejection, Pool, ProxyBuilder, Upstream,
+    UpstreamSettings,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -77,9 +80,21 @@ async fn scripted_upstream(bytes: &'static str, later: &'static str) -> SocketAd
     .0
 }
 
-async fn proxy_to(v1: SocketAddr, extra: &str) -> support::ProxyHandle {
+/// A proxy whose v1 pool is the one upstream at `v1`, its config adjusted by `adjust`.
+async fn proxy_to(
+    v1: SocketAddr,
+    adjust: impl FnOnce(ConfigBuilder) -> ConfigBuilder,
+) -> support::ProxyHandle {
     let v2 = Upstream::new("v2-a").spawn().await;
-    spawn_proxy(&config_yaml(&[("v1-a", v1, 1)], &[("v2-a", v2, 1)], extra)).await
+    ProxyBuilder::new(&adjust(ConfigBuilder::one_each(v1, v2))).spawn().await
+}
+
+fn with_client(client: ClientSettings) -> impl FnOnce(ConfigBuilder) -> ConfigBuilder {
+    move |config| config.client(client)
+}
+
+fn with_upstream(settings: UpstreamSettings) -> impl FnOnce(ConfigBuilder) -> ConfigBuilder {
+    move |config| config.upstream_settings(settings)
 }
 
 /// Writes `bytes` and reads until `done` says the text is complete, the peer closes, or 3 s
@@ -124,7 +139,7 @@ async fn a_bare_lf_in_chunk_framing_cannot_split_a_response() {
     for framing in ["0;\n\r\n", "0\r\nX: a\n\r\n", "5;a\nb\r\nhello\r\n0\r\n\r\n"] {
         let head = format!("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n{framing}");
         let v1 = scripted_upstream(Box::leak(head.into_boxed_str()), INJECTED).await;
-        let proxy = proxy_to(v1, "").await;
+        let proxy = proxy_to(v1, |c| c).await;
         let mut client = TcpStream::connect(proxy.addr).await.unwrap();
         let (first, closed) =
             exchange(&mut client, "GET /first HTTP/1.1\r\nHost: a\r\n\r\n", |t| t.contains("\r\n\r\n")).await;
@@ -152,9 +167,12 @@ async fn a_clients_broken_upload_ejects_no_upstream() {
     let a = Upstream::new("v1-a").spawn().await;
     let b = Upstream::new("v1-b").spawn().await;
     let v2 = Upstream::new("v2-a").spawn().await;
-    let yaml = config_yaml(&[("v1-a", a, 1), ("v1-b", b, 1)], &[("v2-a", v2, 1)], "")
-        .replace("  v2:\n", "    ejection: { consecutive_failures: 3, duration: 30s }\n  v2:\n");
-    let proxy = spawn_proxy(&yaml).await;
+    let config = ConfigBuilder::new()
+        .v1("v1-a", a, 1)
+        .v1("v1-b", b, 1)
+        .v2("v2-a", v2, 1)
+        .ejection(Pool::V1, Ejection::after(3, Duration::from_secs(30)));
+    let proxy = ProxyBuilder::new(&config).spawn().await;
     for _ in 0..8 {
         let answer = one_request(
             proxy.addr,
@@ -194,7 +212,15 @@ const EMPTY_SETTINGS: &[u8] = &[0, 0, 0, 4, 0, 0, 0, 0, 0];
 #[tokio::test]
 async fn silent_http2_connections_are_closed_and_free_their_slots() {
     let v1 = Upstream::new("v1-a").spawn().await;
-    let proxy = proxy_to(v1, "client: { max_connections: 4, header_read_timeout: 300ms }\n").await;
+    let proxy = proxy_to(
+        v1,
+        with_client(ClientSettings {
+            max_connections: Some(4),
+            header_read_timeout: Some(Duration::from_millis(300)),
+            ..ClientSettings::default()
+        }),
+    )
+    .await;
     let mut silent = Vec::new();
     for _ in 0..4 {
         let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
@@ -218,7 +244,14 @@ async fn silent_http2_connections_are_closed_and_free_their_slots() {
 #[tokio::test]
 async fn an_http2_connection_idle_after_a_request_is_closed() {
     let v1 = Upstream::new("v1-a").spawn().await;
-    let proxy = proxy_to(v1, "client: { header_read_timeout: 300ms }\n").await;
+    let proxy = proxy_to(
+        v1,
+        with_client(ClientSettings {
+            header_read_timeout: Some(Duration::from_millis(300)),
+            ..ClientSettings::default()
+        }),
+    )
+    .await;
     let stream = TcpStream::connect(proxy.addr).await.unwrap();
     let (mut sender, connection) =
         hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream)).await.unwrap();
@@ -273,7 +306,11 @@ async fn counting_upstream(delay: Duration) -> (SocketAddr, Arc<AtomicUsize>, Ar
 #[tokio::test]
 async fn http2_streams_per_connection_are_capped() {
     let (v1, _, peak) = counting_upstream(Duration::from_millis(400)).await;
-    let proxy = proxy_to(v1, "client: { max_concurrent_streams: 8 }\n").await;
+    let proxy = proxy_to(
+        v1,
+        with_client(ClientSettings { max_concurrent_streams: Some(8), ..ClientSettings::default() }),
+    )
+    .await;
     let stream = TcpStream::connect(proxy.addr).await.unwrap();
     let (sender, connection) =
         hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream)).await.unwrap();
@@ -302,7 +339,15 @@ async fn http2_streams_per_connection_are_capped() {
 #[tokio::test]
 async fn connections_per_upstream_are_capped() {
     let (v1, accepted, peak) = counting_upstream(Duration::from_millis(200)).await;
-    let proxy = proxy_to(v1, "upstream: { max_connections_per_upstream: 3, connect_timeout: 5s }\n").await;
+    let proxy = proxy_to(
+        v1,
+        with_upstream(UpstreamSettings {
+            max_connections_per_upstream: Some(3),
+            connect_timeout: Some(Duration::from_secs(5)),
+            ..UpstreamSettings::default()
+        }),
+    )
+    .await;
     let client = support::http1_client();
     let mut requests = Vec::new();
     for i in 0..12 {
@@ -318,8 +363,13 @@ async fn connections_per_upstream_are_capped() {
     proxy.shutdown().await;
 
     let (v1, _, _) = counting_upstream(Duration::from_millis(1500)).await;
-    let extra = "upstream: { max_connections_per_upstream: 1, connect_timeout: 200ms, retries: 0 }\n";
-    let proxy = proxy_to(v1, extra).await;
+    let one_connection = UpstreamSettings {
+        max_connections_per_upstream: Some(1),
+        connect_timeout: Some(Duration::from_millis(200)),
+        retries: Some(0),
+        ..UpstreamSettings::default()
+    };
+    let proxy = proxy_to(v1, with_upstream(one_connection)).await;
     let url = proxy.url("/api/members/1");
     let first = tokio::spawn(async move { get(&url).await });
     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -340,7 +390,7 @@ async fn a_content_length_next_to_transfer_encoding_is_dropped_on_both_paths() {
         "",
     )
     .await;
-    let proxy = proxy_to(v1, "").await;
+    let proxy = proxy_to(v1, |c| c).await;
     for prefix in [None, Some(TO_HYPER)] {
         let answer =
             one_request(proxy.addr, prefix, "GET /first HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
@@ -372,7 +422,14 @@ async fn not_reading(proxy: SocketAddr) -> TcpStream {
 #[tokio::test]
 async fn a_client_that_stops_reading_is_cut_off_after_send_timeout() {
     let v1 = Upstream::new("v1-a").spawn().await;
-    let proxy = proxy_to(v1, "client: { send_timeout: 400ms }\n").await;
+    let proxy = proxy_to(
+        v1,
+        with_client(ClientSettings {
+            send_timeout: Some(Duration::from_millis(400)),
+            ..ClientSettings::default()
+        }),
+    )
+    .await;
     const BIG: usize = 64 * 1024 * 1024;
     for prefix in [None, Some(TO_HYPER)] {
         let mut stream = not_reading(proxy.addr).await;
@@ -410,7 +467,14 @@ async fn a_client_that_stops_reading_is_cut_off_after_send_timeout() {
 #[tokio::test]
 async fn an_http2_stream_whose_client_does_not_read_is_cut_off() {
     let v1 = Upstream::new("v1-a").spawn().await;
-    let proxy = proxy_to(v1, "client: { send_timeout: 400ms }\n").await;
+    let proxy = proxy_to(
+        v1,
+        with_client(ClientSettings {
+            send_timeout: Some(Duration::from_millis(400)),
+            ..ClientSettings::default()
+        }),
+    )
+    .await;
     let stream = TcpStream::connect(proxy.addr).await.unwrap();
     let (mut sender, connection) =
         hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream)).await.unwrap();
@@ -431,7 +495,7 @@ async fn an_http2_stream_whose_client_does_not_read_is_cut_off() {
 #[tokio::test]
 async fn a_missing_repeated_or_invalid_host_is_refused_on_both_paths() {
     let v1 = Upstream::new("v1-a").spawn().await;
-    let proxy = proxy_to(v1, "").await;
+    let proxy = proxy_to(v1, |c| c).await;
     for (name, host_lines) in [
         ("path in host", "Host: evil.example/x?y@z\r\n"),
         ("space in host", "Host: a b\r\n"),
@@ -466,9 +530,14 @@ async fn a_missing_repeated_or_invalid_host_is_refused_on_both_paths() {
 async fn underscore_look_alikes_never_reach_the_upstream() {
     let request = "GET /api/members/me HTTP/1.1\r\nHost: a\r\nX_Forwarded_For: 6.6.6.6\r\nX_Forwarded_Proto: https\r\n\
                    Content_Length: 5\r\nTransfer_Encoding: chunked\r\nX-Kept: yes\r\nConnection: close\r\n\r\n";
-    for (extra, allowed) in [("", false), ("client: { allow_underscores_in_headers: true }\n", true)] {
+    for allowed in [false, true] {
         let v1 = Upstream::new("v1-a").spawn().await;
-        let proxy = proxy_to(v1, extra).await;
+        // The default, then the setting turned on.
+        let client = ClientSettings {
+            allow_underscores_in_headers: allowed.then_some(true),
+            ..ClientSettings::default()
+        };
+        let proxy = proxy_to(v1, with_client(client)).await;
         for prefix in [None, Some(TO_HYPER)] {
             let answer = one_request(proxy.addr, prefix, request).await;
             let echo: support::Echo = serde_json::from_str(answer.split_once("\r\n\r\n").unwrap().1).unwrap();
@@ -486,7 +555,7 @@ async fn underscore_look_alikes_never_reach_the_upstream() {
 async fn invalid_response_heads_are_refused_and_repeated_lengths_merged() {
     let v1 =
         scripted_upstream("HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\nok", "").await;
-    let proxy = proxy_to(v1, "").await;
+    let proxy = proxy_to(v1, |c| c).await;
     let answer =
         one_request(proxy.addr, None, "GET /first HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n").await;
     assert_eq!(answer.to_ascii_lowercase().matches("content-length").count(), 1, "{answer}");
@@ -496,7 +565,7 @@ async fn invalid_response_heads_are_refused_and_repeated_lengths_merged() {
         ["HTTP/1.1 000 Zero\r\nContent-Length: 0\r\n\r\n", "HTTP/1.1 600 Six\r\nContent-Length: 0\r\n\r\n"]
     {
         let v1 = scripted_upstream(head, "").await;
-        let proxy = proxy_to(v1, "").await;
+        let proxy = proxy_to(v1, |c| c).await;
         for prefix in [None, Some(TO_HYPER)] {
             let answer = one_request(proxy.addr, prefix, "GET /first HTTP/1.1\r\nHost: a\r\n\r\n").await;
             assert!(answer.starts_with("HTTP/1.1 502 "), "{head:?} {prefix:?}: {answer}");
@@ -510,7 +579,7 @@ async fn invalid_response_heads_are_refused_and_repeated_lengths_merged() {
 #[tokio::test]
 async fn the_admin_listener_bounds_half_sent_heads_and_connections() {
     let v1 = Upstream::new("v1-a").spawn().await;
-    let proxy = proxy_to(v1, "").await;
+    let proxy = proxy_to(v1, |c| c).await;
     let mut half = Vec::new();
     for _ in 0..64 {
         let mut stream = TcpStream::connect(proxy.admin_addr).await.unwrap();
@@ -541,9 +610,8 @@ async fn admin_json_with_trailing_bytes_is_refused_and_changes_nothing() {
     let token_file = dir.path().join("token");
     std::fs::write(&token_file, "secret\n").unwrap();
     let v2 = Upstream::new("v2-a").spawn().await;
-    let yaml =
-        support::with_token_file(&config_yaml(&[("v1-a", v1, 1)], &[("v2-a", v2, 1)], ""), &token_file);
-    let proxy = spawn_proxy(&yaml).await;
+    let config = ConfigBuilder::one_each(v1, v2).admin_token_file(&token_file);
+    let proxy = ProxyBuilder::new(&config).spawn().await;
     for body in [r#"{"v1_percent": 7}xyz"#, r#"{"v1_percent": 7}{"v1_percent": 8}"#, r#"{"v1_percent": 7} x"#]
     {
         let url = proxy.admin_url("/routes/legacy");
@@ -584,7 +652,8 @@ async fn an_idempotent_request_with_a_body_is_not_sent_twice() {
     })
     .await;
     let v2 = Upstream::new("v2-a").spawn().await;
-    let proxy = spawn_proxy(&config_yaml(&[("v1-a", a, 1), ("v1-b", b, 1)], &[("v2-a", v2, 1)], "")).await;
+    let config = ConfigBuilder::new().v1("v1-a", a, 1).v1("v1-b", b, 1).v2("v2-a", v2, 1);
+    let proxy = ProxyBuilder::new(&config).spawn().await;
     let put =
         "PUT /api/members/me HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello";
     let get_req = "GET /api/members/me HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n";
@@ -611,7 +680,7 @@ async fn a_field_named_ninth_in_connection_is_not_forwarded() {
         "",
     )
     .await;
-    let proxy = proxy_to(v1, "").await;
+    let proxy = proxy_to(v1, |c| c).await;
     for prefix in [None, Some(TO_HYPER)] {
         let answer =
             one_request(proxy.addr, prefix, "GET /first HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
@@ -626,7 +695,7 @@ async fn a_field_named_ninth_in_connection_is_not_forwarded() {
 #[tokio::test]
 async fn a_fragment_is_cut_off_before_routing_on_both_paths() {
     let v1 = Upstream::new("v1-a").spawn().await;
-    let proxy = proxy_to(v1, "").await;
+    let proxy = proxy_to(v1, |c| c).await;
     for (i, prefix) in [None, Some(TO_HYPER)].into_iter().enumerate() {
         let request =
             format!("GET /api/studies/frag{i}#part HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n");
@@ -645,7 +714,14 @@ async fn a_fragment_is_cut_off_before_routing_on_both_paths() {
 #[tokio::test]
 async fn a_body_that_stops_arriving_is_408_on_both_paths() {
     let v1 = Upstream::new("v1-a").spawn().await;
-    let proxy = proxy_to(v1, "upstream: { response_timeout: 300ms }\n").await;
+    let proxy = proxy_to(
+        v1,
+        with_upstream(UpstreamSettings {
+            response_timeout: Some(Duration::from_millis(300)),
+            ..UpstreamSettings::default()
+        }),
+    )
+    .await;
     for (path, request) in [
         ("fast", "POST /api/members HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\n01234"),
         (
@@ -730,7 +806,14 @@ impl tokio::io::AsyncWrite for SplitFirstWrite {
 #[tokio::test]
 async fn an_http2_preface_sent_in_pieces_is_still_bounded() {
     let v1 = Upstream::new("v1-a").spawn().await;
-    let proxy = proxy_to(v1, "client: { header_read_timeout: 300ms }\n").await;
+    let proxy = proxy_to(
+        v1,
+        with_client(ClientSettings {
+            header_read_timeout: Some(Duration::from_millis(300)),
+            ..ClientSettings::default()
+        }),
+    )
+    .await;
     let stream =
         SplitFirstWrite { inner: TcpStream::connect(proxy.addr).await.unwrap(), pause: None, written: 0 };
     let (mut sender, connection) =
@@ -751,8 +834,14 @@ async fn an_open_tunnel_counts_against_the_upstream_connection_cap() {
     use futures_util::{SinkExt, StreamExt};
     let echo = support::spawn_websocket_echo().await;
     let v1 = Upstream::new("v1-a").spawn().await;
-    let extra = "upstream: { max_connections_per_upstream: 1, connect_timeout: 300ms, retries: 0 }\n";
-    let proxy = spawn_proxy(&config_yaml(&[("v1-a", v1, 1)], &[("ws", echo, 1)], extra)).await;
+    let one_connection = UpstreamSettings {
+        max_connections_per_upstream: Some(1),
+        connect_timeout: Some(Duration::from_millis(300)),
+        retries: Some(0),
+        ..UpstreamSettings::default()
+    };
+    let config = ConfigBuilder::new().v1("v1-a", v1, 1).v2("ws", echo, 1).upstream_settings(one_connection);
+    let proxy = ProxyBuilder::new(&config).spawn().await;
     let url = format!("ws://{}/api/v2/live", proxy.addr);
     let (mut first, _) = tokio_tungstenite::connect_async(url.as_str()).await.unwrap();
     tokio::time::sleep(Duration::from_millis(100)).await;

@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use support::{config_yaml, raw_upstream, spawn_proxy, Upstream};
+use support::{raw_upstream, ClientSettings, ConfigBuilder, ProxyBuilder, Upstream, UpstreamSettings};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -41,7 +41,7 @@ async fn answering(mut stream: TcpStream, answer: fn(&str) -> String) {
 
 async fn proxy_to(v1: SocketAddr) -> support::ProxyHandle {
     let v2 = Upstream::new("v2-a").spawn().await;
-    spawn_proxy(&config_yaml(&[("v1-a", v1, 1)], &[("v2-a", v2, 1)], "")).await
+    ProxyBuilder::new(&ConfigBuilder::one_each(v1, v2)).spawn().await
 }
 
 /// Reads from `stream` until `done` says the text so far is complete, or the peer closes.
@@ -242,12 +242,11 @@ async fn a_body_trickled_byte_by_byte_is_cut_off_at_one_deadline() {
         raw_upstream(|stream| answering(stream, |_| "HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n".into()))
             .await;
     let v2 = Upstream::new("v2-a").spawn().await;
-    let proxy = spawn_proxy(&config_yaml(
-        &[("v1-a", v1, 1)],
-        &[("v2-a", v2, 1)],
-        "upstream: { response_timeout: 500ms }\n",
-    ))
-    .await;
+    let config = ConfigBuilder::one_each(v1, v2).upstream_settings(UpstreamSettings {
+        response_timeout: Some(Duration::from_millis(500)),
+        ..UpstreamSettings::default()
+    });
+    let proxy = ProxyBuilder::new(&config).spawn().await;
     let mut client = TcpStream::connect(proxy.addr).await.unwrap();
     client
         .write_all(b"POST /api/studies/4/contents HTTP/1.1\r\nHost: a\r\nContent-Length: 20\r\n\r\n")
@@ -305,7 +304,7 @@ async fn a_connection_moves_to_hyper_for_a_chunked_upload_after_plain_requests()
 async fn a_failed_head_request_gets_a_head_without_body_and_the_connection_goes_on() {
     let (refused, _socket) = support::refused_addr();
     let v2 = Upstream::new("v2-a").spawn().await;
-    let proxy = spawn_proxy(&config_yaml(&[("v1-a", refused, 1)], &[("v2-a", v2, 1)], "")).await;
+    let proxy = ProxyBuilder::new(&ConfigBuilder::one_each(refused, v2)).spawn().await;
     let mut client = TcpStream::connect(proxy.addr).await.unwrap();
     client.write_all(b"HEAD /api/members/me HTTP/1.1\r\nHost: a\r\n\r\n").await.unwrap();
     let (text, _) = read_until(&mut client, |t| t.ends_with("\r\n\r\n")).await;
@@ -321,11 +320,11 @@ async fn a_failed_head_request_gets_a_head_without_body_and_the_connection_goes_
 
 /// A proxy whose v1 answers "ok", and a client connection that has had one answer from it and
 /// is now idle.
-async fn idle_after_one_answer(extra: &str) -> (support::ProxyHandle, TcpStream) {
+async fn idle_after_one_answer(client: ClientSettings) -> (support::ProxyHandle, TcpStream) {
     let (v1, _) =
         raw_upstream(|s| answering(s, |_| "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok".to_owned())).await;
     let v2 = Upstream::new("v2-a").spawn().await;
-    let proxy = spawn_proxy(&config_yaml(&[("v1-a", v1, 1)], &[("v2-a", v2, 1)], extra)).await;
+    let proxy = ProxyBuilder::new(&ConfigBuilder::one_each(v1, v2).client(client)).spawn().await;
     let mut client = TcpStream::connect(proxy.addr).await.unwrap();
     client.write_all(b"GET /api/members/me HTTP/1.1\r\nHost: a\r\n\r\n").await.unwrap();
     let (text, closed) = read_until(&mut client, |t| t.ends_with("\r\n\r\nok")).await;
@@ -354,7 +353,7 @@ async fn assert_closed_not_reset(mut client: TcpStream) {
 
 #[tokio::test]
 async fn a_request_sent_as_a_stop_closes_the_idle_connection_sees_a_close_not_a_reset() {
-    let (proxy, client) = idle_after_one_answer("").await;
+    let (proxy, client) = idle_after_one_answer(ClientSettings::default()).await;
     // A graceful stop closes the now idle connection.
     let stopping = tokio::spawn(proxy.shutdown());
     assert_closed_not_reset(client).await;
@@ -363,7 +362,11 @@ async fn a_request_sent_as_a_stop_closes_the_idle_connection_sees_a_close_not_a_
 
 #[tokio::test]
 async fn a_request_sent_as_the_idle_timeout_closes_the_connection_sees_a_close_not_a_reset() {
-    let (proxy, client) = idle_after_one_answer("client: { header_read_timeout: 300ms }\n").await;
+    let (proxy, client) = idle_after_one_answer(ClientSettings {
+        header_read_timeout: Some(Duration::from_millis(300)),
+        ..ClientSettings::default()
+    })
+    .await;
     // The keep-alive connection waits header_read_timeout for its next request, then is closed.
     assert_closed_not_reset(client).await;
     proxy.shutdown().await;

@@ -5,15 +5,15 @@ mod support;
 use std::time::Duration;
 
 use http::StatusCode;
-use support::{config_yaml, get, ProxyProcess, Upstream};
+use support::{get, ConfigBuilder, ProxyProcess, Upstream};
 
 #[tokio::test]
 async fn sigterm_lets_an_in_flight_request_finish_then_exits_0() {
     let v1 = Upstream::new("v1-a").spawn().await;
     let v2 = Upstream::new("v2-a").spawn().await;
     let dir = tempfile::tempdir().unwrap();
-    let yaml = config_yaml(&[("v1-a", v1, 1)], &[("v2-a", v2, 1)], "shutdown: { grace_period: 20s }\n");
-    let file = support::write_config(dir.path(), &yaml);
+    let config = ConfigBuilder::one_each(v1, v2).grace_period(Duration::from_secs(20));
+    let file = support::write_config(dir.path(), &config);
     let mut proxy = ProxyProcess::start(&["run", "--config", &file]).await;
     assert_eq!(get(&proxy.admin_url("/readyz")).await.status, StatusCode::OK);
 

@@ -5,7 +5,7 @@ mod support;
 use std::time::{Duration, Instant};
 
 use http::StatusCode;
-use support::{config_yaml, get, spawn_proxy, ProxyProcess, Upstream};
+use support::{get, ClientSettings, ConfigBuilder, ProxyBuilder, ProxyProcess, Upstream};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -13,12 +13,9 @@ use tokio::net::TcpStream;
 async fn a_trickled_request_head_is_cut_off_while_others_are_served() {
     let v1 = Upstream::new("v1-a").spawn().await;
     let v2 = Upstream::new("v2-a").spawn().await;
-    let proxy = spawn_proxy(&config_yaml(
-        &[("v1-a", v1, 1)],
-        &[("v2-a", v2, 1)],
-        "client: { header_read_timeout: 500ms }\n",
-    ))
-    .await;
+    let client =
+        ClientSettings { header_read_timeout: Some(Duration::from_millis(500)), ..ClientSettings::default() };
+    let proxy = ProxyBuilder::new(&ConfigBuilder::one_each(v1, v2).client(client)).spawn().await;
 
     let mut slow = TcpStream::connect(proxy.addr).await.unwrap();
     slow.write_all(b"GET /api/studies/1 HTTP/1.1\r\nHost: x\r\n").await.unwrap();
@@ -55,10 +52,7 @@ async fn running_out_of_descriptors_does_not_stop_the_accept_loop() {
     let v1 = Upstream::new("v1-a").spawn().await;
     let v2 = Upstream::new("v2-a").spawn().await;
     let dir = tempfile::tempdir().unwrap();
-    let file = support::write_config(
-        dir.path(),
-        &config_yaml(&[("v1-a", v1, 1)], &[("v2-a", v2, 1)], "workers: 1\n"),
-    );
+    let file = support::write_config(dir.path(), &ConfigBuilder::one_each(v1, v2).workers(1));
     let command =
         format!("ulimit -n 48 && exec {} run --config {}", env!("CARGO_BIN_EXE_rollout-proxy"), file);
     let proxy = ProxyProcess::start_shell(&command).await;
@@ -108,8 +102,12 @@ async fn exchange(stream: &mut TcpStream) -> String {
 async fn connections_over_the_limit_get_503_and_an_idle_keep_alive_is_closed() {
     let v1 = Upstream::new("v1-a").spawn().await;
     let v2 = Upstream::new("v2-a").spawn().await;
-    let extra = "client: { max_connections: 3, header_read_timeout: 1s }\n";
-    let proxy = spawn_proxy(&config_yaml(&[("v1-a", v1, 1)], &[("v2-a", v2, 1)], extra)).await;
+    let client = ClientSettings {
+        max_connections: Some(3),
+        header_read_timeout: Some(Duration::from_secs(1)),
+        ..ClientSettings::default()
+    };
+    let proxy = ProxyBuilder::new(&ConfigBuilder::one_each(v1, v2).client(client)).spawn().await;
 
     let mut held = Vec::new();
     for _ in 0..3 {

@@ -5,17 +5,14 @@ mod support;
 
 use std::time::Duration;
 
-use support::{config_yaml, get, metric, pools_of, ProxyProcess, Upstream};
+use support::{get, metric, pools_of, ConfigBuilder, ProxyProcess, Sessions, Upstream};
 
 fn write_config(
     dir: &std::path::Path,
     v1: std::net::SocketAddr,
     v2: std::net::SocketAddr,
 ) -> std::path::PathBuf {
-    let file = dir.join("rollout.yaml");
-    let extra = format!("routes: {{ legacy_v1_percent: 50 }}\nstate_dir: {}\n", dir.join("state").display());
-    std::fs::write(&file, config_yaml(&[("v1-a", v1, 1)], &[("v2-a", v2, 1)], &extra)).unwrap();
-    file
+    support::write_config(dir, &ConfigBuilder::one_each(v1, v2).legacy_v1_percent(50.0)).into()
 }
 
 async fn last_v1_request_ms(proxy: &ProxyProcess) -> u64 {
@@ -83,20 +80,11 @@ async fn a_second_process_on_the_same_state_dir_is_refused() {
     assert_eq!(get(&first.url("/api/studies/1")).await.status, http::StatusCode::OK);
 }
 
-/// Writes a config with `percent` and `extra` into `dir`, returning its path.
-fn config_with(
-    dir: &std::path::Path,
-    v1: std::net::SocketAddr,
-    v2: std::net::SocketAddr,
-    percent: u32,
-    extra: &str,
-) -> String {
+/// Writes `config` with the legacy split at `percent` into `dir`, returning its path.
+fn config_with(dir: &std::path::Path, config: ConfigBuilder, percent: f64) -> String {
     let file = dir.join(format!("rollout-{percent}.yaml"));
-    let extra = format!(
-        "routes: {{ legacy_v1_percent: {percent} }}\nstate_dir: {}\n{extra}",
-        dir.join("state").display()
-    );
-    std::fs::write(&file, config_yaml(&[("v1-a", v1, 1)], &[("v2-a", v2, 1)], &extra)).unwrap();
+    let config = config.legacy_v1_percent(percent).state_dir(&dir.join("state"));
+    std::fs::write(&file, config.render()).unwrap();
     file.to_str().unwrap().to_owned()
 }
 
@@ -109,7 +97,7 @@ async fn the_first_v1_request_after_a_quiet_spell_survives_an_immediate_kill() {
     let v1 = Upstream::new("v1-a").spawn().await;
     let v2 = Upstream::new("v2-a").spawn().await;
     let dir = tempfile::tempdir().unwrap();
-    let file = config_with(dir.path(), v1, v2, 100, "");
+    let file = config_with(dir.path(), ConfigBuilder::one_each(v1, v2), 100.0);
 
     // A first run stores the drain clock, then v1 stays quiet for longer than the read-back slack.
     let mut first = ProxyProcess::start(&["run", "--config", &file]).await;
@@ -138,9 +126,10 @@ async fn a_pin_touched_just_before_a_kill_keeps_its_idle_time() {
     let v1 = Upstream::new("v1-a").spawn().await;
     let v2 = Upstream::new("v2-a").spawn().await;
     let dir = tempfile::tempdir().unwrap();
-    let idle = "sessions: { idle_timeout: 5s }\n";
-    let all_v1 = config_with(dir.path(), v1, v2, 100, idle);
-    let all_v2 = config_with(dir.path(), v1, v2, 0, idle);
+    let idle = ConfigBuilder::one_each(v1, v2)
+        .sessions(Sessions { idle_timeout: Some(Duration::from_secs(5)), ..Sessions::default() });
+    let all_v1 = config_with(dir.path(), idle.clone(), 100.0);
+    let all_v2 = config_with(dir.path(), idle, 0.0);
 
     let mut first = ProxyProcess::start(&["run", "--config", &all_v1]).await;
     assert_eq!(pools_of(vec![first.url("/api/studies/77")]).await, ["v1"]);

@@ -3,18 +3,18 @@
 
 mod support;
 
-use support::{config_yaml, count_upstreams, get, spawn_proxy, Upstream};
+use support::{count_upstreams, get, ConfigBuilder, ProxyBuilder, Upstream};
 
-async fn one_upstream_per_pool(percent: &str) -> support::ProxyHandle {
+async fn one_upstream_per_pool(percent: f64) -> support::ProxyHandle {
     let v1 = Upstream::new("v1-a").spawn().await;
     let v2 = Upstream::new("v2-a").spawn().await;
-    let extra = format!("routes: {{ v2_prefixes: [\"/api/v2\"], legacy_v1_percent: {percent} }}\n");
-    spawn_proxy(&config_yaml(&[("v1-a", v1, 1)], &[("v2-a", v2, 1)], &extra)).await
+    let config = ConfigBuilder::one_each(v1, v2).v2_prefixes(&["/api/v2"]).legacy_v1_percent(percent);
+    ProxyBuilder::new(&config).spawn().await
 }
 
 #[tokio::test]
 async fn v2_prefix_matches_whole_segments_only() {
-    let proxy = one_upstream_per_pool("100").await;
+    let proxy = one_upstream_per_pool(100.0).await;
     for path in ["/api/v2", "/api/v2/", "/api/v2/studies/7/contents", "/api/v2?x=1"] {
         let reply = get(&proxy.url(path)).await;
         assert_eq!(reply.header("x-upstream"), Some("v2-a"), "{path}");
@@ -32,7 +32,7 @@ async fn v2_prefix_matches_whole_segments_only() {
 
 #[tokio::test]
 async fn legacy_at_100_percent_all_reach_v1() {
-    let proxy = one_upstream_per_pool("100").await;
+    let proxy = one_upstream_per_pool(100.0).await;
     let counts = count_upstreams(&proxy.url("/api/members/me"), 300).await;
     assert_eq!(counts.get("v1-a"), Some(&300), "{counts:?}");
     proxy.shutdown().await;
@@ -40,7 +40,7 @@ async fn legacy_at_100_percent_all_reach_v1() {
 
 #[tokio::test]
 async fn legacy_at_0_percent_all_reach_v2() {
-    let proxy = one_upstream_per_pool("0").await;
+    let proxy = one_upstream_per_pool(0.0).await;
     let counts = count_upstreams(&proxy.url("/api/progress"), 300).await;
     assert_eq!(counts.get("v2-a"), Some(&300), "{counts:?}");
     proxy.shutdown().await;
@@ -48,7 +48,7 @@ async fn legacy_at_0_percent_all_reach_v2() {
 
 #[tokio::test]
 async fn legacy_at_30_percent_splits_within_4_points() {
-    let proxy = one_upstream_per_pool("30").await;
+    let proxy = one_upstream_per_pool(30.0).await;
     let counts = count_upstreams(&proxy.url("/api/members/me"), 2000).await;
     let v1 = *counts.get("v1-a").unwrap_or(&0) as f64;
     let share = v1 / 2000.0 * 100.0;
@@ -63,8 +63,9 @@ async fn weights_inside_a_pool_are_honoured_and_zero_gets_nothing() {
     let b = Upstream::new("v1-b").spawn().await;
     let idle = Upstream::new("v1-idle").spawn().await;
     let v2 = Upstream::new("v2-a").spawn().await;
-    let yaml = config_yaml(&[("v1-a", a, 3), ("v1-b", b, 1), ("v1-idle", idle, 0)], &[("v2-a", v2, 1)], "");
-    let proxy = spawn_proxy(&yaml).await;
+    let config =
+        ConfigBuilder::new().v1("v1-a", a, 3).v1("v1-b", b, 1).v1("v1-idle", idle, 0).v2("v2-a", v2, 1);
+    let proxy = ProxyBuilder::new(&config).spawn().await;
     let counts = count_upstreams(&proxy.url("/api/members/me"), 400).await;
     assert_eq!(counts.get("v1-a"), Some(&300), "{counts:?}");
     assert_eq!(counts.get("v1-b"), Some(&100), "{counts:?}");

@@ -3,15 +3,12 @@
 
 mod support;
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use http::StatusCode;
-use rollout_proxy::clock::{ManualClock, SharedClock, SystemClock};
-use rollout_proxy::config::PoolName;
-use rollout_proxy::server::StartOptions;
 use support::{
-    config_yaml, get, metric, pools_of, spawn_proxy_opts, spawn_proxy_with, ProxyHandle, Upstream,
+    get, metric, pools_of, ConfigBuilder, KeyOutcome, ManualClock, Pool, ProxyBuilder, ProxyHandle, Sessions,
+    Upstream,
 };
 
 struct Pools {
@@ -23,12 +20,8 @@ async fn pools() -> Pools {
     Pools { v1: Upstream::new("v1-a").spawn().await, v2: Upstream::new("v2-a").spawn().await }
 }
 
-fn yaml(p: &Pools, percent: f64, extra: &str) -> String {
-    config_yaml(
-        &[("v1-a", p.v1, 1)],
-        &[("v2-a", p.v2, 1)],
-        &format!("routes: {{ legacy_v1_percent: {percent} }}\n{extra}"),
-    )
+fn config(p: &Pools, percent: f64) -> ConfigBuilder {
+    ConfigBuilder::one_each(p.v1, p.v2).legacy_v1_percent(percent)
 }
 
 fn by_path(proxy: &ProxyHandle, ids: impl Iterator<Item = usize>) -> Vec<String> {
@@ -40,14 +33,13 @@ fn by_query(proxy: &ProxyHandle, ids: impl Iterator<Item = usize>) -> Vec<String
 }
 
 async fn metrics_text(proxy: &ProxyHandle) -> String {
-    String::from_utf8(get(&proxy.admin_url("/metrics")).await.body.to_vec()).unwrap()
+    proxy.metrics().await
 }
 
 #[tokio::test]
 async fn studies_keep_their_pool_when_the_percentage_moves_and_across_restarts() {
     let p = pools().await;
-    let clock: SharedClock = Arc::new(SystemClock);
-    let proxy = spawn_proxy_with(&yaml(&p, 50.0, ""), clock.clone(), tempfile::tempdir().unwrap()).await;
+    let proxy = ProxyBuilder::new(&config(&p, 50.0)).spawn().await;
     let started = pools_of(by_path(&proxy, 0..500)).await;
     let v1 = started.iter().filter(|p| *p == "v1").count();
     assert!((215..=285).contains(&v1), "{v1} of 500 new studies on v1 at 50 %");
@@ -56,7 +48,7 @@ async fn studies_keep_their_pool_when_the_percentage_moves_and_across_restarts()
 
     // Moving the percentage (here by restarting with a new file) only steers new studies.
     for (percent, newcomers, new_ids) in [(0.0, "v2", 1000..1100), (100.0, "v1", 2000..2100)] {
-        let proxy = spawn_proxy_with(&yaml(&p, percent, ""), clock.clone(), state).await;
+        let proxy = ProxyBuilder::new(&config(&p, percent)).state_dir(state).spawn().await;
         assert_eq!(pools_of(by_path(&proxy, 0..500)).await, started, "at {percent} % (path)");
         assert_eq!(pools_of(by_query(&proxy, 0..500)).await, started, "at {percent} % (query)");
         let fresh = pools_of(by_path(&proxy, new_ids)).await;
@@ -67,7 +59,7 @@ async fn studies_keep_their_pool_when_the_percentage_moves_and_across_restarts()
         state = proxy.shutdown().await;
     }
 
-    let proxy = spawn_proxy_with(&yaml(&p, 0.0, ""), clock, state).await;
+    let proxy = ProxyBuilder::new(&config(&p, 0.0)).state_dir(state).spawn().await;
     let text = metrics_text(&proxy).await;
     let active = |pool| metric(&text, "rollout_sessions_active", &[("pool", pool)]).unwrap();
     assert_eq!(active("v1") + active("v2"), 700.0, "500 + 2 × 100 pins survived three restarts");
@@ -77,16 +69,12 @@ async fn studies_keep_their_pool_when_the_percentage_moves_and_across_restarts()
 #[tokio::test]
 async fn a_new_pin_is_durable_before_its_response_and_before_anyone_follows_it() {
     let p = pools().await;
-    let slow_disk = StartOptions { commit_delay: Duration::from_millis(400), ..StartOptions::default() };
-    let proxy = spawn_proxy_opts(&yaml(&p, 50.0, ""), slow_disk, tempfile::tempdir().unwrap()).await;
-    let store = proxy.shared().sessions().store().clone();
-    let timed_get = |url: String| {
-        let store = store.clone();
-        async move {
-            let started = std::time::Instant::now();
-            let reply = get(&url).await;
-            (reply, started.elapsed(), store.is_all_settled())
-        }
+    let proxy = ProxyBuilder::new(&config(&p, 50.0)).commit_delay(Duration::from_millis(400)).spawn().await;
+    let handle = &proxy;
+    let timed_get = |url: String| async move {
+        let started = std::time::Instant::now();
+        let reply = get(&url).await;
+        (reply, started.elapsed(), handle.all_pins_settled())
     };
 
     let (reply, took, settled) = timed_get(proxy.url("/api/studies/alone")).await;
@@ -110,11 +98,10 @@ async fn a_new_pin_is_durable_before_its_response_and_before_anyone_follows_it()
 #[tokio::test]
 async fn concurrent_new_pins_share_commits() {
     let p = pools().await;
-    let proxy =
-        spawn_proxy_with(&yaml(&p, 50.0, ""), Arc::new(SystemClock), tempfile::tempdir().unwrap()).await;
+    let proxy = ProxyBuilder::new(&config(&p, 50.0)).spawn().await;
     let before = metric(&metrics_text(&proxy).await, "rollout_state_commits_total", &[]).unwrap();
     pools_of(by_path(&proxy, 0..512)).await;
-    proxy.shared().sessions().store().flush().await;
+    proxy.flush_store().await;
     let commits = metric(&metrics_text(&proxy).await, "rollout_state_commits_total", &[]).unwrap() - before;
     // Requests go 16 at a time and each waits for its pin's commit: without group commit that
     // is one commit per pin.
@@ -125,8 +112,7 @@ async fn concurrent_new_pins_share_commits() {
 #[tokio::test]
 async fn concurrent_first_requests_of_a_study_agree_on_its_pool() {
     let p = pools().await;
-    let proxy =
-        spawn_proxy_with(&yaml(&p, 50.0, ""), Arc::new(SystemClock), tempfile::tempdir().unwrap()).await;
+    let proxy = ProxyBuilder::new(&config(&p, 50.0)).spawn().await;
     for id in 0..20 {
         let urls = (0..16).map(|_| proxy.url(&format!("/api/studies/race-{id}"))).collect();
         let seen = pools_of(urls).await;
@@ -142,10 +128,12 @@ async fn concurrent_first_requests_of_a_study_agree_on_its_pool() {
 async fn pins_end_on_idle_timeout_and_max_duration_and_come_back_as_new_pins() {
     let p = pools().await;
     let clock = ManualClock::starting_now();
-    let shared: SharedClock = Arc::new(clock.clone());
-    let sessions = "sessions: { idle_timeout: 10m, max_duration: 1h }\n";
-    let proxy =
-        spawn_proxy_with(&yaml(&p, 100.0, sessions), shared.clone(), tempfile::tempdir().unwrap()).await;
+    let sessions = Sessions {
+        idle_timeout: Some(Duration::from_secs(600)),
+        max_duration: Some(Duration::from_secs(3600)),
+        ..Sessions::default()
+    };
+    let proxy = ProxyBuilder::new(&config(&p, 100.0).sessions(sessions.clone())).clock(&clock).spawn().await;
 
     // "idle" studies are seen once; "busy" ones every 5 minutes until max_duration ends them.
     assert!(pools_of(by_path(&proxy, 0..10)).await.iter().all(|p| p == "v1"));
@@ -153,7 +141,7 @@ async fn pins_end_on_idle_timeout_and_max_duration_and_come_back_as_new_pins() {
     for _ in 0..11 {
         clock.advance(Duration::from_secs(300));
         pools_of(by_path(&proxy, 100..105)).await;
-        let _ = proxy.shared().maintain();
+        proxy.maintain();
     }
     let text = metrics_text(&proxy).await;
     let ended = |reason| {
@@ -161,10 +149,10 @@ async fn pins_end_on_idle_timeout_and_max_duration_and_come_back_as_new_pins() {
     };
     assert_eq!(ended("idle"), 10.0, "{text}");
     assert_eq!(ended("max_duration"), 0.0);
-    assert_eq!(proxy.shared().sessions().live(PoolName::V1), 5);
+    assert_eq!(proxy.live_pins(Pool::V1), 5);
 
     clock.advance(Duration::from_secs(300)); // 60 minutes after the busy studies began
-    let _ = proxy.shared().maintain();
+    proxy.maintain();
     let text = metrics_text(&proxy).await;
     let ended = |reason| {
         metric(&text, "rollout_sessions_ended_total", &[("pool", "v1"), ("reason", reason)]).unwrap()
@@ -174,7 +162,8 @@ async fn pins_end_on_idle_timeout_and_max_duration_and_come_back_as_new_pins() {
     let state = proxy.shutdown().await;
 
     // Returning after expiry makes a new pin, by the current percentage.
-    let proxy = spawn_proxy_with(&yaml(&p, 0.0, sessions), shared, state).await;
+    let proxy =
+        ProxyBuilder::new(&config(&p, 0.0).sessions(sessions)).clock(&clock).state_dir(state).spawn().await;
     assert!(pools_of(by_path(&proxy, 0..10)).await.iter().all(|p| p == "v2"));
     assert!(pools_of(by_path(&proxy, 100..105)).await.iter().all(|p| p == "v2"));
     let text = metrics_text(&proxy).await;
@@ -186,13 +175,12 @@ async fn pins_end_on_idle_timeout_and_max_duration_and_come_back_as_new_pins() {
 async fn an_ended_pin_is_not_followed_even_before_the_background_sweep() {
     let p = pools().await;
     let clock = ManualClock::starting_now();
-    let shared: SharedClock = Arc::new(clock.clone());
-    let sessions = "sessions: { idle_timeout: 10m }\n";
-    let proxy =
-        spawn_proxy_with(&yaml(&p, 100.0, sessions), shared.clone(), tempfile::tempdir().unwrap()).await;
+    let sessions = Sessions { idle_timeout: Some(Duration::from_secs(600)), ..Sessions::default() };
+    let proxy = ProxyBuilder::new(&config(&p, 100.0).sessions(sessions.clone())).clock(&clock).spawn().await;
     assert_eq!(pools_of(by_path(&proxy, 0..1)).await, ["v1"]);
     let state = proxy.shutdown().await;
-    let proxy = spawn_proxy_with(&yaml(&p, 0.0, sessions), shared, state).await;
+    let proxy =
+        ProxyBuilder::new(&config(&p, 0.0).sessions(sessions)).clock(&clock).state_dir(state).spawn().await;
     assert_eq!(pools_of(by_path(&proxy, 0..1)).await, ["v1"], "still pinned");
     clock.advance(Duration::from_secs(601));
     assert_eq!(pools_of(by_path(&proxy, 0..1)).await, ["v2"], "idle for 10 minutes: a new pin");
@@ -202,28 +190,22 @@ async fn an_ended_pin_is_not_followed_even_before_the_background_sweep() {
 #[tokio::test]
 async fn a_full_pin_table_routes_new_keys_unpinned_and_keeps_every_live_pin() {
     let p = pools().await;
-    let extra = "sessions: { max_active: 100000 }\n";
-    let proxy =
-        spawn_proxy_with(&yaml(&p, 50.0, extra), Arc::new(SystemClock), tempfile::tempdir().unwrap()).await;
+    let sessions = Sessions { max_active: Some(100_000), ..Sessions::default() };
+    let proxy = ProxyBuilder::new(&config(&p, 50.0).sessions(sessions)).spawn().await;
     let before = pools_of(by_path(&proxy, 0..200)).await;
     let rss_before = resident_bytes();
 
     // 200,000 random keys straight through the session table (the HTTP path adds nothing here
     // but time): the first 99,800 fill it, the rest must be turned away.
-    let shared = proxy.shared().clone();
-    let sessions = shared.sessions();
-    let snapshot = proxy.shared().snapshot();
     let mut unpinned = 0;
     for _ in 0..200_000 {
         let key = format!("abuse-{:016x}", fastrand::u64(..));
-        let resolution =
-            sessions.resolve(sessions.locate(&key), &snapshot.pin_policy, || snapshot.router.split());
-        if matches!(resolution, rollout_proxy::session::Resolution::Full { .. }) {
+        if proxy.offer_key(&key) == KeyOutcome::TableFull {
             unpinned += 1;
         }
     }
     assert_eq!(unpinned, 100_200);
-    assert_eq!(sessions.live(PoolName::V1) + sessions.live(PoolName::V2), 100_000);
+    assert_eq!(proxy.live_pins(Pool::V1) + proxy.live_pins(Pool::V2), 100_000);
     let grown = resident_bytes().saturating_sub(rss_before);
     assert!(grown < 128 << 20, "100,000 pins grew the process by {} MiB", grown >> 20);
 
@@ -256,14 +238,12 @@ async fn a_full_pin_table_routes_new_keys_unpinned_and_keeps_every_live_pin() {
 #[tokio::test]
 async fn a_pinned_study_whose_pool_is_empty_gets_503_not_the_other_version() {
     let p = pools().await;
-    let proxy =
-        spawn_proxy_with(&yaml(&p, 100.0, ""), Arc::new(SystemClock), tempfile::tempdir().unwrap()).await;
+    let proxy = ProxyBuilder::new(&config(&p, 100.0)).spawn().await;
     assert_eq!(pools_of(by_path(&proxy, 7..8)).await, ["v1"]);
     let state = proxy.shutdown().await;
 
-    let drained_v1 =
-        config_yaml(&[("v1-a", p.v1, 0)], &[("v2-a", p.v2, 1)], "routes: { legacy_v1_percent: 0 }\n");
-    let proxy = spawn_proxy_with(&drained_v1, Arc::new(SystemClock), state).await;
+    let drained_v1 = ConfigBuilder::new().v1("v1-a", p.v1, 0).v2("v2-a", p.v2, 1).legacy_v1_percent(0.0);
+    let proxy = ProxyBuilder::new(&drained_v1).state_dir(state).spawn().await;
     let reply = get(&proxy.url("/api/studies/7/contents")).await;
     assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(reply.header("x-rollout-error"), Some("no_upstream"));
@@ -275,14 +255,13 @@ async fn a_pinned_study_whose_pool_is_empty_gets_503_not_the_other_version() {
 #[tokio::test]
 async fn invalid_keys_are_served_unkeyed_and_counted() {
     let p = pools().await;
-    let proxy =
-        spawn_proxy_with(&yaml(&p, 100.0, ""), Arc::new(SystemClock), tempfile::tempdir().unwrap()).await;
+    let proxy = ProxyBuilder::new(&config(&p, 100.0)).spawn().await;
     for path in ["/api/studies/has%20space", "/api/progress?studyId=", "/api/studies/a$b"] {
         assert_eq!(get(&proxy.url(path)).await.status, StatusCode::OK, "{path}");
     }
     let text = metrics_text(&proxy).await;
     assert_eq!(metric(&text, "rollout_session_keys_rejected_total", &[("reason", "invalid")]), Some(3.0));
-    assert_eq!(proxy.shared().sessions().live(PoolName::V1), 0);
+    assert_eq!(proxy.live_pins(Pool::V1), 0);
     proxy.shutdown().await;
 }
 

@@ -28,7 +28,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use support::raw::{self, Answer, RawConn, Recorded, Seen};
-use support::{config_yaml, spawn_proxy};
+use support::{ConfigBuilder, Ejection, Pool, ProxyBuilder, UpstreamSettings};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
@@ -1310,12 +1310,14 @@ where
     results.into_values().collect()
 }
 
-/// A YAML config for one proxy whose pools are `v1` and `v2`, without passive ejection (the
+/// The config for one proxy whose pools are `v1` and `v2`, without passive ejection (the
 /// corpus makes upstreams fail on purpose; ejection would turn later cases into 503s).
-fn corpus_config(v1: SocketAddr, v2: SocketAddr, extra: &str) -> String {
-    let no_ejection = "    ejection: { consecutive_failures: 0 }\n";
-    config_yaml(&[("v1a", v1, 1)], &[("v2a", v2, 1)], &format!("{no_ejection}{extra}"))
-        .replace("  v2:\n", &format!("{no_ejection}  v2:\n"))
+fn corpus_config(v1: SocketAddr, v2: SocketAddr) -> ConfigBuilder {
+    ConfigBuilder::new()
+        .v1("v1a", v1, 1)
+        .v2("v2a", v2, 1)
+        .ejection(Pool::V1, Ejection::off())
+        .ejection(Pool::V2, Ejection::off())
 }
 
 /// Recordings by run number; recordings that name no run go under 0.
@@ -1521,7 +1523,7 @@ fn check_client(case: &Case, id: usize, got: &Got, recorded: &[Recorded]) -> (Ve
 async fn client_to_proxy_corpus() {
     let started = std::time::Instant::now();
     let (upstream, recording) = raw::spawn_recording_upstream().await;
-    let proxy = spawn_proxy(&corpus_config(upstream, upstream, "")).await;
+    let proxy = ProxyBuilder::new(&corpus_config(upstream, upstream)).spawn().await;
     let addr = proxy.addr;
     let cases = Arc::new(client_cases());
     let runs: Vec<(usize, Path)> = (0..cases.len()).flat_map(|i| PATHS.map(|p| (i, p))).collect();
@@ -1980,7 +1982,11 @@ async fn upstream_to_proxy_corpus() {
         }
     }
     let upstream = raw::spawn_scripted_upstream(move |target| scripts.get(target).cloned()).await;
-    let proxy = spawn_proxy(&corpus_config(upstream, upstream, "upstream: { response_timeout: 1s }\n")).await;
+    let config = corpus_config(upstream, upstream).upstream_settings(UpstreamSettings {
+        response_timeout: Some(Duration::from_secs(1)),
+        ..UpstreamSettings::default()
+    });
+    let proxy = ProxyBuilder::new(&config).spawn().await;
     let addr = proxy.addr;
     let runs: Arc<Vec<(usize, Path)>> =
         Arc::new((0..cases.len()).flat_map(|i| PATHS.map(|p| (i, p))).collect());

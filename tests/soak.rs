@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::{Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
-use support::{config_yaml, ProxyProcess, Upstream};
+use support::{ConfigBuilder, Ejection, Health, Pool, ProxyProcess, Upstream, UpstreamSettings};
 
 const SOAK: Duration = Duration::from_secs(20);
 
@@ -25,12 +25,19 @@ async fn twenty_seconds_of_mixed_traffic_with_upstream_kills() {
     let mut v1 = [Upstream::new("v1-a").spawn_killable().await, Upstream::new("v1-b").spawn_killable().await];
     let v2 = Upstream::new("v2-a").spawn().await;
     let dir = tempfile::tempdir().unwrap();
-    let extra = "routes: { legacy_v1_percent: 50 }\nupstream: { retries: 2, connect_timeout: 500ms }\n";
-    let yaml = config_yaml(&[("v1-a", v1[0].addr, 1), ("v1-b", v1[1].addr, 1)], &[("v2-a", v2, 1)], extra).replace(
-        "  v2:\n",
-        "    health: { path: /healthz, interval: 200ms, timeout: 200ms, healthy_threshold: 2, unhealthy_threshold: 2 }\n    ejection: { consecutive_failures: 3, duration: 1s }\n  v2:\n",
-    );
-    let file = support::write_config(dir.path(), &yaml);
+    let config = ConfigBuilder::new()
+        .v1("v1-a", v1[0].addr, 1)
+        .v1("v1-b", v1[1].addr, 1)
+        .v2("v2-a", v2, 1)
+        .legacy_v1_percent(50.0)
+        .upstream_settings(UpstreamSettings {
+            retries: Some(2),
+            connect_timeout: Some(Duration::from_millis(500)),
+            ..UpstreamSettings::default()
+        })
+        .health(Pool::V1, Health::fast())
+        .ejection(Pool::V1, Ejection::after(3, Duration::from_secs(1)));
+    let file = support::write_config(dir.path(), &config);
     let proxy = ProxyProcess::start(&["run", "--config", &file]).await;
     let pid = proxy.pid();
 

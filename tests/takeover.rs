@@ -9,15 +9,16 @@ use std::time::Duration;
 
 use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Full};
-use support::{config_yaml, ProxyProcess, Upstream};
+use support::{ConfigBuilder, ProxyBuilder, ProxyProcess, Upstream};
 
 #[tokio::test]
 async fn a_takeover_under_load_fails_no_request_and_keeps_every_pin() {
     let v1 = Upstream::new("v1-a").spawn().await;
     let v2 = Upstream::new("v2-a").spawn().await;
     let dir = tempfile::tempdir().unwrap();
-    let extra = "routes: { legacy_v1_percent: 50 }\nshutdown: { grace_period: 10s }\n";
-    let file = support::write_config(dir.path(), &config_yaml(&[("v1-a", v1, 1)], &[("v2-a", v2, 1)], extra));
+    let config =
+        ConfigBuilder::one_each(v1, v2).legacy_v1_percent(50.0).grace_period(Duration::from_secs(10));
+    let file = support::write_config(dir.path(), &config);
     let mut old = ProxyProcess::start(&["run", "--config", &file]).await;
     let base = old.url("");
 
@@ -126,16 +127,12 @@ fn is_closed_before_response(err: &hyper_util::client::legacy::Error) -> bool {
 async fn a_successor_that_dies_before_confirming_leaves_the_old_process_serving() {
     let v1 = Upstream::new("v1-a").spawn().await;
     let v2 = Upstream::new("v2-a").spawn().await;
-    let proxy = support::spawn_proxy(&config_yaml(&[("v1-a", v1, 1)], &[("v2-a", v2, 1)], "")).await;
+    let proxy = ProxyBuilder::new(&ConfigBuilder::one_each(v1, v2)).spawn().await;
     for _ in 0..2 {
         // Take the sockets, then vanish without a word, as a crashing successor would.
-        let (data, admin, confirm) = rollout_proxy::handover::take(proxy.state_dir.path())
-            .await
-            .unwrap()
-            .expect("the running proxy offers its sockets");
-        assert_eq!(data.local_addr().unwrap(), proxy.addr);
-        assert_eq!(admin.local_addr().unwrap(), proxy.admin_addr);
-        drop((data, admin, confirm));
+        let (data, admin) = proxy.take_over_and_vanish().await;
+        assert_eq!(data, proxy.addr);
+        assert_eq!(admin, proxy.admin_addr);
         tokio::time::sleep(Duration::from_millis(200)).await;
         assert_eq!(support::get(&proxy.url("/api/studies/1")).await.status, StatusCode::OK);
         assert_eq!(support::get(&proxy.admin_url("/readyz")).await.status, StatusCode::OK);

@@ -10,10 +10,8 @@ use bytes::Bytes;
 use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use rollout_proxy::config::Config;
-use rollout_proxy::server::{Server, StartOptions};
 use rustls_pki_types::{CertificateDer, ServerName};
-use support::{admin_call, config_yaml, with_token_file, ProxyHandle, Upstream};
+use support::{admin_call, ConfigBuilder, Pool, ProxyBuilder, ProxyHandle, Upstream, UpstreamSettings};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
@@ -58,22 +56,15 @@ fn peer_certificate(stream: &TlsStream<TcpStream>) -> CertificateDer<'static> {
     stream.get_ref().1.peer_certificates().unwrap()[0].clone().into_owned()
 }
 
-async fn start(
-    dir: &Path,
-    upstreams: (std::net::SocketAddr, std::net::SocketAddr),
-    extra: &str,
-) -> ProxyHandle {
+/// A proxy serving TLS with the certificate [`install`]ed in `dir`, loaded from
+/// `dir/rollout.yaml` so a reload reads the certificate files again.
+async fn start(dir: &Path, upstreams: (std::net::SocketAddr, std::net::SocketAddr)) -> ProxyHandle {
     std::fs::write(dir.join("token"), TOKEN).unwrap();
-    let tls = format!(
-        "tls: {{ cert: {}, key: {} }}\n{extra}",
-        dir.join("cert.pem").display(),
-        dir.join("key.pem").display()
-    );
-    let yaml = config_yaml(&[("v1-a", upstreams.0, 1)], &[("v2-a", upstreams.1, 1)], &tls);
-    std::fs::write(dir.join("rollout.yaml"), with_token_file(&yaml, &dir.join("token"))).unwrap();
-    let state = tempfile::tempdir().unwrap();
-    let config = Config::load(&dir.join("rollout.yaml")).unwrap().with_state_dir(state.path());
-    ProxyHandle::from_server(Server::start_with(config, StartOptions::default()).await.unwrap(), state)
+    let config = ConfigBuilder::one_each(upstreams.0, upstreams.1)
+        .tls(&dir.join("cert.pem"), &dir.join("key.pem"))
+        .admin_token_file(&dir.join("token"));
+    std::fs::write(dir.join("rollout.yaml"), config.render()).unwrap();
+    ProxyBuilder::from_file(&dir.join("rollout.yaml")).spawn().await
 }
 
 async fn get_on(
@@ -93,7 +84,7 @@ async fn https_and_h2_are_served_and_a_reloaded_certificate_spares_open_connecti
     let first = certificate();
     install(dir.path(), &first);
     let upstreams = (Upstream::new("v1-a").spawn().await, Upstream::new("v2-a").spawn().await);
-    let proxy = start(dir.path(), upstreams, "").await;
+    let proxy = start(dir.path(), upstreams).await;
 
     // HTTPS over HTTP/1.1, on a connection kept open across the reload below.
     let second = certificate();
@@ -154,27 +145,24 @@ async fn an_https_upstream_is_reached_and_verified_with_the_configured_ca() {
     let backend_cert = certificate();
     install(backend_dir.path(), &backend_cert);
     let stubs = (Upstream::new("inner-v1").spawn().await, Upstream::new("inner-v2").spawn().await);
-    let backend = start(backend_dir.path(), stubs, "").await;
+    let backend = start(backend_dir.path(), stubs).await;
 
     let ca = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(ca.path(), &backend_cert.0).unwrap();
     let https_upstream = format!("https://localhost:{}", backend.addr.port());
     let v2 = Upstream::new("v2-a").spawn().await;
-    let yaml = config_yaml(
-        &[("v1-a", "127.0.0.1:1".parse().unwrap(), 1)],
-        &[("v2-a", v2, 1)],
-        &format!("upstream: {{ ca_file: {} }}\n", ca.path().display()),
-    )
-    .replace("http://127.0.0.1:1", &https_upstream);
-    let front = support::spawn_proxy(&yaml).await;
+    let config = ConfigBuilder::new().upstream(Pool::V1, "v1-a", &https_upstream, 1).v2("v2-a", v2, 1);
+    let trusting = config.clone().upstream_settings(UpstreamSettings {
+        ca_file: Some(ca.path().to_owned()),
+        ..UpstreamSettings::default()
+    });
+    let front = ProxyBuilder::new(&trusting).spawn().await;
     let reply = support::get(&front.url("/api/studies/3")).await;
     assert_eq!(reply.status, StatusCode::OK, "{:?}", reply.body);
     assert_eq!(reply.echo().upstream, "inner-v1");
 
     // Without the CA the upstream's certificate is refused: a connect failure, not a response.
-    let untrusting = config_yaml(&[("v1-a", "127.0.0.1:1".parse().unwrap(), 1)], &[("v2-a", v2, 1)], "")
-        .replace("http://127.0.0.1:1", &https_upstream);
-    let strict = support::spawn_proxy(&untrusting).await;
+    let strict = ProxyBuilder::new(&config).spawn().await;
     let reply = support::get(&strict.url("/api/studies/3")).await;
     assert_eq!(reply.status, StatusCode::BAD_GATEWAY);
     assert_eq!(reply.header("x-rollout-error"), Some("upstream_connect"));

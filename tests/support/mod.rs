@@ -7,7 +7,7 @@ pub mod raw;
 use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -25,8 +25,10 @@ use hyper::service::service_fn;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
+#[allow(unused_imports)]
+pub use rollout_proxy::clock::ManualClock;
 use rollout_proxy::clock::{SharedClock, SystemClock};
-use rollout_proxy::config::Config;
+use rollout_proxy::config::{Config, PoolName};
 use rollout_proxy::server::{Server, StartOptions};
 use sha2::{Digest, Sha256};
 use tokio::net::TcpListener;
@@ -224,75 +226,131 @@ pub fn refused_addr() -> (SocketAddr, tokio::net::TcpSocket) {
     (socket.local_addr().unwrap(), socket)
 }
 
-/// YAML for a config with the given upstreams (`(name, addr, weight)`) and extra top-level YAML.
-pub fn config_yaml(v1: &[(&str, SocketAddr, u32)], v2: &[(&str, SocketAddr, u32)], extra: &str) -> String {
-    let pool = |ups: &[(&str, SocketAddr, u32)]| {
-        ups.iter()
-            .map(|(n, a, w)| format!("      - {{ name: {n}, url: \"http://{a}\", weight: {w} }}\n"))
-            .collect::<String>()
-    };
-    format!(
-        "listen: \"127.0.0.1:0\"\nadmin: {{ listen: \"127.0.0.1:0\" }}\npools:\n  v1:\n    upstreams:\n{}  v2:\n    upstreams:\n{}{extra}",
-        pool(v1),
-        pool(v2)
-    )
-}
-
-/// Writes `yaml` (from [`config_yaml`]) as `dir/rollout.yaml` with its state in `dir/state`,
-/// for a proxy run as a child process; returns the file's path.
-pub fn write_config(dir: &Path, yaml: &str) -> String {
+/// Writes `config` as `dir/rollout.yaml` with its state in `dir/state`, for a proxy run as a
+/// child process; returns the file's path.
+pub fn write_config(dir: &Path, config: &ConfigBuilder) -> String {
     let file = dir.join("rollout.yaml");
-    std::fs::write(&file, format!("{yaml}state_dir: {}\n", dir.join("state").display())).unwrap();
+    std::fs::write(&file, config.clone().state_dir(&dir.join("state")).render()).unwrap();
     file.to_str().unwrap().to_owned()
 }
 
-/// A proxy running inside the test process.
+/// Where a [`ProxyBuilder`] reads its config.
+#[derive(Clone)]
+enum ConfigSource {
+    Text(String),
+    /// Read at every start, and by the proxy itself on reload.
+    File(PathBuf),
+}
+
+/// Starts a proxy inside the test process: `ProxyBuilder::new(&config).spawn().await`. Its
+/// listeners are those of the config (tests use `127.0.0.1:0`); its state goes to a fresh
+/// temporary directory unless [`ProxyBuilder::state_dir`] hands it one.
+pub struct ProxyBuilder {
+    source: ConfigSource,
+    clock: SharedClock,
+    commit_delay: Duration,
+    state_dir: Option<tempfile::TempDir>,
+}
+
+impl ProxyBuilder {
+    pub fn new(config: &ConfigBuilder) -> ProxyBuilder {
+        ProxyBuilder::with_source(ConfigSource::Text(config.render()))
+    }
+
+    /// A proxy that loads `file` (so `POST /reload` re-reads it); its `state_dir` is replaced.
+    pub fn from_file(file: &Path) -> ProxyBuilder {
+        ProxyBuilder::with_source(ConfigSource::File(file.to_owned()))
+    }
+
+    fn with_source(source: ConfigSource) -> ProxyBuilder {
+        ProxyBuilder { source, clock: Arc::new(SystemClock), commit_delay: Duration::ZERO, state_dir: None }
+    }
+
+    /// Pins and the drain signal read `clock` instead of the system's.
+    pub fn clock(mut self, clock: &ManualClock) -> Self {
+        self.clock = Arc::new(clock.clone());
+        self
+    }
+
+    /// Starts on the state another proxy left ([`ProxyHandle::shutdown`] returns it).
+    pub fn state_dir(mut self, dir: tempfile::TempDir) -> Self {
+        self.state_dir = Some(dir);
+        self
+    }
+
+    /// Holds back every state commit this long, as a slow disk would.
+    pub fn commit_delay(mut self, delay: Duration) -> Self {
+        self.commit_delay = delay;
+        self
+    }
+
+    /// Starts the proxy; panics with the error if it does not start.
+    pub async fn spawn(self) -> ProxyHandle {
+        self.try_spawn().await.unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Starts the proxy, or returns why it did not start (the whole error chain).
+    pub async fn try_spawn(self) -> Result<ProxyHandle, String> {
+        let state_dir = match self.state_dir {
+            Some(dir) => dir,
+            None => tempfile::tempdir().unwrap(),
+        };
+        let mut handle = ProxyHandle {
+            addr: "0.0.0.0:0".parse().unwrap(),
+            admin_addr: "0.0.0.0:0".parse().unwrap(),
+            server: None,
+            state_dir,
+            source: self.source,
+            clock: self.clock,
+            commit_delay: self.commit_delay,
+        };
+        handle.start().await?;
+        Ok(handle)
+    }
+}
+
+/// A proxy running inside the test process. Tests reach its internals only through the methods
+/// here, so a change to how the crate holds its state touches this file alone.
 pub struct ProxyHandle {
     pub addr: SocketAddr,
     pub admin_addr: SocketAddr,
     server: Option<Server>,
-    /// The state directory; removed when the handle is dropped.
-    pub state_dir: tempfile::TempDir,
-}
-
-/// Starts a proxy with `yaml` (listen addresses and state directory are replaced by fresh ones).
-pub async fn spawn_proxy(yaml: &str) -> ProxyHandle {
-    spawn_proxy_with(yaml, Arc::new(SystemClock), tempfile::tempdir().unwrap()).await
-}
-
-/// Starts a proxy with a given clock and state directory.
-pub async fn spawn_proxy_with(yaml: &str, clock: SharedClock, state_dir: tempfile::TempDir) -> ProxyHandle {
-    spawn_proxy_opts(yaml, StartOptions { clock, ..StartOptions::default() }, state_dir).await
-}
-
-/// Starts a proxy with given start options and state directory.
-pub async fn spawn_proxy_opts(
-    yaml: &str,
-    options: StartOptions,
+    /// Removed when the handle is dropped.
     state_dir: tempfile::TempDir,
-) -> ProxyHandle {
-    let config = Config::from_yaml(yaml, Path::new("test.yaml"))
-        .unwrap_or_else(|e| panic!("{}\n{yaml}", rollout_proxy::ErrorChain(&e)))
-        .with_state_dir(state_dir.path());
-    let server = Server::start_with(config, options).await.unwrap();
-    ProxyHandle::from_server(server, state_dir)
+    source: ConfigSource,
+    clock: SharedClock,
+    commit_delay: Duration,
+}
+
+/// What the pin table did with a key offered by [`ProxyHandle::offer_key`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyOutcome {
+    /// The key already had a live pin.
+    Pinned,
+    /// The key got a new pin.
+    NewPin,
+    /// The table is full: the key was routed without a pin.
+    TableFull,
 }
 
 impl ProxyHandle {
-    /// Wraps a server started by the test itself.
-    pub fn from_server(server: Server, state_dir: tempfile::TempDir) -> ProxyHandle {
-        ProxyHandle { addr: server.addr, admin_addr: server.admin_addr, server: Some(server), state_dir }
-    }
-
-    /// A handle with no server behind it, to stand in while a test swaps proxies.
-    pub fn placeholder() -> ProxyHandle {
-        let nowhere = "127.0.0.1:9".parse().unwrap();
-        ProxyHandle {
-            addr: nowhere,
-            admin_addr: nowhere,
-            server: None,
-            state_dir: tempfile::tempdir().unwrap(),
-        }
+    async fn start(&mut self) -> Result<(), String> {
+        let chain = |e: &dyn std::error::Error| rollout_proxy::ErrorChain(e).to_string();
+        let config = match &self.source {
+            ConfigSource::Text(yaml) => Config::from_yaml(yaml, Path::new("test.yaml"))
+                .map_err(|e| format!("{}\n{yaml}", chain(&e)))?,
+            ConfigSource::File(file) => Config::load(file).map_err(|e| chain(&e))?,
+        };
+        let config = config.with_state_dir(self.state_dir.path());
+        let options = StartOptions {
+            clock: self.clock.clone(),
+            commit_delay: self.commit_delay,
+            ..StartOptions::default()
+        };
+        let server = Server::start_with(config, options).await.map_err(|e| chain(&e))?;
+        (self.addr, self.admin_addr) = (server.addr, server.admin_addr);
+        self.server = Some(server);
+        Ok(())
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -303,16 +361,87 @@ impl ProxyHandle {
         format!("http://{}{}", self.admin_addr, path)
     }
 
-    pub fn shared(&self) -> &Arc<rollout_proxy::shared::Shared> {
+    /// The text of `GET /metrics`.
+    pub async fn metrics(&self) -> String {
+        String::from_utf8(get(&self.admin_url("/metrics")).await.body.to_vec()).unwrap()
+    }
+
+    pub fn state_path(&self) -> &Path {
+        self.state_dir.path()
+    }
+
+    fn shared(&self) -> &Arc<rollout_proxy::shared::Shared> {
         self.server.as_ref().expect("a running proxy").shared()
     }
 
+    /// One pass of the background upkeep's pin expiry (which otherwise runs every second).
+    pub fn maintain(&self) {
+        let _ = self.shared().maintain();
+    }
+
+    /// Live pins on `pool`, as the pin table counts them.
+    pub fn live_pins(&self, pool: Pool) -> usize {
+        self.shared().sessions().live(pool_name(pool))
+    }
+
+    /// Waits until everything sent to the state store so far is committed; false if that
+    /// commit failed.
+    pub async fn flush_store(&self) -> bool {
+        self.shared().sessions().store().flush().await
+    }
+
+    /// Whether every pin made so far is committed to the state store.
+    pub fn all_pins_settled(&self) -> bool {
+        self.shared().sessions().store().is_all_settled()
+    }
+
+    /// Hands `key` straight to the pin table, as a keyed legacy request would, without the
+    /// HTTP path around it (which waits for a new pin to be durable; this does not).
+    pub fn offer_key(&self, key: &str) -> KeyOutcome {
+        use rollout_proxy::session::Resolution;
+        let shared = self.shared();
+        let (sessions, snapshot) = (shared.sessions(), shared.snapshot());
+        match sessions.resolve(sessions.locate(key), &snapshot.pin_policy, || snapshot.router.split()) {
+            Resolution::Pinned { .. } => KeyOutcome::Pinned,
+            Resolution::NewPin { .. } => KeyOutcome::NewPin,
+            Resolution::Full { .. } => KeyOutcome::TableFull,
+        }
+    }
+
+    /// Takes the listening sockets over as a successor process would, then drops them without
+    /// confirming, as a successor that crashes would. Returns the addresses the sockets had.
+    pub async fn take_over_and_vanish(&self) -> (SocketAddr, SocketAddr) {
+        let (data, admin, confirm) = rollout_proxy::handover::take(self.state_path())
+            .await
+            .unwrap()
+            .expect("the running proxy offers its sockets");
+        let addrs = (data.local_addr().unwrap(), admin.local_addr().unwrap());
+        drop((data, admin, confirm));
+        addrs
+    }
+
+    /// Stops gracefully and starts again on the same state (and config file, re-read). The
+    /// listeners are new: `addr` and `admin_addr` change.
+    pub async fn restart(&mut self) {
+        if let Some(server) = self.server.take() {
+            server.stop().await;
+        }
+        self.start().await.unwrap_or_else(|e| panic!("{e}"));
+    }
+
     /// Stops gracefully; returns the state directory for a restart.
-    pub async fn shutdown(self) -> tempfile::TempDir {
-        if let Some(server) = self.server {
+    pub async fn shutdown(mut self) -> tempfile::TempDir {
+        if let Some(server) = self.server.take() {
             server.stop().await;
         }
         self.state_dir
+    }
+}
+
+fn pool_name(pool: Pool) -> PoolName {
+    match pool {
+        Pool::V1 => PoolName::V1,
+        Pool::V2 => PoolName::V2,
     }
 }
 
@@ -534,14 +663,6 @@ pub async fn pools_of(urls: Vec<String>) -> Vec<String> {
         }
     }
     out
-}
-
-/// `yaml` (from [`config_yaml`]) with an admin token file added.
-pub fn with_token_file(yaml: &str, token_file: &Path) -> String {
-    yaml.replace(
-        "admin: { listen: \"127.0.0.1:0\" }",
-        &format!("admin: {{ listen: \"127.0.0.1:0\", token_file: \"{}\" }}", token_file.display()),
-    )
 }
 
 /// One admin request: `token` as a bearer token, `if_match` as a revision, `body` as JSON text.
