@@ -4,6 +4,8 @@ mod support;
 
 use std::path::Path;
 
+use support::edit;
+
 const GOOD: &str = "\
 listen: \"0.0.0.0:8080\"
 pools:
@@ -53,7 +55,7 @@ fn good_config_prints_the_effective_configuration() {
 #[test]
 fn unknown_key() {
     assert_rejected(
-        &GOOD.replace("weight: 1 }\n      - { name: was-2", "wieght: 1 }\n      - { name: was-2"),
+        &edit(GOOD, "weight: 1 }\n      - { name: was-2", "wieght: 1 }\n      - { name: was-2"),
         "5:54: pools.v1.upstreams[0]: unknown field `wieght`, expected one of `name`, `url`, `weight`\n",
     );
 }
@@ -66,11 +68,11 @@ fn unknown_top_level_section() {
 #[test]
 fn bad_url() {
     assert_rejected(
-        &GOOD.replace("http://10.0.1.12:8080", "ftp://10.0.1.12"),
+        &edit(GOOD, "http://10.0.1.12:8080", "ftp://10.0.1.12"),
         "6:29: pools.v1.upstreams[1].url: \"ftp://10.0.1.12\": scheme ftp is not supported",
     );
     assert_rejected(
-        &GOOD.replace("http://10.0.2.11:8080", "10.0.2.11"),
+        &edit(GOOD, "http://10.0.2.11:8080", "10.0.2.11"),
         "9:29: pools.v2.upstreams[0].url: \"10.0.2.11\" must be an absolute URL",
     );
 }
@@ -78,7 +80,7 @@ fn bad_url() {
 #[test]
 fn duplicate_upstream_name() {
     assert_rejected(
-        &GOOD.replace("name: was-2", "name: was-1"),
+        &edit(GOOD, "name: was-2", "name: was-1"),
         "6:17: pools.v1.upstreams[1].name: duplicate upstream name \"was-1\"",
     );
 }
@@ -86,14 +88,15 @@ fn duplicate_upstream_name() {
 #[test]
 fn percent_over_100() {
     assert_rejected(
-        &GOOD.replace("legacy_v1_percent: 100", "legacy_v1_percent: 101"),
+        &edit(GOOD, "legacy_v1_percent: 100", "legacy_v1_percent: 101"),
         "12:22: routes.legacy_v1_percent: 101 is not a percentage between 0 and 100",
     );
 }
 
 #[test]
 fn empty_pool() {
-    let text = GOOD.replace(
+    let text = edit(
+        GOOD,
         "    upstreams:\n      - { name: was-3, url: \"http://10.0.2.11:8080\" }\n",
         "    upstreams: []\n",
     );
@@ -103,14 +106,14 @@ fn empty_pool() {
 #[test]
 fn missing_pool() {
     let text =
-        GOOD.replace("  v2:\n    upstreams:\n      - { name: was-3, url: \"http://10.0.2.11:8080\" }\n", "");
+        edit(GOOD, "  v2:\n    upstreams:\n      - { name: was-3, url: \"http://10.0.2.11:8080\" }\n", "");
     assert_rejected(&text, "3:3: pools: missing field `v2`");
 }
 
 #[test]
 fn bad_duration() {
     assert_rejected(
-        &GOOD.replace("quiet_window: 24h", "quiet_window: 24 hours and a bit"),
+        &edit(GOOD, "quiet_window: 24h", "quiet_window: 24 hours and a bit"),
         "14:17: drain.quiet_window: ",
     );
 }
@@ -118,7 +121,7 @@ fn bad_duration() {
 #[test]
 fn prefix_without_leading_slash() {
     assert_rejected(
-        &GOOD.replace("[\"/api/v2\"]", "[\"/api/v3\", \"api/v2\"]"),
+        &edit(GOOD, "[\"/api/v2\"]", "[\"/api/v3\", \"api/v2\"]"),
         "11:28: routes.v2_prefixes[1]: prefix \"api/v2\" must start with '/'",
     );
 }
@@ -126,7 +129,7 @@ fn prefix_without_leading_slash() {
 #[test]
 fn bad_listen_address() {
     assert_rejected(
-        &GOOD.replace("0.0.0.0:8080", "localhost"),
+        &edit(GOOD, "0.0.0.0:8080", "localhost"),
         "1:9: listen: \"localhost\" is not an IP:port address",
     );
 }
@@ -134,7 +137,7 @@ fn bad_listen_address() {
 #[test]
 fn every_problem_is_reported_at_once() {
     let text =
-        GOOD.replace("legacy_v1_percent: 100", "legacy_v1_percent: -1").replace("name: was-2", "name: was-1");
+        edit(&edit(GOOD, "legacy_v1_percent: 100", "legacy_v1_percent: -1"), "name: was-2", "name: was-1");
     let dir = tempfile::tempdir().unwrap();
     let (code, _, stderr) = check(dir.path(), &text);
     assert_eq!(code, Some(1));
@@ -165,7 +168,7 @@ fn shipped_configs_pass() {
 #[test]
 fn absurd_durations_are_refused() {
     assert_rejected(
-        &GOOD.replace("quiet_window: 24h", "quiet_window: 10000years"),
+        &edit(GOOD, "quiet_window: 24h", "quiet_window: 10000years"),
         "14:17: drain.quiet_window: 10000years is longer than the maximum of 10 years",
     );
 }
