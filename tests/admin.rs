@@ -5,11 +5,13 @@ mod support;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use http::StatusCode;
 use serde_json::Value;
-use support::{admin_call, get, metric, pools_of, ConfigBuilder, ProxyBuilder, ProxyHandle, Reply, Upstream};
+use support::{admin_call, eventually, get, metric, pools_of, ConfigBuilder, ProxyBuilder, ProxyHandle, Reply, Upstream};
 
 const TOKEN: &str = "s3cret-admin-token";
 
@@ -290,29 +292,39 @@ async fn the_percentage_moves_under_traffic_and_the_override_survives_restart_an
         .all(|p| p == "v1"));
 
     // Continuous traffic: pinned studies and new ones, while the operator moves the percentage.
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop = Arc::new(AtomicBool::new(false));
+    let answered = Arc::new(AtomicUsize::new(0));
     let traffic = {
-        let (stop, url) = (stop.clone(), f.proxy.url(""));
+        let (stop, answered, url) = (stop.clone(), answered.clone(), f.proxy.url(""));
         tokio::spawn(async move {
             let mut moved = Vec::new();
             let mut i = 0;
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            while !stop.load(Ordering::Relaxed) {
                 let pinned = pools_of(vec![format!("{url}/api/studies/{}", i % 50)]).await;
                 if pinned[0] != "v1" {
                     moved.push(i % 50);
                 }
+                answered.fetch_add(1, Ordering::Relaxed);
                 i += 1;
             }
             moved
         })
     };
-    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    // A round of the 50 studies before the change, and another after it.
+    let answered_at_least = |n: usize| {
+        let answered = answered.clone();
+        eventually(Duration::from_secs(10), "the studies' traffic goes on", move || {
+            let answered = answered.clone();
+            async move { answered.load(Ordering::Relaxed) >= n }
+        })
+    };
+    answered_at_least(50).await;
     let reply = f.call("PUT", "/routes/legacy", Some(r#"{"v1_percent": 0}"#)).await;
     assert_eq!(reply.status, StatusCode::OK);
     // The very next new study goes to v2.
     assert_eq!(pools_of(vec![f.proxy.url("/api/studies/new-1")]).await, ["v2"]);
-    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    answered_at_least(answered.load(Ordering::Relaxed) + 50).await;
+    stop.store(true, Ordering::Relaxed);
     assert_eq!(traffic.await.unwrap(), Vec::<usize>::new(), "pinned studies moved");
 
     // A restart keeps the override.

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
 use http::StatusCode;
-use support::{get, ConfigBuilder, Ejection, Health, Pool, ProxyBuilder, Upstream, UpstreamSettings};
+use support::{eventually, get, ConfigBuilder, Ejection, Health, Pool, ProxyBuilder, Upstream, UpstreamSettings};
 use tokio_tungstenite::tungstenite::Message;
 
 /// Retries on another upstream, and a short connect timeout.
@@ -33,11 +33,8 @@ async fn v1_health_at(admin: &str, name: &str) -> bool {
 }
 
 async fn wait_for_health_at(admin: &str, name: &str, healthy: bool) {
-    let started = Instant::now();
-    while v1_health_at(admin, name).await != healthy {
-        assert!(started.elapsed() < Duration::from_secs(10), "{name} never became healthy={healthy}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let what = format!("{name} becomes healthy={healthy}");
+    eventually(Duration::from_secs(10), &what, || async { v1_health_at(admin, name).await == healthy }).await;
 }
 
 #[tokio::test]
@@ -84,17 +81,30 @@ async fn killing_one_of_two_v1_upstreams_fails_no_request_and_it_comes_back() {
         }));
     }
 
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Windows of traffic are counted in requests, not waited out: `more_requests(n)` returns once
+    // the clients have sent `n` more.
+    let more_requests = |n: usize| {
+        let sent = sent.clone();
+        async move {
+            let target = sent.load(Ordering::Relaxed) + n;
+            let what = format!("{n} more requests are sent");
+            eventually(Duration::from_secs(10), &what, || async { sent.load(Ordering::Relaxed) >= target })
+                .await;
+        }
+    };
+    let by_b = || served_by_b.load(Ordering::Relaxed);
+    eventually(Duration::from_secs(10), "v1-b serves its share", || async { by_b() >= 10 }).await;
     b.kill();
     wait_for_health_at(&admin, "v1-b", false).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let by_b_while_down = served_by_b.load(Ordering::Relaxed);
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(served_by_b.load(Ordering::Relaxed), by_b_while_down, "a dead upstream served requests");
+    more_requests(100).await;
+    let by_b_while_down = by_b();
+    more_requests(100).await;
+    assert_eq!(by_b(), by_b_while_down, "a dead upstream served requests");
 
     b.restart().await;
     wait_for_health_at(&admin, "v1-b", true).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    eventually(Duration::from_secs(10), "v1-b returns to service", || async { by_b() > by_b_while_down })
+        .await;
     stop.store(true, Ordering::Relaxed);
     for worker in load {
         worker.await.unwrap();
@@ -193,6 +203,8 @@ async fn websocket_echo_passes_through_and_a_graceful_stop_waits_for_the_tunnel(
             stopped.store(true, Ordering::SeqCst);
         })
     };
+    // A stop that did not wait would be done well within this (the behaviour under test is
+    // that nothing happens, so there is no event to wait for).
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(!stopped.load(Ordering::SeqCst), "the stop did not wait for the open tunnel");
     ws.send(Message::binary(vec![1u8, 2, 3])).await.unwrap();

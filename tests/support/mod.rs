@@ -6,10 +6,11 @@ pub mod raw;
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -44,6 +45,9 @@ pub struct Upstream {
     name: String,
 }
 
+/// Requests a stub has received, by path (counted as soon as the head arrives).
+type Seen = Arc<Mutex<BTreeMap<String, usize>>>;
+
 impl Upstream {
     pub fn new(name: &str) -> Self {
         Upstream { name: name.to_owned() }
@@ -57,12 +61,14 @@ impl Upstream {
     }
 
     /// Like [`Upstream::spawn`], with a handle that can kill the server (listener and every open
-    /// connection, as a crashed process would) and bring it back on the same address.
+    /// connection, as a crashed process would), bring it back on the same address, and tell
+    /// what requests reached it.
     pub async fn spawn_killable(self) -> Stub {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let kill = serve_stub(listener, self.name.clone());
-        Stub { addr, name: self.name, kill }
+        let seen = Seen::default();
+        let kill = serve_stub(listener, self.name.clone(), seen.clone());
+        Stub { addr, name: self.name, kill, seen }
     }
 }
 
@@ -71,6 +77,7 @@ pub struct Stub {
     pub addr: SocketAddr,
     name: String,
     kill: tokio_util::sync::CancellationToken,
+    seen: Seen,
 }
 
 impl Stub {
@@ -82,7 +89,12 @@ impl Stub {
     /// Serves again on the same address after [`Stub::kill`].
     pub async fn restart(&mut self) {
         let listener = TcpListener::bind(self.addr).await.unwrap();
-        self.kill = serve_stub(listener, self.name.clone());
+        self.kill = serve_stub(listener, self.name.clone(), self.seen.clone());
+    }
+
+    /// How many requests for `path` (without the query) arrived, over every life of the stub.
+    pub fn requests(&self, path: &str) -> usize {
+        self.seen.lock().unwrap().get(path).copied().unwrap_or(0)
     }
 }
 
@@ -92,7 +104,7 @@ impl Drop for Stub {
     }
 }
 
-fn serve_stub(listener: TcpListener, name: String) -> tokio_util::sync::CancellationToken {
+fn serve_stub(listener: TcpListener, name: String, seen: Seen) -> tokio_util::sync::CancellationToken {
     let kill = tokio_util::sync::CancellationToken::new();
     let stop = kill.clone();
     tokio::spawn(async move {
@@ -101,9 +113,12 @@ fn serve_stub(listener: TcpListener, name: String) -> tokio_util::sync::Cancella
                 _ = stop.cancelled() => return,
                 accepted = listener.accept() => match accepted { Ok(a) => a, Err(_) => continue },
             };
-            let (name, stop) = (name.clone(), stop.clone());
+            let (name, stop, seen) = (name.clone(), stop.clone(), seen.clone());
             tokio::spawn(async move {
-                let service = service_fn(move |req| answer(name.clone(), req));
+                let service = service_fn(move |req: Request<Incoming>| {
+                    *seen.lock().unwrap().entry(req.uri().path().to_owned()).or_insert(0) += 1;
+                    answer(name.clone(), req)
+                });
                 let connection = hyper::server::conn::http1::Builder::new()
                     .serve_connection(TokioIo::new(stream), service);
                 tokio::select! {
@@ -445,6 +460,47 @@ fn pool_name(pool: Pool) -> PoolName {
     }
 }
 
+/// Polls `condition` every 20 ms until it holds; panics saying what did not happen once `limit`
+/// has passed (a check still running then counts as failed). For waiting on something the test
+/// can observe, instead of sleeping for long enough.
+pub async fn eventually<F, Fut>(limit: Duration, what: &str, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    eventually_some(limit, what, || {
+        let check = condition();
+        async move { check.await.then_some(()) }
+    })
+    .await
+}
+
+/// Like [`eventually`], for a check that produces a value once it holds.
+pub async fn eventually_some<T, F, Fut>(limit: Duration, what: &str, check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    poll_until(limit, check).await.unwrap_or_else(|| panic!("not within {limit:?}: {what}"))
+}
+
+/// Runs `check` every 20 ms until it produces a value, for at most `limit`.
+async fn poll_until<T, F, Fut>(limit: Duration, mut check: F) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        match tokio::time::timeout_at(deadline, check()).await {
+            Ok(Some(value)) => return Some(value),
+            Ok(None) if tokio::time::Instant::now() < deadline => {}
+            _ => return None,
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// A response read to the end.
 #[derive(Debug)]
 pub struct Reply {
@@ -482,6 +538,15 @@ pub async fn send(client: &Client<HttpConnector, Full<Bytes>>, req: Request<Full
 pub async fn get(url: &str) -> Reply {
     let req = Request::builder().method(Method::GET).uri(url).body(Full::default()).unwrap();
     send(&http1_client(), req).await
+}
+
+/// Like [`get`], but `None` when no whole answer comes back (refused, reset, closed early).
+pub async fn try_get(url: &str) -> Option<Reply> {
+    let req = Request::builder().method(Method::GET).uri(url).body(Full::default()).unwrap();
+    let response = http1_client().request(req).await.ok()?;
+    let (parts, body) = response.into_parts();
+    let body = body.collect().await.ok()?.to_bytes();
+    Some(Reply { status: parts.status, headers: parts.headers, body })
 }
 
 /// Sends `n` GETs to `url`, up to 16 at a time, and counts the answers by `x-upstream`.
@@ -565,18 +630,20 @@ impl ProxyProcess {
             .expect("the binary starts");
         let stdout = collect(child.stdout.take().unwrap());
         let stderr = collect(child.stderr.take().unwrap());
-        for _ in 0..400 {
+        let serving = poll_until(Duration::from_secs(20), || {
             let log = stderr.lock().unwrap().clone();
-            if let (Some(addr), Some(admin_addr)) = (field(&log, "listen="), field(&log, "admin=")) {
-                return ProxyProcess { child, addr, admin_addr, stdout, stderr };
-            }
             if let Ok(Some(status)) = child.try_wait() {
                 panic!("rollout-proxy exited early with {status}:\n{log}");
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        let _ = child.kill();
-        panic!("rollout-proxy did not start serving:\n{}", stderr.lock().unwrap());
+            let addrs = (field(&log, "listen="), field(&log, "admin="));
+            async move { addrs.0.zip(addrs.1) }
+        })
+        .await;
+        let Some((addr, admin_addr)) = serving else {
+            let _ = child.kill();
+            panic!("rollout-proxy did not start serving:\n{}", stderr.lock().unwrap());
+        };
+        ProxyProcess { child, addr, admin_addr, stdout, stderr }
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -599,18 +666,13 @@ impl ProxyProcess {
 
     /// Waits up to `limit` for the process to exit.
     pub async fn exit_status(&mut self, limit: Duration) -> std::process::ExitStatus {
-        let deadline = tokio::time::Instant::now() + limit;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "no exit within {limit:?}:\n{}",
-                self.stderr.lock().unwrap()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let child = &mut self.child;
+        let exited = poll_until(limit, || {
+            let status = child.try_wait().unwrap();
+            async move { status }
+        })
+        .await;
+        exited.unwrap_or_else(|| panic!("no exit within {limit:?}:\n{}", self.stderr.lock().unwrap()))
     }
 }
 
