@@ -205,7 +205,8 @@ fn new_client_and_upstream_limits_are_bounds_checked() {
 #[test]
 fn ejection_duration_is_bounds_checked() {
     let ejection = |duration: &str| {
-        GOOD.replace(
+        edit(
+            GOOD,
             "  v2:\n",
             &format!("    ejection: {{ consecutive_failures: 3, duration: {duration} }}\n  v2:\n"),
         )
