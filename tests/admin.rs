@@ -7,11 +7,12 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
 use http::StatusCode;
 use serde_json::Value;
-use support::{admin_call, eventually, get, metric, pools_of, ConfigBuilder, ProxyBuilder, ProxyHandle, Reply, Upstream};
+use support::{
+    admin_call, get, grows_by, metric, pools_of, ConfigBuilder, ProxyBuilder, ProxyHandle, Reply, Upstream,
+};
 
 const TOKEN: &str = "s3cret-admin-token";
 
@@ -311,19 +312,12 @@ async fn the_percentage_moves_under_traffic_and_the_override_survives_restart_an
         })
     };
     // A round of the 50 studies before the change, and another after it.
-    let answered_at_least = |n: usize| {
-        let answered = answered.clone();
-        eventually(Duration::from_secs(10), "the studies' traffic goes on", move || {
-            let answered = answered.clone();
-            async move { answered.load(Ordering::Relaxed) >= n }
-        })
-    };
-    answered_at_least(50).await;
+    grows_by(&answered, 50, "study requests are answered").await;
     let reply = f.call("PUT", "/routes/legacy", Some(r#"{"v1_percent": 0}"#)).await;
     assert_eq!(reply.status, StatusCode::OK);
     // The very next new study goes to v2.
     assert_eq!(pools_of(vec![f.proxy.url("/api/studies/new-1")]).await, ["v2"]);
-    answered_at_least(answered.load(Ordering::Relaxed) + 50).await;
+    grows_by(&answered, 50, "study requests are answered").await;
     stop.store(true, Ordering::Relaxed);
     assert_eq!(traffic.await.unwrap(), Vec::<usize>::new(), "pinned studies moved");
 

@@ -8,7 +8,10 @@ use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
 use http::StatusCode;
-use support::{eventually, get, ConfigBuilder, Ejection, Health, Pool, ProxyBuilder, Upstream, UpstreamSettings};
+use support::{
+    eventually, get, grows_by, ConfigBuilder, Ejection, Health, Pool, ProxyBuilder, Upstream,
+    UpstreamSettings,
+};
 use tokio_tungstenite::tungstenite::Message;
 
 /// Retries on another upstream, and a short connect timeout.
@@ -81,24 +84,14 @@ async fn killing_one_of_two_v1_upstreams_fails_no_request_and_it_comes_back() {
         }));
     }
 
-    // Windows of traffic are counted in requests, not waited out: `more_requests(n)` returns once
-    // the clients have sent `n` more.
-    let more_requests = |n: usize| {
-        let sent = sent.clone();
-        async move {
-            let target = sent.load(Ordering::Relaxed) + n;
-            let what = format!("{n} more requests are sent");
-            eventually(Duration::from_secs(10), &what, || async { sent.load(Ordering::Relaxed) >= target })
-                .await;
-        }
-    };
     let by_b = || served_by_b.load(Ordering::Relaxed);
     eventually(Duration::from_secs(10), "v1-b serves its share", || async { by_b() >= 10 }).await;
     b.kill();
     wait_for_health_at(&admin, "v1-b", false).await;
-    more_requests(100).await;
+    // Marked down, v1-b gets nothing: 100 requests for those in flight to end, 100 more counted.
+    grows_by(&sent, 100, "requests are sent").await;
     let by_b_while_down = by_b();
-    more_requests(100).await;
+    grows_by(&sent, 100, "requests are sent").await;
     assert_eq!(by_b(), by_b_while_down, "a dead upstream served requests");
 
     b.restart().await;

@@ -475,6 +475,15 @@ where
     .await
 }
 
+/// Waits until `count` has grown by `n` from its value now: windows of traffic counted in
+/// requests, not waited out.
+pub async fn grows_by(count: &std::sync::atomic::AtomicUsize, n: usize, what: &str) {
+    use std::sync::atomic::Ordering;
+    let target = count.load(Ordering::Relaxed) + n;
+    let what = format!("{n} more {what}");
+    eventually(Duration::from_secs(20), &what, || async { count.load(Ordering::Relaxed) >= target }).await
+}
+
 /// Like [`eventually`], for a check that produces a value once it holds.
 pub async fn eventually_some<T, F, Fut>(limit: Duration, what: &str, check: F) -> T
 where
