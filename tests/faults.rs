@@ -111,17 +111,28 @@ async fn killing_one_of_two_v1_upstreams_fails_no_request_and_it_comes_back() {
 
 #[tokio::test]
 async fn health_probes_are_not_v1_traffic() {
-    let a = Upstream::new("v1-a").spawn().await;
+    let a = Upstream::new("v1-a").spawn_killable().await;
     let v2 = Upstream::new("v2-a").spawn().await;
     let config =
-        ConfigBuilder::one_each(a, v2).legacy_v1_percent(0.0).quiet_window(Duration::from_millis(1500));
+        ConfigBuilder::one_each(a.addr, v2).legacy_v1_percent(0.0).quiet_window(Duration::from_millis(1500));
     let proxy = ProxyBuilder::new(&with_checks(config)).spawn().await;
-    // Probes every 200 ms for two seconds: v1 still counts as quiet.
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let text = String::from_utf8(get(&proxy.admin_url("/metrics")).await.body.to_vec()).unwrap();
-    assert!(text.contains("rollout_upstream_healthy{pool=\"v1\",upstream=\"v1-a\"} 1"), "{text}");
+    let probes = || a.requests("/healthz");
+    let is_drained = || async { get(&proxy.admin_url("/drain")).await.status == StatusCode::OK };
+
+    // v1-a is probed every 200 ms from the start, and still v1 goes quiet for its whole window...
+    eventually(Duration::from_secs(5), "v1-a is probed", || async { probes() >= 2 }).await;
+    eventually(Duration::from_secs(10), "v1 counts as quiet while its upstream is probed", is_drained).await;
+    // ...and stays quiet while the probes go on.
+    let seen = probes();
+    eventually(Duration::from_secs(5), "probes go on", || async { probes() >= seen + 3 }).await;
     let drain = get(&proxy.admin_url("/drain")).await;
     assert_eq!(drain.status, StatusCode::OK, "{:?}", drain.body);
+    let text = proxy.metrics().await;
+    assert_eq!(
+        support::metric(&text, "rollout_upstream_healthy", &[("pool", "v1"), ("upstream", "v1-a")]),
+        Some(1.0),
+        "{text}"
+    );
     proxy.shutdown().await;
 }
 
