@@ -100,12 +100,24 @@ async fn concurrent_new_pins_share_commits() {
     let p = pools().await;
     let proxy = ProxyBuilder::new(&config(&p, 50.0)).spawn().await;
     let before = metric(&metrics_text(&proxy).await, "rollout_state_commits_total", &[]).unwrap();
-    pools_of(by_path(&proxy, 0..512)).await;
-    proxy.flush_store().await;
+    let started = pools_of(by_path(&proxy, 0..512)).await;
+    assert!(proxy.flush_store().await, "the store commits");
     let commits = metric(&metrics_text(&proxy).await, "rollout_state_commits_total", &[]).unwrap() - before;
     // Requests go 16 at a time and each waits for its pin's commit: without group commit that
     // is one commit per pin.
-    assert!(commits <= 256.0, "512 new pins took {commits} commits");
+    assert!((1.0..=256.0).contains(&commits), "512 new pins took {commits} commits");
+
+    // Sharing commits lost no pin: one per study, followed by its next request, and on disk.
+    let on_v1 = started.iter().filter(|p| *p == "v1").count();
+    let live = |proxy: &ProxyHandle| (proxy.live_pins(Pool::V1), proxy.live_pins(Pool::V2));
+    let moved = |again: Vec<String>| again.iter().zip(&started).filter(|(now, then)| now != then).count();
+    assert_eq!(live(&proxy), (on_v1, 512 - on_v1), "live pins (v1, v2)");
+    assert_eq!(moved(pools_of(by_path(&proxy, 0..512)).await), 0, "studies that left their pin's pool");
+    let state = proxy.shutdown().await;
+    let proxy = ProxyBuilder::new(&config(&p, 50.0)).state_dir(state).spawn().await;
+    assert_eq!(live(&proxy), (on_v1, 512 - on_v1), "pins (v1, v2) read back after a restart");
+    let after_restart = pools_of(by_path(&proxy, 0..512)).await;
+    assert_eq!(moved(after_restart), 0, "studies that left their pin's pool after a restart");
     proxy.shutdown().await;
 }
 
