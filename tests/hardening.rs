@@ -19,8 +19,8 @@ use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use support::{
-    get, metric, raw_upstream, ClientSettings, ConfigBuilder, Ejection, Pool, ProxyBuilder, Upstream,
-    UpstreamSettings,
+    eventually, get, metric, raw_upstream, try_get, ClientSettings, ConfigBuilder, Ejection, Pool,
+    ProxyBuilder, Upstream, UpstreamSettings,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -64,20 +64,35 @@ fn clean(line: &str) -> String {
 /// An upstream that answers requests for `/first` with `bytes` (then `later`, 300 ms on, on the
 /// same socket) and every other request cleanly.
 async fn scripted_upstream(bytes: &'static str, later: &'static str) -> SocketAddr {
-    raw_upstream(move |mut s| async move {
-        let mut buf = Vec::new();
-        while let Some(line) = read_request(&mut s, &mut buf).await {
-            if line.contains(" /first") {
-                let _ = s.write_all(bytes.as_bytes()).await;
-                tokio::time::sleep(Duration::from_millis(300)).await;
-                let _ = s.write_all(later.as_bytes()).await;
-            } else if s.write_all(clean(&line).as_bytes()).await.is_err() {
-                return;
+    scripted_upstream_counted(bytes, later).await.0
+}
+
+/// Like [`scripted_upstream`], also counting the times it has written `later`.
+async fn scripted_upstream_counted(
+    bytes: &'static str,
+    later: &'static str,
+) -> (SocketAddr, Arc<AtomicUsize>) {
+    let written_later = Arc::new(AtomicUsize::new(0));
+    let counter = written_later.clone();
+    let (addr, _) = raw_upstream(move |mut s| {
+        let counter = counter.clone();
+        async move {
+            let mut buf = Vec::new();
+            while let Some(line) = read_request(&mut s, &mut buf).await {
+                if line.contains(" /first") {
+                    let _ = s.write_all(bytes.as_bytes()).await;
+                    // The late bytes are the misbehaviour under test: a response nobody asked for.
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    let _ = s.write_all(later.as_bytes()).await;
+                    counter.fetch_add(1, Ordering::SeqCst);
+                } else if s.write_all(clean(&line).as_bytes()).await.is_err() {
+                    return;
+                }
             }
         }
     })
-    .await
-    .0
+    .await;
+    (addr, written_later)
 }
 
 /// A proxy whose v1 pool is the one upstream at `v1`, its config adjusted by `adjust`.
@@ -138,14 +153,17 @@ async fn a_bare_lf_in_chunk_framing_cannot_split_a_response() {
     const INJECTED: &str = "HTTP/1.1 200 OK\r\nX-Injected: 1\r\nContent-Length: 13\r\n\r\ninjected body";
     for framing in ["0;\n\r\n", "0\r\nX: a\n\r\n", "5;a\nb\r\nhello\r\n0\r\n\r\n"] {
         let head = format!("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n{framing}");
-        let v1 = scripted_upstream(Box::leak(head.into_boxed_str()), INJECTED).await;
+        let (v1, injected) = scripted_upstream_counted(Box::leak(head.into_boxed_str()), INJECTED).await;
         let proxy = proxy_to(v1, |c| c).await;
         let mut client = TcpStream::connect(proxy.addr).await.unwrap();
         let (first, closed) =
             exchange(&mut client, "GET /first HTTP/1.1\r\nHost: a\r\n\r\n", |t| t.contains("\r\n\r\n")).await;
         assert!(first.starts_with("HTTP/1.1 502 "), "{framing:?}: {first}");
         assert!(first.contains("x-rollout-error: upstream_invalid"), "{framing:?}: {first}");
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        eventually(Duration::from_secs(5), "the upstream sends its injected response", || async {
+            injected.load(Ordering::SeqCst) == 1
+        })
+        .await;
         // Reusing the client connection, as curl would: never the injected response.
         let mut rest = String::new();
         if !closed {
@@ -173,6 +191,12 @@ async fn a_clients_broken_upload_ejects_no_upstream() {
         .v2("v2-a", v2, 1)
         .ejection(Pool::V1, Ejection::after(3, Duration::from_secs(30)));
     let proxy = ProxyBuilder::new(&config).spawn().await;
+    // Every request here ends in a 400 the proxy answers itself (to a client that may be gone).
+    let refused = || async {
+        let text = metrics_text(&proxy).await;
+        let answered_4xx = text.lines().filter(|l| l.starts_with("rollout_requests_total{"));
+        answered_4xx.filter(|l| l.contains("code_class=\"4xx\"")).map(value_of).sum::<f64>()
+    };
     for _ in 0..8 {
         let answer = one_request(
             proxy.addr,
@@ -184,16 +208,18 @@ async fn a_clients_broken_upload_ejects_no_upstream() {
         assert!(answer.contains("x-rollout-error: bad_request"), "{answer}");
     }
     // Clients that go away in the middle of a large upload.
-    for _ in 0..8 {
+    for aborted in 1..=8 {
         let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
         stream
             .write_all(b"POST /api/members HTTP/1.1\r\nHost: a\r\nContent-Length: 100000\r\n\r\n0123456789")
             .await
             .unwrap();
-        tokio::time::sleep(Duration::from_millis(30)).await;
         drop(stream);
+        eventually(Duration::from_secs(5), "the proxy gives up on the aborted upload", || async {
+            refused().await == f64::from(8 + aborted)
+        })
+        .await;
     }
-    tokio::time::sleep(Duration::from_millis(200)).await;
     let status = get(&proxy.admin_url("/status")).await.json();
     for upstream in status["pools"]["v1"]["upstreams"].as_array().unwrap() {
         assert_eq!(upstream["healthy"], true, "{upstream}");
@@ -236,8 +262,10 @@ async fn silent_http2_connections_are_closed_and_free_their_slots() {
             "a silent HTTP/2 connection was still open after 3 s"
         );
     }
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    assert_eq!(get(&proxy.url("/api/members/me")).await.status, StatusCode::OK);
+    eventually(Duration::from_secs(5), "the closed connections' slots come free", || async {
+        try_get(&proxy.url("/api/members/me")).await.is_some_and(|r| r.status == StatusCode::OK)
+    })
+    .await;
     proxy.shutdown().await;
 }
 
@@ -289,6 +317,7 @@ async fn counting_upstream(delay: Duration) -> (SocketAddr, Arc<AtomicUsize>, Ar
                 let service =
                     hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| async move {
                         let _ = req.into_body().collect().await;
+                        // A slow upstream, so that requests overlap.
                         tokio::time::sleep(delay).await;
                         Ok::<_, Infallible>(hyper::Response::new(Full::new(Bytes::from_static(b"slow"))))
                     });
@@ -362,7 +391,7 @@ async fn connections_per_upstream_are_capped() {
     assert!(accepted.load(Ordering::SeqCst) <= 3);
     proxy.shutdown().await;
 
-    let (v1, _, _) = counting_upstream(Duration::from_millis(1500)).await;
+    let (v1, accepted, _) = counting_upstream(Duration::from_millis(1500)).await;
     let one_connection = UpstreamSettings {
         max_connections_per_upstream: Some(1),
         connect_timeout: Some(Duration::from_millis(200)),
@@ -372,7 +401,10 @@ async fn connections_per_upstream_are_capped() {
     let proxy = proxy_to(v1, with_upstream(one_connection)).await;
     let url = proxy.url("/api/members/1");
     let first = tokio::spawn(async move { get(&url).await });
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    eventually(Duration::from_secs(5), "the first request holds the one connection", || async {
+        accepted.load(Ordering::SeqCst) == 1
+    })
+    .await;
     let second = get(&proxy.url("/api/members/2")).await;
     assert_eq!(second.status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(second.header("x-rollout-error"), Some("upstream_busy"));
@@ -434,16 +466,15 @@ async fn a_client_that_stops_reading_is_cut_off_after_send_timeout() {
     for prefix in [None, Some(TO_HYPER)] {
         let mut stream = not_reading(proxy.addr).await;
         if let Some(prefix) = prefix {
-            let (text, _) = exchange(&mut stream, prefix, |t| t.contains("\r\n\r\n{")).await;
+            let (text, _) = exchange(&mut stream, prefix, is_whole_response).await;
             assert!(text.starts_with("HTTP/1.1 200"), "{text}");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            let mut drain = vec![0u8; 65536];
-            while let Ok(Ok(1..)) =
-                tokio::time::timeout(Duration::from_millis(100), stream.read(&mut drain)).await
-            {}
         }
+        let cut_off_before = send_timeouts(&proxy).await;
         stream.write_all(format!("GET /__big/{BIG} HTTP/1.1\r\nHost: a\r\n\r\n").as_bytes()).await.unwrap();
-        tokio::time::sleep(Duration::from_millis(2000)).await;
+        eventually(Duration::from_secs(10), "the proxy gives up on the client", || async {
+            send_timeouts(&proxy).await > cut_off_before
+        })
+        .await;
         // Now read everything: the connection must end well short of the whole body.
         let mut total = 0;
         let mut buf = vec![0u8; 1 << 20];
@@ -459,9 +490,29 @@ async fn a_client_that_stops_reading_is_cut_off_after_send_timeout() {
         assert!(ended.is_ok(), "{prefix:?}: the connection was still open");
         assert!(total < BIG, "{prefix:?}: the whole body arrived");
     }
-    let text = metrics_text(&proxy).await;
-    assert_eq!(metric(&text, "rollout_client_rejected_total", &[("reason", "send_timeout")]), Some(2.0));
+    assert_eq!(send_timeouts(&proxy).await, 2.0);
     proxy.shutdown().await;
+}
+
+/// The value of one line of Prometheus text.
+fn value_of(line: &str) -> f64 {
+    line.rsplit_once(' ').and_then(|(_, v)| v.parse().ok()).unwrap_or_else(|| panic!("not a sample: {line}"))
+}
+
+/// `rollout_client_rejected_total{reason="send_timeout"}`.
+async fn send_timeouts(proxy: &support::ProxyHandle) -> f64 {
+    let text = metrics_text(proxy).await;
+    metric(&text, "rollout_client_rejected_total", &[("reason", "send_timeout")]).expect("the series exists")
+}
+
+/// Whether `text` holds a whole response head and as much body as its `Content-Length` says.
+fn is_whole_response(text: &str) -> bool {
+    let Some((head, body)) = text.split_once("\r\n\r\n") else { return false };
+    let length = head.lines().find_map(|l| {
+        let (name, value) = l.split_once(':')?;
+        name.eq_ignore_ascii_case("content-length").then(|| value.trim().parse::<usize>().ok())?
+    });
+    length.is_some_and(|length| body.len() >= length)
 }
 
 #[tokio::test]
@@ -483,11 +534,13 @@ async fn an_http2_stream_whose_client_does_not_read_is_cut_off() {
     let response = sender.send_request(req).await.unwrap();
     assert_eq!(response.status(), StatusCode::OK);
     // Flow control stops the proxy once the client's window is full; nobody reads.
-    tokio::time::sleep(Duration::from_millis(2000)).await;
+    eventually(Duration::from_secs(10), "the proxy gives up on the stream", || async {
+        send_timeouts(&proxy).await == 1.0
+    })
+    .await;
     let read = tokio::time::timeout(Duration::from_secs(10), response.into_body().collect()).await;
     assert!(matches!(read, Ok(Err(_))), "the stalled stream was not cut off");
-    let text = metrics_text(&proxy).await;
-    assert_eq!(metric(&text, "rollout_client_rejected_total", &[("reason", "send_timeout")]), Some(1.0));
+    assert_eq!(send_timeouts(&proxy).await, 1.0);
     proxy.shutdown().await;
 }
 
@@ -586,7 +639,7 @@ async fn the_admin_listener_bounds_half_sent_heads_and_connections() {
         stream.write_all(b"GET /status HTTP/1.1\r\nHost: a\r\n").await.unwrap();
         half.push(stream);
     }
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Connections are accepted in the order they were made: this one comes after all 64.
     let mut over = TcpStream::connect(proxy.admin_addr).await.unwrap();
     let mut answer = String::new();
     let _ = tokio::time::timeout(Duration::from_secs(2), over.read_to_string(&mut answer)).await;
@@ -775,6 +828,7 @@ impl tokio::io::AsyncWrite for SplitFirstWrite {
             let polled = std::pin::Pin::new(&mut self.inner).poll_write(cx, &buf[..n]);
             if let std::task::Poll::Ready(Ok(n)) = polled {
                 self.written = n;
+                // The client under test: its preface arrives in two pieces.
                 self.pause = Some(Box::pin(tokio::time::sleep(Duration::from_millis(100))));
             }
             return polled;
@@ -844,7 +898,8 @@ async fn an_open_tunnel_counts_against_the_upstream_connection_cap() {
     let proxy = ProxyBuilder::new(&config).spawn().await;
     let url = format!("ws://{}/api/v2/live", proxy.addr);
     let (mut first, _) = tokio_tungstenite::connect_async(url.as_str()).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    first.send(tokio_tungstenite::tungstenite::Message::text("open")).await.unwrap();
+    assert!(first.next().await.unwrap().is_ok(), "the first tunnel carries messages");
     match tokio_tungstenite::connect_async(url.as_str()).await {
         Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
             assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
@@ -857,10 +912,9 @@ async fn an_open_tunnel_counts_against_the_upstream_connection_cap() {
     first.close(None).await.unwrap();
     while let Some(Ok(_)) = first.next().await {}
     drop(first);
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    assert!(
-        tokio_tungstenite::connect_async(url.as_str()).await.is_ok(),
-        "the closed tunnel's place came free"
-    );
+    eventually(Duration::from_secs(5), "the closed tunnel's place comes free", || async {
+        tokio_tungstenite::connect_async(url.as_str()).await.is_ok()
+    })
+    .await;
     proxy.shutdown().await;
 }
