@@ -5,27 +5,35 @@ mod support;
 use std::time::Duration;
 
 use http::StatusCode;
-use support::{get, ConfigBuilder, ProxyProcess, Upstream};
+use support::{eventually, get, ConfigBuilder, ProxyProcess, Upstream};
 
 #[tokio::test]
 async fn sigterm_lets_an_in_flight_request_finish_then_exits_0() {
-    let v1 = Upstream::new("v1-a").spawn().await;
+    let v1 = Upstream::new("v1-a").spawn_killable().await;
     let v2 = Upstream::new("v2-a").spawn().await;
     let dir = tempfile::tempdir().unwrap();
-    let config = ConfigBuilder::one_each(v1, v2).grace_period(Duration::from_secs(20));
+    let config = ConfigBuilder::one_each(v1.addr, v2).grace_period(Duration::from_secs(20));
     let file = support::write_config(dir.path(), &config);
     let mut proxy = ProxyProcess::start(&["run", "--config", &file]).await;
     assert_eq!(get(&proxy.admin_url("/readyz")).await.status, StatusCode::OK);
 
     let slow_url = proxy.url("/__slow/1500");
     let slow = tokio::spawn(async move { get(&slow_url).await });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    eventually(Duration::from_secs(5), "the slow request reaches v1-a", || async {
+        v1.requests("/__slow/1500") == 1
+    })
+    .await;
     proxy.signal(libc::SIGTERM);
-    tokio::time::sleep(Duration::from_millis(200)).await;
 
     // Draining: not ready, no new connections, the old request still running.
-    assert_eq!(get(&proxy.admin_url("/readyz")).await.status, StatusCode::SERVICE_UNAVAILABLE);
-    assert!(tokio::net::TcpStream::connect(proxy.addr).await.is_err(), "the listener is closed");
+    eventually(Duration::from_secs(5), "/readyz says not ready", || async {
+        get(&proxy.admin_url("/readyz")).await.status == StatusCode::SERVICE_UNAVAILABLE
+    })
+    .await;
+    eventually(Duration::from_secs(5), "the listener closes", || async {
+        tokio::net::TcpStream::connect(proxy.addr).await.is_err()
+    })
+    .await;
     assert!(!slow.is_finished());
 
     let reply = slow.await.unwrap();
@@ -39,12 +47,10 @@ async fn sigterm_lets_an_in_flight_request_finish_then_exits_0() {
 async fn demo_serves_the_tour_and_stops_on_ctrl_c() {
     let mut demo =
         ProxyProcess::start(&["demo", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"]).await;
-    for _ in 0..100 {
-        if demo.stdout.lock().unwrap().contains("Ctrl-C") {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually(Duration::from_secs(5), "the demo prints its tour", || async {
+        demo.stdout.lock().unwrap().contains("Ctrl-C")
+    })
+    .await;
     let tour = demo.stdout.lock().unwrap().clone();
     assert!(tour.contains(&format!("curl -si http://{}/api/v2/studies/42", demo.addr)), "{tour}");
 

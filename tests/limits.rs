@@ -5,7 +5,10 @@ mod support;
 use std::time::{Duration, Instant};
 
 use http::StatusCode;
-use support::{get, ClientSettings, ConfigBuilder, ProxyBuilder, ProxyProcess, Upstream};
+use support::{
+    eventually, eventually_some, get, try_get, ClientSettings, ConfigBuilder, ProxyBuilder, ProxyProcess,
+    Upstream,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -22,7 +25,7 @@ async fn a_trickled_request_head_is_cut_off_while_others_are_served() {
     let started = Instant::now();
     let mut closed = false;
     for i in 0..40 {
-        // One header line every 100 ms: never a complete head.
+        // One header line every 100 ms (the slow client under test): never a complete head.
         if slow.write_all(format!("X-Trickle-{i}: y\r\n").as_bytes()).await.is_err() {
             closed = true;
             break;
@@ -62,32 +65,20 @@ async fn running_out_of_descriptors_does_not_stop_the_accept_loop() {
     for _ in 0..80 {
         held.push(TcpStream::connect(proxy.addr).await.unwrap());
     }
-    for _ in 0..100 {
-        if proxy.stderr.lock().unwrap().contains("accept failed") {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert!(proxy.stderr.lock().unwrap().contains("accept failed"), "descriptors never ran out");
+    eventually(Duration::from_secs(5), "descriptors run out", || async {
+        proxy.stderr.lock().unwrap().contains("accept failed")
+    })
+    .await;
     drop(held);
 
     // Once descriptors are free again, the same process serves.
-    let mut status = None;
-    for _ in 0..50 {
-        if let Ok(Ok(reply)) =
-            tokio::time::timeout(Duration::from_secs(1), get_checked(&proxy.url("/api/studies/1"))).await
-        {
-            status = Some(reply);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert_eq!(status, Some(StatusCode::OK));
-}
-
-async fn get_checked(url: &str) -> Result<StatusCode, ()> {
-    let url = url.to_owned();
-    tokio::spawn(async move { get(&url).await.status }).await.map_err(|_| ())
+    let url = proxy.url("/api/studies/1");
+    let status = eventually_some(Duration::from_secs(20), "the proxy answers again", || async {
+        let answered = tokio::time::timeout(Duration::from_secs(1), try_get(&url)).await;
+        answered.ok().flatten().map(|reply| reply.status)
+    })
+    .await;
+    assert_eq!(status, StatusCode::OK);
 }
 
 /// Sends one GET on `stream` and reads the answer's head; returns the status line.
@@ -134,7 +125,9 @@ async fn connections_over_the_limit_get_503_and_an_idle_keep_alive_is_closed() {
     assert!(matches!(read, Ok(Ok(0))), "idle connection still open: {read:?}");
     assert!(started.elapsed() < Duration::from_secs(3));
     drop(held);
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    assert_eq!(get(&proxy.url("/api/members/me")).await.status, StatusCode::OK);
+    eventually(Duration::from_secs(5), "the closed connections' slots come free", || async {
+        get(&proxy.url("/api/members/me")).await.status == StatusCode::OK
+    })
+    .await;
     proxy.shutdown().await;
 }
