@@ -3,9 +3,12 @@
 
 mod support;
 
+use std::path::Path;
 use std::time::Duration;
 
-use support::{get, metric, pools_of, ConfigBuilder, ProxyProcess, Sessions, Upstream};
+use support::{
+    get, metric, pools_of, ConfigBuilder, ProxyBuilder, ProxyProcess, Sessions, StoppedClock, Upstream,
+};
 
 fn write_config(
     dir: &std::path::Path,
@@ -80,11 +83,11 @@ async fn a_second_process_on_the_same_state_dir_is_refused() {
     assert_eq!(get(&first.url("/api/studies/1")).await.status, http::StatusCode::OK);
 }
 
-/// Writes `config` with the legacy split at `percent` into `dir`, returning its path.
-fn config_with(dir: &std::path::Path, config: ConfigBuilder, percent: f64) -> String {
+/// Writes `config` with the legacy split at `percent` into `dir`, its state in `state`; returns
+/// the file's path.
+fn config_with(dir: &Path, state: &Path, config: ConfigBuilder, percent: f64) -> String {
     let file = dir.join(format!("rollout-{percent}.yaml"));
-    let config = config.legacy_v1_percent(percent).state_dir(&dir.join("state"));
-    std::fs::write(&file, config.render()).unwrap();
+    std::fs::write(&file, config.legacy_v1_percent(percent).state_dir(state).render()).unwrap();
     file.to_str().unwrap().to_owned()
 }
 
@@ -96,15 +99,17 @@ fn unix_now_ms() -> u64 {
 async fn the_first_v1_request_after_a_quiet_spell_survives_an_immediate_kill() {
     let v1 = Upstream::new("v1-a").spawn().await;
     let v2 = Upstream::new("v2-a").spawn().await;
-    let dir = tempfile::tempdir().unwrap();
-    let file = config_with(dir.path(), ConfigBuilder::one_each(v1, v2), 100.0);
+    let (dir, state) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let file = config_with(dir.path(), state.path(), ConfigBuilder::one_each(v1, v2), 100.0);
 
-    // A first run stores the drain clock, then v1 stays quiet for longer than the read-back slack.
-    let mut first = ProxyProcess::start(&["run", "--config", &file]).await;
-    first.signal(libc::SIGTERM);
-    assert_eq!(first.exit_status(Duration::from_secs(10)).await.code(), Some(0));
-    drop(first);
-    tokio::time::sleep(Duration::from_millis(3500)).await;
+    // A first run, its clock 3.5 s ago (longer ago than the 2 s read-back slack), stores the
+    // drain clock and stops: v1 has been quiet since.
+    let first = ProxyBuilder::from_file(Path::new(&file))
+        .clock(&StoppedClock::in_the_past(Duration::from_millis(3500)))
+        .state_dir(state)
+        .spawn()
+        .await;
+    let _state = first.shutdown().await; // the directory lives on for the runs below
 
     let second = ProxyProcess::start(&["run", "--config", &file]).await;
     let sent_at = unix_now_ms();
@@ -125,34 +130,40 @@ async fn the_first_v1_request_after_a_quiet_spell_survives_an_immediate_kill() {
 async fn a_pin_touched_just_before_a_kill_keeps_its_idle_time() {
     let v1 = Upstream::new("v1-a").spawn().await;
     let v2 = Upstream::new("v2-a").spawn().await;
-    let dir = tempfile::tempdir().unwrap();
+    let (dir, state) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let idle = ConfigBuilder::one_each(v1, v2)
         .sessions(Sessions { idle_timeout: Some(Duration::from_secs(5)), ..Sessions::default() });
-    let all_v1 = config_with(dir.path(), idle.clone(), 100.0);
-    let all_v2 = config_with(dir.path(), idle, 0.0);
+    let all_v1 = config_with(dir.path(), state.path(), idle.clone(), 100.0);
+    let all_v2 = config_with(dir.path(), state.path(), idle, 0.0);
 
-    let mut first = ProxyProcess::start(&["run", "--config", &all_v1]).await;
+    // The study's first request, 3.2 s ago by the first run's clock, which then stops cleanly.
+    let first = ProxyBuilder::from_file(Path::new(&all_v1))
+        .clock(&StoppedClock::in_the_past(Duration::from_millis(3200)))
+        .state_dir(state)
+        .spawn()
+        .await;
     assert_eq!(pools_of(vec![first.url("/api/studies/77")]).await, ["v1"]);
-    first.signal(libc::SIGTERM);
-    assert_eq!(first.exit_status(Duration::from_secs(10)).await.code(), Some(0));
-    drop(first);
-    tokio::time::sleep(Duration::from_millis(3200)).await;
+    let state = first.shutdown().await;
 
-    // The study comes back three seconds later, and the proxy dies right after answering.
+    // The study comes back now, and the proxy dies right after answering.
     let second = ProxyProcess::start(&["run", "--config", &all_v1]).await;
     assert_eq!(pools_of(vec![second.url("/api/studies/77")]).await, ["v1"]);
     second.signal(libc::SIGKILL);
     drop(second);
 
-    // Eight seconds after its first request (past what the first run stored, plus the read-back
-    // slack, plus the idle timeout), but under five seconds after its last one: the pin must
-    // still hold, even though new studies now go to v2.
-    tokio::time::sleep(Duration::from_millis(4500)).await;
-    let third = ProxyProcess::start(&["run", "--config", &all_v2]).await;
+    // 4.5 s on by the next run's clock: eight seconds after the study's first request (past what
+    // the first run stored, plus the read-back slack, plus the idle timeout), but under five
+    // seconds after its last one. The pin must still hold, even though new studies now go to v2.
+    let third = ProxyBuilder::from_file(Path::new(&all_v2))
+        .clock(&StoppedClock::in_the_future(Duration::from_millis(4500)))
+        .state_dir(state)
+        .spawn()
+        .await;
     assert_eq!(
         pools_of(vec![third.url("/api/studies/77")]).await,
         ["v1"],
         "the pin ended early after a crash"
     );
     assert_eq!(pools_of(vec![third.url("/api/studies/new")]).await, ["v2"]);
+    third.shutdown().await;
 }

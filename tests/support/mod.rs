@@ -28,7 +28,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 #[allow(unused_imports)]
 pub use rollout_proxy::clock::ManualClock;
-use rollout_proxy::clock::{SharedClock, SystemClock};
+use rollout_proxy::clock::{Clock, SharedClock, SystemClock};
 use rollout_proxy::config::{Config, PoolName};
 use rollout_proxy::server::{Server, StartOptions};
 use sha2::{Digest, Sha256};
@@ -249,6 +249,27 @@ pub fn write_config(dir: &Path, config: &ConfigBuilder) -> String {
     file.to_str().unwrap().to_owned()
 }
 
+/// A clock stopped `offset` from the system's time when it was made: a run of the proxy "some
+/// seconds ago" or "some seconds from now", for a test that cannot wait that long.
+#[derive(Debug, Clone, Copy)]
+pub struct StoppedClock(u64);
+
+impl StoppedClock {
+    pub fn in_the_past(offset: Duration) -> Self {
+        StoppedClock(SystemClock.now() - offset.as_millis() as u64)
+    }
+
+    pub fn in_the_future(offset: Duration) -> Self {
+        StoppedClock(SystemClock.now() + offset.as_millis() as u64)
+    }
+}
+
+impl Clock for StoppedClock {
+    fn now(&self) -> u64 {
+        self.0
+    }
+}
+
 /// Where a [`ProxyBuilder`] reads its config.
 #[derive(Clone)]
 enum ConfigSource {
@@ -282,7 +303,7 @@ impl ProxyBuilder {
     }
 
     /// Pins and the drain signal read `clock` instead of the system's.
-    pub fn clock(mut self, clock: &ManualClock) -> Self {
+    pub fn clock(mut self, clock: &(impl Clock + Clone + 'static)) -> Self {
         self.clock = Arc::new(clock.clone());
         self
     }
