@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Full};
-use support::{ConfigBuilder, ProxyBuilder, ProxyProcess, Upstream};
+use support::{eventually, grows_by, ConfigBuilder, ProxyBuilder, ProxyProcess, Upstream};
 
 #[tokio::test]
 async fn a_takeover_under_load_fails_no_request_and_keeps_every_pin() {
@@ -82,18 +82,25 @@ async fn a_takeover_under_load_fails_no_request_and_keeps_every_pin() {
                 }
                 sent.fetch_add(1, Ordering::Relaxed);
                 i += 1;
+                // The load's pace: steady traffic, not a flood.
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
         }));
     }
 
-    tokio::time::sleep(Duration::from_millis(700)).await;
+    // Load before the takeover, until every study has its pin.
+    grows_by(&sent, 150, "requests are sent").await;
+    eventually(Duration::from_secs(20), "every study is pinned", || async {
+        pools.lock().unwrap().len() == 40
+    })
+    .await;
     let before = sent.load(Ordering::Relaxed);
     let new = ProxyProcess::start(&["run", "--config", &file, "--takeover"]).await;
     assert_eq!(new.addr, old.addr, "the new process serves on the same socket");
     let status = old.exit_status(Duration::from_secs(15)).await;
     assert_eq!(status.code(), Some(0), "the old process drained and exited: {}", old.stderr.lock().unwrap());
-    tokio::time::sleep(Duration::from_millis(700)).await;
+    // Then load on the new process alone.
+    grows_by(&sent, 150, "requests are sent").await;
     stop.store(true, Ordering::Relaxed);
     for worker in workers {
         worker.await.unwrap();
@@ -133,6 +140,7 @@ async fn a_successor_that_dies_before_confirming_leaves_the_old_process_serving(
         let (data, admin) = proxy.take_over_and_vanish().await;
         assert_eq!(data, proxy.addr);
         assert_eq!(admin, proxy.admin_addr);
+        // Nothing to wait for: the old process must *not* stop, as it would on a confirmation.
         tokio::time::sleep(Duration::from_millis(200)).await;
         assert_eq!(support::get(&proxy.url("/api/studies/1")).await.status, StatusCode::OK);
         assert_eq!(support::get(&proxy.admin_url("/readyz")).await.status, StatusCode::OK);
