@@ -24,11 +24,12 @@ mod support;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
 use support::raw::{self, Answer, RawConn, Recorded, Seen};
-use support::{ConfigBuilder, Ejection, Pool, ProxyBuilder, UpstreamSettings};
+use support::{eventually, ConfigBuilder, Ejection, Pool, ProxyBuilder, UpstreamSettings};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
@@ -1541,7 +1542,13 @@ async fn client_to_proxy_corpus() {
         }
     })
     .await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Stopped, the proxy forwards nothing more; once it has closed every upstream connection,
+    // the recording is complete.
+    proxy.shutdown().await;
+    eventually(Duration::from_secs(10), "the proxy's upstream connections close", || async {
+        recording.open_connections() == 0
+    })
+    .await;
     let recorded = by_run(recording.events());
 
     let mut failures = Vec::new();
@@ -1588,7 +1595,6 @@ async fn client_to_proxy_corpus() {
     for failure in &failures {
         println!("FAIL {failure}");
     }
-    drop(proxy);
     assert!(failures.is_empty(), "{} client -> proxy failures (listed above)", failures.len());
 }
 
@@ -1981,7 +1987,8 @@ async fn upstream_to_proxy_corpus() {
             scripts.insert(text("/first-####", run_id(index, path)), script);
         }
     }
-    let upstream = raw::spawn_scripted_upstream(move |target| scripts.get(target).cloned()).await;
+    let (upstream, late_pending) =
+        raw::spawn_scripted_upstream(move |target| scripts.get(target).cloned()).await;
     let config = corpus_config(upstream, upstream).upstream_settings(UpstreamSettings {
         response_timeout: Some(Duration::from_secs(1)),
         ..UpstreamSettings::default()
@@ -2012,7 +2019,10 @@ async fn upstream_to_proxy_corpus() {
 
     // Upstream connections the proxy kept: once the late injections have landed, requests that
     // may reuse them must get their own answers.
-    tokio::time::sleep(INJECT_AFTER + Duration::from_millis(200)).await;
+    eventually(Duration::from_secs(5), "the upstream's late injections are written", || async {
+        late_pending.load(Ordering::SeqCst) == 0
+    })
+    .await;
     let sweep = run_all(2 * CONCURRENCY, move |n| async move {
         let mut conn = RawConn::connect(addr).await;
         let mut seen = Vec::new();

@@ -624,6 +624,8 @@ impl Recorded {
 pub struct Recording {
     events: Mutex<Vec<Recorded>>,
     connections: AtomicUsize,
+    /// Connections whose input is not read to its end yet.
+    open: AtomicUsize,
 }
 
 impl Recording {
@@ -633,6 +635,11 @@ impl Recording {
 
     pub fn connections(&self) -> usize {
         self.connections.load(Ordering::SeqCst)
+    }
+
+    /// Connections still open: once there are none, nothing more can be recorded.
+    pub fn open_connections(&self) -> usize {
+        self.open.load(Ordering::SeqCst)
     }
 
     fn push(&self, recorded: Recorded) {
@@ -652,7 +659,12 @@ pub async fn spawn_recording_upstream() -> (SocketAddr, Arc<Recording>) {
     tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
             let conn = rec.connections.fetch_add(1, Ordering::SeqCst);
-            tokio::spawn(record_connection(stream, conn, rec.clone()));
+            rec.open.fetch_add(1, Ordering::SeqCst);
+            let rec = rec.clone();
+            tokio::spawn(async move {
+                record_connection(stream, conn, rec.clone()).await;
+                rec.open.fetch_sub(1, Ordering::SeqCst);
+            });
         }
     });
     (addr, recording)
@@ -731,16 +743,20 @@ pub struct Script {
 /// An upstream that answers each request whose target `script` knows with that script, and
 /// every other request (on any connection) with `200`, `Content-Length` and the body
 /// `clean <target>`. Request bodies are not read: the proxy sends these upstreams GETs only.
-pub async fn spawn_scripted_upstream<F>(script: F) -> SocketAddr
+/// Also returns how many scripted late writes are still to come: each is counted before its
+/// request is answered.
+pub async fn spawn_scripted_upstream<F>(script: F) -> (SocketAddr, Arc<AtomicUsize>)
 where
     F: Fn(&str) -> Option<Script> + Send + Sync + 'static,
 {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let script = Arc::new(script);
+    let late_pending = Arc::new(AtomicUsize::new(0));
+    let pending = late_pending.clone();
     tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
-            let script = script.clone();
+            let (script, pending) = (script.clone(), pending.clone());
             tokio::spawn(async move {
                 let (mut reader, writer) = stream.into_split();
                 let writer = Arc::new(tokio::sync::Mutex::new(writer));
@@ -754,6 +770,10 @@ where
                             String::from_utf8_lossy(first).split(' ').nth(1).unwrap_or_default().to_owned();
                         match script(&target) {
                             Some(s) => {
+                                let later = s.later.filter(|_| !s.close);
+                                if later.is_some() {
+                                    pending.fetch_add(1, Ordering::SeqCst);
+                                }
                                 let mut w = writer.lock().await;
                                 let _ = w.write_all(&s.answer).await;
                                 if s.close {
@@ -761,11 +781,12 @@ where
                                     return;
                                 }
                                 drop(w);
-                                if let Some((pause, bytes)) = s.later {
-                                    let writer = writer.clone();
+                                if let Some((pause, bytes)) = later {
+                                    let (writer, pending) = (writer.clone(), pending.clone());
                                     tokio::spawn(async move {
                                         tokio::time::sleep(pause).await;
                                         let _ = writer.lock().await.write_all(&bytes).await;
+                                        pending.fetch_sub(1, Ordering::SeqCst);
                                     });
                                 }
                             }
@@ -789,7 +810,7 @@ where
             });
         }
     });
-    addr
+    (addr, late_pending)
 }
 
 /// What a [`RawConn`] read next.
