@@ -207,8 +207,7 @@ async fn websocket_echo_passes_through_and_a_graceful_stop_waits_for_the_tunnel(
             stopped.store(true, Ordering::SeqCst);
         })
     };
-    // A stop that did not wait would be done well within this (the behaviour under test is
-    // that nothing happens, so there is no event to wait for).
+    // Nothing to wait for: the stop must *not* finish while the tunnel is open.
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(!stopped.load(Ordering::SeqCst), "the stop did not wait for the open tunnel");
     ws.send(Message::binary(vec![1u8, 2, 3])).await.unwrap();

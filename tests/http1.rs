@@ -175,6 +175,7 @@ async fn each_request_gets_a_live_upstream_connection(
         let mut buf = Vec::new();
         if read_head(&mut s, &mut buf).await.is_some() {
             let _ = s.write_all(answer).await;
+            // The upstream's own timing: it closes this long after answering, whatever it said.
             tokio::time::sleep(close_after).await;
         }
     })
@@ -187,6 +188,8 @@ async fn each_request_gets_a_live_upstream_connection(
         let (text, closed) = read_until(&mut client, |t| t.ends_with("\r\n\r\nok")).await;
         assert!(text.starts_with("HTTP/1.1 200 OK"), "{method}: {text}");
         assert!(!closed, "the client connection stays open: the upstream's close is its own hop");
+        // The client's own timing: an idle spell before its next request (in which, with
+        // `pause` longer than `close_after`, the upstream closes while the proxy holds it idle).
         tokio::time::sleep(pause).await;
     }
     assert_eq!(accepted.load(Ordering::SeqCst), 3);
@@ -221,6 +224,7 @@ async fn a_body_sent_after_its_head_arrives_whole_and_close_is_honoured() {
         .write_all(b"POST /api/studies/4/contents HTTP/1.1\r\nHost: a\r\nConnection: close\r\nContent-Length: 10\r\n\r\n01234")
         .await
         .unwrap();
+    // The client's own timing: the rest of the body comes after a pause.
     tokio::time::sleep(Duration::from_millis(100)).await;
     client.write_all(b"56789").await.unwrap();
     let (text, closed) = read_until(&mut client, |_| false).await;
@@ -255,6 +259,7 @@ async fn a_body_trickled_byte_by_byte_is_cut_off_at_one_deadline() {
     let started = std::time::Instant::now();
     let mut sent = 0;
     for _ in 0..20 {
+        // The slow client under test: one byte every 150 ms.
         tokio::time::sleep(Duration::from_millis(150)).await;
         if client.write_all(b"x").await.is_err() {
             break;
@@ -342,9 +347,9 @@ async fn assert_closed_not_reset(mut client: TcpStream) {
     // request is lost either way; what it must see is the connection closed (an idempotent
     // request is then retried, RFC 9112 §9.3.1), not a reset, which clients report as an error.
     client.write_all(b"GET /api/members/me HTTP/1.1\r\nHost: a\r\n\r\n").await.unwrap();
+    // Nothing to wait for: time for a reset to come back, which must not happen. Had the proxy
+    // let go of the socket, the request would have drawn one, and this second write would fail.
     tokio::time::sleep(Duration::from_millis(100)).await;
-    // Had the proxy let go of the socket, the request would have drawn a reset, and this
-    // second write would fail.
     let again = client.write_all(b"GET /api/members/me HTTP/1.1\r\nHost: a\r\n\r\n").await;
     assert!(again.is_ok(), "the connection was reset: {again:?}");
     let after = client.read(&mut rest).await;

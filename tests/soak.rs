@@ -88,10 +88,12 @@ async fn twenty_seconds_of_mixed_traffic_with_upstream_kills() {
     let mut samples = Vec::new();
     let mut turn = 0;
     while started.elapsed() < SOAK {
+        // The soak's schedule: 1.5 s of traffic with both upstreams up, then 1.5 s with one down.
         tokio::time::sleep(Duration::from_millis(1500)).await;
         samples.push(resident_kib(pid));
         let victim = &mut v1[turn % 2];
         victim.kill();
+        // The outage.
         tokio::time::sleep(Duration::from_millis(1500)).await;
         victim.restart().await;
         turn += 1;
