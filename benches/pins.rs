@@ -36,7 +36,14 @@ fn policy() -> PinPolicy {
 
 fn open(dir: &std::path::Path) -> Sessions {
     let (store, loaded) = Store::open(dir).unwrap();
-    Sessions::new(loaded.pins, &policy(), Arc::new(store), Arc::new(SystemClock), Arc::new(Metrics::new()))
+    Sessions::new(
+        loaded.pins,
+        loaded.split_salt,
+        &policy(),
+        Arc::new(store),
+        Arc::new(SystemClock),
+        Arc::new(Metrics::new()),
+    )
 }
 
 fn pins(c: &mut Criterion) {
@@ -69,12 +76,12 @@ fn pins(c: &mut Criterion) {
                 }
                 let key = &keys[fastrand::usize(..made.max(1))];
                 let started = Instant::now();
-                sessions.resolve(sessions.locate(key), &policy, || PoolName::V1);
+                sessions.resolve(sessions.locate(key), &policy, |_| PoolName::V1);
                 slowest = slowest.max(started.elapsed());
             }
         });
         for (i, key) in keys.iter().enumerate() {
-            sessions.resolve(sessions.locate(key), &policy, || {
+            sessions.resolve(sessions.locate(key), &policy, |_| {
                 if i % 2 == 0 {
                     PoolName::V1
                 } else {
@@ -133,7 +140,7 @@ fn pins(c: &mut Criterion) {
     let (mut made, mut slowest) = (0, std::time::Duration::ZERO);
     while sessions.store().health.activity_entries.load(Ordering::Relaxed) > 0 {
         let pinned = Instant::now();
-        sessions.resolve(sessions.locate(&format!("during-fold-{made:08}")), &policy, || PoolName::V2);
+        sessions.resolve(sessions.locate(&format!("during-fold-{made:08}")), &policy, |_| PoolName::V2);
         runtime.block_on(sessions.store().flush());
         slowest = slowest.max(pinned.elapsed());
         made += 1;
@@ -156,7 +163,7 @@ fn pins(c: &mut Criterion) {
     c.bench_function("pin lookup, 1M live pins", |b| {
         b.iter(|| {
             i = if i + 1 == PINS { 0 } else { i + 1 };
-            black_box(sessions.resolve(sessions.locate(&keys[i]), &policy, || PoolName::V1))
+            black_box(sessions.resolve(sessions.locate(&keys[i]), &policy, |_| PoolName::V1))
         })
     });
     // Baseline: the same keys in a plain map, single-threaded, no lock, no clock, no expiry
@@ -178,7 +185,7 @@ fn pins(c: &mut Criterion) {
                 n += 1;
                 format!("fresh-{n:012}")
             },
-            |key| black_box(sessions.resolve(sessions.locate(&key), &policy, || PoolName::V2)),
+            |key| black_box(sessions.resolve(sessions.locate(&key), &policy, |_| PoolName::V2)),
             criterion::BatchSize::SmallInput,
         )
     });

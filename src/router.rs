@@ -77,9 +77,15 @@ impl Router {
         }
     }
 
-    /// Picks a pool for a legacy request with no pin: `v1` with probability `legacy_v1_percent`.
+    /// Picks a pool for an unkeyed legacy request: `v1` with probability `legacy_v1_percent`.
     pub fn split(&self) -> PoolName {
         split_with(self.legacy_v1, fastrand::u16(0..10_000))
+    }
+
+    /// Picks the pool of a new session whose key falls at `roll` (0..10_000, see
+    /// [`crate::session::Sessions::split_roll`]): `v1` below the v1 share.
+    pub fn split_session(&self, roll: u16) -> PoolName {
+        split_with(self.legacy_v1, roll)
     }
 
     pub(crate) fn legacy_v1_percent(&self) -> Percent {

@@ -373,7 +373,8 @@ impl Server {
         }
         let started_pins = loaded.pins.len();
         let policy = PinPolicy::from_config(&effective.sessions);
-        let sessions = Sessions::new(loaded.pins, &policy, store, clock.clone(), metrics.clone());
+        let sessions =
+            Sessions::new(loaded.pins, loaded.split_salt, &policy, store, clock.clone(), metrics.clone());
         let drain = DrainClock::new(loaded.last_v1_request_ms, clock.now());
         let live = sessions.live(PoolName::V1) + sessions.live(PoolName::V2);
         info!(state_dir = %config.state_dir.display(), pins = live, expired_while_down = started_pins - live, "state loaded");

@@ -387,3 +387,56 @@ async fn metrics_carry_every_section_6_name() {
     // Labels are bounded: no path or session key ever appears.
     assert!(!text.contains("/api/") && !text.contains("studies"), "a path leaked into a label");
 }
+
+async fn end_all(f: &Fixture, keys: &[String]) {
+    for key in keys {
+        let reply = f.call("DELETE", &format!("/sessions/{key}"), None).await;
+        assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+    }
+}
+
+async fn set_share(f: &Fixture, percent: f64) {
+    let body = format!(r#"{{"v1_percent": {percent}}}"#);
+    assert_eq!(f.call("PUT", "/routes/legacy", Some(&body)).await.status, StatusCode::OK);
+}
+
+/// A new session's pool is decided by its key (a keyed hash against the v1 share), not by a
+/// die: the same key lands on the same pool after its pin ends, across a restart, and lowering
+/// the share only ever moves new sessions from v1 to v2.
+#[tokio::test]
+async fn a_new_sessions_pool_follows_its_key_and_a_lower_share_only_moves_keys_to_v2() {
+    let mut f = Fixture::start().await;
+    let keys: Vec<String> = (0..200).map(|i| format!("split-{i}")).collect();
+    let urls =
+        |f: &Fixture| keys.iter().map(|k| f.proxy.url(&format!("/api/studies/{k}/contents"))).collect();
+    set_share(&f, 50.0).await;
+    let at_half = pools_of(urls(&f)).await;
+    let v1_at_half = at_half.iter().filter(|p| *p == "v1").count();
+    assert!((60..=140).contains(&v1_at_half), "{v1_at_half} of 200 keys on v1 at 50 %");
+
+    end_all(&f, &keys).await;
+    assert_eq!(pools_of(urls(&f)).await, at_half, "ended sessions came back on other pools");
+
+    end_all(&f, &keys).await;
+    f.proxy.restart().await;
+    assert_eq!(pools_of(urls(&f)).await, at_half, "a restart moved new sessions");
+
+    set_share(&f, 25.0).await;
+    end_all(&f, &keys).await;
+    let at_quarter = pools_of(urls(&f)).await;
+    let moved_back = keys
+        .iter()
+        .zip(at_half.iter().zip(&at_quarter))
+        .filter(|(_, (half, quarter))| *half == "v2" && *quarter == "v1");
+    assert_eq!(
+        moved_back.map(|(k, _)| k.as_str()).collect::<Vec<_>>(),
+        Vec::<&str>::new(),
+        "keys moved from v2 to v1"
+    );
+    let v1_at_quarter = at_quarter.iter().filter(|p| *p == "v1").count();
+    assert!(
+        v1_at_quarter < v1_at_half && v1_at_quarter > 0,
+        "{v1_at_quarter} on v1 at 25 %, {v1_at_half} at 50 %"
+    );
+    f.proxy.shutdown().await;
+}

@@ -235,7 +235,8 @@ impl Proxy {
             Classified::Unkeyed => return plain(snapshot.router.split(), Decision::Unkeyed),
             Classified::Keyed(key) => key,
         };
-        match self.shared.sessions().resolve(key, &snapshot.pin_policy, || snapshot.router.split()) {
+        let split = |roll| snapshot.router.split_session(roll);
+        match self.shared.sessions().resolve(key, &snapshot.pin_policy, split) {
             Resolution::Pinned { pool, seq, write_ahead } => Choice {
                 routed: Routed { pool, decision: Decision::Pinned },
                 pending: (!self.shared.store().is_settled(seq)).then_some(seq),

@@ -16,7 +16,10 @@ use redb::{
 };
 use tracing::{error, warn};
 
-use super::{Backend, BackendError, Background, Loaded, Op, StoreError, StoreHealth, StoredPin};
+use super::{
+    new_split_salt, Backend, BackendError, Background, Loaded, Op, SplitSalt, StoreError, StoreHealth,
+    StoredPin,
+};
 use crate::config::PoolName;
 
 const PINS: TableDefinition<&str, &[u8]> = TableDefinition::new("pins");
@@ -25,6 +28,7 @@ const ADMIN: TableDefinition<&str, &[u8]> = TableDefinition::new("admin");
 const LAST_V1_REQUEST: &str = "last_v1_request_ms";
 const REVISION: &str = "revision";
 const OVERRIDES: &str = "overrides";
+const SPLIT_SALT: &str = "split_salt";
 
 /// Pin activity (`last_seen` moving forward), appended as one record per commit instead of
 /// rewriting each pin's record: refreshing many active pins costs one sequential write, not one
@@ -76,11 +80,18 @@ fn decode(bytes: &[u8]) -> Option<(PoolName, u32, u32)> {
 
 /// Everything in the file, and the number of entries in the activity log not folded yet.
 fn load(db: &Database) -> Result<(Loaded, usize), redb::Error> {
-    // Make sure both tables exist, so a fresh file reads as empty.
+    // Make sure every table exists, so a fresh file reads as empty, and that the split has its
+    // salt before the first pin is made with it.
     let txn = db.begin_write()?;
     txn.open_table(PINS)?;
     txn.open_table(META)?;
-    txn.open_table(ADMIN)?;
+    {
+        let mut admin = txn.open_table(ADMIN)?;
+        let stored = admin.get(SPLIT_SALT)?.is_some_and(|salt| salt.value().len() == size_of::<SplitSalt>());
+        if !stored {
+            admin.insert(SPLIT_SALT, new_split_salt().as_slice())?;
+        }
+    }
     txn.open_table(ACTIVITY)?;
     txn.commit()?;
 
@@ -115,8 +126,13 @@ fn load(db: &Database) -> Result<(Loaded, usize), redb::Error> {
     let meta = txn.open_table(META)?;
     let last_v1_request_ms = meta.get(LAST_V1_REQUEST)?.map(|v| v.value());
     let revision = meta.get(REVISION)?.map_or(0, |v| v.value());
-    let overrides = txn.open_table(ADMIN)?.get(OVERRIDES)?.map(|v| v.value().to_vec());
-    Ok((Loaded { pins, last_v1_request_ms, overrides, revision }, activity_entries))
+    let admin = txn.open_table(ADMIN)?;
+    let overrides = admin.get(OVERRIDES)?.map(|v| v.value().to_vec());
+    let split_salt = admin
+        .get(SPLIT_SALT)?
+        .and_then(|v| SplitSalt::try_from(v.value()).ok())
+        .expect("the salt was stored in the transaction before");
+    Ok((Loaded { pins, last_v1_request_ms, overrides, revision, split_salt }, activity_entries))
 }
 
 /// Appends one activity entry to a record; false if the key cannot be logged.

@@ -74,6 +74,23 @@ pub struct Loaded {
     /// The admin overrides as last stored (JSON), and the revision they belong to.
     pub overrides: Option<Vec<u8>>,
     pub revision: u64,
+    /// The secret that keys the legacy split of new sessions (see [`SplitSalt`]).
+    pub split_salt: SplitSalt,
+}
+
+/// The secret key of the hash that places a new session in the legacy split. Made once per
+/// store and kept in it, so every restart (and, sharing a store, every replica) places a key
+/// the same way; secret, so clients cannot choose keys that land on one pool.
+pub type SplitSalt = [u8; 16];
+
+/// A fresh salt from the system's secure random source.
+pub(crate) fn new_split_salt() -> SplitSalt {
+    let mut salt = SplitSalt::default();
+    rustls::crypto::ring::default_provider()
+        .secure_random
+        .fill(&mut salt)
+        .expect("the system's secure random source failed");
+    salt
 }
 
 #[derive(Debug)]

@@ -437,7 +437,9 @@ impl ProxyHandle {
         use rollout_proxy::session::Resolution;
         let shared = self.shared();
         let (sessions, snapshot) = (shared.sessions(), shared.snapshot());
-        match sessions.resolve(sessions.locate(key), &snapshot.pin_policy, || snapshot.router.split()) {
+        match sessions
+            .resolve(sessions.locate(key), &snapshot.pin_policy, |roll| snapshot.router.split_session(roll))
+        {
             Resolution::Pinned { .. } => KeyOutcome::Pinned,
             Resolution::NewPin { .. } => KeyOutcome::NewPin,
             Resolution::Full { .. } => KeyOutcome::TableFull,
