@@ -10,6 +10,7 @@
 //! makes it durable.
 
 mod embedded;
+pub mod fleet;
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};

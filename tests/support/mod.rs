@@ -3,6 +3,7 @@
 
 pub mod config;
 pub mod raw;
+pub mod redis;
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
