@@ -1,13 +1,16 @@
 //! The fleet store on a real Redis server: first writer wins across replicas, the split salt is
-//! one for the fleet, and what was written survives a Redis restart.
+//! one for the fleet, what was written survives a Redis restart, and every change reaches the
+//! other replicas through the stream.
 
 mod support;
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use rollout_proxy::config::PoolName;
 use rollout_proxy::session::PinPolicy;
-use rollout_proxy::store::fleet::{Claimed, FleetStore};
+use rollout_proxy::store::fleet::{Change, Changes, Claimed, FleetStore};
+use rollout_proxy::store::StoredPin;
 use support::redis::RedisServer;
 
 const POLICY: PinPolicy = PinPolicy { idle_secs: 600, max_secs: 3_600, max_active: 1_000_000, stale_secs: 3 };
@@ -82,4 +85,93 @@ async fn one_split_salt_for_the_fleet_and_pins_survive_a_redis_restart() {
     let c = FleetStore::connect(&redis.url(), "salt").await.unwrap();
     assert_eq!(c.split_salt().await.unwrap(), salt, "the salt changed across a Redis restart");
     assert_eq!(c.claim("7", PoolName::V2, NOW + 1, &POLICY).await.unwrap(), Claimed { made: false, ..made });
+}
+
+/// What one replica changes, another reads from the stream in order: pins made, refreshed and
+/// ended. A follower that fell behind a trim is told to read every pin again.
+#[tokio::test]
+async fn a_follower_reads_every_change_in_order_and_learns_when_it_fell_behind_a_trim() {
+    let redis = RedisServer::start();
+    let a = FleetStore::connect(&redis.url(), "follow").await.unwrap();
+    let b = FleetStore::connect(&redis.url(), "follow").await.unwrap();
+    let mut follower = b.follower().await.unwrap();
+    let start = b.position().await.unwrap();
+    assert_eq!(start, "0-0", "an empty store's stream starts at the beginning");
+
+    a.claim("1", PoolName::V1, NOW, &POLICY).await.unwrap();
+    a.claim("2", PoolName::V2, NOW, &POLICY).await.unwrap();
+    assert_eq!(a.touch(&[("1".into(), NOW, NOW + 5), ("2".into(), NOW, NOW + 6)], &POLICY).await.unwrap(), 2);
+    assert_eq!(a.end("2", Some(NOW)).await.unwrap(), Some(PoolName::V2));
+
+    let Changes::Read { changes, position } =
+        follower.changes(&start, Duration::from_millis(100), 100).await.unwrap()
+    else {
+        panic!("a follower from the start cannot have missed anything")
+    };
+    let pin = |key: &str, pool, last_seen| StoredPin { key: key.into(), pool, first_seen: NOW, last_seen };
+    assert_eq!(
+        changes,
+        [
+            Change::Pin(pin("1", PoolName::V1, NOW)),
+            Change::Pin(pin("2", PoolName::V2, NOW)),
+            Change::Touch(vec![("1".into(), NOW, NOW + 5), ("2".into(), NOW, NOW + 6)]),
+            Change::End { key: "2".into(), first_seen: NOW },
+        ]
+    );
+    // Nothing new: the read waits its time and returns nothing, at the same position.
+    let quiet = follower.changes(&position, Duration::from_millis(50), 100).await.unwrap();
+    assert_eq!(quiet, Changes::Read { changes: vec![], position: position.clone() });
+
+    // Another change, then a trim that drops it before this follower read it.
+    a.claim("3", PoolName::V1, NOW, &POLICY).await.unwrap();
+    let trimmed = redis.command("XTRIM {follow}:changes MAXLEN 0").unwrap();
+    assert!(trimmed.starts_with(":"), "{trimmed}");
+    match follower.changes(&position, Duration::from_millis(50), 100).await.unwrap() {
+        Changes::Trimmed { .. } => {}
+        read => panic!("a follower behind a trim must read every pin again, got {read:?}"),
+    }
+    let mut keys: Vec<String> = b.pins().await.unwrap().into_iter().map(|p| p.key.into()).collect();
+    keys.sort();
+    assert_eq!(keys, ["1", "3"], "every pin, read again, after the end of 2");
+}
+
+/// A refresh only moves a pin forward, only the pin it was meant for, and moves its end in the
+/// fleet's count of live v1 pins; ending names the pin too.
+#[tokio::test]
+async fn refreshes_and_ends_touch_only_the_pin_they_name() {
+    let redis = RedisServer::start();
+    let store = FleetStore::connect(&redis.url(), "touch").await.unwrap();
+    store.claim("a", PoolName::V1, NOW, &POLICY).await.unwrap();
+    store.claim("b", PoolName::V2, NOW, &POLICY).await.unwrap();
+    let idle_end = NOW + POLICY.idle_secs;
+    assert_eq!(store.live_v1(idle_end - 1).await.unwrap(), 1);
+    assert_eq!(store.live_v1(idle_end).await.unwrap(), 0, "a v1 pin ends at its idle time");
+
+    // Backwards, and for a pin made at another time: nothing moves.
+    let stale =
+        [("a".into(), NOW, NOW - 10), ("a".into(), NOW - 1, NOW + 100), ("none".into(), NOW, NOW + 1)];
+    assert_eq!(store.touch(&stale, &POLICY).await.unwrap(), 0);
+    assert_eq!(store.touch(&[("a".into(), NOW, NOW + 100)], &POLICY).await.unwrap(), 1);
+    assert_eq!(store.live_v1(idle_end).await.unwrap(), 1, "the refresh moved the v1 pin's end");
+    let pins = store.pins().await.unwrap();
+    let a = pins.iter().find(|p| &*p.key == "a").unwrap();
+    assert_eq!((a.first_seen, a.last_seen), (NOW, NOW + 100));
+
+    assert_eq!(store.end("a", Some(NOW - 1)).await.unwrap(), None, "ended a pin made at another time");
+    assert_eq!(store.end("a", Some(NOW)).await.unwrap(), Some(PoolName::V1));
+    assert_eq!(store.end("a", None).await.unwrap(), None);
+    assert_eq!(store.live_v1(NOW).await.unwrap(), 0);
+    assert_eq!(store.end("b", None).await.unwrap(), Some(PoolName::V2));
+}
+
+/// Each replica records its own last v1 request; the fleet's is the latest, and never goes back.
+#[tokio::test]
+async fn the_fleets_last_v1_request_is_the_latest_of_any_replica() {
+    let redis = RedisServer::start();
+    let store = FleetStore::connect(&redis.url(), "drain").await.unwrap();
+    assert_eq!(store.last_v1().await.unwrap(), None);
+    store.record_last_v1("replica-a", 5_000).await.unwrap();
+    store.record_last_v1("replica-b", 9_000).await.unwrap();
+    store.record_last_v1("replica-b", 7_000).await.unwrap();
+    assert_eq!(store.last_v1().await.unwrap(), Some(9_000));
 }

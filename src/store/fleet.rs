@@ -11,13 +11,18 @@
 //! Layout under the namespace `ns` (one hash tag, so a script's keys share a cluster slot):
 //! - `{ns}:pins`: hash, session key → `pool:first_seen:last_seen` (Unix seconds);
 //! - `{ns}:v1`: sorted set of v1 pins, scored by the second they end if no request comes;
-//! - `{ns}:changes`: stream of pins made, trimmed to about [`STREAM_LENGTH`] entries;
+//! - `{ns}:changes`: stream of changes (pins made, refreshed, ended), trimmed to about
+//!   [`STREAM_LENGTH`] entries; a replica follows it from its position ([`FleetStore::changes`]);
+//! - `{ns}:last_v1`: hash, replica → Unix milliseconds of its last v1 request;
 //! - `{ns}:salt`: the legacy split's salt ([`SplitSalt`]), made by the first replica.
+//!
+//! Every script checks a pin's `first_seen` before changing it, so a late refresh or end meant
+//! for a pin that has since ended and been made again never touches the new one.
 
 use redis::aio::ConnectionManager;
 use redis::{AsyncCommands, Script};
 
-use super::{new_split_salt, SplitSalt};
+use super::{new_split_salt, SplitSalt, StoredPin};
 use crate::config::PoolName;
 use crate::session::PinPolicy;
 
@@ -50,6 +55,75 @@ end
 redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[6], '*', 'pin', key, 'value', value)
 return {1, proposed, now, now}
 ";
+
+/// Moves stored pins' `last_seen` forward (never back) and their end in the v1 set; one stream
+/// entry for the batch. KEYS: pins, v1 set, stream. ARGV: idle seconds, max seconds, stream
+/// length, then (key, first_seen, last_seen) triples. Answers how many pins moved.
+const TOUCH: &str = r"
+local idle, max = tonumber(ARGV[1]), tonumber(ARGV[2])
+local moved = {}
+for i = 4, #ARGV, 3 do
+  local key, first, last = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2])
+  local stored = redis.call('HGET', KEYS[1], key)
+  if stored then
+    local pool, f, was = string.match(stored, '^(v[12]):(%d+):(%d+)$')
+    if pool and f == first and last > tonumber(was) then
+      redis.call('HSET', KEYS[1], key, pool .. ':' .. f .. ':' .. last)
+      if pool == 'v1' then
+        redis.call('ZADD', KEYS[2], math.min(last + idle, tonumber(f) + max), key)
+      end
+      moved[#moved + 1] = key .. ':' .. f .. ':' .. last
+    end
+  end
+end
+if #moved > 0 then
+  redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[3], '*', 'touch', table.concat(moved, ','))
+end
+return #moved
+";
+
+/// Ends a pin: the one made at `first_seen`, or whichever is stored when that is empty.
+/// KEYS: pins, v1 set, stream. ARGV: key, first_seen or '', stream length. Answers the ended
+/// pin's pool, or false if there was none.
+const END: &str = r"
+local stored = redis.call('HGET', KEYS[1], ARGV[1])
+if not stored then return false end
+local pool, first = string.match(stored, '^(v[12]):(%d+):')
+if ARGV[2] ~= '' and first ~= ARGV[2] then return false end
+redis.call('HDEL', KEYS[1], ARGV[1])
+redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[3], '*', 'end', ARGV[1] .. ':' .. (first or ''))
+return pool
+";
+
+/// Records a replica's last v1 request, never moving it back. KEYS: the last-v1 hash. ARGV:
+/// replica, Unix milliseconds.
+const LAST_V1: &str = r"
+local was = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
+if tonumber(ARGV[2]) > was then redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) end
+return 1
+";
+
+/// What changed in the fleet store, as read from its stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// A pin was made (on any replica).
+    Pin(StoredPin),
+    /// Pins' `last_seen` moved forward: (key, first_seen, last_seen).
+    Touch(Vec<(Box<str>, u32, u32)>),
+    /// A pin ended by an operator; `first_seen` names which.
+    End { key: Box<str>, first_seen: u32 },
+}
+
+/// The stream read from a position.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Changes {
+    /// What came after the position, in order, and the position after them.
+    Read { changes: Vec<Change>, position: String },
+    /// The stream was trimmed past the position: some changes are lost, so read every pin again
+    /// ([`FleetStore::pins`]) and follow from `position`.
+    Trimmed { position: String },
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum FleetError {
@@ -85,22 +159,33 @@ struct Keys {
     pins: String,
     v1: String,
     changes: String,
+    last_v1: String,
     salt: String,
 }
 
 impl Keys {
     fn new(namespace: &str) -> Keys {
         let key = |name: &str| format!("{{{namespace}}}:{name}");
-        Keys { pins: key("pins"), v1: key("v1"), changes: key("changes"), salt: key("salt") }
+        Keys {
+            pins: key("pins"),
+            v1: key("v1"),
+            changes: key("changes"),
+            last_v1: key("last_v1"),
+            salt: key("salt"),
+        }
     }
 }
 
 /// A connection to the fleet store; cheap to clone, reconnects by itself.
 #[derive(Clone)]
 pub struct FleetStore {
+    client: redis::Client,
     connection: ConnectionManager,
     keys: Keys,
     claim: Script,
+    touch: Script,
+    end: Script,
+    last_v1: Script,
     /// The URL without credentials, for messages.
     location: String,
 }
@@ -118,10 +203,19 @@ impl FleetStore {
             redis::Client::open(url).map_err(|source| FleetError::Url { url: url.to_owned(), source })?;
         let info = client.get_connection_info();
         let location = format!("{}/{}", info.addr(), info.redis_settings().db());
-        let connection = ConnectionManager::new(client)
+        let connection = ConnectionManager::new(client.clone())
             .await
             .map_err(|source| FleetError::Redis { location: location.clone(), source })?;
-        Ok(FleetStore { connection, keys: Keys::new(namespace), claim: Script::new(CLAIM), location })
+        Ok(FleetStore {
+            client,
+            connection,
+            keys: Keys::new(namespace),
+            claim: Script::new(CLAIM),
+            touch: Script::new(TOUCH),
+            end: Script::new(END),
+            last_v1: Script::new(LAST_V1),
+            location,
+        })
     }
 
     fn failed(&self) -> impl Fn(redis::RedisError) -> FleetError + '_ {
@@ -171,19 +265,266 @@ impl FleetStore {
             .invoke_async(&mut connection)
             .await
             .map_err(self.failed())?;
-        let pool = match pool.as_str() {
-            "v1" => PoolName::V1,
-            "v2" => PoolName::V2,
-            _ => {
-                return Err(FleetError::Unreadable {
-                    location: self.location.clone(),
-                    what: "a pin's pool",
-                    answer: pool,
-                })
-            }
-        };
+        let pool = self.pool(&pool)?;
         Ok(Claimed { pool, first_seen, last_seen, made: made == 1 })
     }
+
+    fn pool(&self, text: &str) -> Result<PoolName, FleetError> {
+        match text {
+            "v1" => Ok(PoolName::V1),
+            "v2" => Ok(PoolName::V2),
+            _ => Err(self.unreadable("a pin's pool", text)),
+        }
+    }
+
+    fn unreadable(&self, what: &'static str, answer: &str) -> FleetError {
+        FleetError::Unreadable { location: self.location.clone(), what, answer: answer.to_owned() }
+    }
+
+    /// Moves pins' `last_seen` forward, in one round trip: (key, first_seen, last_seen). A pin
+    /// that ended, or was made again since `first_seen`, is left alone. Returns how many moved.
+    pub async fn touch(
+        &self,
+        touches: &[(Box<str>, u32, u32)],
+        policy: &PinPolicy,
+    ) -> Result<usize, FleetError> {
+        if touches.is_empty() {
+            return Ok(0);
+        }
+        let mut invocation = self.touch.key(&self.keys.pins);
+        invocation.key(&self.keys.v1).key(&self.keys.changes);
+        invocation.arg(policy.idle_secs).arg(policy.max_secs).arg(STREAM_LENGTH);
+        for (key, first_seen, last_seen) in touches {
+            invocation.arg(&**key).arg(first_seen).arg(last_seen);
+        }
+        let mut connection = self.connection.clone();
+        invocation.invoke_async(&mut connection).await.map_err(self.failed())
+    }
+
+    /// Ends the key's pin (the one made at `first_seen`, if given). Returns the pool it had, or
+    /// `None` if there was no such pin.
+    pub async fn end(&self, key: &str, first_seen: Option<u32>) -> Result<Option<PoolName>, FleetError> {
+        let mut connection = self.connection.clone();
+        let first_seen = first_seen.map(|s| s.to_string()).unwrap_or_default();
+        let ended: Option<String> = self
+            .end
+            .key(&self.keys.pins)
+            .key(&self.keys.v1)
+            .key(&self.keys.changes)
+            .arg(key)
+            .arg(first_seen)
+            .arg(STREAM_LENGTH)
+            .invoke_async(&mut connection)
+            .await
+            .map_err(self.failed())?;
+        ended.map(|pool| self.pool(&pool)).transpose()
+    }
+
+    /// Every stored pin, ended or not (the caller applies its policy), read in pages so the
+    /// store answers others in between.
+    pub async fn pins(&self) -> Result<Vec<StoredPin>, FleetError> {
+        let mut connection = self.connection.clone();
+        let mut pins = Vec::new();
+        let mut cursor = 0u64;
+        loop {
+            let (next, page): (u64, Vec<(String, String)>) = redis::cmd("HSCAN")
+                .arg(&self.keys.pins)
+                .arg(cursor)
+                .arg("COUNT")
+                .arg(10_000)
+                .query_async(&mut connection)
+                .await
+                .map_err(self.failed())?;
+            for (key, value) in page {
+                pins.push(self.stored_pin(key.into(), &value)?);
+            }
+            if next == 0 {
+                return Ok(pins);
+            }
+            cursor = next;
+        }
+    }
+
+    fn stored_pin(&self, key: Box<str>, value: &str) -> Result<StoredPin, FleetError> {
+        let mut parts = value.split(':');
+        let pool = self.pool(parts.next().unwrap_or_default())?;
+        let mut time = || parts.next().and_then(|t| t.parse::<u32>().ok());
+        match (time(), time()) {
+            (Some(first_seen), Some(last_seen)) => Ok(StoredPin { key, pool, first_seen, last_seen }),
+            _ => Err(self.unreadable("a pin", value)),
+        }
+    }
+
+    /// Live v1 pins across the fleet as of `now` (Unix seconds).
+    pub async fn live_v1(&self, now: u32) -> Result<u64, FleetError> {
+        let mut connection = self.connection.clone();
+        connection.zcount(&self.keys.v1, format!("({now}"), "+inf").await.map_err(self.failed())
+    }
+
+    /// Records `replica`'s last v1 request (Unix milliseconds); an older time changes nothing.
+    pub async fn record_last_v1(&self, replica: &str, at_ms: u64) -> Result<(), FleetError> {
+        let mut connection = self.connection.clone();
+        let _: u8 = self
+            .last_v1
+            .key(&self.keys.last_v1)
+            .arg(replica)
+            .arg(at_ms)
+            .invoke_async(&mut connection)
+            .await
+            .map_err(self.failed())?;
+        Ok(())
+    }
+
+    /// The fleet's last v1 request: the latest any replica recorded.
+    pub async fn last_v1(&self) -> Result<Option<u64>, FleetError> {
+        let mut connection = self.connection.clone();
+        let times: Vec<u64> = connection.hvals(&self.keys.last_v1).await.map_err(self.failed())?;
+        Ok(times.into_iter().max())
+    }
+
+    /// The stream's current end: follow from here after reading every pin.
+    pub async fn position(&self) -> Result<String, FleetError> {
+        let mut connection = self.connection.clone();
+        let last: Vec<(String, Vec<(String, String)>)> = redis::cmd("XREVRANGE")
+            .arg(&self.keys.changes)
+            .arg("+")
+            .arg("-")
+            .arg("COUNT")
+            .arg(1)
+            .query_async(&mut connection)
+            .await
+            .map_err(self.failed())?;
+        Ok(last.into_iter().next().map_or_else(|| "0-0".to_owned(), |(id, _)| id))
+    }
+
+    /// Opens a connection of its own for following the stream: a blocking read would hold up
+    /// every other command queued on a shared one.
+    pub async fn follower(&self) -> Result<Follower, FleetError> {
+        let connection = self.client.get_multiplexed_async_connection().await.map_err(self.failed())?;
+        Ok(Follower { store: self.clone(), connection })
+    }
+
+    fn change(&self, entry: &redis::streams::StreamId) -> Result<Change, FleetError> {
+        let text = |name: &str| entry.get::<String>(name);
+        if let (Some(key), Some(value)) = (text("pin"), text("value")) {
+            return Ok(Change::Pin(self.stored_pin(key.into(), &value)?));
+        }
+        if let Some(list) = text("touch") {
+            let mut touches = Vec::new();
+            for item in list.split(',') {
+                let mut parts = item.rsplitn(3, ':');
+                let (last, first, key) = (parts.next(), parts.next(), parts.next());
+                match (key, first.and_then(|f| f.parse().ok()), last.and_then(|l| l.parse().ok())) {
+                    (Some(key), Some(first), Some(last)) => touches.push((key.into(), first, last)),
+                    _ => return Err(self.unreadable("a refresh", item)),
+                }
+            }
+            return Ok(Change::Touch(touches));
+        }
+        if let Some(ended) = text("end") {
+            if let Some((key, first)) = ended.rsplit_once(':') {
+                if let Ok(first_seen) = first.parse() {
+                    return Ok(Change::End { key: key.into(), first_seen });
+                }
+            }
+            return Err(self.unreadable("an ended pin", &ended));
+        }
+        Err(self.unreadable("a change", &entry.id))
+    }
+}
+
+/// Reads the change stream on its own connection.
+pub struct Follower {
+    store: FleetStore,
+    connection: redis::aio::MultiplexedConnection,
+}
+
+impl Follower {
+    /// The changes after `position`, waiting up to `wait` for the first; at most `count`.
+    pub async fn changes(
+        &mut self,
+        position: &str,
+        wait: std::time::Duration,
+        count: usize,
+    ) -> Result<Changes, FleetError> {
+        let store = &self.store;
+        // Trimming drops the oldest entries. A position before the first entry left, with
+        // entries added after it, may have missed some (more rarely it missed none; reading
+        // every pin again is then only work). From the very start, anything dropped is missed.
+        let info: redis::Value = match redis::cmd("XINFO")
+            .arg("STREAM")
+            .arg(&store.keys.changes)
+            .query_async(&mut self.connection)
+            .await
+        {
+            Ok(info) => info,
+            // No stream yet: nothing was ever written, so nothing was trimmed.
+            Err(e)
+                if matches!(e.kind(), redis::ErrorKind::Server(_))
+                    && e.to_string().contains("no such key") =>
+            {
+                redis::Value::Nil
+            }
+            Err(e) => return Err(store.failed()(e)),
+        };
+        if is_trimmed_past(&info, position) {
+            return Ok(Changes::Trimmed { position: store.position().await? });
+        }
+        let reply: Option<redis::streams::StreamReadReply> = redis::cmd("XREAD")
+            .arg("COUNT")
+            .arg(count)
+            .arg("BLOCK")
+            .arg(wait.as_millis() as u64)
+            .arg("STREAMS")
+            .arg(&store.keys.changes)
+            .arg(position)
+            .query_async(&mut self.connection)
+            .await
+            .map_err(store.failed())?;
+        let mut changes = Vec::new();
+        let mut position = position.to_owned();
+        for entry in reply.into_iter().flat_map(|r| r.keys).flat_map(|k| k.ids) {
+            changes.push(store.change(&entry)?);
+            position = entry.id;
+        }
+        Ok(Changes::Read { changes, position })
+    }
+}
+
+/// Whether a stream (its `XINFO STREAM` answer) lost entries after `position` to trimming.
+fn is_trimmed_past(info: &redis::Value, position: &str) -> bool {
+    let number = |name| field(info, name).and_then(|v| redis::from_redis_value_ref::<u64>(v).ok());
+    let id = |v: &redis::Value| redis::from_redis_value_ref::<String>(v).ok();
+    if entry_id(position) == (0, 0) {
+        return matches!((number("entries-added"), number("length")), (Some(added), Some(length)) if added > length);
+    }
+    let Some(last) = field(info, "last-generated-id").and_then(id) else { return false };
+    if entry_id(&last) <= entry_id(position) {
+        return false; // nothing added since
+    }
+    let first = match field(info, "first-entry") {
+        Some(redis::Value::Array(entry)) => entry.first().and_then(id),
+        _ => None,
+    };
+    first.is_none_or(|first| entry_id(&first) > entry_id(position))
+}
+
+/// A field of an `XINFO STREAM` answer (RESP2: alternating names and values; RESP3: a map).
+fn field<'v>(info: &'v redis::Value, name: &str) -> Option<&'v redis::Value> {
+    let is_name = |v: &redis::Value| redis::from_redis_value_ref::<String>(v).ok().as_deref() == Some(name);
+    match info {
+        redis::Value::Array(items) => {
+            items.chunks(2).find(|pair| is_name(&pair[0])).and_then(|pair| pair.get(1))
+        }
+        redis::Value::Map(pairs) => pairs.iter().find(|(k, _)| is_name(k)).map(|(_, v)| v),
+        _ => None,
+    }
+}
+
+/// A stream entry id (`ms-seq`) as a pair that orders like the ids.
+fn entry_id(id: &str) -> (u64, u64) {
+    let (ms, seq) = id.split_once('-').unwrap_or((id, "0"));
+    (ms.parse().unwrap_or(0), seq.parse().unwrap_or(0))
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -212,5 +553,37 @@ mod tests {
         for bad in ["", "00", &"0".repeat(31), &"zz".repeat(16), &"é".repeat(16)] {
             assert_eq!(unhex(bad), None, "{bad:?}");
         }
+    }
+
+    /// An `XINFO STREAM` answer as RESP2 gives it.
+    fn info(length: i64, added: i64, last: &str, first: Option<&str>) -> redis::Value {
+        use redis::Value::{Array, BulkString, Int, Nil};
+        let text = |t: &str| BulkString(t.as_bytes().to_vec());
+        let first = first.map_or(Nil, |id| Array(vec![text(id), Array(vec![text("pin"), text("k")])]));
+        Array(vec![
+            text("length"),
+            Int(length),
+            text("last-generated-id"),
+            text(last),
+            text("entries-added"),
+            Int(added),
+            text("first-entry"),
+            first,
+        ])
+    }
+
+    #[test]
+    fn a_position_is_trimmed_past_only_when_entries_after_it_may_be_gone() {
+        // From the start: only if anything was ever dropped.
+        assert!(!is_trimmed_past(&info(3, 3, "30-0", Some("10-0")), "0-0"));
+        assert!(is_trimmed_past(&info(2, 3, "30-0", Some("20-0")), "0-0"));
+        // Caught up: a trim that took everything lost nothing new.
+        assert!(!is_trimmed_past(&info(0, 3, "30-0", None), "30-0"));
+        // The position's entry (or an older one) is still there: nothing after it was dropped.
+        assert!(!is_trimmed_past(&info(2, 3, "30-0", Some("20-0")), "20-0"));
+        assert!(!is_trimmed_past(&info(3, 3, "30-0", Some("10-0")), "20-0"));
+        // Behind the first entry left, with entries added since: some may be gone.
+        assert!(is_trimmed_past(&info(1, 3, "30-0", Some("30-0")), "10-0"));
+        assert!(is_trimmed_past(&info(0, 3, "30-0", None), "10-0"));
     }
 }
