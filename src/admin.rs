@@ -219,6 +219,7 @@ impl IntoResponse for AdminError {
                 | ControlError::Reload(_)
                 | ControlError::Certificate(_) => StatusCode::BAD_REQUEST,
                 ControlError::Store => StatusCode::INTERNAL_SERVER_ERROR,
+                ControlError::FleetUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             },
         };
         let mut response =

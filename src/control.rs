@@ -85,6 +85,8 @@ pub(crate) enum ControlError {
     Certificate(#[source] TlsError),
     #[error("could not store the change; nothing was changed")]
     Store,
+    #[error("the fleet store is unreachable; nothing was changed")]
+    FleetUnavailable,
 }
 
 /// Who asked for a change, for the audit line.
@@ -304,8 +306,18 @@ impl Control {
         }
         let running = self.running.lock().await;
         check_revision(&running, expected)?;
-        let pool =
-            self.shared.sessions().remove(key).ok_or_else(|| ControlError::UnknownSession(key.to_owned()))?;
+        // In a fleet the store ends it for every replica (each hears of it from the change
+        // stream); the local copy goes at once, as does a pin only this replica knows.
+        let in_fleet = match self.shared.fleet() {
+            Some(fleet) => fleet.end(key).await.map_err(|_| ControlError::FleetUnavailable)?,
+            None => None,
+        };
+        let pool = self
+            .shared
+            .sessions()
+            .remove(key)
+            .or(in_fleet)
+            .ok_or_else(|| ControlError::UnknownSession(key.to_owned()))?;
         self.shared.metrics().admin_changes.with_label_values(&["session_delete"]).inc();
         info!(target: "audit", actor = %actor.0, kind = "session_delete", session = key, pool = %pool, revision = running.revision, "admin change");
         Ok(Applied {
@@ -385,6 +397,7 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
     check(old.admin_listen != new.admin_listen, "admin.listen");
     check(old.state_dir != new.state_dir, "state_dir");
     check(old.workers != new.workers, "workers");
+    check(old.store != new.store, "store");
     check(old.tls != new.tls, "tls (file paths; the files themselves are re-read)");
     check(
         old.client.header_read_timeout != new.client.header_read_timeout

@@ -45,6 +45,10 @@ pub(crate) struct DrainStatus {
     /// When the signal turns on if no further v1 traffic arrives (RFC 3339); in the past once
     /// drained.
     pub drained_eta: String,
+    /// Why the signal cannot be given at all for now, whatever the numbers say (in fleet mode:
+    /// the fleet store is unreachable, so other replicas' v1 traffic is unknown).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub withheld: Option<&'static str>,
 }
 
 impl DrainClock {
@@ -77,6 +81,12 @@ impl DrainClock {
         }
         let covered = self.durable.load(Ordering::Relaxed).saturating_add(READ_BACK_SLACK.as_millis() as u64);
         (covered < now).then_some(now)
+    }
+
+    /// Another replica's last v1 request, as the fleet store has it: the fleet is as quiet as
+    /// its busiest replica, so the clock moves to it if it is later. Never moves back.
+    pub(crate) fn observe_fleet(&self, last_v1_request: UnixMillis) {
+        self.last_v1_request.fetch_max(last_v1_request, Ordering::Relaxed);
     }
 
     /// The store confirmed it holds `value`.
@@ -116,6 +126,7 @@ impl DrainClock {
             quiet_for_seconds: quiet_ms as f64 / 1000.0,
             quiet_window_seconds: window.as_secs_f64(),
             drained_eta: rfc3339(eta),
+            withheld: None,
         }
     }
 }

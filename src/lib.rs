@@ -80,6 +80,7 @@ mod control;
 pub mod ctl;
 pub mod demo;
 pub mod drain;
+mod fleet;
 pub mod h1;
 pub mod handover;
 pub mod headers;

@@ -23,9 +23,10 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::admin::{self, AdminState, Readiness, Token, TokenError};
 use crate::clock::{SharedClock, SystemClock};
-use crate::config::{ClientConfig, Config, PoolName};
+use crate::config::{ClientConfig, Config, PoolName, StoreConfig};
 use crate::control::{Actor, Control, Overrides};
 use crate::drain::DrainClock;
+use crate::fleet::{Fleet, Joined};
 use crate::handover;
 use crate::health;
 use crate::listener::{self, Gate};
@@ -51,6 +52,8 @@ pub enum StartError {
     Signals(#[source] io::Error),
     #[error(transparent)]
     State(#[from] StoreError),
+    #[error("cannot join the fleet (store.backend: redis)")]
+    Fleet(#[from] crate::store::fleet::FleetError),
     #[error(transparent)]
     Token(#[from] TokenError),
     #[error(transparent)]
@@ -343,7 +346,13 @@ impl Server {
             }
         };
         let store = Arc::new(store);
-        match Server::prepare(config, clock, metrics, store.clone(), loaded, certs) {
+        let fleet = match &config.store {
+            StoreConfig::Embedded => Ok(None),
+            StoreConfig::Redis(fleet) => Fleet::join(fleet).await.map(Some).map_err(StartError::from),
+        };
+        let prepared = fleet
+            .and_then(|fleet| Server::prepare(config, clock, metrics, store.clone(), loaded, fleet, certs));
+        match prepared {
             Ok(prepared) => Ok(prepared),
             Err(err) => {
                 data_plane.abort().await;
@@ -359,9 +368,16 @@ impl Server {
         clock: &SharedClock,
         metrics: &Arc<Metrics>,
         store: Arc<Store>,
-        loaded: Loaded,
+        mut loaded: Loaded,
+        fleet: Option<(Fleet, Joined)>,
         certs: Option<Arc<CertStore>>,
     ) -> Result<(Arc<Shared>, Arc<Control>), StartError> {
+        // In a fleet, the fleet store's pins and salt are the truth; the local ones are its copy.
+        let fleet = fleet.map(|(fleet, joined)| {
+            loaded.pins = joined.pins;
+            loaded.split_salt = joined.salt;
+            Arc::new(fleet)
+        });
         let mut overrides: Overrides = match &loaded.overrides {
             None => Overrides::default(),
             Some(json) => serde_json::from_slice(json)
@@ -379,7 +395,7 @@ impl Server {
         let live = sessions.live(PoolName::V1) + sessions.live(PoolName::V2);
         info!(state_dir = %config.state_dir.display(), pins = live, expired_while_down = started_pins - live, "state loaded");
         let snapshot = Snapshot::build(&effective, metrics, None);
-        let shared = Arc::new(Shared::new(snapshot, sessions, drain, metrics.clone(), clock.clone()));
+        let shared = Arc::new(Shared::new(snapshot, sessions, drain, metrics.clone(), clock.clone(), fleet));
         let control =
             Arc::new(Control::new(shared.clone(), config.clone(), overrides, loaded.revision, certs));
         Ok((shared, control))

@@ -242,6 +242,12 @@ pub struct Located<'k> {
     hash: u64,
 }
 
+impl<'k> Located<'k> {
+    pub(crate) fn key(&self) -> &'k str {
+        self.key
+    }
+}
+
 /// The pin table and its link to the store.
 pub struct Sessions {
     table: PinTable,
@@ -257,6 +263,8 @@ pub struct Sessions {
     loaded_at: u32,
     /// Keys the hash that places new sessions in the legacy split ([`Sessions::split_roll`]).
     split_salt: SplitSalt,
+    /// In fleet mode, where refreshes go besides the local store: (key, first_seen, last_seen).
+    fleet_touches: std::sync::OnceLock<tokio::sync::mpsc::UnboundedSender<Vec<FleetTouch>>>,
     store: Arc<Store>,
     clock: SharedClock,
     metrics: Arc<Metrics>,
@@ -268,6 +276,9 @@ fn split_roll(salt: &SplitSalt, key: &str) -> u16 {
     hasher.write(key.as_bytes());
     (hasher.finish() % 10_000) as u16
 }
+
+/// A refresh for the fleet store: (key, first_seen, last_seen).
+pub(crate) type FleetTouch = (Box<str>, u32, u32);
 
 fn secs(ms: UnixMillis) -> u32 {
     u32::try_from(ms / 1000).unwrap_or(u32::MAX)
@@ -318,6 +329,7 @@ impl Sessions {
             v1_pins_end: AtomicU32::new(0),
             loaded_at: now,
             split_salt,
+            fleet_touches: std::sync::OnceLock::new(),
             store,
             clock,
             metrics,
@@ -447,6 +459,7 @@ impl Sessions {
             {
                 let table = self.table.read(stripe);
                 let mut touches = Vec::new();
+                let mut fleet_touches = Vec::new();
                 for Entry { key, pin } in table.iter() {
                     if pin.ended(now, policy).is_some() {
                         ended.push(key.clone());
@@ -461,6 +474,9 @@ impl Sessions {
                     if refresh && last_seen > self.loaded_at {
                         pin.stored_last_seen.fetch_max(last_seen, Ordering::Relaxed);
                         touches.push((key.as_str().into(), last_seen));
+                        if self.fleet_touches.get().is_some() {
+                            fleet_touches.push((key.as_str().into(), pin.first_seen, last_seen));
+                        }
                     }
                     if pin.pool == PoolName::V1 {
                         v1_end = v1_end.max(pin.end(policy));
@@ -469,6 +485,9 @@ impl Sessions {
                 // Sent under the stripe lock, so the store sees this key's changes in order.
                 if !touches.is_empty() {
                     self.store.send(Op::Touch(touches));
+                }
+                if let (Some(fleet), false) = (self.fleet_touches.get(), fleet_touches.is_empty()) {
+                    let _ = fleet.send(fleet_touches);
                 }
             }
             if !ended.is_empty() {
@@ -505,6 +524,90 @@ impl Sessions {
         self.count_end(pin.pool, EndReason::Admin);
         self.store.send(Op::Remove(key.into()));
         Some(pin.pool)
+    }
+
+    /// Makes the local copy hold `stored` as the fleet store has it: a pin made on another
+    /// replica, or the winner of a race this replica lost. A local pin made at another time is
+    /// replaced; the same pin only has its `last_seen` moved forward. The local store gets the
+    /// pin too, so a restart finds it. Returns whether the table changed.
+    pub(crate) fn adopt(&self, stored: &StoredPin) -> bool {
+        let hash = self.hash(&stored.key);
+        let mut table = self.table.write_with_room(stripe_of(hash));
+        if let Some(Entry { pin, .. }) = table.find(hash, &stored.key) {
+            if pin.pool == stored.pool && pin.first_seen == stored.first_seen {
+                pin.touch(stored.last_seen);
+                pin.stored_last_seen.fetch_max(stored.last_seen, Ordering::Relaxed);
+                return false;
+            }
+        }
+        if let Some(Entry { pin, .. }) = table.remove(hash, &stored.key) {
+            self.live.fetch_sub(1, Ordering::Relaxed);
+            self.live_by_pool.get(pin.pool).fetch_sub(1, Ordering::Relaxed);
+        }
+        let seq = self.store.next_seq();
+        let pin = Pin {
+            pool: stored.pool,
+            first_seen: stored.first_seen,
+            last_seen: AtomicU32::new(stored.last_seen),
+            stored_last_seen: AtomicU32::new(stored.last_seen),
+            seq,
+        };
+        table.insert_unique(hash, Entry { key: CompactString::from(&*stored.key), pin });
+        self.store.send(Op::Pin { pin: stored.clone(), seq });
+        self.live.fetch_add(1, Ordering::Relaxed);
+        self.live_by_pool.get(stored.pool).fetch_add(1, Ordering::Relaxed);
+        true
+    }
+
+    /// A refresh another replica made: moves the pin made at `first_seen` forward to
+    /// `last_seen`, so it ends at the same time on every replica.
+    pub(crate) fn refreshed_elsewhere(&self, key: &str, first_seen: u32, last_seen: u32) {
+        let hash = self.hash(key);
+        let table = self.table.read(stripe_of(hash));
+        if let Some(Entry { pin, .. }) = table.find(hash, key) {
+            if pin.first_seen == first_seen {
+                pin.touch(last_seen);
+                pin.stored_last_seen.fetch_max(last_seen, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// An operator ended the pin made at `first_seen` on another replica.
+    pub(crate) fn ended_elsewhere(&self, key: &str, first_seen: u32) {
+        let hash = self.hash(key);
+        let mut table = self.table.write(stripe_of(hash));
+        if table.find(hash, key).is_some_and(|Entry { pin, .. }| pin.first_seen == first_seen) {
+            if let Some(Entry { pin, .. }) = table.remove(hash, key) {
+                self.count_end(pin.pool, EndReason::Admin);
+                self.store.send(Op::Remove(key.into()));
+            }
+        }
+    }
+
+    /// Sends refreshes to the fleet store through `to` from now on, as well as to the local one.
+    pub(crate) fn mirror_refreshes(&self, to: tokio::sync::mpsc::UnboundedSender<Vec<FleetTouch>>) {
+        let _ = self.fleet_touches.set(to);
+    }
+
+    /// Takes back the pin made at `first_seen` for a session that is refused after all (the
+    /// fleet store could not confirm it): it never served a request.
+    pub(crate) fn unmake(&self, key: &str, first_seen: u32) {
+        let hash = self.hash(key);
+        let mut table = self.table.write(stripe_of(hash));
+        if table.find(hash, key).is_some_and(|Entry { pin, .. }| pin.first_seen == first_seen) {
+            if let Some(Entry { pin, .. }) = table.remove(hash, key) {
+                self.live.fetch_sub(1, Ordering::Relaxed);
+                self.live_by_pool.get(pin.pool).fetch_sub(1, Ordering::Relaxed);
+                self.store.send(Op::Remove(key.into()));
+            }
+        }
+    }
+
+    /// The live pin of `key`, if any: (pool, first_seen).
+    pub(crate) fn pin_of(&self, key: &str) -> Option<(PoolName, u32)> {
+        let hash = self.hash(key);
+        let table = self.table.read(stripe_of(hash));
+        table.find(hash, key).map(|Entry { pin, .. }| (pin.pool, pin.first_seen))
     }
 
     /// Live pins on `pool`.

@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 use crate::clock::{SharedClock, UnixMillis};
 use crate::config::{ByPool, PoolName};
 use crate::drain::{DrainClock, DrainStatus};
+use crate::fleet::Fleet;
 use crate::metrics::{Metrics, ScrapeState};
 use crate::session::Sessions;
 use crate::snapshot::{SharedSnapshot, Snapshot};
@@ -31,6 +32,8 @@ pub struct Shared {
     drain: DrainClock,
     metrics: Arc<Metrics>,
     clock: SharedClock,
+    /// In fleet mode, the link to the fleet store.
+    fleet: Option<Arc<Fleet>>,
 }
 
 impl Shared {
@@ -41,6 +44,7 @@ impl Shared {
         drain: DrainClock,
         metrics: Arc<Metrics>,
         clock: SharedClock,
+        fleet: Option<Arc<Fleet>>,
     ) -> Self {
         Shared {
             snapshot: Arc::new(arc_swap::ArcSwap::from_pointee(snapshot)),
@@ -48,7 +52,13 @@ impl Shared {
             drain,
             metrics,
             clock,
+            fleet,
         }
+    }
+
+    /// The link to the fleet store, in fleet mode.
+    pub(crate) fn fleet(&self) -> Option<&Arc<Fleet>> {
+        self.fleet.as_ref()
     }
 
     /// The running snapshot; a request or change keeps it to its end.
@@ -91,12 +101,20 @@ impl Shared {
     /// The drain signal as of now.
     pub(crate) fn drain_status(&self) -> DrainStatus {
         let snapshot = self.snapshot.load();
-        self.drain.status(
+        let mut status = self.drain.status(
             self.clock.now(),
             self.sessions.live(PoolName::V1),
             self.sessions.v1_pins_end(),
             snapshot.quiet_window,
-        )
+        );
+        // In a fleet, the local copy holds every replica's pins and the clock every replica's
+        // last v1 request, as of the last contact with the fleet store; without that contact
+        // another replica may be serving v1 right now.
+        if self.fleet.as_ref().is_some_and(|fleet| !fleet.is_up()) {
+            status.drained = false;
+            status.withheld = Some("the fleet store is unreachable: other replicas' v1 traffic is unknown");
+        }
+        status
     }
 
     /// State gauges for a metrics scrape.
@@ -154,11 +172,14 @@ impl Shared {
 /// Runs [`Shared::maintain`] every [`UPKEEP_INTERVAL`] until `stop` fires, and grows the pin
 /// table ahead of need ([`Sessions::reserve`]).
 pub(crate) async fn run_upkeep(shared: Arc<Shared>, stop: CancellationToken) {
+    let fleet = shared
+        .fleet()
+        .map(|fleet| tokio::spawn(crate::fleet::run(shared.clone(), fleet.clone(), stop.clone())));
     let mut tick = tokio::time::interval(UPKEEP_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
-            _ = stop.cancelled() => return,
+            _ = stop.cancelled() => break,
             _ = tick.tick() => {}
         }
         let scanning = shared.clone();
@@ -171,5 +192,8 @@ pub(crate) async fn run_upkeep(shared: Arc<Shared>, stop: CancellationToken) {
         .await
         .unwrap_or(None);
         shared.confirm_upkeep(sent).await;
+    }
+    if let Some(fleet) = fleet {
+        let _ = fleet.await;
     }
 }

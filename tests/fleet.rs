@@ -5,13 +5,19 @@
 mod support;
 
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::time::Duration;
 
+use http::StatusCode;
 use rollout_proxy::config::PoolName;
 use rollout_proxy::session::PinPolicy;
 use rollout_proxy::store::fleet::{Change, Changes, Claimed, FleetStore};
 use rollout_proxy::store::StoredPin;
 use support::redis::RedisServer;
+use support::{
+    admin_call, eventually, eventually_some, get, pools_of, ConfigBuilder, Pool, ProxyBuilder, ProxyHandle,
+    Upstream,
+};
 
 const POLICY: PinPolicy = PinPolicy { idle_secs: 600, max_secs: 3_600, max_active: 1_000_000, stale_secs: 3 };
 const NOW: u32 = 1_800_000_000;
@@ -94,7 +100,7 @@ async fn a_follower_reads_every_change_in_order_and_learns_when_it_fell_behind_a
     let redis = RedisServer::start();
     let a = FleetStore::connect(&redis.url(), "follow").await.unwrap();
     let b = FleetStore::connect(&redis.url(), "follow").await.unwrap();
-    let mut follower = b.follower().await.unwrap();
+    let mut follower = b.follower(Duration::from_millis(100)).await.unwrap();
     let start = b.position().await.unwrap();
     assert_eq!(start, "0-0", "an empty store's stream starts at the beginning");
 
@@ -174,4 +180,163 @@ async fn the_fleets_last_v1_request_is_the_latest_of_any_replica() {
     store.record_last_v1("replica-b", 9_000).await.unwrap();
     store.record_last_v1("replica-b", 7_000).await.unwrap();
     assert_eq!(store.last_v1().await.unwrap(), Some(9_000));
+}
+
+/// A replica of a fleet sharing `redis` under `namespace`, splitting new sessions `percent` to
+/// v1 (replicas may disagree on it for a moment while an operator change travels).
+async fn replica(
+    redis: &RedisServer,
+    namespace: &str,
+    v1: SocketAddr,
+    v2: SocketAddr,
+    percent: f64,
+) -> ProxyHandle {
+    replica_with(redis, namespace, v1, v2, |config| config.legacy_v1_percent(percent)).await
+}
+
+async fn replica_with(
+    redis: &RedisServer,
+    namespace: &str,
+    v1: SocketAddr,
+    v2: SocketAddr,
+    configure: impl FnOnce(ConfigBuilder) -> ConfigBuilder,
+) -> ProxyHandle {
+    let store = format!("{{ backend: redis, url: \"{}\", namespace: {namespace} }}", redis.url());
+    let token = tempfile::NamedTempFile::new().unwrap().into_temp_path().keep().unwrap();
+    std::fs::write(&token, TOKEN).unwrap();
+    let config = configure(ConfigBuilder::one_each(v1, v2)).admin_token_file(&token).section("store", &store);
+    ProxyBuilder::new(&config).spawn().await
+}
+
+const TOKEN: &str = "fleet-admin-token";
+
+/// Two replicas whose splits disagree completely (one sends every new session to v1, the other
+/// to v2) get the first request of 500 sessions at the same moment: every session is answered
+/// from one pool by both, because the first claim in the fleet store wins. Each replica then
+/// holds all 500 pins in its local copy, including those the other made.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_racing_on_first_requests_agree_and_learn_each_others_pins() {
+    let redis = RedisServer::start();
+    let v1 = Upstream::new("v1-a").spawn().await;
+    let v2 = Upstream::new("v2-a").spawn().await;
+    let a = replica(&redis, "race2", v1, v2, 100.0).await;
+    let b = replica(&redis, "race2", v1, v2, 0.0).await;
+
+    let keys: Vec<String> = (0..500).map(|i| format!("s{i}")).collect();
+    let url = |proxy: &ProxyHandle, key: &str| proxy.url(&format!("/api/studies/{key}/contents"));
+    let (on_a, on_b) = tokio::join!(
+        pools_of(keys.iter().map(|k| url(&a, k)).collect()),
+        pools_of(keys.iter().map(|k| url(&b, k)).collect()),
+    );
+    let split: Vec<&String> =
+        keys.iter().zip(on_a.iter().zip(&on_b)).filter(|(_, (x, y))| x != y).map(|(k, _)| k).collect();
+    assert_eq!(split, Vec::<&String>::new(), "sessions answered from different pools by the two replicas");
+    let won_by_a = on_a.iter().filter(|p| *p == "v1").count();
+    assert!(won_by_a > 0 && won_by_a < 500, "the race was not a race: A won {won_by_a} of 500");
+
+    // Later requests, on either replica, stay where the first one went.
+    assert_eq!(pools_of(keys.iter().map(|k| url(&b, k)).collect()).await, on_a);
+    for proxy in [&a, &b] {
+        eventually(Duration::from_secs(5), "each replica holds every pin", || async {
+            proxy.live_pins(Pool::V1) + proxy.live_pins(Pool::V2) == 500
+        })
+        .await;
+        assert_eq!(proxy.live_pins(Pool::V1), won_by_a);
+    }
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+/// A session made on one replica is followed on another within a second, and an operator ending
+/// it on the second ends it on the first.
+#[tokio::test]
+async fn a_pin_made_on_one_replica_reaches_the_other_and_an_end_reaches_back() {
+    let redis = RedisServer::start();
+    let v1 = Upstream::new("v1-a").spawn().await;
+    let v2 = Upstream::new("v2-a").spawn().await;
+    let a = replica(&redis, "follow2", v1, v2, 100.0).await;
+    let b = replica(&redis, "follow2", v1, v2, 0.0).await;
+
+    assert_eq!(pools_of(vec![a.url("/api/studies/42/contents")]).await, ["v1"]);
+    eventually(Duration::from_secs(1), "B learns A's pin within a second", || async {
+        b.live_pins(Pool::V1) == 1
+    })
+    .await;
+    // B's own split says v2; the pin says v1.
+    assert_eq!(pools_of(vec![b.url("/api/progress?studyId=42")]).await, ["v1"]);
+
+    let ended = admin_call("DELETE", &b.admin_url("/sessions/42"), Some(TOKEN), None, None).await;
+    assert_eq!(ended.status, StatusCode::OK, "{ended:?}");
+    eventually(Duration::from_secs(1), "A hears of the end within a second", || async {
+        a.live_pins(Pool::V1) == 0
+    })
+    .await;
+    // Ended fleet-wide: the next request is a new session, made by B's split this time.
+    assert_eq!(pools_of(vec![b.url("/api/studies/42")]).await, ["v2"]);
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+/// `/drain` on any replica answers for the fleet: a v1 pin made on A keeps B from saying
+/// drained, as does v1 traffic through A; and while the fleet store is unreachable, B withholds
+/// the signal whatever its own numbers say.
+#[tokio::test]
+async fn the_drain_signal_on_one_replica_counts_the_whole_fleets_v1_traffic() {
+    let mut redis = RedisServer::start();
+    let v1 = Upstream::new("v1-a").spawn().await;
+    let v2 = Upstream::new("v2-a").spawn().await;
+    let quiet = |c: ConfigBuilder| c.legacy_v1_percent(100.0).quiet_window(Duration::from_millis(1500));
+    let a = replica_with(&redis, "drain2", v1, v2, quiet).await;
+    let b = replica_with(&redis, "drain2", v1, v2, quiet).await;
+    let drain_b = || async { get(&b.admin_url("/drain")).await };
+    eventually(Duration::from_secs(5), "B drained before any v1 traffic", || async {
+        drain_b().await.status == StatusCode::OK
+    })
+    .await;
+    // And it stays so: with the store up and nothing happening, the signal must not flicker
+    // (blocking reads of the change stream once timed out and made the store look down).
+    for _ in 0..15 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let reply = drain_b().await;
+        assert_eq!(reply.status, StatusCode::OK, "{:?}", String::from_utf8_lossy(&reply.body));
+    }
+
+    // A v1 session on A: B counts its pin.
+    assert_eq!(pools_of(vec![a.url("/api/studies/7")]).await, ["v1"]);
+    let pinned = eventually_some(Duration::from_secs(2), "B counts A's v1 pin", || async {
+        let reply = drain_b().await;
+        (reply.json()["v1_active_pins"] == 1).then_some(reply)
+    })
+    .await;
+    assert_eq!(pinned.status, StatusCode::SERVICE_UNAVAILABLE);
+    let ended = admin_call("DELETE", &a.admin_url("/sessions/7"), Some(TOKEN), None, None).await;
+    assert_eq!(ended.status, StatusCode::OK, "{ended:?}");
+    eventually(Duration::from_secs(5), "B drained once the pin ended and v1 was quiet", || async {
+        drain_b().await.status == StatusCode::OK
+    })
+    .await;
+
+    // Unkeyed v1 traffic through A: B's quiet time starts again.
+    assert_eq!(pools_of(vec![a.url("/api/members/me")]).await, ["v1"]);
+    eventually(Duration::from_secs(2), "B hears of A's v1 request", || async {
+        drain_b().await.status == StatusCode::SERVICE_UNAVAILABLE
+    })
+    .await;
+    eventually(Duration::from_secs(5), "B drained again after the quiet window", || async {
+        drain_b().await.status == StatusCode::OK
+    })
+    .await;
+
+    redis.kill();
+    let withheld = eventually_some(Duration::from_secs(5), "B withholds the signal", || async {
+        let reply = drain_b().await;
+        (reply.status == StatusCode::SERVICE_UNAVAILABLE).then_some(reply)
+    })
+    .await;
+    assert!(
+        withheld.json()["withheld"].as_str().is_some_and(|why| why.contains("unreachable")),
+        "{withheld:?}"
+    );
+    a.shutdown().await;
+    b.shutdown().await;
 }

@@ -32,6 +32,7 @@ use serde_yaml_ng as yaml;
 
 pub(crate) use self::locate::KeyPath;
 use self::raw::{RawConfig, RawUpstreamSettings};
+pub(crate) use self::validate::redact;
 
 /// Why a config file could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -424,8 +425,36 @@ pub struct Config {
     pub grace_period: Duration,
     /// Certificate and key files when the data plane speaks TLS.
     pub tls: Option<TlsFiles>,
+    pub store: StoreConfig,
     /// The file this was read from, for reloads; `None` when built from text.
     pub source: Option<PathBuf>,
+}
+
+/// Where pins, the drain clock and operator changes are kept.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreConfig {
+    /// One replica: redb in `state_dir`.
+    Embedded,
+    /// A fleet of replicas sharing one Redis (or Valkey); `state_dir` keeps the local copy.
+    Redis(FleetConfig),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FleetConfig {
+    /// `redis://` or `rediss://` (TLS), with the database number.
+    pub url: String,
+    /// Prefix of every key, so fleets can share one server.
+    pub namespace: String,
+    pub on_store_error: OnStoreError,
+}
+
+/// What a replica does with a new session while the fleet store is unreachable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnStoreError {
+    /// Pin it by the split, locally; it reaches the store when the store is back.
+    Degrade,
+    /// Refuse it (503 `store_unavailable`); known sessions are still served.
+    FailClosed,
 }
 
 /// PEM files of the served certificate chain and its private key.

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::{Config, PoolConfig, SessionKeySpec};
+use super::{Config, OnStoreError, PoolConfig, SessionKeySpec, StoreConfig};
 
 /// The config file as written, with defaults filled in.
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -42,6 +42,45 @@ pub(crate) struct RawConfig {
     pub(crate) upstream: RawUpstreamSettings,
     #[serde(default)]
     pub(crate) shutdown: RawShutdown,
+    #[serde(default)]
+    pub(crate) store: RawStore,
+}
+
+/// Where pins, the drain clock and operator changes are kept: `embedded` (one replica, redb in
+/// `state_dir`) or `redis` (a fleet of replicas sharing one Redis or Valkey).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub(crate) struct RawStore {
+    pub(crate) backend: RawBackend,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) url: Option<String>,
+    pub(crate) namespace: String,
+    pub(crate) on_store_error: RawOnStoreError,
+}
+
+impl Default for RawStore {
+    fn default() -> Self {
+        RawStore {
+            backend: RawBackend::Embedded,
+            url: None,
+            namespace: "rollout".to_owned(),
+            on_store_error: RawOnStoreError::Degrade,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum RawBackend {
+    Embedded,
+    Redis,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum RawOnStoreError {
+    Degrade,
+    FailClosed,
 }
 
 fn default_listen() -> String {
@@ -386,6 +425,18 @@ impl From<&Config> for RawConfig {
                 ca_file: config.upstream.ca_file.clone(),
             },
             shutdown: RawShutdown { grace_period: config.grace_period },
+            store: match &config.store {
+                StoreConfig::Embedded => RawStore::default(),
+                StoreConfig::Redis(fleet) => RawStore {
+                    backend: RawBackend::Redis,
+                    url: Some(fleet.url.clone()),
+                    namespace: fleet.namespace.clone(),
+                    on_store_error: match fleet.on_store_error {
+                        OnStoreError::Degrade => RawOnStoreError::Degrade,
+                        OnStoreError::FailClosed => RawOnStoreError::FailClosed,
+                    },
+                },
+            },
         }
     }
 }

@@ -13,11 +13,11 @@ use std::time::Duration;
 
 use http::header::HeaderName;
 
-use super::raw::{RawConfig, RawPool, RawSessionKey, RawSessions};
+use super::raw::{RawBackend, RawConfig, RawOnStoreError, RawPool, RawSessionKey, RawSessions, RawStore};
 use super::{
-    ByPool, ClientConfig, Config, Ejection, HealthCheck, KeyPath, Percent, PoolConfig, Prefix, Problem,
-    RoutesConfig, SessionKeySpec, SessionsConfig, TlsFiles, UpstreamConfig, UpstreamName, UpstreamSettings,
-    UpstreamUrl, MAX_WEIGHT,
+    ByPool, ClientConfig, Config, Ejection, FleetConfig, HealthCheck, KeyPath, OnStoreError, Percent,
+    PoolConfig, Prefix, Problem, RoutesConfig, SessionKeySpec, SessionsConfig, StoreConfig, TlsFiles,
+    UpstreamConfig, UpstreamName, UpstreamSettings, UpstreamUrl, MAX_WEIGHT,
 };
 
 /// Collects problems during validation, each under its key path.
@@ -155,6 +155,8 @@ impl RawConfig {
             p.add(upstream_path.key("retries"), format!("{} retries is more than 10", self.upstream.retries));
         }
 
+        let store = validate_store(&self.store, &root.key("store"), &mut p);
+
         match (listen, admin_listen, legacy_v1_percent, sessions, p.0.is_empty()) {
             (Some(listen), Some(admin_listen), Some(legacy_v1_percent), Some(sessions), true) => Ok(Config {
                 listen,
@@ -185,10 +187,66 @@ impl RawConfig {
                 },
                 tls: self.tls.as_ref().map(|t| TlsFiles { cert: t.cert.clone(), key: t.key.clone() }),
                 grace_period: self.shutdown.grace_period,
+                store,
                 source: None,
             }),
             _ => Err(p.0),
         }
+    }
+}
+
+fn validate_store(raw: &RawStore, path: &KeyPath, p: &mut Problems) -> StoreConfig {
+    let namespace_ok = !raw.namespace.is_empty()
+        && raw.namespace.len() <= 64
+        && raw.namespace.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+    if !namespace_ok {
+        p.add(path.key("namespace"), format!("{:?} is not 1-64 characters of [A-Za-z0-9._-]", raw.namespace));
+    }
+    match (raw.backend, &raw.url) {
+        (RawBackend::Embedded, None) => StoreConfig::Embedded,
+        (RawBackend::Embedded, Some(_)) => {
+            p.add(path.key("url"), "only the redis backend takes a url; set backend: redis or remove it");
+            StoreConfig::Embedded
+        }
+        (RawBackend::Redis, None) => {
+            p.add(path.key("url"), "the redis backend needs a url, e.g. redis://127.0.0.1:6379/0");
+            StoreConfig::Embedded
+        }
+        (RawBackend::Redis, Some(url)) => {
+            if let Err(problem) = check_redis_url(url) {
+                p.add(path.key("url"), problem);
+            }
+            StoreConfig::Redis(FleetConfig {
+                url: url.clone(),
+                namespace: raw.namespace.clone(),
+                on_store_error: match raw.on_store_error {
+                    RawOnStoreError::Degrade => OnStoreError::Degrade,
+                    RawOnStoreError::FailClosed => OnStoreError::FailClosed,
+                },
+            })
+        }
+    }
+}
+
+/// A Redis URL the client can use: `redis://` or `rediss://`, a host, a database number if any.
+fn check_redis_url(url: &str) -> Result<(), String> {
+    let shown = redact(url);
+    let rest = url
+        .strip_prefix("redis://")
+        .or_else(|| url.strip_prefix("rediss://"))
+        .ok_or_else(|| format!("{shown} is not a redis:// or rediss:// URL"))?;
+    let host = rest.rsplit_once('@').map_or(rest, |(_, host)| host);
+    if host.is_empty() || host.starts_with('/') || host.starts_with(':') {
+        return Err(format!("{shown} names no host"));
+    }
+    redis::Client::open(url).map(drop).map_err(|e| format!("{shown}: {e}"))
+}
+
+/// A URL as it may appear in a message: without its password.
+pub(crate) fn redact(url: &str) -> String {
+    match url.split_once("://").and_then(|(scheme, rest)| Some((scheme, rest.rsplit_once('@')?))) {
+        Some((scheme, (_, host))) => format!("{scheme}://***@{host}"),
+        None => url.to_owned(),
     }
 }
 

@@ -149,7 +149,7 @@ impl Proxy {
     pub(crate) async fn serve_h1(
         &self,
         snapshot: &Snapshot,
-        req: H1Request,
+        mut req: H1Request,
         conn: &mut ClientConn,
         draining: &CancellationToken,
     ) -> bool {
@@ -166,7 +166,16 @@ impl Proxy {
             return false;
         }
 
-        let drain_ahead = self.admit(&req.choice).await;
+        let drain_ahead = match self.admit(&mut req.choice).await {
+            Ok(drain_ahead) => drain_ahead,
+            Err(err) => {
+                self.log_failure(&conn.peer, Some(req.choice.routed.pool), &err);
+                let close = req.close || draining.is_cancelled();
+                let (status, keep) = self.answer_error(snapshot, conn, &req, err, close).await;
+                self.account(&conn.peer, Some(req.choice.routed), status, req.started, req.logged);
+                return keep;
+            }
+        };
         let pool = req.choice.routed.pool;
         let rules = h1::ResponseRules {
             head_request: req.head_request,

@@ -73,9 +73,10 @@ impl Proxy {
         }
 
         let classified = self.classify(snapshot, req.uri().path(), req.uri().query(), req.headers());
-        let choice = self.choose_pool(snapshot, classified);
+        let mut choice = self.choose_pool(snapshot, classified);
         *routed = Some(choice.routed);
-        let drain_ahead = self.admit(&choice).await;
+        let drain_ahead = self.admit(&mut choice).await?;
+        *routed = Some(choice.routed);
 
         let mut req = req;
         let client_upgrade = headers::is_upgrade(req.headers()).then(|| hyper::upgrade::on(&mut req));

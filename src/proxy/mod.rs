@@ -31,14 +31,14 @@ pub(crate) use fast::{ClientConn, H1Plan};
 
 use crate::balancer::Balancer;
 use crate::clock::UnixMillis;
-use crate::config::{Ejection, PoolName};
+use crate::config::{Ejection, OnStoreError, PoolName};
 use crate::h1;
 use crate::headers::{ClientIp, HostError};
 use crate::router::{Decision, Route};
 use crate::session::{HeaderSource, KeyOutcome, Located, Resolution};
 use crate::shared::Shared;
 use crate::snapshot::Snapshot;
-use crate::store::Op;
+use crate::store::{Op, StoredPin};
 use crate::upstream::{Upstream, UpstreamClient, UpstreamError, UpstreamResponseBody};
 use crate::ErrorChain;
 
@@ -81,6 +81,10 @@ pub(crate) enum ProxyError {
     NoUpstream { pool: PoolName },
     #[error("the proxy is still starting")]
     Starting,
+    /// A new session could not be claimed in the fleet store, and `on_store_error` is
+    /// `fail_closed`.
+    #[error("the fleet store is unreachable; new sessions are refused")]
+    StoreUnavailable,
     #[error(transparent)]
     Upstream(#[from] UpstreamError),
 }
@@ -113,9 +117,12 @@ struct Routed {
 }
 
 /// The outcome of routing one request ([`Proxy::choose_pool`]).
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Choice {
     routed: Routed,
+    /// In fleet mode, the key of the pin this request made: it is claimed in the fleet store
+    /// before the request goes anywhere ([`Proxy::admit`]).
+    claim: Option<Box<str>>,
     /// Store sequence number of the pin followed or made, while it is not durable yet.
     pending: Option<u64>,
     /// The pin's activity was sent to the store ahead of the response.
@@ -228,8 +235,12 @@ impl Proxy {
 
     /// The pool for a request and how it was decided.
     fn choose_pool(&self, snapshot: &Snapshot, classified: Classified<'_>) -> Choice {
-        let plain =
-            |pool, decision| Choice { routed: Routed { pool, decision }, pending: None, write_ahead: false };
+        let plain = |pool, decision| Choice {
+            routed: Routed { pool, decision },
+            claim: None,
+            pending: None,
+            write_ahead: false,
+        };
         let key = match classified {
             Classified::Prefix => return plain(PoolName::V2, Decision::Prefix),
             Classified::Unkeyed => return plain(snapshot.router.split(), Decision::Unkeyed),
@@ -239,11 +250,13 @@ impl Proxy {
         match self.shared.sessions().resolve(key, &snapshot.pin_policy, split) {
             Resolution::Pinned { pool, seq, write_ahead } => Choice {
                 routed: Routed { pool, decision: Decision::Pinned },
+                claim: None,
                 pending: (!self.shared.store().is_settled(seq)).then_some(seq),
                 write_ahead,
             },
             Resolution::NewPin { pool, seq } => Choice {
                 routed: Routed { pool, decision: Decision::NewPin },
+                claim: self.shared.fleet().map(|_| key.key().into()),
                 pending: Some(seq),
                 write_ahead: false,
             },
@@ -251,17 +264,49 @@ impl Proxy {
         }
     }
 
-    /// What both paths do between routing and sending: wait until a pin another request made a
-    /// moment ago is durable before following it, and note v1 traffic for the drain clock.
-    /// Returns the drain clock value to make durable with the answer, if any.
-    async fn admit(&self, choice: &Choice) -> Option<UnixMillis> {
+    /// What both paths do between routing and sending: in fleet mode, claim a new pin in the
+    /// fleet store (the pool may change to the one another replica pinned first); wait until a
+    /// pin another request made a moment ago is durable before following it; and note v1 traffic
+    /// for the drain clock. Returns the drain clock value to make durable with the answer, if
+    /// any.
+    async fn admit(&self, choice: &mut Choice) -> Result<Option<UnixMillis>, ProxyError> {
+        if let Some(key) = choice.claim.take() {
+            self.claim_in_fleet(&key, choice).await?;
+        }
         if let (Decision::Pinned, Some(seq)) = (choice.routed.decision, choice.pending) {
             self.shared.sessions().settle(seq).await;
         }
-        if choice.routed.pool == PoolName::V1 {
+        Ok(if choice.routed.pool == PoolName::V1 {
             self.shared.drain().record_v1(self.shared.now())
         } else {
             None
+        })
+    }
+
+    /// Claims the pin this request made for `key` in the fleet store. If another replica pinned
+    /// the key first, its pin replaces this one in the local copy and the request follows it.
+    /// If the store cannot be reached, `on_store_error` decides: keep the local pin (`degrade`)
+    /// or refuse the new session (`fail_closed`).
+    async fn claim_in_fleet(&self, key: &str, choice: &mut Choice) -> Result<(), ProxyError> {
+        let (Some(fleet), sessions) = (self.shared.fleet(), self.shared.sessions()) else { return Ok(()) };
+        // Gone already (an operator ended it within the last moment): nothing to claim.
+        let Some((pool, first_seen)) = sessions.pin_of(key) else { return Ok(()) };
+        let policy = self.shared.snapshot().pin_policy;
+        match fleet.claim(key, pool, first_seen, &policy).await {
+            Ok(claimed) if claimed.pool == pool && claimed.first_seen == first_seen => Ok(()),
+            Ok(claimed) => {
+                let (first_seen, last_seen) = (claimed.first_seen, claimed.last_seen);
+                sessions.adopt(&StoredPin { key: key.into(), pool: claimed.pool, first_seen, last_seen });
+                // The fleet already holds that pin durably: nothing to wait for.
+                choice.routed = Routed { pool: claimed.pool, decision: Decision::Pinned };
+                choice.pending = None;
+                Ok(())
+            }
+            Err(_) if fleet.on_error() == OnStoreError::FailClosed => {
+                sessions.unmake(key, first_seen);
+                Err(ProxyError::StoreUnavailable)
+            }
+            Err(_) => Ok(()),
         }
     }
 
@@ -374,6 +419,9 @@ fn error_parts(err: &ProxyError) -> (StatusCode, &'static str, &'static str) {
             (StatusCode::SERVICE_UNAVAILABLE, "no_upstream", "no upstream available")
         }
         ProxyError::Starting => (StatusCode::SERVICE_UNAVAILABLE, "starting", "starting, try again"),
+        ProxyError::StoreUnavailable => {
+            (StatusCode::SERVICE_UNAVAILABLE, "store_unavailable", "session store unavailable, try again")
+        }
         ProxyError::Upstream(UpstreamError::Connect { .. } | UpstreamError::Tls { .. }) => {
             (StatusCode::BAD_GATEWAY, "upstream_connect", "upstream connection failed")
         }

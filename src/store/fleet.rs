@@ -30,6 +30,10 @@ use crate::session::PinPolicy;
 /// reads every pin again instead.
 pub(crate) const STREAM_LENGTH: usize = 100_000;
 
+/// How long an answer may take before the store counts as unreachable for that call. The
+/// client's default (500 ms) would call a store that is merely busy for a moment unreachable.
+const RESPONSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Returns the key's live pin, or makes one on the proposed pool.
 ///
 /// KEYS: pins hash, v1 set, change stream. ARGV: session key, proposed pool, now, idle seconds,
@@ -139,6 +143,8 @@ pub enum FleetError {
         #[source]
         source: redis::RedisError,
     },
+    #[error("the fleet store at {location} did not answer in time ({what})")]
+    Timeout { location: String, what: &'static str },
     #[error("the fleet store at {location} answered {answer:?} for {what}, which this version cannot read")]
     Unreadable { location: String, what: &'static str, answer: String },
 }
@@ -203,7 +209,10 @@ impl FleetStore {
             redis::Client::open(url).map_err(|source| FleetError::Url { url: url.to_owned(), source })?;
         let info = client.get_connection_info();
         let location = format!("{}/{}", info.addr(), info.redis_settings().db());
-        let connection = ConnectionManager::new(client.clone())
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_response_timeout(Some(RESPONSE_TIMEOUT))
+            .set_connection_timeout(Some(RESPONSE_TIMEOUT));
+        let connection = ConnectionManager::new_with_config(client.clone(), config)
             .await
             .map_err(|source| FleetError::Redis { location: location.clone(), source })?;
         Ok(FleetStore {
@@ -398,9 +407,14 @@ impl FleetStore {
     }
 
     /// Opens a connection of its own for following the stream: a blocking read would hold up
-    /// every other command queued on a shared one.
-    pub async fn follower(&self) -> Result<Follower, FleetError> {
-        let connection = self.client.get_multiplexed_async_connection().await.map_err(self.failed())?;
+    /// every other command queued on a shared one. Its answers may take `longest_wait` (the
+    /// longest a read will block) plus the usual response time.
+    pub async fn follower(&self, longest_wait: std::time::Duration) -> Result<Follower, FleetError> {
+        let config = redis::AsyncConnectionConfig::new()
+            .set_response_timeout(Some(longest_wait + RESPONSE_TIMEOUT))
+            .set_connection_timeout(Some(RESPONSE_TIMEOUT));
+        let connection =
+            self.client.get_multiplexed_async_connection_with_config(&config).await.map_err(self.failed())?;
         Ok(Follower { store: self.clone(), connection })
     }
 

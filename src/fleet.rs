@@ -1,0 +1,259 @@
+//! Fleet mode at run time: several replicas sharing pins through the fleet store
+//! ([`crate::store::fleet`], on Redis).
+//!
+//! Each replica keeps its full local copy of the pins (the pin table, and the embedded store in
+//! `state_dir` under it), so a request for a known session never waits for the network. What
+//! the fleet adds:
+//! - a new session's pin is claimed in the fleet store before the request is forwarded
+//!   ([`Fleet::claim`]): the first writer wins, and a replica that lost a race adopts the winner
+//!   and forwards there. (Forwarding first and claiming alongside, as the embedded store's
+//!   durability wait does, could send the first request of a session to the version that then
+//!   loses the race: a write to the wrong database.)
+//! - [`follow`] applies what other replicas change (pins made, refreshed, ended) to the local
+//!   copy, from the fleet store's change stream, within about a second;
+//! - [`mirror_refreshes`] sends this replica's refreshes to the fleet store in batches.
+//!
+//! When the fleet store cannot be reached, known sessions are served from the local copy as
+//! always; a new session is pinned locally by the split (`on_store_error: degrade`) or refused
+//! (`fail_closed`).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::config::{FleetConfig, OnStoreError, PoolName};
+use crate::session::{FleetTouch, PinPolicy};
+use crate::shared::Shared;
+use crate::store::fleet::{Change, Changes, Claimed, FleetError, FleetStore};
+use crate::store::{SplitSalt, StoredPin};
+
+/// How long joining the fleet at start-up may take.
+const JOIN_WAIT: Duration = Duration::from_secs(10);
+/// How long a new session's claim may take before the store counts as unreachable for it.
+const CLAIM_WAIT: Duration = Duration::from_secs(2);
+/// How long one read of the change stream waits for something new.
+const FOLLOW_WAIT: Duration = Duration::from_millis(500);
+/// Pause after a failed read of the change stream.
+const FOLLOW_RETRY: Duration = Duration::from_millis(250);
+/// Most changes applied per read.
+const FOLLOW_BATCH: usize = 10_000;
+
+/// This replica's link to the fleet store.
+pub(crate) struct Fleet {
+    store: FleetStore,
+    on_error: OnStoreError,
+    /// Where the change stream stood when this replica read every pin: [`follow`] starts there.
+    joined_at: String,
+    /// Whether the last call to the fleet store succeeded.
+    up: AtomicBool,
+}
+
+/// What joining the fleet read: the split salt, every pin, and where the change stream stood
+/// before the pins were read (following from there misses nothing).
+pub(crate) struct Joined {
+    pub(crate) salt: SplitSalt,
+    pub(crate) pins: Vec<StoredPin>,
+    pub(crate) position: String,
+}
+
+impl std::fmt::Debug for Fleet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Fleet").field("store", &self.store).finish_non_exhaustive()
+    }
+}
+
+impl Fleet {
+    /// Connects to the fleet store and reads what a replica starts from.
+    pub(crate) async fn join(config: &FleetConfig) -> Result<(Fleet, Joined), FleetError> {
+        let joining = async {
+            let store = FleetStore::connect(&config.url, &config.namespace).await?;
+            let salt = store.split_salt().await?;
+            let position = store.position().await?;
+            let pins = store.pins().await?;
+            Ok::<_, FleetError>((store, Joined { salt, pins, position }))
+        };
+        let (store, joined) = tokio::time::timeout(JOIN_WAIT, joining).await.map_err(|_| {
+            FleetError::Timeout { location: crate::config::redact(&config.url), what: "joining the fleet" }
+        })??;
+        info!(store = ?store, pins = joined.pins.len(), "joined the fleet");
+        let fleet = Fleet {
+            store,
+            on_error: config.on_store_error,
+            joined_at: joined.position.clone(),
+            up: AtomicBool::new(true),
+        };
+        Ok((fleet, joined))
+    }
+
+    pub(crate) fn on_error(&self) -> OnStoreError {
+        self.on_error
+    }
+
+    pub(crate) fn is_up(&self) -> bool {
+        self.up.load(Ordering::Relaxed)
+    }
+
+    fn note<T>(&self, result: Result<T, FleetError>) -> Result<T, FleetError> {
+        let was_up = self.up.swap(result.is_ok(), Ordering::Relaxed);
+        match &result {
+            Err(err) if was_up => warn!(error = %crate::ErrorChain(err), "the fleet store is unreachable"),
+            Ok(_) if !was_up => info!("the fleet store is reachable again"),
+            _ => {}
+        }
+        result
+    }
+
+    /// Claims `key`'s pin on `proposed` (what this replica's split chose) as of `now`; the
+    /// answer is the fleet's pin, which may be another replica's.
+    pub(crate) async fn claim(
+        &self,
+        key: &str,
+        proposed: PoolName,
+        now: u32,
+        policy: &PinPolicy,
+    ) -> Result<Claimed, FleetError> {
+        let claim = self.store.claim(key, proposed, now, policy);
+        let result = tokio::time::timeout(CLAIM_WAIT, claim).await.unwrap_or_else(|_| {
+            Err(FleetError::Timeout { location: format!("{:?}", self.store), what: "claiming a pin" })
+        });
+        self.note(result)
+    }
+
+    /// Ends `key`'s pin fleet-wide; the pool it had, if any.
+    pub(crate) async fn end(&self, key: &str) -> Result<Option<PoolName>, FleetError> {
+        let result = self.store.end(key, None).await;
+        self.note(result)
+    }
+}
+
+/// Runs the fleet's background work until `stop`: [`follow`] and [`mirror_refreshes`].
+pub(crate) async fn run(shared: Arc<Shared>, fleet: Arc<Fleet>, stop: CancellationToken) {
+    let (to_fleet, batches) = mpsc::unbounded_channel();
+    shared.sessions().mirror_refreshes(to_fleet);
+    let position = fleet.joined_at.clone();
+    tokio::join!(
+        follow(shared.clone(), fleet.clone(), position, stop.clone()),
+        mirror_refreshes(shared.clone(), fleet.clone(), batches, stop.clone()),
+        share_drain_clock(shared, fleet, stop),
+    );
+}
+
+/// Every second: records this replica's last v1 request in the fleet store and moves the local
+/// drain clock to the fleet's latest, so `/drain` on any replica answers for the fleet.
+async fn share_drain_clock(shared: Arc<Shared>, fleet: Arc<Fleet>, stop: CancellationToken) {
+    let replica = replica_id();
+    let mut tick = tokio::time::interval(crate::shared::UPKEEP_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let local = shared.drain().last_v1_request();
+        let shared_clock = async {
+            fleet.store.record_last_v1(&replica, local).await?;
+            fleet.store.last_v1().await
+        };
+        if let Ok(Some(latest)) = fleet.note(shared_clock.await) {
+            shared.drain().observe_fleet(latest);
+        }
+    }
+}
+
+/// A name for this process in the fleet store: random, so replicas never share one.
+fn replica_id() -> String {
+    let bytes = crate::store::new_split_salt();
+    bytes[..8].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Applies other replicas' changes to the local copy until `stop`, from `position` on.
+async fn follow(shared: Arc<Shared>, fleet: Arc<Fleet>, mut position: String, stop: CancellationToken) {
+    let mut follower = None;
+    loop {
+        if stop.is_cancelled() {
+            return;
+        }
+        let reader = match &mut follower {
+            Some(reader) => reader,
+            None => match fleet.note(fleet.store.follower(FOLLOW_WAIT).await) {
+                Ok(reader) => follower.insert(reader),
+                Err(_) => {
+                    pause(FOLLOW_RETRY, &stop).await;
+                    continue;
+                }
+            },
+        };
+        let read = tokio::select! {
+            _ = stop.cancelled() => return,
+            read = reader.changes(&position, FOLLOW_WAIT, FOLLOW_BATCH) => read,
+        };
+        match fleet.note(read) {
+            Ok(Changes::Read { changes, position: next }) => {
+                apply(&shared, changes);
+                position = next;
+            }
+            Ok(Changes::Trimmed { position: next }) => {
+                warn!("fell behind the fleet's change stream; reading every pin again");
+                match fleet.note(fleet.store.pins().await) {
+                    Ok(pins) => {
+                        let sessions = shared.sessions();
+                        let adopted = pins.iter().filter(|pin| sessions.adopt(pin)).count();
+                        info!(pins = pins.len(), adopted, "caught up with the fleet");
+                        position = next;
+                    }
+                    Err(_) => pause(FOLLOW_RETRY, &stop).await,
+                }
+            }
+            Err(_) => {
+                follower = None;
+                pause(FOLLOW_RETRY, &stop).await;
+            }
+        }
+    }
+}
+
+fn apply(shared: &Shared, changes: Vec<Change>) {
+    let sessions = shared.sessions();
+    for change in changes {
+        match change {
+            Change::Pin(pin) => {
+                sessions.adopt(&pin);
+            }
+            Change::Touch(touches) => {
+                for (key, first_seen, last_seen) in touches {
+                    sessions.refreshed_elsewhere(&key, first_seen, last_seen);
+                }
+            }
+            Change::End { key, first_seen } => sessions.ended_elsewhere(&key, first_seen),
+        }
+    }
+}
+
+/// Sends the local copy's refresh batches to the fleet store until `stop`. A batch that fails
+/// is dropped: the next refresh of those pins carries a later time anyway.
+async fn mirror_refreshes(
+    shared: Arc<Shared>,
+    fleet: Arc<Fleet>,
+    mut batches: mpsc::UnboundedReceiver<Vec<FleetTouch>>,
+    stop: CancellationToken,
+) {
+    loop {
+        let batch = tokio::select! {
+            _ = stop.cancelled() => return,
+            batch = batches.recv() => match batch { Some(batch) => batch, None => return },
+        };
+        let policy = shared.snapshot().pin_policy;
+        let _ = fleet.note(fleet.store.touch(&batch, &policy).await);
+    }
+}
+
+async fn pause(length: Duration, stop: &CancellationToken) {
+    tokio::select! {
+        _ = stop.cancelled() => {}
+        _ = tokio::time::sleep(length) => {}
+    }
+}
