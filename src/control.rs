@@ -19,6 +19,7 @@ use crate::config::{ByPool, Config, ConfigError, Percent, PoolName, MAX_WEIGHT};
 use crate::session::is_valid_key;
 use crate::shared::Shared;
 use crate::snapshot::Snapshot;
+use crate::store::fleet::FleetOverrides;
 use crate::store::Op;
 use crate::tls::{CertStore, TlsError};
 use crate::ErrorChain;
@@ -339,8 +340,21 @@ impl Control {
         let Change { file, mut overrides, kind, old, new } = change;
         let file = file.unwrap_or_else(|| running.file.clone());
         let effective = overrides.apply(&file);
-        let revision = running.revision + 1;
         let json = serde_json::to_vec(&overrides).expect("overrides serialize");
+        // In a fleet the change is the fleet's: it goes to the fleet store first, by
+        // compare-and-set on the revision, and only then applies here.
+        let revision = match self.shared.fleet() {
+            None => running.revision + 1,
+            Some(fleet) => match fleet.publish_overrides(running.revision, &json).await {
+                Ok(Ok(revision)) => revision,
+                Ok(Err(current)) => {
+                    let expected = running.revision;
+                    self.adopt_fleet_overrides(running, current)?;
+                    return Err(ControlError::Stale { expected, current: running.revision });
+                }
+                Err(_) => return Err(ControlError::FleetUnavailable),
+            },
+        };
         let store = self.shared.store();
         store.send(Op::Overrides { json, revision });
         if !store.flush().await {
@@ -354,6 +368,51 @@ impl Control {
         self.shared.metrics().admin_changes.with_label_values(&[kind]).inc();
         info!(target: "audit", actor = %actor.0, kind, old = %old, new = %new, revision, "admin change");
         Ok(Applied { revision, old, new, restart_required: Vec::new() })
+    }
+}
+
+impl Control {
+    /// Applies overrides another replica published, until `stop`.
+    pub(crate) async fn follow_fleet(
+        self: Arc<Self>,
+        mut seen: tokio::sync::watch::Receiver<Option<FleetOverrides>>,
+        stop: tokio_util::sync::CancellationToken,
+    ) {
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                changed = seen.changed() => if changed.is_err() { return },
+            }
+            let Some(overrides) = seen.borrow_and_update().clone() else { continue };
+            let mut running = self.running.lock().await;
+            if overrides.revision > running.revision {
+                if let Err(err) = self.adopt_fleet_overrides(&mut running, overrides) {
+                    warn!(error = %crate::ErrorChain(&err), "could not apply another replica's change");
+                }
+            }
+        }
+    }
+
+    /// Makes the fleet's overrides (and revision) this replica's: kept in the local store for a
+    /// restart, and published in the snapshot.
+    fn adopt_fleet_overrides(
+        &self,
+        running: &mut Running,
+        fleet: FleetOverrides,
+    ) -> Result<(), ControlError> {
+        let mut overrides: Overrides =
+            serde_json::from_slice(&fleet.json).map_err(|e| ControlError::Invalid {
+                field: "overrides",
+                message: format!("the fleet store holds overrides this version cannot read: {e}"),
+            })?;
+        let effective = overrides.apply(&running.file);
+        self.shared.store().send(Op::Overrides { json: fleet.json, revision: fleet.revision });
+        let previous = self.shared.snapshot();
+        self.shared.swap(Snapshot::build(&effective, self.shared.metrics(), Some(&previous)));
+        info!(target: "audit", actor = "fleet", kind = "fleet_change", new = %serde_json::to_string(&overrides).unwrap_or_default(), revision = fleet.revision, "admin change made on another replica");
+        running.overrides = overrides;
+        running.revision = fleet.revision;
+        Ok(())
     }
 }
 

@@ -28,7 +28,7 @@ use tracing::{info, warn};
 use crate::config::{FleetConfig, OnStoreError, PoolName};
 use crate::session::{FleetTouch, PinPolicy};
 use crate::shared::Shared;
-use crate::store::fleet::{Change, Changes, Claimed, FleetError, FleetStore};
+use crate::store::fleet::{Change, Changes, Claimed, FleetError, FleetOverrides, FleetStore};
 use crate::store::{SplitSalt, StoredPin};
 
 /// How long joining the fleet at start-up may take.
@@ -50,6 +50,8 @@ pub(crate) struct Fleet {
     joined_at: String,
     /// Whether the last call to the fleet store succeeded.
     up: AtomicBool,
+    /// The latest overrides another replica published, for the control plane to adopt.
+    overrides_seen: tokio::sync::watch::Sender<Option<FleetOverrides>>,
 }
 
 /// What joining the fleet read: the split salt, every pin, and where the change stream stood
@@ -58,6 +60,8 @@ pub(crate) struct Joined {
     pub(crate) salt: SplitSalt,
     pub(crate) pins: Vec<StoredPin>,
     pub(crate) position: String,
+    /// The operator's overrides, unless nobody changed any yet.
+    pub(crate) overrides: Option<FleetOverrides>,
 }
 
 impl std::fmt::Debug for Fleet {
@@ -74,7 +78,8 @@ impl Fleet {
             let salt = store.split_salt().await?;
             let position = store.position().await?;
             let pins = store.pins().await?;
-            Ok::<_, FleetError>((store, Joined { salt, pins, position }))
+            let overrides = store.overrides().await?;
+            Ok::<_, FleetError>((store, Joined { salt, pins, position, overrides }))
         };
         let (store, joined) = tokio::time::timeout(JOIN_WAIT, joining).await.map_err(|_| {
             FleetError::Timeout { location: crate::config::redact(&config.url), what: "joining the fleet" }
@@ -85,6 +90,7 @@ impl Fleet {
             on_error: config.on_store_error,
             joined_at: joined.position.clone(),
             up: AtomicBool::new(true),
+            overrides_seen: tokio::sync::watch::Sender::new(None),
         };
         Ok((fleet, joined))
     }
@@ -121,6 +127,22 @@ impl Fleet {
             Err(FleetError::Timeout { location: format!("{:?}", self.store), what: "claiming a pin" })
         });
         self.note(result)
+    }
+
+    /// Makes `json` the fleet's overrides if the fleet revision is still `expected`; else the
+    /// fleet's current overrides.
+    pub(crate) async fn publish_overrides(
+        &self,
+        expected: u64,
+        json: &[u8],
+    ) -> Result<Result<u64, FleetOverrides>, FleetError> {
+        let result = self.store.publish_overrides(expected, json).await;
+        self.note(result)
+    }
+
+    /// Overrides other replicas publish, as they arrive.
+    pub(crate) fn overrides_seen(&self) -> tokio::sync::watch::Receiver<Option<FleetOverrides>> {
+        self.overrides_seen.subscribe()
     }
 
     /// Ends `key`'s pin fleet-wide; the pool it had, if any.
@@ -193,7 +215,7 @@ async fn follow(shared: Arc<Shared>, fleet: Arc<Fleet>, mut position: String, st
         };
         match fleet.note(read) {
             Ok(Changes::Read { changes, position: next }) => {
-                apply(&shared, changes);
+                apply(&shared, &fleet, changes);
                 position = next;
             }
             Ok(Changes::Trimmed { position: next }) => {
@@ -216,7 +238,7 @@ async fn follow(shared: Arc<Shared>, fleet: Arc<Fleet>, mut position: String, st
     }
 }
 
-fn apply(shared: &Shared, changes: Vec<Change>) {
+fn apply(shared: &Shared, fleet: &Fleet, changes: Vec<Change>) {
     let sessions = shared.sessions();
     for change in changes {
         match change {
@@ -229,6 +251,9 @@ fn apply(shared: &Shared, changes: Vec<Change>) {
                 }
             }
             Change::End { key, first_seen } => sessions.ended_elsewhere(&key, first_seen),
+            Change::Overrides(overrides) => {
+                fleet.overrides_seen.send_replace(Some(overrides));
+            }
         }
     }
 }

@@ -292,6 +292,9 @@ impl Server {
         let admin_task = tokio::spawn(admin::serve(admin, admin_state, admin_stop.clone()));
         let upkeep_stop = CancellationToken::new();
         let upkeep = tokio::spawn(crate::shared::run_upkeep(shared.clone(), upkeep_stop.clone()));
+        if let Some(fleet) = shared.fleet() {
+            tokio::spawn(control.clone().follow_fleet(fleet.overrides_seen(), upkeep_stop.clone()));
+        }
         let checks = tokio::spawn(health::checks::run_checks(
             shared.snapshot_handle().clone(),
             client,
@@ -348,7 +351,7 @@ impl Server {
         let store = Arc::new(store);
         let fleet = match &config.store {
             StoreConfig::Embedded => Ok(None),
-            StoreConfig::Redis(fleet) => Fleet::join(fleet).await.map(Some).map_err(StartError::from),
+            StoreConfig::Redis(fleet) => join_fleet(fleet, &loaded).await.map(Some),
         };
         let prepared = fleet
             .and_then(|fleet| Server::prepare(config, clock, metrics, store.clone(), loaded, fleet, certs));
@@ -362,7 +365,8 @@ impl Server {
         }
     }
 
-    /// Builds the shared state and the control plane from what the store held.
+    /// Builds the shared state and the control plane from what the store held (in a fleet, what
+    /// the fleet store held).
     fn prepare(
         config: &Config,
         clock: &SharedClock,
@@ -376,6 +380,10 @@ impl Server {
         let fleet = fleet.map(|(fleet, joined)| {
             loaded.pins = joined.pins;
             loaded.split_salt = joined.salt;
+            if let Some(overrides) = joined.overrides {
+                loaded.overrides = Some(overrides.json);
+                loaded.revision = overrides.revision;
+            }
             Arc::new(fleet)
         });
         let mut overrides: Overrides = match &loaded.overrides {
@@ -531,4 +539,20 @@ pub(crate) fn stop_signal() -> Result<impl std::future::Future<Output = ()>, Sta
             _ = int.recv() => info!(signal = "SIGINT", "stopping gracefully"),
         }
     })
+}
+
+/// Joins the fleet. A replica that brings overrides into a fleet that has none yet (the first
+/// replica of a single-replica deployment moved to fleet mode) publishes them as the fleet's.
+async fn join_fleet(
+    config: &crate::config::FleetConfig,
+    local: &Loaded,
+) -> Result<(Fleet, Joined), StartError> {
+    let (fleet, mut joined) = Fleet::join(config).await?;
+    if let (None, Some(json)) = (&joined.overrides, &local.overrides) {
+        if let Ok(revision) = fleet.publish_overrides(0, json).await? {
+            info!(revision, "published this replica's overrides as the fleet's");
+            joined.overrides = Some(crate::store::fleet::FleetOverrides { revision, json: json.clone() });
+        }
+    }
+    Ok((fleet, joined))
 }

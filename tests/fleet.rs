@@ -11,7 +11,7 @@ use std::time::Duration;
 use http::StatusCode;
 use rollout_proxy::config::PoolName;
 use rollout_proxy::session::PinPolicy;
-use rollout_proxy::store::fleet::{Change, Changes, Claimed, FleetStore};
+use rollout_proxy::store::fleet::{Change, Changes, Claimed, FleetOverrides, FleetStore};
 use rollout_proxy::store::StoredPin;
 use support::redis::RedisServer;
 use support::{
@@ -339,4 +339,57 @@ async fn the_drain_signal_on_one_replica_counts_the_whole_fleets_v1_traffic() {
     );
     a.shutdown().await;
     b.shutdown().await;
+}
+
+/// An operator's change on one replica is the fleet's: it governs new sessions on the other
+/// within a second, both answer with one fleet revision, and a change based on a stale revision
+/// is refused on any replica.
+#[tokio::test]
+async fn an_operator_change_on_one_replica_governs_the_fleet_with_one_revision() {
+    let redis = RedisServer::start();
+    let v1 = Upstream::new("v1-a").spawn().await;
+    let v2 = Upstream::new("v2-a").spawn().await;
+    let a = replica(&redis, "ops", v1, v2, 100.0).await;
+    let b = replica(&redis, "ops", v1, v2, 100.0).await;
+    let call = |proxy: &ProxyHandle, if_match: Option<&'static str>, percent: u32| {
+        let (url, body) = (proxy.admin_url("/routes/legacy"), format!(r#"{{"v1_percent": {percent}}}"#));
+        async move { admin_call("PUT", &url, Some(TOKEN), if_match, Some(&body)).await }
+    };
+
+    let changed = call(&a, Some("\"0\""), 0).await;
+    assert_eq!(changed.status, StatusCode::OK, "{changed:?}");
+    assert_eq!(changed.header("etag"), Some("\"1\""));
+    eventually(Duration::from_secs(1), "B applies A's change within a second", || async {
+        get(&b.admin_url("/status")).await.header("etag") == Some("\"1\"")
+    })
+    .await;
+    let new_on_b: Vec<String> = (0..20).map(|i| b.url(&format!("/api/studies/new-{i}"))).collect();
+    assert!(pools_of(new_on_b).await.iter().all(|p| p == "v2"), "B still sends new sessions to v1");
+
+    // B's operator still thinks revision 0 is current: refused, and nothing changes.
+    let stale = call(&b, Some("\"0\""), 100).await;
+    assert_eq!(stale.status, StatusCode::PRECONDITION_FAILED, "{stale:?}");
+    let current = call(&b, Some("\"1\""), 50).await;
+    assert_eq!(current.status, StatusCode::OK, "{current:?}");
+    eventually(Duration::from_secs(1), "A applies B's change", || async {
+        get(&a.admin_url("/status")).await.header("etag") == Some("\"2\"")
+    })
+    .await;
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+/// The overrides change only by compare-and-set on the fleet revision: of two changes based on
+/// the same revision, the second is told what the first made.
+#[tokio::test]
+async fn overrides_change_by_compare_and_set_on_the_fleet_revision() {
+    let redis = RedisServer::start();
+    let store = FleetStore::connect(&redis.url(), "cas").await.unwrap();
+    assert_eq!(store.overrides().await.unwrap(), None);
+    assert_eq!(store.publish_overrides(0, b"{\"legacy_v1_percent\":0.0}").await.unwrap(), Ok(1));
+    let lost = store.publish_overrides(0, b"{\"legacy_v1_percent\":100.0}").await.unwrap();
+    let first = FleetOverrides { revision: 1, json: b"{\"legacy_v1_percent\":0.0}".to_vec() };
+    assert_eq!(lost, Err(first.clone()));
+    assert_eq!(store.overrides().await.unwrap(), Some(first));
+    assert_eq!(store.publish_overrides(1, b"{}").await.unwrap(), Ok(2));
 }

@@ -14,6 +14,8 @@
 //! - `{ns}:changes`: stream of changes (pins made, refreshed, ended), trimmed to about
 //!   [`STREAM_LENGTH`] entries; a replica follows it from its position ([`FleetStore::changes`]);
 //! - `{ns}:last_v1`: hash, replica → Unix milliseconds of its last v1 request;
+//! - `{ns}:overrides`: hash with the operator's overrides (`json`) and the fleet `revision`
+//!   they make current, changed only by compare-and-set on the revision;
 //! - `{ns}:salt`: the legacy split's salt ([`SplitSalt`]), made by the first replica.
 //!
 //! Every script checks a pin's `first_seen` before changing it, so a late refresh or end meant
@@ -108,6 +110,28 @@ if tonumber(ARGV[2]) > was then redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) en
 return 1
 ";
 
+/// Replaces the operator's overrides if the fleet revision is still the one the caller knows.
+/// KEYS: overrides hash, stream. ARGV: expected revision, JSON, stream length. Answers
+/// `{1, new revision, ''}`, or `{0, current revision, current JSON}` when another change came
+/// first.
+const PUBLISH_OVERRIDES: &str = r"
+local current = tonumber(redis.call('HGET', KEYS[1], 'revision') or '0')
+if current ~= tonumber(ARGV[1]) then
+  return {0, current, redis.call('HGET', KEYS[1], 'json') or ''}
+end
+local revision = current + 1
+redis.call('HSET', KEYS[1], 'revision', revision, 'json', ARGV[2])
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 'overrides', revision, 'json', ARGV[2])
+return {1, revision, ''}
+";
+
+/// The operator's overrides as the fleet has them: JSON, and the fleet revision.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FleetOverrides {
+    pub revision: u64,
+    pub json: Vec<u8>,
+}
+
 /// What changed in the fleet store, as read from its stream.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Change {
@@ -117,6 +141,8 @@ pub enum Change {
     Touch(Vec<(Box<str>, u32, u32)>),
     /// A pin ended by an operator; `first_seen` names which.
     End { key: Box<str>, first_seen: u32 },
+    /// An operator changed the overrides (on any replica).
+    Overrides(FleetOverrides),
 }
 
 /// The stream read from a position.
@@ -166,6 +192,7 @@ struct Keys {
     v1: String,
     changes: String,
     last_v1: String,
+    overrides: String,
     salt: String,
 }
 
@@ -177,6 +204,7 @@ impl Keys {
             v1: key("v1"),
             changes: key("changes"),
             last_v1: key("last_v1"),
+            overrides: key("overrides"),
             salt: key("salt"),
         }
     }
@@ -192,6 +220,7 @@ pub struct FleetStore {
     touch: Script,
     end: Script,
     last_v1: Script,
+    publish_overrides: Script,
     /// The URL without credentials, for messages.
     location: String,
 }
@@ -223,6 +252,7 @@ impl FleetStore {
             touch: Script::new(TOUCH),
             end: Script::new(END),
             last_v1: Script::new(LAST_V1),
+            publish_overrides: Script::new(PUBLISH_OVERRIDES),
             location,
         })
     }
@@ -391,6 +421,40 @@ impl FleetStore {
         Ok(times.into_iter().max())
     }
 
+    /// The operator's overrides as the fleet has them; `None` before the first change.
+    pub async fn overrides(&self) -> Result<Option<FleetOverrides>, FleetError> {
+        let mut connection = self.connection.clone();
+        let (revision, json): (Option<u64>, Option<Vec<u8>>) = redis::cmd("HMGET")
+            .arg(&self.keys.overrides)
+            .arg("revision")
+            .arg("json")
+            .query_async(&mut connection)
+            .await
+            .map_err(self.failed())?;
+        Ok(revision.zip(json).map(|(revision, json)| FleetOverrides { revision, json }))
+    }
+
+    /// Makes `json` the fleet's overrides if its revision is still `expected`. `Ok(Ok(new
+    /// revision))`, or `Ok(Err(current))` when another change came first.
+    pub async fn publish_overrides(
+        &self,
+        expected: u64,
+        json: &[u8],
+    ) -> Result<Result<u64, FleetOverrides>, FleetError> {
+        let mut connection = self.connection.clone();
+        let (done, revision, current): (u8, u64, Vec<u8>) = self
+            .publish_overrides
+            .key(&self.keys.overrides)
+            .key(&self.keys.changes)
+            .arg(expected)
+            .arg(json)
+            .arg(STREAM_LENGTH)
+            .invoke_async(&mut connection)
+            .await
+            .map_err(self.failed())?;
+        Ok(if done == 1 { Ok(revision) } else { Err(FleetOverrides { revision, json: current }) })
+    }
+
     /// The stream's current end: follow from here after reading every pin.
     pub async fn position(&self) -> Result<String, FleetError> {
         let mut connection = self.connection.clone();
@@ -434,6 +498,11 @@ impl FleetStore {
                 }
             }
             return Ok(Change::Touch(touches));
+        }
+        if let (Some(revision), Some(json)) = (text("overrides"), entry.get::<Vec<u8>>("json")) {
+            let revision =
+                revision.parse().map_err(|_| self.unreadable("an overrides revision", &revision))?;
+            return Ok(Change::Overrides(FleetOverrides { revision, json }));
         }
         if let Some(ended) = text("end") {
             if let Some((key, first)) = ended.rsplit_once(':') {
