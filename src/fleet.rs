@@ -26,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::config::{FleetConfig, OnStoreError, PoolName};
+use crate::metrics::Metrics;
 use crate::session::{FleetTouch, PinPolicy};
 use crate::shared::Shared;
 use crate::store::fleet::{Change, Changes, Claimed, FleetError, FleetOverrides, FleetStore};
@@ -50,6 +51,8 @@ pub(crate) struct Fleet {
     joined_at: String,
     /// Whether the last call to the fleet store succeeded.
     up: AtomicBool,
+    /// `rollout_store_errors_total`, by operation.
+    errors: prometheus::IntCounterVec,
     /// The latest overrides another replica published, for the control plane to adopt.
     overrides_seen: tokio::sync::watch::Sender<Option<FleetOverrides>>,
 }
@@ -72,7 +75,7 @@ impl std::fmt::Debug for Fleet {
 
 impl Fleet {
     /// Connects to the fleet store and reads what a replica starts from.
-    pub(crate) async fn join(config: &FleetConfig) -> Result<(Fleet, Joined), FleetError> {
+    pub(crate) async fn join(config: &FleetConfig, metrics: &Metrics) -> Result<(Fleet, Joined), FleetError> {
         let joining = async {
             let store = FleetStore::connect(&config.url, &config.namespace).await?;
             let salt = store.split_salt().await?;
@@ -90,6 +93,7 @@ impl Fleet {
             on_error: config.on_store_error,
             joined_at: joined.position.clone(),
             up: AtomicBool::new(true),
+            errors: metrics.store_errors.clone(),
             overrides_seen: tokio::sync::watch::Sender::new(None),
         };
         Ok((fleet, joined))
@@ -103,7 +107,12 @@ impl Fleet {
         self.up.load(Ordering::Relaxed)
     }
 
-    fn note<T>(&self, result: Result<T, FleetError>) -> Result<T, FleetError> {
+    /// Notes how a call to the fleet store (`op`, one of [`crate::metrics::FLEET_OPERATIONS`]) went: counts a
+    /// failure, and logs when the store becomes unreachable or reachable again.
+    fn note<T>(&self, op: &'static str, result: Result<T, FleetError>) -> Result<T, FleetError> {
+        if result.is_err() {
+            self.errors.with_label_values(&[op]).inc();
+        }
         let was_up = self.up.swap(result.is_ok(), Ordering::Relaxed);
         match &result {
             Err(err) if was_up => warn!(error = %crate::ErrorChain(err), "the fleet store is unreachable"),
@@ -126,7 +135,7 @@ impl Fleet {
         let result = tokio::time::timeout(CLAIM_WAIT, claim).await.unwrap_or_else(|_| {
             Err(FleetError::Timeout { location: format!("{:?}", self.store), what: "claiming a pin" })
         });
-        self.note(result)
+        self.note("claim", result)
     }
 
     /// Makes `json` the fleet's overrides if the fleet revision is still `expected`; else the
@@ -137,7 +146,7 @@ impl Fleet {
         json: &[u8],
     ) -> Result<Result<u64, FleetOverrides>, FleetError> {
         let result = self.store.publish_overrides(expected, json).await;
-        self.note(result)
+        self.note("overrides", result)
     }
 
     /// Overrides other replicas publish, as they arrive.
@@ -148,7 +157,7 @@ impl Fleet {
     /// Ends `key`'s pin fleet-wide; the pool it had, if any.
     pub(crate) async fn end(&self, key: &str) -> Result<Option<PoolName>, FleetError> {
         let result = self.store.end(key, None).await;
-        self.note(result)
+        self.note("end", result)
     }
 }
 
@@ -180,7 +189,7 @@ async fn share_drain_clock(shared: Arc<Shared>, fleet: Arc<Fleet>, stop: Cancell
             fleet.store.record_last_v1(&replica, local).await?;
             fleet.store.last_v1().await
         };
-        if let Ok(Some(latest)) = fleet.note(shared_clock.await) {
+        if let Ok(Some(latest)) = fleet.note("drain_clock", shared_clock.await) {
             shared.drain().observe_fleet(latest);
         }
     }
@@ -201,7 +210,7 @@ async fn follow(shared: Arc<Shared>, fleet: Arc<Fleet>, mut position: String, st
         }
         let reader = match &mut follower {
             Some(reader) => reader,
-            None => match fleet.note(fleet.store.follower(FOLLOW_WAIT).await) {
+            None => match fleet.note("follow", fleet.store.follower(FOLLOW_WAIT).await) {
                 Ok(reader) => follower.insert(reader),
                 Err(_) => {
                     pause(FOLLOW_RETRY, &stop).await;
@@ -213,14 +222,14 @@ async fn follow(shared: Arc<Shared>, fleet: Arc<Fleet>, mut position: String, st
             _ = stop.cancelled() => return,
             read = reader.changes(&position, FOLLOW_WAIT, FOLLOW_BATCH) => read,
         };
-        match fleet.note(read) {
+        match fleet.note("follow", read) {
             Ok(Changes::Read { changes, position: next }) => {
                 apply(&shared, &fleet, changes);
                 position = next;
             }
             Ok(Changes::Trimmed { position: next }) => {
                 warn!("fell behind the fleet's change stream; reading every pin again");
-                match fleet.note(fleet.store.pins().await) {
+                match fleet.note("reread", fleet.store.pins().await) {
                     Ok(pins) => {
                         let sessions = shared.sessions();
                         let adopted = pins.iter().filter(|pin| sessions.adopt(pin)).count();
@@ -272,7 +281,7 @@ async fn mirror_refreshes(
             batch = batches.recv() => match batch { Some(batch) => batch, None => return },
         };
         let policy = shared.snapshot().pin_policy;
-        let _ = fleet.note(fleet.store.touch(&batch, &policy).await);
+        let _ = fleet.note("refresh", fleet.store.touch(&batch, &policy).await);
     }
 }
 

@@ -112,6 +112,9 @@ pub(crate) struct ScrapeState {
     pub state_last_commit_seconds: f64,
     pub state_commits: u64,
     pub state_write_errors: u64,
+    /// Whether the store this replica answers from is reachable: in fleet mode the fleet store,
+    /// else the embedded one, which always is.
+    pub store_up: bool,
 }
 
 pub struct Metrics {
@@ -141,7 +144,17 @@ pub struct Metrics {
     state_last_commit: Gauge,
     state_commits: IntCounter,
     state_write_errors: IntCounter,
+    store_up: IntGauge,
+    /// Failed calls to the fleet store, by operation ([`FLEET_OPERATIONS`]).
+    pub store_errors: IntCounterVec,
+    /// New pins this replica made that the fleet store held on another pool: a race for a new
+    /// session lost to another replica.
+    pub pin_conflicts: IntCounter,
 }
+
+/// Operations on the fleet store, pre-created so every series exists from the start.
+pub(crate) const FLEET_OPERATIONS: [&str; 8] =
+    ["join", "claim", "refresh", "end", "follow", "overrides", "drain_clock", "reread"];
 
 /// Kinds of admin change, pre-created so every series exists from the start.
 pub(crate) const ADMIN_CHANGE_KINDS: [&str; 5] =
@@ -329,6 +342,29 @@ impl Metrics {
                 IntCounter::new("rollout_state_write_errors_total", "Failed commits to the state store.")
                     .expect("valid"),
             ),
+            store_up: register(
+                &r,
+                IntGauge::new(
+                    "rollout_store_up",
+                    "1 when the store this replica answers from is reachable (in fleet mode, the fleet store).",
+                )
+                .expect("valid"),
+            ),
+            store_errors: {
+                let vec = counter_vec("rollout_store_errors_total", "Failed calls to the fleet store, by operation.", &["op"]);
+                for op in FLEET_OPERATIONS {
+                    vec.with_label_values(&[op]);
+                }
+                vec
+            },
+            pin_conflicts: register(
+                &r,
+                IntCounter::new(
+                    "rollout_pin_conflicts_total",
+                    "New pins this replica made that the fleet store held on another pool.",
+                )
+                .expect("valid"),
+            ),
             registry: r,
         }
     }
@@ -379,6 +415,7 @@ impl Metrics {
         self.state_commits.inc_by(state.state_commits.saturating_sub(self.state_commits.get()));
         self.state_write_errors
             .inc_by(state.state_write_errors.saturating_sub(self.state_write_errors.get()));
+        self.store_up.set(i64::from(state.store_up));
 
         let mut out = Vec::new();
         TextEncoder::new().encode(&self.registry.gather(), &mut out).expect("text encoding does not fail");

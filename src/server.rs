@@ -351,7 +351,7 @@ impl Server {
         let store = Arc::new(store);
         let fleet = match &config.store {
             StoreConfig::Embedded => Ok(None),
-            StoreConfig::Redis(fleet) => join_fleet(fleet, &loaded).await.map(Some),
+            StoreConfig::Redis(fleet) => join_fleet(fleet, &loaded, metrics).await.map(Some),
         };
         let prepared = fleet
             .and_then(|fleet| Server::prepare(config, clock, metrics, store.clone(), loaded, fleet, certs));
@@ -546,8 +546,9 @@ pub(crate) fn stop_signal() -> Result<impl std::future::Future<Output = ()>, Sta
 async fn join_fleet(
     config: &crate::config::FleetConfig,
     local: &Loaded,
+    metrics: &Metrics,
 ) -> Result<(Fleet, Joined), StartError> {
-    let (fleet, mut joined) = Fleet::join(config).await?;
+    let (fleet, mut joined) = Fleet::join(config, metrics).await?;
     if let (None, Some(json)) = (&joined.overrides, &local.overrides) {
         if let Ok(revision) = fleet.publish_overrides(0, json).await? {
             info!(revision, "published this replica's overrides as the fleet's");

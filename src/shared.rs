@@ -142,6 +142,7 @@ impl Shared {
             state_last_commit_seconds: health.last_commit.load(Ordering::Relaxed) as f64,
             state_commits: health.commits.load(Ordering::Relaxed),
             state_write_errors: health.write_errors.load(Ordering::Relaxed),
+            store_up: self.fleet.as_ref().is_none_or(|fleet| fleet.is_up()),
         }
     }
 

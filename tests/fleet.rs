@@ -15,8 +15,8 @@ use rollout_proxy::store::fleet::{Change, Changes, Claimed, FleetOverrides, Flee
 use rollout_proxy::store::StoredPin;
 use support::redis::RedisServer;
 use support::{
-    admin_call, eventually, eventually_some, get, pools_of, ConfigBuilder, Pool, ProxyBuilder, ProxyHandle,
-    Upstream,
+    admin_call, eventually, eventually_some, get, metric, pools_of, ConfigBuilder, Pool, ProxyBuilder,
+    ProxyHandle, Upstream,
 };
 
 const POLICY: PinPolicy = PinPolicy { idle_secs: 600, max_secs: 3_600, max_active: 1_000_000, stale_secs: 3 };
@@ -232,6 +232,9 @@ async fn replicas_racing_on_first_requests_agree_and_learn_each_others_pins() {
         keys.iter().zip(on_a.iter().zip(&on_b)).filter(|(_, (x, y))| x != y).map(|(k, _)| k).collect();
     assert_eq!(split, Vec::<&String>::new(), "sessions answered from different pools by the two replicas");
     let won_by_a = on_a.iter().filter(|p| *p == "v1").count();
+    let conflicts = |metrics: String| metric(&metrics, "rollout_pin_conflicts_total", &[]).unwrap_or(0.0);
+    let lost = conflicts(a.metrics().await) + conflicts(b.metrics().await);
+    assert!(lost > 0.0, "no replica counted a race it lost");
     assert!(won_by_a > 0 && won_by_a < 500, "the race was not a race: A won {won_by_a} of 500");
 
     // Later requests, on either replica, stay where the first one went.
@@ -337,6 +340,13 @@ async fn the_drain_signal_on_one_replica_counts_the_whole_fleets_v1_traffic() {
         withheld.json()["withheld"].as_str().is_some_and(|why| why.contains("unreachable")),
         "{withheld:?}"
     );
+    let metrics = b.metrics().await;
+    assert_eq!(metric(&metrics, "rollout_store_up", &[]), Some(0.0));
+    let errors: f64 = ["follow", "drain_clock"]
+        .iter()
+        .filter_map(|op| metric(&metrics, "rollout_store_errors_total", &[("op", op)]))
+        .sum();
+    assert!(errors > 0.0, "no store error counted while the store is gone");
     a.shutdown().await;
     b.shutdown().await;
 }

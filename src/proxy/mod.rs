@@ -295,6 +295,9 @@ impl Proxy {
         match fleet.claim(key, pool, first_seen, &policy).await {
             Ok(claimed) if claimed.pool == pool && claimed.first_seen == first_seen => Ok(()),
             Ok(claimed) => {
+                if claimed.pool != pool {
+                    self.shared.metrics().pin_conflicts.inc();
+                }
                 let (first_seen, last_seen) = (claimed.first_seen, claimed.last_seen);
                 sessions.adopt(&StoredPin { key: key.into(), pool: claimed.pool, first_seen, last_seen });
                 // The fleet already holds that pin durably: nothing to wait for.
