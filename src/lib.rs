@@ -16,6 +16,7 @@
 //!   → headers (field and framing rules both codecs share) → metrics
 //!
 //! shared: snapshot (running config, one ArcSwap) · sessions + store · drain · metrics · clock
+//!         · fleet (in fleet mode: the link to the other replicas through Redis)
 //!   ↑ taken by proxy (per request) and by control, admin, health::checks, upkeep (background)
 //! ```
 //!
@@ -46,7 +47,10 @@
 //!   the background upkeep (pin expiry, drain clock, store health).
 //! - `snapshot`: the running routing state built from a config, published through one `ArcSwap`.
 //! - [`store`]: durable pins, drain clock and overrides with group commit, behind a `Backend`
-//!   (`store/embedded.rs`: one redb file in `state_dir`).
+//!   (`store/embedded.rs`: one redb file in `state_dir`); `store/fleet.rs` is the fleet's
+//!   shared store on Redis (atomic pin claims, the change stream, the fleet revision).
+//! - `fleet`: fleet mode at run time: claims a new session's pin before it is forwarded, follows
+//!   the other replicas' changes into the local copy, shares the drain clock.
 //! - [`drain`]: the drain signal and its persisted clock.
 //! - `health`: whether an upstream may get new requests (thresholds, passive ejection; no I/O);
 //!   `health/checks.rs` runs the active probes.
