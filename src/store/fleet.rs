@@ -12,7 +12,7 @@
 //! - `{ns}:pins`: hash, session key → `pool:first_seen:last_seen` (Unix seconds);
 //! - `{ns}:v1`: sorted set of v1 pins, scored by the second they end if no request comes;
 //! - `{ns}:changes`: stream of changes (pins made, refreshed, ended), trimmed to about
-//!   [`STREAM_LENGTH`] entries; a replica follows it from its position ([`FleetStore::changes`]);
+//!   [`STREAM_LENGTH`] entries; a replica follows it from its position ([`Follower::changes`]);
 //! - `{ns}:last_v1`: hash, replica → Unix milliseconds of its last v1 request;
 //! - `{ns}:overrides`: hash with the operator's overrides (`json`) and the fleet `revision`
 //!   they make current, changed only by compare-and-set on the revision;
