@@ -53,6 +53,9 @@ pub(crate) struct Fleet {
     up: AtomicBool,
     /// `rollout_store_errors_total`, by operation.
     errors: prometheus::IntCounterVec,
+    /// Pins made here while the store was unreachable (`degrade`): written to it, first writer
+    /// still winning, once it is back.
+    unpublished: std::sync::Mutex<Vec<StoredPin>>,
     /// The latest overrides another replica published, for the control plane to adopt.
     overrides_seen: tokio::sync::watch::Sender<Option<FleetOverrides>>,
 }
@@ -94,6 +97,7 @@ impl Fleet {
             joined_at: joined.position.clone(),
             up: AtomicBool::new(true),
             errors: metrics.store_errors.clone(),
+            unpublished: std::sync::Mutex::new(Vec::new()),
             overrides_seen: tokio::sync::watch::Sender::new(None),
         };
         Ok((fleet, joined))
@@ -136,6 +140,11 @@ impl Fleet {
             Err(FleetError::Timeout { location: format!("{:?}", self.store), what: "claiming a pin" })
         });
         self.note("claim", result)
+    }
+
+    /// Keeps a pin made while the store was unreachable, to publish once it is back.
+    pub(crate) fn remember_unpublished(&self, pin: StoredPin) {
+        self.unpublished.lock().unwrap_or_else(|p| p.into_inner()).push(pin);
     }
 
     /// Makes `json` the fleet's overrides if the fleet revision is still `expected`; else the
@@ -226,6 +235,7 @@ async fn follow(shared: Arc<Shared>, fleet: Arc<Fleet>, mut position: String, st
             Ok(Changes::Read { changes, position: next }) => {
                 apply(&shared, &fleet, changes);
                 position = next;
+                publish_degraded(&shared, &fleet).await;
             }
             Ok(Changes::Trimmed { position: next }) => {
                 warn!("fell behind the fleet's change stream; reading every pin again");
@@ -245,6 +255,49 @@ async fn follow(shared: Arc<Shared>, fleet: Arc<Fleet>, mut position: String, st
             }
         }
     }
+}
+
+/// Writes the pins made while the store was unreachable, now that it answers. The first writer
+/// still wins: where another replica pinned a key meanwhile on another pool, this replica's
+/// copy follows it and the conflict is counted (`rollout_pin_conflicts_total`). With the same
+/// split on every replica that happens only if the percentage changed during the outage.
+async fn publish_degraded(shared: &Shared, fleet: &Fleet) {
+    let pending = std::mem::take(&mut *fleet.unpublished.lock().unwrap_or_else(|p| p.into_inner()));
+    if pending.is_empty() {
+        return;
+    }
+    let policy = shared.snapshot().pin_policy;
+    let (mut published, mut conflicts) = (0, 0);
+    for (i, pin) in pending.iter().enumerate() {
+        match fleet.note("claim", fleet.store.claim(&pin.key, pin.pool, pin.first_seen, &policy).await) {
+            Ok(claimed) => {
+                published += 1;
+                if claimed.pool != pin.pool || claimed.first_seen != pin.first_seen {
+                    if claimed.pool != pin.pool {
+                        conflicts += 1;
+                        shared.metrics().pin_conflicts.inc();
+                    }
+                    let (first_seen, last_seen) = (claimed.first_seen, claimed.last_seen);
+                    shared.sessions().adopt(&StoredPin {
+                        key: pin.key.clone(),
+                        pool: claimed.pool,
+                        first_seen,
+                        last_seen,
+                    });
+                }
+            }
+            Err(_) => {
+                // Unreachable again: the rest waits for the next time.
+                fleet
+                    .unpublished
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .extend(pending[i..].iter().cloned());
+                break;
+            }
+        }
+    }
+    info!(published, conflicts, "wrote the pins made while the fleet store was unreachable");
 }
 
 fn apply(shared: &Shared, fleet: &Fleet, changes: Vec<Change>) {

@@ -201,7 +201,21 @@ async fn replica_with(
     v2: SocketAddr,
     configure: impl FnOnce(ConfigBuilder) -> ConfigBuilder,
 ) -> ProxyHandle {
-    let store = format!("{{ backend: redis, url: \"{}\", namespace: {namespace} }}", redis.url());
+    replica_on_error(redis, namespace, v1, v2, "degrade", configure).await
+}
+
+async fn replica_on_error(
+    redis: &RedisServer,
+    namespace: &str,
+    v1: SocketAddr,
+    v2: SocketAddr,
+    on_store_error: &str,
+    configure: impl FnOnce(ConfigBuilder) -> ConfigBuilder,
+) -> ProxyHandle {
+    let store = format!(
+        "{{ backend: redis, url: \"{}\", namespace: {namespace}, on_store_error: {on_store_error} }}",
+        redis.url()
+    );
     let token = tempfile::NamedTempFile::new().unwrap().into_temp_path().keep().unwrap();
     std::fs::write(&token, TOKEN).unwrap();
     let config = configure(ConfigBuilder::one_each(v1, v2)).admin_token_file(&token).section("store", &store);
@@ -402,4 +416,55 @@ async fn overrides_change_by_compare_and_set_on_the_fleet_revision() {
     assert_eq!(lost, Err(first.clone()));
     assert_eq!(store.overrides().await.unwrap(), Some(first));
     assert_eq!(store.publish_overrides(1, b"{}").await.unwrap(), Ok(2));
+}
+
+/// With the fleet store gone: known sessions are served from the local copy; new sessions are
+/// pinned locally by the split (`degrade`) or refused (`fail_closed`); operator changes answer
+/// 503. Once it is back, the pins made meanwhile reach it and the other replicas.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn while_the_store_is_down_known_sessions_are_served_and_new_ones_follow_on_store_error() {
+    let mut redis = RedisServer::start();
+    let v1 = Upstream::new("v1-a").spawn().await;
+    let v2 = Upstream::new("v2-a").spawn().await;
+    let a = replica(&redis, "outage", v1, v2, 50.0).await;
+    let b = replica(&redis, "outage", v1, v2, 50.0).await;
+    let c = replica_on_error(&redis, "outage", v1, v2, "fail_closed", |c| c.legacy_v1_percent(50.0)).await;
+
+    let known: Vec<String> = (0..40).map(|i| format!("known-{i}")).collect();
+    let urls = |proxy: &ProxyHandle, keys: &[String]| {
+        keys.iter().map(|k| proxy.url(&format!("/api/studies/{k}"))).collect()
+    };
+    let pools = pools_of(urls(&a, &known)).await;
+    for proxy in [&b, &c] {
+        eventually(Duration::from_secs(2), "every replica knows the sessions", || async {
+            proxy.live_pins(Pool::V1) + proxy.live_pins(Pool::V2) == 40
+        })
+        .await;
+    }
+
+    redis.kill();
+    // Known sessions: every request answered, from its pool, on every replica.
+    for proxy in [&a, &b, &c] {
+        assert_eq!(pools_of(urls(proxy, &known)).await, pools, "a known session failed or moved");
+    }
+    // New sessions: A pins them by the split; C refuses them.
+    let fresh: Vec<String> = (0..20).map(|i| format!("fresh-{i}")).collect();
+    let on_a = pools_of(urls(&a, &fresh)).await;
+    let refused = get(&c.url("/api/studies/fresh-c")).await;
+    assert_eq!(refused.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(refused.header("x-rollout-error"), Some("store_unavailable"));
+    let change =
+        admin_call("PUT", &a.admin_url("/routes/legacy"), Some(TOKEN), None, Some(r#"{"v1_percent": 0}"#))
+            .await;
+    assert_eq!(change.status, StatusCode::SERVICE_UNAVAILABLE, "{change:?}");
+
+    redis.restart();
+    eventually(Duration::from_secs(10), "B learns the pins A made during the outage", || async {
+        b.live_pins(Pool::V1) + b.live_pins(Pool::V2) == 60
+    })
+    .await;
+    assert_eq!(pools_of(urls(&b, &fresh)).await, on_a, "B sends A's sessions elsewhere");
+    for proxy in [a, b, c] {
+        proxy.shutdown().await;
+    }
 }

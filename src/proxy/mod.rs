@@ -309,7 +309,16 @@ impl Proxy {
                 sessions.unmake(key, first_seen);
                 Err(ProxyError::StoreUnavailable)
             }
-            Err(_) => Ok(()),
+            Err(_) => {
+                // `degrade`: served on the local pin, written to the store once it is back.
+                fleet.remember_unpublished(StoredPin {
+                    key: key.into(),
+                    pool,
+                    first_seen,
+                    last_seen: first_seen,
+                });
+                Ok(())
+            }
         }
     }
 
