@@ -16,6 +16,7 @@ use tokio::sync::Mutex;
 use tracing::{info, warn};
 
 use crate::config::{ByPool, Config, ConfigError, Percent, PoolName, MAX_WEIGHT};
+use crate::fleet::Fleet;
 use crate::session::is_valid_key;
 use crate::shared::Shared;
 use crate::snapshot::Snapshot;
@@ -347,6 +348,9 @@ impl Control {
             None => running.revision + 1,
             Some(fleet) => match fleet.publish_overrides(running.revision, &json).await {
                 Ok(Ok(revision)) => revision,
+                // The store lost its data and the replicas have not written theirs back yet
+                // (they do within a second): try again then.
+                Ok(Err(current)) if current.revision == 0 => return Err(ControlError::FleetUnavailable),
                 Ok(Err(current)) => {
                     let expected = running.revision;
                     self.adopt_fleet_overrides(running, current)?;
@@ -372,23 +376,46 @@ impl Control {
 }
 
 impl Control {
-    /// Applies overrides another replica published, until `stop`.
+    /// Applies overrides another replica published, and writes this replica's back when the
+    /// fleet store lost its data, until `stop`.
     pub(crate) async fn follow_fleet(
         self: Arc<Self>,
-        mut seen: tokio::sync::watch::Receiver<Option<FleetOverrides>>,
+        fleet: Arc<Fleet>,
         stop: tokio_util::sync::CancellationToken,
     ) {
+        let (mut seen, mut lost) = (fleet.overrides_seen(), fleet.data_lost());
         loop {
-            tokio::select! {
+            let overrides = tokio::select! {
                 _ = stop.cancelled() => return,
-                changed = seen.changed() => if changed.is_err() { return },
-            }
-            let Some(overrides) = seen.borrow_and_update().clone() else { continue };
+                changed = seen.changed() => match changed {
+                    Ok(()) => seen.borrow_and_update().clone(),
+                    Err(_) => return,
+                },
+                changed = lost.changed() => match changed {
+                    Ok(()) => self.restore_fleet_overrides(&fleet).await,
+                    Err(_) => return,
+                },
+            };
+            let Some(overrides) = overrides else { continue };
             let mut running = self.running.lock().await;
             if overrides.revision > running.revision {
                 if let Err(err) = self.adopt_fleet_overrides(&mut running, overrides) {
                     warn!(error = %crate::ErrorChain(&err), "could not apply another replica's change");
                 }
+            }
+        }
+    }
+
+    /// Writes this replica's overrides and revision back to a fleet store that lost its data,
+    /// unless another replica already did; returns what the store holds then.
+    async fn restore_fleet_overrides(&self, fleet: &Fleet) -> Option<FleetOverrides> {
+        let running = self.running.lock().await;
+        let json = serde_json::to_vec(&running.overrides).expect("overrides serialize");
+        match fleet.restore_overrides(running.revision, &json).await {
+            Ok(held) => Some(held),
+            Err(err) => {
+                warn!(error = %crate::ErrorChain(&err), "could not write the overrides back to the fleet store");
+                None
             }
         }
     }

@@ -49,6 +49,8 @@ pub(crate) struct Fleet {
     on_error: OnStoreError,
     /// Where the change stream stood when this replica read every pin: [`follow`] starts there.
     joined_at: String,
+    /// The store's incarnation marker as this replica knows it.
+    incarnation: std::sync::Mutex<String>,
     /// Whether the last call to the fleet store succeeded.
     up: AtomicBool,
     /// `rollout_store_errors_total`, by operation.
@@ -56,6 +58,9 @@ pub(crate) struct Fleet {
     /// Pins made here while the store was unreachable (`degrade`): written to it, first writer
     /// still winning, once it is back.
     unpublished: std::sync::Mutex<Vec<StoredPin>>,
+    /// Bumped each time the store is found to have lost its data, for the control plane to
+    /// write the overrides back.
+    data_lost: tokio::sync::watch::Sender<u64>,
     /// The latest overrides another replica published, for the control plane to adopt.
     overrides_seen: tokio::sync::watch::Sender<Option<FleetOverrides>>,
 }
@@ -63,6 +68,8 @@ pub(crate) struct Fleet {
 /// What joining the fleet read: the split salt, every pin, and where the change stream stood
 /// before the pins were read (following from there misses nothing).
 pub(crate) struct Joined {
+    /// The store's incarnation marker when this replica joined.
+    pub(crate) incarnation: String,
     pub(crate) salt: SplitSalt,
     pub(crate) pins: Vec<StoredPin>,
     pub(crate) position: String,
@@ -81,11 +88,12 @@ impl Fleet {
     pub(crate) async fn join(config: &FleetConfig, metrics: &Metrics) -> Result<(Fleet, Joined), FleetError> {
         let joining = async {
             let store = FleetStore::connect(&config.url, &config.namespace).await?;
+            let incarnation = store.incarnation(&random_id()).await?;
             let salt = store.split_salt().await?;
             let position = store.position().await?;
             let pins = store.pins().await?;
             let overrides = store.overrides().await?;
-            Ok::<_, FleetError>((store, Joined { salt, pins, position, overrides }))
+            Ok::<_, FleetError>((store, Joined { incarnation, salt, pins, position, overrides }))
         };
         let (store, joined) = tokio::time::timeout(JOIN_WAIT, joining).await.map_err(|_| {
             FleetError::Timeout { location: crate::config::redact(&config.url), what: "joining the fleet" }
@@ -95,10 +103,12 @@ impl Fleet {
             store,
             on_error: config.on_store_error,
             joined_at: joined.position.clone(),
+            incarnation: std::sync::Mutex::new(joined.incarnation.clone()),
             up: AtomicBool::new(true),
             errors: metrics.store_errors.clone(),
             unpublished: std::sync::Mutex::new(Vec::new()),
             overrides_seen: tokio::sync::watch::Sender::new(None),
+            data_lost: tokio::sync::watch::Sender::new(0),
         };
         Ok((fleet, joined))
     }
@@ -158,6 +168,22 @@ impl Fleet {
         self.note("overrides", result)
     }
 
+    /// Changes each time the fleet store is found to have lost its data.
+    pub(crate) fn data_lost(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.data_lost.subscribe()
+    }
+
+    /// Writes `json` (at `revision`) back as the fleet's overrides unless the store has some;
+    /// returns what it holds then.
+    pub(crate) async fn restore_overrides(
+        &self,
+        revision: u64,
+        json: &[u8],
+    ) -> Result<FleetOverrides, FleetError> {
+        let result = self.store.restore_overrides(revision, json).await;
+        self.note("overrides", result)
+    }
+
     /// Overrides other replicas publish, as they arrive.
     pub(crate) fn overrides_seen(&self) -> tokio::sync::watch::Receiver<Option<FleetOverrides>> {
         self.overrides_seen.subscribe()
@@ -175,23 +201,41 @@ pub(crate) async fn run(shared: Arc<Shared>, fleet: Arc<Fleet>, stop: Cancellati
     let (to_fleet, batches) = mpsc::unbounded_channel();
     shared.sessions().mirror_refreshes(to_fleet);
     let position = fleet.joined_at.clone();
-    tokio::join!(
-        follow(shared.clone(), fleet.clone(), position, stop.clone()),
-        mirror_refreshes(shared.clone(), fleet.clone(), batches, stop.clone()),
-        share_drain_clock(shared, fleet, stop),
-    );
+    let work = async {
+        tokio::join!(
+            follow(shared.clone(), fleet.clone(), position, stop.clone()),
+            mirror_refreshes(shared.clone(), fleet.clone(), batches, stop.clone()),
+            share_drain_clock(shared.clone(), fleet.clone(), stop.clone()),
+        )
+    };
+    // A stop cuts short calls to an unreachable store (each may wait seconds), rather than
+    // holding up the shutdown for them.
+    tokio::select! {
+        _ = stop.cancelled() => {}
+        _ = work => {}
+    }
 }
 
-/// Every second: records this replica's last v1 request in the fleet store and moves the local
-/// drain clock to the fleet's latest, so `/drain` on any replica answers for the fleet.
+/// Every second: checks that the fleet store still has its data, records this replica's last v1
+/// request there and moves the local drain clock to the fleet's latest, so `/drain` on any
+/// replica answers for the fleet.
 async fn share_drain_clock(shared: Arc<Shared>, fleet: Arc<Fleet>, stop: CancellationToken) {
-    let replica = replica_id();
+    let replica = random_id();
     let mut tick = tokio::time::interval(crate::shared::UPKEEP_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tick.tick() => {}
+        }
+        if let Ok(current) = fleet.note("incarnation", fleet.store.incarnation(&random_id()).await) {
+            let known = std::mem::replace(
+                &mut *fleet.incarnation.lock().unwrap_or_else(|p| p.into_inner()),
+                current.clone(),
+            );
+            if known != current {
+                restore(&shared, &fleet, &replica).await;
+            }
         }
         let local = shared.drain().last_v1_request();
         let shared_clock = async {
@@ -204,8 +248,48 @@ async fn share_drain_clock(shared: Arc<Shared>, fleet: Arc<Fleet>, stop: Cancell
     }
 }
 
-/// A name for this process in the fleet store: random, so replicas never share one.
-fn replica_id() -> String {
+/// The fleet store came back without its data: writes back what this replica holds. The salt
+/// (so new sessions keep being split alike), every live pin (first writer still wins, so
+/// replicas restoring at once agree), and the drain clock reset to now: the v1 traffic the
+/// store forgot may have been recent, so the quiet time starts again, never from "long ago".
+/// The control plane writes the overrides back ([`Fleet::data_lost`]).
+async fn restore(shared: &Shared, fleet: &Fleet, replica: &str) {
+    warn!("the fleet store lost its data; writing back this replica's pins, drain clock and overrides");
+    fleet.data_lost.send_modify(|times| *times += 1);
+    let now = shared.now();
+    shared.drain().observe_fleet(now);
+    let policy = shared.snapshot().pin_policy;
+    let restoring = async {
+        fleet.store.restore_salt(&shared.sessions().split_salt()).await?;
+        fleet.store.record_last_v1(replica, now).await?;
+        let pins = shared.sessions().list(None, &policy, usize::MAX);
+        let mut refreshes = Vec::with_capacity(pins.len());
+        for pin in &pins {
+            // Claimed as made at its first request, then moved to its last one.
+            let claimed = fleet.store.claim(&pin.key, pin.pool, pin.first_seen, &policy).await?;
+            if claimed.pool != pin.pool || claimed.first_seen != pin.first_seen {
+                shared.metrics().pin_conflicts.inc();
+                let (first_seen, last_seen) = (claimed.first_seen, claimed.last_seen);
+                let key = pin.key.as_str().into();
+                shared.sessions().adopt(&StoredPin { key, pool: claimed.pool, first_seen, last_seen });
+            } else {
+                refreshes.push((pin.key.as_str().into(), pin.first_seen, pin.last_seen));
+            }
+        }
+        for batch in refreshes.chunks(1_000) {
+            fleet.store.touch(batch, &policy).await?;
+        }
+        Ok::<_, FleetError>(pins.len())
+    };
+    match fleet.note("restore", restoring.await) {
+        Ok(restored) => info!(pins = restored, "wrote this replica's state back to the fleet store"),
+        // Tried again at the next check: the marker will not match this replica's then either.
+        Err(_) => *fleet.incarnation.lock().unwrap_or_else(|p| p.into_inner()) = String::new(),
+    }
+}
+
+/// A random name (this process in the fleet store, an incarnation marker).
+fn random_id() -> String {
     let bytes = crate::store::new_split_salt();
     bytes[..8].iter().map(|b| format!("{b:02x}")).collect()
 }

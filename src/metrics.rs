@@ -153,8 +153,18 @@ pub struct Metrics {
 }
 
 /// Operations on the fleet store, pre-created so every series exists from the start.
-pub(crate) const FLEET_OPERATIONS: [&str; 8] =
-    ["join", "claim", "refresh", "end", "follow", "overrides", "drain_clock", "reread"];
+pub(crate) const FLEET_OPERATIONS: [&str; 10] = [
+    "join",
+    "claim",
+    "refresh",
+    "end",
+    "follow",
+    "overrides",
+    "drain_clock",
+    "reread",
+    "incarnation",
+    "restore",
+];
 
 /// Kinds of admin change, pre-created so every series exists from the start.
 pub(crate) const ADMIN_CHANGE_KINDS: [&str; 5] =

@@ -293,7 +293,7 @@ impl Server {
         let upkeep_stop = CancellationToken::new();
         let upkeep = tokio::spawn(crate::shared::run_upkeep(shared.clone(), upkeep_stop.clone()));
         if let Some(fleet) = shared.fleet() {
-            tokio::spawn(control.clone().follow_fleet(fleet.overrides_seen(), upkeep_stop.clone()));
+            tokio::spawn(control.clone().follow_fleet(fleet.clone(), upkeep_stop.clone()));
         }
         let checks = tokio::spawn(health::checks::run_checks(
             shared.snapshot_handle().clone(),
@@ -399,6 +399,9 @@ impl Server {
         let policy = PinPolicy::from_config(&effective.sessions);
         let sessions =
             Sessions::new(loaded.pins, loaded.split_salt, &policy, store, clock.clone(), metrics.clone());
+        if fleet.is_some() {
+            sessions.claim_new_pins_first();
+        }
         let drain = DrainClock::new(loaded.last_v1_request_ms, clock.now());
         let live = sessions.live(PoolName::V1) + sessions.live(PoolName::V2);
         info!(state_dir = %config.state_dir.display(), pins = live, expired_while_down = started_pins - live, "state loaded");

@@ -263,6 +263,9 @@ pub struct Sessions {
     loaded_at: u32,
     /// Keys the hash that places new sessions in the legacy split ([`Sessions::split_roll`]).
     split_salt: SplitSalt,
+    /// In fleet mode a new pin is provisional until the fleet store confirms it: it is stored
+    /// (and its `seq` settles) only then, so a request following it waits for the fleet's word.
+    claims_first: std::sync::atomic::AtomicBool,
     /// In fleet mode, where refreshes go besides the local store: (key, first_seen, last_seen).
     fleet_touches: std::sync::OnceLock<tokio::sync::mpsc::UnboundedSender<Vec<FleetTouch>>>,
     store: Arc<Store>,
@@ -330,6 +333,7 @@ impl Sessions {
             loaded_at: now,
             split_salt,
             fleet_touches: std::sync::OnceLock::new(),
+            claims_first: std::sync::atomic::AtomicBool::new(false),
             store,
             clock,
             metrics,
@@ -415,9 +419,15 @@ impl Sessions {
             seq,
         };
         table.insert_unique(hash, Entry { key: CompactString::from(key), pin });
-        // Sent under the stripe lock, so the store sees this key's changes in memory order.
-        self.store
-            .send(Op::Pin { pin: StoredPin { key: key.into(), pool, first_seen: now, last_seen: now }, seq });
+        // Sent under the stripe lock, so the store sees this key's changes in memory order. In
+        // a fleet the pin is only provisional until the fleet store confirms it
+        // ([`Sessions::confirm_claim`] sends it then).
+        if !self.claims_first.load(Ordering::Relaxed) {
+            self.store.send(Op::Pin {
+                pin: StoredPin { key: key.into(), pool, first_seen: now, last_seen: now },
+                seq,
+            });
+        }
         self.live_by_pool.get(pool).fetch_add(1, Ordering::Relaxed);
         self.metrics.sessions_started.get(pool).inc();
         Resolution::NewPin { pool, seq }
@@ -582,6 +592,69 @@ impl Sessions {
                 self.store.send(Op::Remove(key.into()));
             }
         }
+    }
+
+    /// The salt of the legacy split ([`Sessions::split_roll`]).
+    pub(crate) fn split_salt(&self) -> SplitSalt {
+        self.split_salt
+    }
+
+    /// Fleet mode: new pins are stored only once the fleet store confirmed them
+    /// ([`Sessions::confirm_claim`]).
+    pub(crate) fn claim_new_pins_first(&self) {
+        self.claims_first.store(true, Ordering::Relaxed);
+    }
+
+    /// Settles the provisional pin `seq` a request made for `key`, as the fleet store answered:
+    /// the local copy takes the fleet's pin (`None`: the claim failed and the local pin stands),
+    /// stores it under the same `seq`, and requests waiting on `seq` then follow it. If the pin
+    /// is gone meanwhile (an operator ended it), it is stored and removed again, so `seq` still
+    /// settles. Returns the pool the key is pinned to now, if any.
+    pub(crate) fn confirm_claim(&self, key: &str, seq: u64, fleet: Option<&StoredPin>) -> Option<PoolName> {
+        let hash = self.hash(key);
+        let mut table = self.table.write_with_room(stripe_of(hash));
+        let local = table
+            .find(hash, key)
+            .map(|Entry { pin, .. }| (pin.pool, pin.first_seen, pin.last_seen.load(Ordering::Relaxed)));
+        let stored = match (local, fleet) {
+            (None, Some(fleet)) => {
+                self.store.send(Op::Pin { pin: fleet.clone(), seq });
+                self.store.send(Op::Remove(key.into()));
+                return None;
+            }
+            (None, None) => {
+                let gone = StoredPin { key: key.into(), pool: PoolName::V1, first_seen: 0, last_seen: 0 };
+                self.store.send(Op::Pin { pin: gone, seq });
+                self.store.send(Op::Remove(key.into()));
+                return None;
+            }
+            (Some((pool, first_seen, last_seen)), None) => {
+                StoredPin { key: key.into(), pool, first_seen, last_seen }
+            }
+            (Some((pool, first_seen, _)), Some(fleet))
+                if (pool, first_seen) == (fleet.pool, fleet.first_seen) =>
+            {
+                fleet.clone()
+            }
+            (Some(_), Some(fleet)) => {
+                if let Some(Entry { pin, .. }) = table.remove(hash, key) {
+                    self.live_by_pool.get(pin.pool).fetch_sub(1, Ordering::Relaxed);
+                    self.live_by_pool.get(fleet.pool).fetch_add(1, Ordering::Relaxed);
+                }
+                let pin = Pin {
+                    pool: fleet.pool,
+                    first_seen: fleet.first_seen,
+                    last_seen: AtomicU32::new(fleet.last_seen),
+                    stored_last_seen: AtomicU32::new(fleet.last_seen),
+                    seq,
+                };
+                table.insert_unique(hash, Entry { key: CompactString::from(key), pin });
+                fleet.clone()
+            }
+        };
+        let pool = stored.pool;
+        self.store.send(Op::Pin { pin: stored, seq });
+        Some(pool)
     }
 
     /// Sends refreshes to the fleet store through `to` from now on, as well as to the local one.

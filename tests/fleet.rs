@@ -468,3 +468,77 @@ async fn while_the_store_is_down_known_sessions_are_served_and_new_ones_follow_o
         proxy.shutdown().await;
     }
 }
+
+/// A Redis that comes back empty (flushed, or restarted without its append-only file) is
+/// noticed by its missing incarnation marker: the replicas write back their pins, the split
+/// salt and the overrides with their revision, and the fleet's drain clock starts again from
+/// now instead of from "long ago".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_that_lost_its_data_gets_the_fleets_state_back() {
+    let redis = RedisServer::start();
+    let v1 = Upstream::new("v1-a").spawn().await;
+    let v2 = Upstream::new("v2-a").spawn().await;
+    let long_quiet = |c: ConfigBuilder| c.legacy_v1_percent(50.0).quiet_window(Duration::from_secs(3600));
+    let a = replica_with(&redis, "lost", v1, v2, long_quiet).await;
+    let b = replica_with(&redis, "lost", v1, v2, long_quiet).await;
+    let store = FleetStore::connect(&redis.url(), "lost").await.unwrap();
+    let salt = store.split_salt().await.unwrap();
+
+    let keys: Vec<String> = (0..50).map(|i| format!("k{i}")).collect();
+    let pools = pools_of(keys.iter().map(|k| a.url(&format!("/api/studies/{k}"))).collect()).await;
+    let change =
+        admin_call("PUT", &a.admin_url("/routes/legacy"), Some(TOKEN), None, Some(r#"{"v1_percent": 25}"#))
+            .await;
+    assert_eq!(change.status, StatusCode::OK, "{change:?}");
+    eventually(Duration::from_secs(2), "B has every pin and the change", || async {
+        b.live_pins(Pool::V1) + b.live_pins(Pool::V2) == 50
+            && get(&b.admin_url("/status")).await.header("etag") == Some("\"1\"")
+    })
+    .await;
+
+    let quiet_for =
+        || async { get(&b.admin_url("/drain")).await.json()["quiet_for_seconds"].as_f64().unwrap() };
+    eventually(Duration::from_secs(5), "v1 quiet for two seconds", || async { quiet_for().await >= 2.0 })
+        .await;
+
+    let flushed = redis.command("FLUSHALL").unwrap();
+    assert!(flushed.starts_with("+OK"), "{flushed}");
+    eventually_some(Duration::from_secs(10), "the pins are back in the store", || async {
+        (store.pins().await.ok()?.len() == 50).then_some(())
+    })
+    .await;
+    assert_eq!(store.split_salt().await.unwrap(), salt, "the split salt changed");
+    let overrides = store.overrides().await.unwrap().expect("the overrides are back");
+    assert_eq!(overrides.revision, 1);
+    assert!(String::from_utf8_lossy(&overrides.json).contains("25"), "{overrides:?}");
+    // The drain clock starts again: the forgotten v1 traffic may have been recent.
+    eventually(Duration::from_secs(3), "the quiet time starts again", || async { quiet_for().await < 1.5 })
+        .await;
+    // And the sessions stay where they were, on both replicas.
+    assert_eq!(pools_of(keys.iter().map(|k| b.url(&format!("/api/studies/{k}"))).collect()).await, pools);
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+/// Requests for a new session on one replica that arrive while its pin is still being claimed
+/// wait for the fleet's answer instead of following the provisional pin: with splits that
+/// disagree, every request of a session, on either replica, is answered from one pool.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_following_a_pin_being_claimed_wait_for_the_fleets_answer() {
+    let redis = RedisServer::start();
+    let v1 = Upstream::new("v1-a").spawn().await;
+    let v2 = Upstream::new("v2-a").spawn().await;
+    let a = replica(&redis, "provisional", v1, v2, 100.0).await;
+    let b = replica(&redis, "provisional", v1, v2, 0.0).await;
+    for round in 0..100 {
+        let key = format!("p{round}");
+        let mut urls = vec![a.url(&format!("/api/studies/{key}"))];
+        urls.extend((0..3).map(|i| b.url(&format!("/api/studies/{key}/part/{i}"))));
+        let answers =
+            futures_util::future::join_all(urls.into_iter().map(|url| async move { get(&url).await })).await;
+        let pools: Vec<&str> = answers.iter().map(|r| r.header("x-rollout-pool").unwrap_or("none")).collect();
+        assert!(pools.iter().all(|p| *p == pools[0]), "{key}: answered from {pools:?}");
+    }
+    a.shutdown().await;
+    b.shutdown().await;
+}

@@ -120,9 +120,10 @@ struct Routed {
 #[derive(Debug, Clone)]
 struct Choice {
     routed: Routed,
-    /// In fleet mode, the key of the pin this request made: it is claimed in the fleet store
-    /// before the request goes anywhere ([`Proxy::admit`]).
-    claim: Option<Box<str>>,
+    /// In fleet mode, the session key of a pin the fleet store has not confirmed yet: the one
+    /// this request made, claimed before the request goes anywhere, or one another request
+    /// made a moment ago, whose confirmation this one waits for ([`Proxy::admit`]).
+    fleet_key: Option<Box<str>>,
     /// Store sequence number of the pin followed or made, while it is not durable yet.
     pending: Option<u64>,
     /// The pin's activity was sent to the store ahead of the response.
@@ -237,7 +238,7 @@ impl Proxy {
     fn choose_pool(&self, snapshot: &Snapshot, classified: Classified<'_>) -> Choice {
         let plain = |pool, decision| Choice {
             routed: Routed { pool, decision },
-            claim: None,
+            fleet_key: None,
             pending: None,
             write_ahead: false,
         };
@@ -248,15 +249,18 @@ impl Proxy {
         };
         let split = |roll| snapshot.router.split_session(roll);
         match self.shared.sessions().resolve(key, &snapshot.pin_policy, split) {
-            Resolution::Pinned { pool, seq, write_ahead } => Choice {
-                routed: Routed { pool, decision: Decision::Pinned },
-                claim: None,
-                pending: (!self.shared.store().is_settled(seq)).then_some(seq),
-                write_ahead,
-            },
+            Resolution::Pinned { pool, seq, write_ahead } => {
+                let pending = (!self.shared.store().is_settled(seq)).then_some(seq);
+                Choice {
+                    routed: Routed { pool, decision: Decision::Pinned },
+                    fleet_key: pending.and(self.shared.fleet()).map(|_| key.key().into()),
+                    pending,
+                    write_ahead,
+                }
+            }
             Resolution::NewPin { pool, seq } => Choice {
                 routed: Routed { pool, decision: Decision::NewPin },
-                claim: self.shared.fleet().map(|_| key.key().into()),
+                fleet_key: self.shared.fleet().map(|_| key.key().into()),
                 pending: Some(seq),
                 write_ahead: false,
             },
@@ -270,8 +274,18 @@ impl Proxy {
     /// for the drain clock. Returns the drain clock value to make durable with the answer, if
     /// any.
     async fn admit(&self, choice: &mut Choice) -> Result<Option<UnixMillis>, ProxyError> {
-        if let Some(key) = choice.claim.take() {
-            self.claim_in_fleet(&key, choice).await?;
+        if let Some(key) = choice.fleet_key.take() {
+            match (choice.routed.decision, choice.pending) {
+                (Decision::NewPin, Some(seq)) => self.claim_in_fleet(&key, seq, choice).await?,
+                // Another request's pin, not confirmed yet: once it is, follow what it became.
+                (Decision::Pinned, Some(seq)) => {
+                    self.shared.sessions().settle(seq).await;
+                    if let Some((pool, _)) = self.shared.sessions().pin_of(&key) {
+                        choice.routed.pool = pool;
+                    }
+                }
+                _ => {}
+            }
         }
         if let (Decision::Pinned, Some(seq)) = (choice.routed.decision, choice.pending) {
             self.shared.sessions().settle(seq).await;
@@ -287,36 +301,38 @@ impl Proxy {
     /// the key first, its pin replaces this one in the local copy and the request follows it.
     /// If the store cannot be reached, `on_store_error` decides: keep the local pin (`degrade`)
     /// or refuse the new session (`fail_closed`).
-    async fn claim_in_fleet(&self, key: &str, choice: &mut Choice) -> Result<(), ProxyError> {
+    async fn claim_in_fleet(&self, key: &str, seq: u64, choice: &mut Choice) -> Result<(), ProxyError> {
         let (Some(fleet), sessions) = (self.shared.fleet(), self.shared.sessions()) else { return Ok(()) };
-        // Gone already (an operator ended it within the last moment): nothing to claim.
-        let Some((pool, first_seen)) = sessions.pin_of(key) else { return Ok(()) };
+        // The pool this request was routed to. The local copy may say otherwise by now (another
+        // replica's pin for the key can arrive from the change stream meanwhile): the fleet
+        // store's answer decides, not the table.
+        let proposed = choice.routed.pool;
+        let first_seen =
+            sessions.pin_of(key).map_or_else(|| (self.shared.now() / 1000) as u32, |(_, first)| first);
         let policy = self.shared.snapshot().pin_policy;
-        match fleet.claim(key, pool, first_seen, &policy).await {
-            Ok(claimed) if claimed.pool == pool && claimed.first_seen == first_seen => Ok(()),
+        match fleet.claim(key, proposed, first_seen, &policy).await {
             Ok(claimed) => {
-                if claimed.pool != pool {
-                    self.shared.metrics().pin_conflicts.inc();
-                }
                 let (first_seen, last_seen) = (claimed.first_seen, claimed.last_seen);
-                sessions.adopt(&StoredPin { key: key.into(), pool: claimed.pool, first_seen, last_seen });
-                // The fleet already holds that pin durably: nothing to wait for.
-                choice.routed = Routed { pool: claimed.pool, decision: Decision::Pinned };
-                choice.pending = None;
+                let pin = StoredPin { key: key.into(), pool: claimed.pool, first_seen, last_seen };
+                sessions.confirm_claim(key, seq, Some(&pin));
+                if claimed.pool != proposed {
+                    self.shared.metrics().pin_conflicts.inc();
+                    // The fleet already holds that pin durably: nothing to wait for.
+                    choice.routed = Routed { pool: claimed.pool, decision: Decision::Pinned };
+                    choice.pending = None;
+                }
                 Ok(())
             }
             Err(_) if fleet.on_error() == OnStoreError::FailClosed => {
                 sessions.unmake(key, first_seen);
+                sessions.confirm_claim(key, seq, None);
                 Err(ProxyError::StoreUnavailable)
             }
             Err(_) => {
                 // `degrade`: served on the local pin, written to the store once it is back.
-                fleet.remember_unpublished(StoredPin {
-                    key: key.into(),
-                    pool,
-                    first_seen,
-                    last_seen: first_seen,
-                });
+                sessions.confirm_claim(key, seq, None);
+                let pin = StoredPin { key: key.into(), pool: proposed, first_seen, last_seen: first_seen };
+                fleet.remember_unpublished(pin);
                 Ok(())
             }
         }

@@ -16,7 +16,10 @@
 //! - `{ns}:last_v1`: hash, replica → Unix milliseconds of its last v1 request;
 //! - `{ns}:overrides`: hash with the operator's overrides (`json`) and the fleet `revision`
 //!   they make current, changed only by compare-and-set on the revision;
-//! - `{ns}:salt`: the legacy split's salt ([`SplitSalt`]), made by the first replica.
+//! - `{ns}:salt`: the legacy split's salt ([`SplitSalt`]), made by the first replica;
+//! - `{ns}:incarnation`: a random marker made by the first replica; a replica that finds it
+//!   gone or changed knows the store lost its data (flushed, or restarted without its
+//!   append-only file) and writes back what it holds.
 //!
 //! Every script checks a pin's `first_seen` before changing it, so a late refresh or end meant
 //! for a pin that has since ended and been made again never touches the new one.
@@ -125,6 +128,17 @@ redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 'overrides', revision, 
 return {1, revision, ''}
 ";
 
+/// Puts overrides back into a store that lost them, keeping their revision, unless another
+/// replica did first. KEYS: overrides hash, stream. ARGV: revision, JSON, stream length.
+/// Answers what the store holds afterwards: `{revision, json}`.
+const RESTORE_OVERRIDES: &str = r"
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  redis.call('HSET', KEYS[1], 'revision', ARGV[1], 'json', ARGV[2])
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 'overrides', ARGV[1], 'json', ARGV[2])
+end
+return redis.call('HMGET', KEYS[1], 'revision', 'json')
+";
+
 /// The operator's overrides as the fleet has them: JSON, and the fleet revision.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FleetOverrides {
@@ -194,6 +208,7 @@ struct Keys {
     last_v1: String,
     overrides: String,
     salt: String,
+    incarnation: String,
 }
 
 impl Keys {
@@ -206,6 +221,7 @@ impl Keys {
             last_v1: key("last_v1"),
             overrides: key("overrides"),
             salt: key("salt"),
+            incarnation: key("incarnation"),
         }
     }
 }
@@ -221,6 +237,7 @@ pub struct FleetStore {
     end: Script,
     last_v1: Script,
     publish_overrides: Script,
+    restore_overrides: Script,
     /// The URL without credentials, for messages.
     location: String,
 }
@@ -238,9 +255,13 @@ impl FleetStore {
             redis::Client::open(url).map_err(|source| FleetError::Url { url: url.to_owned(), source })?;
         let info = client.get_connection_info();
         let location = format!("{}/{}", info.addr(), info.redis_settings().db());
+        // Reconnecting is retried once, briefly: a call to an unreachable store should fail within
+        // seconds (so the replica degrades and says so), and the next call tries again anyway.
         let config = redis::aio::ConnectionManagerConfig::new()
             .set_response_timeout(Some(RESPONSE_TIMEOUT))
-            .set_connection_timeout(Some(RESPONSE_TIMEOUT));
+            .set_connection_timeout(Some(RESPONSE_TIMEOUT))
+            .set_number_of_retries(1)
+            .set_max_delay(std::time::Duration::from_millis(500));
         let connection = ConnectionManager::new_with_config(client.clone(), config)
             .await
             .map_err(|source| FleetError::Redis { location: location.clone(), source })?;
@@ -253,6 +274,7 @@ impl FleetStore {
             end: Script::new(END),
             last_v1: Script::new(LAST_V1),
             publish_overrides: Script::new(PUBLISH_OVERRIDES),
+            restore_overrides: Script::new(RESTORE_OVERRIDES),
             location,
         })
     }
@@ -279,6 +301,32 @@ impl FleetStore {
             what: "the split salt",
             answer: stored,
         })
+    }
+
+    /// Puts `salt` back as the fleet's, unless one is there (after the store lost its data).
+    pub async fn restore_salt(&self, salt: &SplitSalt) -> Result<(), FleetError> {
+        let mut connection = self.connection.clone();
+        let _: Option<String> = redis::cmd("SET")
+            .arg(&self.keys.salt)
+            .arg(hex(salt))
+            .arg("NX")
+            .query_async(&mut connection)
+            .await
+            .map_err(self.failed())?;
+        Ok(())
+    }
+
+    /// The store's incarnation marker, made `fresh` if there is none (a new or emptied store).
+    pub async fn incarnation(&self, fresh: &str) -> Result<String, FleetError> {
+        let mut connection = self.connection.clone();
+        let _: Option<String> = redis::cmd("SET")
+            .arg(&self.keys.incarnation)
+            .arg(fresh)
+            .arg("NX")
+            .query_async(&mut connection)
+            .await
+            .map_err(self.failed())?;
+        connection.get(&self.keys.incarnation).await.map_err(self.failed())
     }
 
     /// The key's live pin as of `now` (Unix seconds), made on `proposed` if no replica has one.
@@ -453,6 +501,23 @@ impl FleetStore {
             .await
             .map_err(self.failed())?;
         Ok(if done == 1 { Ok(revision) } else { Err(FleetOverrides { revision, json: current }) })
+    }
+
+    /// Writes `json` at `revision` back as the overrides if the store has none (it lost its
+    /// data); returns what it holds afterwards.
+    pub async fn restore_overrides(&self, revision: u64, json: &[u8]) -> Result<FleetOverrides, FleetError> {
+        let mut connection = self.connection.clone();
+        let (revision, json): (u64, Vec<u8>) = self
+            .restore_overrides
+            .key(&self.keys.overrides)
+            .key(&self.keys.changes)
+            .arg(revision)
+            .arg(json)
+            .arg(STREAM_LENGTH)
+            .invoke_async(&mut connection)
+            .await
+            .map_err(self.failed())?;
+        Ok(FleetOverrides { revision, json })
     }
 
     /// The stream's current end: follow from here after reading every pin.
