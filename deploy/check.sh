@@ -93,8 +93,10 @@ while IFS= read -r -d '' file; do
 done < <(find deploy \( -name '*.yaml' -o -name '*.yml' \) -print0 | sort -z)
 
 if command -v kubectl >/dev/null; then
-  kubectl kustomize deploy/k8s >/dev/null || fail "kubectl kustomize deploy/k8s"
-  ok "kubectl kustomize deploy/k8s"
+  for overlay in deploy/k8s deploy/k8s-fleet; do
+    kubectl kustomize "$overlay" >/dev/null || fail "kubectl kustomize $overlay"
+    ok "kubectl kustomize $overlay"
+  done
 fi
 
 # --- Metrics used vs. metrics exported ------------------------------------------------------
