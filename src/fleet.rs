@@ -32,8 +32,10 @@ use crate::shared::Shared;
 use crate::store::fleet::{Change, Changes, Claimed, FleetError, FleetOverrides, FleetStore};
 use crate::store::{SplitSalt, StoredPin};
 
-/// How long joining the fleet at start-up may take.
-const JOIN_WAIT: Duration = Duration::from_secs(10);
+/// How long joining the fleet may take before the replica starts without it.
+const JOIN_WAIT: Duration = Duration::from_secs(5);
+/// How often a replica that started without the fleet store tries to join.
+const JOIN_RETRY: Duration = Duration::from_secs(1);
 /// How long a new session's claim may take before the store counts as unreachable for it.
 const CLAIM_WAIT: Duration = Duration::from_secs(2);
 /// How long one read of the change stream waits for something new.
@@ -48,7 +50,8 @@ pub(crate) struct Fleet {
     store: FleetStore,
     on_error: OnStoreError,
     /// Where the change stream stood when this replica read every pin: [`follow`] starts there.
-    joined_at: String,
+    /// `None` until this replica has joined (it may start while the store is unreachable).
+    joined_at: std::sync::Mutex<Option<String>>,
     /// The store's incarnation marker as this replica knows it.
     incarnation: std::sync::Mutex<String>,
     /// Whether the last call to the fleet store succeeded.
@@ -84,33 +87,47 @@ impl std::fmt::Debug for Fleet {
 }
 
 impl Fleet {
-    /// Connects to the fleet store and reads what a replica starts from.
-    pub(crate) async fn join(config: &FleetConfig, metrics: &Metrics) -> Result<(Fleet, Joined), FleetError> {
+    /// A link to the fleet store, not yet used: connecting happens on the first call.
+    pub(crate) async fn new(config: &FleetConfig, metrics: &Metrics) -> Result<Fleet, FleetError> {
+        let store = FleetStore::connect(&config.url, &config.namespace).await?;
+        Ok(Fleet {
+            store,
+            on_error: config.on_store_error,
+            joined_at: std::sync::Mutex::new(None),
+            incarnation: std::sync::Mutex::new(String::new()),
+            up: AtomicBool::new(false),
+            errors: metrics.store_errors.clone(),
+            unpublished: std::sync::Mutex::new(Vec::new()),
+            overrides_seen: tokio::sync::watch::Sender::new(None),
+            data_lost: tokio::sync::watch::Sender::new(0),
+        })
+    }
+
+    /// Reads what a replica starts from: the split salt, every pin, the overrides, and where
+    /// the change stream stands.
+    pub(crate) async fn join(&self) -> Result<Joined, FleetError> {
+        let store = &self.store;
         let joining = async {
-            let store = FleetStore::connect(&config.url, &config.namespace).await?;
             let incarnation = store.incarnation(&random_id()).await?;
             let salt = store.split_salt().await?;
             let position = store.position().await?;
             let pins = store.pins().await?;
             let overrides = store.overrides().await?;
-            Ok::<_, FleetError>((store, Joined { incarnation, salt, pins, position, overrides }))
+            Ok::<_, FleetError>(Joined { incarnation, salt, pins, position, overrides })
         };
-        let (store, joined) = tokio::time::timeout(JOIN_WAIT, joining).await.map_err(|_| {
-            FleetError::Timeout { location: crate::config::redact(&config.url), what: "joining the fleet" }
-        })??;
+        let joined = tokio::time::timeout(JOIN_WAIT, joining).await.unwrap_or_else(|_| {
+            Err(FleetError::Timeout { location: format!("{store:?}"), what: "joining the fleet" })
+        });
+        let joined = self.note("join", joined)?;
         info!(store = ?store, pins = joined.pins.len(), "joined the fleet");
-        let fleet = Fleet {
-            store,
-            on_error: config.on_store_error,
-            joined_at: joined.position.clone(),
-            incarnation: std::sync::Mutex::new(joined.incarnation.clone()),
-            up: AtomicBool::new(true),
-            errors: metrics.store_errors.clone(),
-            unpublished: std::sync::Mutex::new(Vec::new()),
-            overrides_seen: tokio::sync::watch::Sender::new(None),
-            data_lost: tokio::sync::watch::Sender::new(0),
-        };
-        Ok((fleet, joined))
+        *self.incarnation.lock().unwrap_or_else(|p| p.into_inner()) = joined.incarnation.clone();
+        *self.joined_at.lock().unwrap_or_else(|p| p.into_inner()) = Some(joined.position.clone());
+        Ok(joined)
+    }
+
+    /// Whether this replica has joined (read the fleet's state) yet.
+    fn has_joined(&self) -> bool {
+        self.joined_at.lock().unwrap_or_else(|p| p.into_inner()).is_some()
     }
 
     pub(crate) fn on_error(&self) -> OnStoreError {
@@ -200,8 +217,16 @@ impl Fleet {
 pub(crate) async fn run(shared: Arc<Shared>, fleet: Arc<Fleet>, stop: CancellationToken) {
     let (to_fleet, batches) = mpsc::unbounded_channel();
     shared.sessions().mirror_refreshes(to_fleet);
-    let position = fleet.joined_at.clone();
     let work = async {
+        // Started while the store was unreachable: join once it answers.
+        let mut retry = tokio::time::interval(JOIN_RETRY);
+        while !fleet.has_joined() {
+            retry.tick().await;
+            if let Ok(joined) = fleet.join().await {
+                join_late(&shared, &fleet, joined).await;
+            }
+        }
+        let position = fleet.joined_at.lock().unwrap_or_else(|p| p.into_inner()).clone().unwrap_or_default();
         tokio::join!(
             follow(shared.clone(), fleet.clone(), position, stop.clone()),
             mirror_refreshes(shared.clone(), fleet.clone(), batches, stop.clone()),
@@ -214,6 +239,25 @@ pub(crate) async fn run(shared: Arc<Shared>, fleet: Arc<Fleet>, stop: Cancellati
         _ = stop.cancelled() => {}
         _ = work => {}
     }
+}
+
+/// Brings a replica that started without the fleet store in step with it: the fleet's salt
+/// from now on, every pin the fleet holds (first writer wins over pins made here meanwhile,
+/// which are then written to the store), and the fleet's overrides, or this replica's if the
+/// fleet has none yet.
+async fn join_late(shared: &Shared, fleet: &Fleet, joined: Joined) {
+    let sessions = shared.sessions();
+    sessions.use_split_salt(joined.salt);
+    let adopted = joined.pins.iter().filter(|pin| sessions.adopt(pin)).count();
+    info!(pins = joined.pins.len(), adopted, "caught up with the fleet after starting without it");
+    match joined.overrides {
+        Some(overrides) => {
+            fleet.overrides_seen.send_replace(Some(overrides));
+        }
+        // The control plane writes this replica's overrides back, as after a data loss.
+        None => fleet.data_lost.send_modify(|times| *times += 1),
+    }
+    publish_degraded(shared, fleet).await;
 }
 
 /// Every second: checks that the fleet store still has its data, records this replica's last v1

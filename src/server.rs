@@ -373,16 +373,19 @@ impl Server {
         metrics: &Arc<Metrics>,
         store: Arc<Store>,
         mut loaded: Loaded,
-        fleet: Option<(Fleet, Joined)>,
+        fleet: Option<(Fleet, Option<Joined>)>,
         certs: Option<Arc<CertStore>>,
     ) -> Result<(Arc<Shared>, Arc<Control>), StartError> {
         // In a fleet, the fleet store's pins and salt are the truth; the local ones are its copy.
+        let mut fleet_salt = None;
         let fleet = fleet.map(|(fleet, joined)| {
-            loaded.pins = joined.pins;
-            loaded.split_salt = joined.salt;
-            if let Some(overrides) = joined.overrides {
-                loaded.overrides = Some(overrides.json);
-                loaded.revision = overrides.revision;
+            if let Some(joined) = joined {
+                loaded.pins = joined.pins;
+                fleet_salt = Some(joined.salt);
+                if let Some(overrides) = joined.overrides {
+                    loaded.overrides = Some(overrides.json);
+                    loaded.revision = overrides.revision;
+                }
             }
             Arc::new(fleet)
         });
@@ -401,6 +404,10 @@ impl Server {
             Sessions::new(loaded.pins, loaded.split_salt, &policy, store, clock.clone(), metrics.clone());
         if fleet.is_some() {
             sessions.claim_new_pins_first();
+        }
+        if let Some(salt) = fleet_salt {
+            // Kept locally too, so a start without the fleet store splits as the fleet does.
+            sessions.use_split_salt(salt);
         }
         let drain = DrainClock::new(loaded.last_v1_request_ms, clock.now());
         let live = sessions.live(PoolName::V1) + sessions.live(PoolName::V2);
@@ -545,18 +552,26 @@ pub(crate) fn stop_signal() -> Result<impl std::future::Future<Output = ()>, Sta
 }
 
 /// Joins the fleet. A replica that brings overrides into a fleet that has none yet (the first
-/// replica of a single-replica deployment moved to fleet mode) publishes them as the fleet's.
+/// replica of a single-replica deployment moved to fleet mode) publishes them as the fleet's. If
+/// the store is unreachable, the replica starts from its local copy (`None`) and joins later.
 async fn join_fleet(
     config: &crate::config::FleetConfig,
     local: &Loaded,
     metrics: &Metrics,
-) -> Result<(Fleet, Joined), StartError> {
-    let (fleet, mut joined) = Fleet::join(config, metrics).await?;
+) -> Result<(Fleet, Option<Joined>), StartError> {
+    let fleet = Fleet::new(config, metrics).await?;
+    let mut joined = match fleet.join().await {
+        Ok(joined) => joined,
+        Err(err) => {
+            tracing::warn!(error = %crate::ErrorChain(&err), "starting from the local copy; joining the fleet when its store answers");
+            return Ok((fleet, None));
+        }
+    };
     if let (None, Some(json)) = (&joined.overrides, &local.overrides) {
-        if let Ok(revision) = fleet.publish_overrides(0, json).await? {
+        if let Ok(Ok(revision)) = fleet.publish_overrides(0, json).await {
             info!(revision, "published this replica's overrides as the fleet's");
             joined.overrides = Some(crate::store::fleet::FleetOverrides { revision, json: json.clone() });
         }
     }
-    Ok((fleet, joined))
+    Ok((fleet, Some(joined)))
 }

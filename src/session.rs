@@ -262,7 +262,8 @@ pub struct Sessions {
     /// Unix seconds when the table was loaded.
     loaded_at: u32,
     /// Keys the hash that places new sessions in the legacy split ([`Sessions::split_roll`]).
-    split_salt: SplitSalt,
+    /// Replaced only when a replica that started without the fleet store joins it late.
+    split_salt: arc_swap::ArcSwap<SplitSalt>,
     /// In fleet mode a new pin is provisional until the fleet store confirms it: it is stored
     /// (and its `seq` settles) only then, so a request following it waits for the fleet's word.
     claims_first: std::sync::atomic::AtomicBool,
@@ -331,7 +332,7 @@ impl Sessions {
             live_by_pool,
             v1_pins_end: AtomicU32::new(0),
             loaded_at: now,
-            split_salt,
+            split_salt: arc_swap::ArcSwap::from_pointee(split_salt),
             fleet_touches: std::sync::OnceLock::new(),
             claims_first: std::sync::atomic::AtomicBool::new(false),
             store,
@@ -357,7 +358,7 @@ impl Sessions {
     /// replica sharing the store, and lowering the v1 share only ever moves new sessions from v1
     /// to v2. The hash function is fixed by its specification, not by this build.
     pub fn split_roll(&self, key: &str) -> u16 {
-        split_roll(&self.split_salt, key)
+        split_roll(&self.split_salt.load(), key)
     }
 
     /// Routes a keyed legacy request: its live pin, else a new pin on the pool `split` picks for
@@ -596,7 +597,16 @@ impl Sessions {
 
     /// The salt of the legacy split ([`Sessions::split_roll`]).
     pub(crate) fn split_salt(&self) -> SplitSalt {
-        self.split_salt
+        **self.split_salt.load()
+    }
+
+    /// Splits new sessions by the fleet's salt from now on, and keeps it in the local store
+    /// (for a replica that started without the fleet store and joined it later).
+    pub(crate) fn use_split_salt(&self, salt: SplitSalt) {
+        if self.split_salt() != salt {
+            self.split_salt.store(Arc::new(salt));
+            self.store.send(Op::SplitSalt(salt));
+        }
     }
 
     /// Fleet mode: new pins are stored only once the fleet store confirmed them

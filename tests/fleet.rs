@@ -542,3 +542,40 @@ async fn requests_following_a_pin_being_claimed_wait_for_the_fleets_answer() {
     a.shutdown().await;
     b.shutdown().await;
 }
+
+/// A replica can start while the fleet store is unreachable: it serves from its local copy
+/// (known sessions on their pools, new ones pinned by the split), withholds the drain signal,
+/// and joins once the store answers, writing the pins it made meanwhile for the others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_starts_without_the_store_and_joins_when_it_answers() {
+    let mut redis = RedisServer::start();
+    let v1 = Upstream::new("v1-a").spawn().await;
+    let v2 = Upstream::new("v2-a").spawn().await;
+    let a = replica(&redis, "late", v1, v2, 50.0).await;
+    let known = pools_of(vec![a.url("/api/studies/known")]).await;
+    let state = a.shutdown().await;
+
+    redis.kill();
+    let store = format!("{{ backend: redis, url: \"{}\", namespace: late }}", redis.url());
+    let config = ConfigBuilder::one_each(v1, v2).legacy_v1_percent(50.0).section("store", &store);
+    let a = ProxyBuilder::new(&config).state_dir(state).spawn().await;
+    assert_eq!(pools_of(vec![a.url("/api/studies/known")]).await, known, "a known session moved");
+    let made = pools_of(vec![a.url("/api/studies/made-alone")]).await;
+    let drain = get(&a.admin_url("/drain")).await;
+    assert_eq!(drain.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(drain.json()["withheld"].is_string(), "{drain:?}");
+
+    redis.restart();
+    let b = replica(&redis, "late", v1, v2, 50.0).await;
+    eventually(Duration::from_secs(10), "B learns the pin A made alone", || async {
+        b.live_pins(Pool::V1) + b.live_pins(Pool::V2) == 2
+    })
+    .await;
+    assert_eq!(pools_of(vec![b.url("/api/studies/made-alone")]).await, made);
+    eventually(Duration::from_secs(5), "A's metrics say the store is up", || async {
+        metric(&a.metrics().await, "rollout_store_up", &[]) == Some(1.0)
+    })
+    .await;
+    a.shutdown().await;
+    b.shutdown().await;
+}

@@ -32,7 +32,6 @@ use serde_yaml_ng as yaml;
 
 pub(crate) use self::locate::KeyPath;
 use self::raw::{RawConfig, RawUpstreamSettings};
-pub(crate) use self::validate::redact;
 
 /// Why a config file could not be used.
 #[derive(Debug, thiserror::Error)]

@@ -243,7 +243,7 @@ fn check_redis_url(url: &str) -> Result<(), String> {
 }
 
 /// A URL as it may appear in a message: without its password.
-pub(crate) fn redact(url: &str) -> String {
+fn redact(url: &str) -> String {
     match url.split_once("://").and_then(|(scheme, rest)| Some((scheme, rest.rsplit_once('@')?))) {
         Some((scheme, (_, host))) => format!("{scheme}://***@{host}"),
         None => url.to_owned(),

@@ -382,6 +382,9 @@ fn commit(
                     admin.insert(OVERRIDES, json.as_slice())?;
                     meta.insert(REVISION, revision)?;
                 }
+                Op::SplitSalt(salt) => {
+                    admin.insert(SPLIT_SALT, salt.as_slice())?;
+                }
                 Op::Flush(_) | Op::Close(_) => {}
             }
         }

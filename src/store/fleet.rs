@@ -262,8 +262,8 @@ impl FleetStore {
             .set_connection_timeout(Some(RESPONSE_TIMEOUT))
             .set_number_of_retries(1)
             .set_max_delay(std::time::Duration::from_millis(500));
-        let connection = ConnectionManager::new_with_config(client.clone(), config)
-            .await
+        // Connects on first use: a replica can start while the store is unreachable.
+        let connection = ConnectionManager::new_lazy_with_config(client.clone(), config)
             .map_err(|source| FleetError::Redis { location: location.clone(), source })?;
         Ok(FleetStore {
             client,

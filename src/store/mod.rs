@@ -110,6 +110,8 @@ pub enum Op {
         json: Vec<u8>,
         revision: u64,
     },
+    /// The split salt the fleet uses, kept so a restart without the fleet store splits alike.
+    SplitSalt(SplitSalt),
     /// Answered once everything sent before it is committed: true if that commit succeeded.
     Flush(oneshot::Sender<bool>),
     /// Commit what is queued, release the file and stop; answered once the file is released.
