@@ -22,6 +22,10 @@
 #! With BASELINE_BIN=path/to/an/older/rollout-proxy, that build runs as one more target
 #! ("baseline", same config, its cells next to rollout-proxy's), for before/after comparisons of a
 #! change in the same run.
+#! With FLEET=1, rollout-proxy also runs in fleet mode (store.backend: redis, against a
+#! redis-server on CPU 0) as target "fleet", its cells next to rollout-proxy's; its CPU per request
+#! counts Redis's CPU time too. A fifth scenario, (e) a new session per request, then shows what
+#! making a pin costs in each mode.
 #! Needs root for apt-get (nginx, haproxy, wrk are installed when missing). Loopback only.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -40,18 +44,24 @@ cargo build --release --quiet
 bin=$PWD/target/release/rollout-proxy
 baseline_bin=${BASELINE_BIN:-}
 if [ -n "$baseline_bin" ]; then baseline_bin=$(realpath "$baseline_bin"); fi
+fleet=${FLEET:-}
+if [ -n "$fleet" ] && ! command -v redis-server >/dev/null; then
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends redis-server >/dev/null
+fi
 
 work=$(mktemp -d)
 pids=()
 cleanup() {
-  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  # Last started, first stopped: the fleet's proxy before its Redis.
+  for ((i = ${#pids[@]} - 1; i >= 0; i--)); do kill "${pids[i]}" 2>/dev/null || true; done
   wait 2>/dev/null || true
   rm -rf "$work"
 }
 trap cleanup EXIT
 
 V1=19101 V2=19102 DIRECT=19101 NGINX=19201 HAPROXY=19202 ROLLOUT=19203 ADMIN=19204
-BASELINE=19205 BASELINE_ADMIN=19206
+BASELINE=19205 BASELINE_ADMIN=19206 FLEET_PORT=19207 FLEET_ADMIN=19208 REDIS=19301
 
 wait_port() {
   for _ in $(seq 100); do
@@ -139,8 +149,9 @@ EOF
 taskset -c 1 haproxy -f "$work/haproxy.cfg" -db &
 pids+=($!)
 
-rollout_config() { # PORT ADMIN_PORT STATE_DIR
+rollout_config() { # PORT ADMIN_PORT STATE_DIR [STORE]
   cat <<EOF
+${4:-}
 listen: "127.0.0.1:$1"
 workers: 1
 state_dir: $3
@@ -150,6 +161,8 @@ pools:
   v2: { upstreams: [ { name: v2, url: "http://127.0.0.1:$V2" } ] }
 routes: { v2_prefixes: ["/api/v2"], legacy_v1_percent: 100 }
 client: { max_connections: 20000 }
+# Room for the pins scenario (e) makes, on top of the 100,000 of scenario (b).
+sessions: { max_active: 4000000 }
 EOF
 }
 rollout_config $ROLLOUT $ADMIN "$work/state" >"$work/rollout.yaml"
@@ -157,6 +170,19 @@ RUST_LOG=warn taskset -c 1 "$bin" run --config "$work/rollout.yaml" &
 pids+=($!)
 ports=($V1 $V2 $NGINX $HAPROXY $ROLLOUT)
 proxies=(nginx haproxy rollout)
+if [ -n "$fleet" ]; then
+  mkdir -p "$work/redis"
+  taskset -c 0 redis-server --bind 127.0.0.1 --port $REDIS --dir "$work/redis" --save "" \
+    --appendonly yes --appendfsync everysec --daemonize no --loglevel warning >"$work/redis.log" 2>&1 &
+  pids+=($!)
+  for _ in $(seq 50); do redis-cli -p $REDIS ping >/dev/null 2>&1 && break; sleep 0.1; done
+  rollout_config $FLEET_PORT $FLEET_ADMIN "$work/state-fleet" \
+    "store: { backend: redis, url: \"redis://127.0.0.1:$REDIS/0\", namespace: bench }" >"$work/fleet.yaml"
+  RUST_LOG=warn taskset -c 1 "$bin" run --config "$work/fleet.yaml" &
+  pids+=($!)
+  ports+=($FLEET_PORT)
+  proxies+=(fleet)
+fi
 if [ -n "$baseline_bin" ]; then
   rollout_config $BASELINE $BASELINE_ADMIN "$work/state-baseline" >"$work/baseline.yaml"
   RUST_LOG=warn taskset -c 1 "$baseline_bin" run --config "$work/baseline.yaml" &
@@ -176,15 +202,22 @@ pid_of() {
     haproxy) pgrep -f "haproxy -f $work/haproxy.cfg" | head -1 ;;
     rollout) pgrep -f "$bin run --config $work/rollout.yaml" | head -1 ;;
     baseline) pgrep -f "$baseline_bin run --config $work/baseline.yaml" | head -1 ;;
+    # The fleet's cost is the proxy's and its Redis's together.
+    fleet) echo "$(pgrep -f "$bin run --config $work/fleet.yaml" | head -1) $(pgrep -f "redis-server 127.0.0.1:$REDIS" | head -1)" ;;
   esac
 }
 port_of() {
   case $1 in
     direct) echo $DIRECT ;; nginx) echo $NGINX ;; haproxy) echo $HAPROXY ;; rollout) echo $ROLLOUT ;;
     baseline) echo $BASELINE ;;
+    fleet) echo $FLEET_PORT ;;
   esac
 }
-cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
+cpu_ticks() { # PID...: user + system ticks, summed
+  local pid total=0
+  for pid in "$@"; do total=$((total + $(awk '{ print $14 + $15 }' "/proc/$pid/stat"))); done
+  echo $total
+}
 
 # --- wrk scripts. ----------------------------------------------------------------------------
 cat >"$work/studies.lua" <<'EOF'
@@ -209,6 +242,16 @@ request = function()
   return wrk.format("GET", "/api/studies/" .. id .. "/contents")
 end
 EOF
+cat >"$work/new.lua" <<'EOF'
+-- A study never seen before on every request: each one makes a pin.
+math.randomseed(os.time())
+local run = math.random(1, 1000000000)
+local i = 0
+request = function()
+  i = i + 1
+  return wrk.format("GET", "/api/studies/new-" .. run .. "-" .. i)
+end
+EOF
 cat >"$work/post.lua" <<EOF
 wrk.method = "POST"
 wrk.body = string.rep("x", 1024)
@@ -224,6 +267,7 @@ pin_all() { # PORT ADMIN_PORT NAME
 }
 pin_all $ROLLOUT $ADMIN rollout-proxy
 if [ -n "$baseline_bin" ]; then pin_all $BASELINE $BASELINE_ADMIN baseline; fi
+if [ -n "$fleet" ]; then pin_all $FLEET_PORT $FLEET_ADMIN "rollout-proxy in fleet mode"; fi
 
 # run TARGET SCENARIO: one wrk run; prints "rps p50_ms p99_ms cpu_us_per_request".
 run() {
@@ -235,10 +279,13 @@ run() {
     b) args=(-c64 -s "$work/studies.lua" "http://127.0.0.1:$port") ;;
     c) args=(-c64 -s "$work/post.lua" "http://127.0.0.1:$port/api/studies/1/contents") ;;
     d) args=(-c16 -H "Connection: close" "http://127.0.0.1:$port/api/members/me") ;;
+    e) args=(-c16 -s "$work/new.lua" "http://127.0.0.1:$port") ;;
   esac
-  before=$(cpu_ticks "$pid")
+  # shellcheck disable=SC2086 # a target may be several processes
+  before=$(cpu_ticks $pid)
   out=$(taskset -c 0 wrk -t1 -d"${duration}s" --latency "${args[@]}")
-  after=$(cpu_ticks "$pid")
+  # shellcheck disable=SC2086
+  after=$(cpu_ticks $pid)
   awk -v ticks=$((after - before)) -v hz="$(getconf CLK_TCK)" -v d="$duration" '
     function ms(v) { if (v ~ /us$/) return v / 1000; if (v ~ /ms$/) return v + 0; if (v ~ /s$/) return v * 1000; return v }
     /^Requests\/sec:/ { rps = $2 }
@@ -252,17 +299,25 @@ run() {
 # rollout-proxy's cells of a scenario are neighbours, and so are rollout-proxy's (a) and (b): the
 # paired ratios below then compare cells seconds apart, which a slow spell of the host mostly
 # slows alike.
+scenarios=(a b c d)
+if [ -n "$fleet" ]; then scenarios+=(e); fi
 declare -A rps p50 p99 cpu
 declare -A round_cpu round_rps round_p99
 for round in $(seq "$rounds"); do
-  for scenario in a b c d; do
+  for scenario in "${scenarios[@]}"; do
     case $scenario in
-      a | c) targets=(direct haproxy nginx rollout) ;;
+      a | c | e) targets=(direct haproxy nginx rollout) ;;
       b | d) targets=(rollout nginx haproxy direct) ;;
     esac
+    if [ -n "$fleet" ]; then
+      case $scenario in
+        a | c | e) targets+=(fleet) ;;
+        b | d) targets=(fleet "${targets[@]}") ;;
+      esac
+    fi
     if [ -n "$baseline_bin" ]; then
       case $scenario in
-        a | c) targets+=(baseline) ;;
+        a | c | e) targets+=(baseline) ;;
         b | d) targets=(baseline "${targets[@]}") ;;
       esac
     fi
@@ -284,7 +339,7 @@ echo "$rounds round(s) of ${duration}s per cell, median shown; ratios against NG
 echo
 printf '| scenario | target | req/s | p50 ms | p99 ms | CPU µs/req | req/s vs NGINX | p99 vs NGINX | CPU vs NGINX |\n'
 printf '|---|---|---:|---:|---:|---:|---:|---:|---:|\n'
-for scenario in a b c d; do
+for scenario in "${scenarios[@]}"; do
   n_rps=$(median <<<"${rps[$scenario/nginx]}"); n_p99=$(median <<<"${p99[$scenario/nginx]}"); n_cpu=$(median <<<"${cpu[$scenario/nginx]}")
   for target in direct "${proxies[@]}"; do
     key="$scenario/$target"
@@ -316,4 +371,10 @@ if [ -n "$baseline_bin" ]; then
   echo "- (a) rollout-proxy / baseline, p99: $(paired round_p99 a/rollout a/baseline)"
   echo "- (b) rollout-proxy / baseline, CPU per request: $(paired round_cpu b/rollout b/baseline)"
   echo "- (d) rollout-proxy / baseline, CPU per request: $(paired round_cpu d/rollout d/baseline)"
+fi
+if [ -n "$fleet" ]; then
+  echo "- (a) fleet mode / embedded, CPU per request (fleet counts Redis too): $(paired round_cpu a/fleet a/rollout)"
+  echo "- (b) fleet mode / embedded, CPU per request (fleet counts Redis too): $(paired round_cpu b/fleet b/rollout)"
+  echo "- (e) fleet mode / embedded, CPU per new session: $(paired round_cpu e/fleet e/rollout)"
+  echo "- (e) new-session latency, embedded: p50 $(median <<<"${p50[e/rollout]}") ms, p99 $(median <<<"${p99[e/rollout]}") ms; fleet mode: p50 $(median <<<"${p50[e/fleet]}") ms, p99 $(median <<<"${p99[e/fleet]}") ms"
 fi
