@@ -213,7 +213,8 @@ impl Fleet {
     }
 }
 
-/// Runs the fleet's background work until `stop`: [`follow`] and [`mirror_refreshes`].
+/// Runs the fleet's background work until `stop`: joining late if the replica started without
+/// the store, then [`follow`], [`mirror_refreshes`] and [`share_drain_clock`] side by side.
 pub(crate) async fn run(shared: Arc<Shared>, fleet: Arc<Fleet>, stop: CancellationToken) {
     let (to_fleet, batches) = mpsc::unbounded_channel();
     shared.sessions().mirror_refreshes(to_fleet);
