@@ -6,6 +6,8 @@ mod support;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::StatusCode;
@@ -15,8 +17,8 @@ use rollout_proxy::store::fleet::{Change, Changes, Claimed, FleetOverrides, Flee
 use rollout_proxy::store::StoredPin;
 use support::redis::RedisServer;
 use support::{
-    admin_call, eventually, eventually_some, get, metric, pools_of, ConfigBuilder, Pool, ProxyBuilder,
-    ProxyHandle, Upstream,
+    admin_call, eventually, eventually_some, get, metric, pools_of, write_config, ConfigBuilder, Pool,
+    ProxyBuilder, ProxyHandle, ProxyProcess, Upstream,
 };
 
 const POLICY: PinPolicy = PinPolicy { idle_secs: 600, max_secs: 3_600, max_active: 1_000_000, stale_secs: 3 };
@@ -578,4 +580,89 @@ async fn a_replica_starts_without_the_store_and_joins_when_it_answers() {
     .await;
     a.shutdown().await;
     b.shutdown().await;
+}
+
+/// `kill -9` of one replica under load: the other serves its sessions on their pools without a
+/// failed request and no pin is lost; the killed replica restarts and catches up with what was
+/// made while it was gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_killed_under_load_loses_nothing_and_catches_up() {
+    let redis = RedisServer::start();
+    let v1 = Upstream::new("v1-a").spawn().await;
+    let v2 = Upstream::new("v2-a").spawn().await;
+    let dir = tempfile::tempdir().unwrap();
+    let store = format!("{{ backend: redis, url: \"{}\", namespace: killed }}", redis.url());
+    let file = write_config(
+        dir.path(),
+        &ConfigBuilder::one_each(v1, v2).legacy_v1_percent(50.0).section("store", &store),
+    );
+    let args = ["run", "--config", file.as_str()];
+    let a = ProxyProcess::start(&args).await;
+    let b = replica(&redis, "killed", v1, v2, 50.0).await;
+
+    let keys: Vec<String> = (0..100).map(|i| format!("study-{i}")).collect();
+    let pools = pools_of(keys.iter().map(|k| a.url(&format!("/api/studies/{k}"))).collect()).await;
+
+    // Load on B for A's sessions, across the kill.
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = {
+        let (stop, urls) =
+            (stop.clone(), keys.iter().map(|k| b.url(&format!("/api/studies/{k}/more"))).collect::<Vec<_>>());
+        let expected = pools.clone();
+        tokio::spawn(async move {
+            let mut answered = 0;
+            while !stop.load(Ordering::Relaxed) {
+                assert_eq!(pools_of(urls.clone()).await, expected, "a session moved or failed on B");
+                answered += urls.len();
+            }
+            answered
+        })
+    };
+    a.signal(libc::SIGKILL);
+    let mut a = a;
+    assert_eq!(a.exit_status(Duration::from_secs(5)).await.code(), None, "killed by a signal");
+    drop(a);
+    // New sessions while A is gone, made on B.
+    let later: Vec<String> = (0..20).map(|i| format!("later-{i}")).collect();
+    let later_pools = pools_of(later.iter().map(|k| b.url(&format!("/api/studies/{k}"))).collect()).await;
+
+    let a = ProxyProcess::start(&args).await;
+    stop.store(true, Ordering::Relaxed);
+    assert!(load.await.unwrap() >= keys.len(), "the load on B did not run");
+    assert_eq!(pools_of(keys.iter().map(|k| a.url(&format!("/api/studies/{k}"))).collect()).await, pools);
+    assert_eq!(
+        pools_of(later.iter().map(|k| a.url(&format!("/api/studies/{k}"))).collect()).await,
+        later_pools
+    );
+    a.signal(libc::SIGTERM);
+    b.shutdown().await;
+}
+
+/// A hitless restart (`run --takeover`) of a fleet replica: the successor takes the sockets,
+/// joins the fleet, and serves every session on its pool; the old process drains and exits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_takeover_in_fleet_mode_keeps_every_session_on_its_pool() {
+    let redis = RedisServer::start();
+    let v1 = Upstream::new("v1-a").spawn().await;
+    let v2 = Upstream::new("v2-a").spawn().await;
+    let dir = tempfile::tempdir().unwrap();
+    let store = format!("{{ backend: redis, url: \"{}\", namespace: takeover }}", redis.url());
+    let file = write_config(
+        dir.path(),
+        &ConfigBuilder::one_each(v1, v2).legacy_v1_percent(50.0).section("store", &store),
+    );
+    let mut old = ProxyProcess::start(&["run", "--config", &file]).await;
+    let keys: Vec<String> = (0..60).map(|i| format!("t{i}")).collect();
+    let urls =
+        |p: &ProxyProcess| keys.iter().map(|k| p.url(&format!("/api/studies/{k}"))).collect::<Vec<_>>();
+    let pools = pools_of(urls(&old)).await;
+
+    let new = ProxyProcess::start(&["run", "--config", &file, "--takeover"]).await;
+    assert_eq!(new.addr, old.addr, "the new process serves on the same socket");
+    let status = old.exit_status(Duration::from_secs(15)).await;
+    assert_eq!(status.code(), Some(0), "the old process drained and exited: {}", old.stderr.lock().unwrap());
+    assert_eq!(pools_of(urls(&new)).await, pools, "a session moved across the takeover");
+    let drain = get(&new.admin_url("/drain")).await.json();
+    assert!(drain.get("withheld").is_none(), "the successor has not joined the fleet: {drain}");
+    new.signal(libc::SIGTERM);
 }
