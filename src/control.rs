@@ -130,6 +130,9 @@ impl Control {
         revision: u64,
         certs: Option<Arc<CertStore>>,
     ) -> Self {
+        if let Some(fleet) = shared.fleet() {
+            fleet.applied(revision);
+        }
         Control { shared, running: Mutex::new(Running { file, overrides, revision }), certs }
     }
 
@@ -187,7 +190,32 @@ impl Control {
             },
             "drain": self.shared.drain_status(),
         });
+        let mut status = status;
+        if let Some(fleet) = self.shared.fleet() {
+            status["fleet"] = self.fleet_status(fleet, running.revision).await;
+        }
         (running.revision, status)
+    }
+
+    /// The fleet part of `GET /status`: the revision, and which replicas have applied it.
+    async fn fleet_status(&self, fleet: &Fleet, revision: u64) -> Value {
+        let now = self.shared.now();
+        let replicas = match fleet.replicas(now).await {
+            Ok(replicas) => replicas
+                .into_iter()
+                .map(|(name, applied, at)| {
+                    json!({
+                        "replica": name,
+                        "this": name == fleet.replica(),
+                        "revision": applied,
+                        "applied": applied == revision,
+                        "reported_seconds_ago": now.saturating_sub(at) as f64 / 1000.0,
+                    })
+                })
+                .collect(),
+            Err(_) => Vec::new(),
+        };
+        json!({ "revision": revision, "store_up": fleet.is_up(), "replicas": replicas })
     }
 
     /// Sets the share of new legacy sessions sent to v1.
@@ -369,6 +397,9 @@ impl Control {
         running.file = file;
         running.overrides = overrides;
         running.revision = revision;
+        if let Some(fleet) = self.shared.fleet() {
+            fleet.applied(revision);
+        }
         self.shared.metrics().admin_changes.with_label_values(&[kind]).inc();
         info!(target: "audit", actor = %actor.0, kind, old = %old, new = %new, revision, "admin change");
         Ok(Applied { revision, old, new, restart_required: Vec::new() })
@@ -439,6 +470,9 @@ impl Control {
         info!(target: "audit", actor = "fleet", kind = "fleet_change", new = %serde_json::to_string(&overrides).unwrap_or_default(), revision = fleet.revision, "admin change made on another replica");
         running.overrides = overrides;
         running.revision = fleet.revision;
+        if let Some(link) = self.shared.fleet() {
+            link.applied(fleet.revision);
+        }
         Ok(())
     }
 }

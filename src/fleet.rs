@@ -34,6 +34,8 @@ use crate::store::{SplitSalt, StoredPin};
 
 /// How long joining the fleet may take before the replica starts without it.
 const JOIN_WAIT: Duration = Duration::from_secs(5);
+/// A replica that has not reported for this long is no longer listed in `GET /status`.
+const REPLICA_FORGOTTEN_AFTER: Duration = Duration::from_secs(60);
 /// How often a replica that started without the fleet store tries to join.
 const JOIN_RETRY: Duration = Duration::from_secs(1);
 /// How long a new session's claim may take before the store counts as unreachable for it.
@@ -56,6 +58,10 @@ pub(crate) struct Fleet {
     incarnation: std::sync::Mutex<String>,
     /// Whether the last call to the fleet store succeeded.
     up: AtomicBool,
+    /// This process's name in the fleet store.
+    replica: String,
+    /// The fleet revision this replica has applied, reported to the store every second.
+    applied: std::sync::atomic::AtomicU64,
     /// `rollout_store_errors_total`, by operation.
     errors: prometheus::IntCounterVec,
     /// Pins made here while the store was unreachable (`degrade`): written to it, first writer
@@ -96,6 +102,8 @@ impl Fleet {
             joined_at: std::sync::Mutex::new(None),
             incarnation: std::sync::Mutex::new(String::new()),
             up: AtomicBool::new(false),
+            replica: random_id(),
+            applied: std::sync::atomic::AtomicU64::new(0),
             errors: metrics.store_errors.clone(),
             unpublished: std::sync::Mutex::new(Vec::new()),
             overrides_seen: tokio::sync::watch::Sender::new(None),
@@ -167,6 +175,22 @@ impl Fleet {
             Err(FleetError::Timeout { location: format!("{:?}", self.store), what: "claiming a pin" })
         });
         self.note("claim", result)
+    }
+
+    /// The control plane applied fleet revision `revision`.
+    pub(crate) fn applied(&self, revision: u64) {
+        self.applied.store(revision, Ordering::Relaxed);
+    }
+
+    /// The fleet's replicas as they last reported: (replica, revision applied, Unix ms), this
+    /// one included; replicas silent for a minute are left out (and forgotten by the store).
+    pub(crate) async fn replicas(&self, now_ms: u64) -> Result<Vec<(String, u64, u64)>, FleetError> {
+        let result = self.store.replicas(now_ms, REPLICA_FORGOTTEN_AFTER.as_millis() as u64).await;
+        self.note("replicas", result)
+    }
+
+    pub(crate) fn replica(&self) -> &str {
+        &self.replica
     }
 
     /// Keeps a pin made while the store was unreachable, to publish once it is back.
@@ -265,7 +289,7 @@ async fn join_late(shared: &Shared, fleet: &Fleet, joined: Joined) {
 /// request there and moves the local drain clock to the fleet's latest, so `/drain` on any
 /// replica answers for the fleet.
 async fn share_drain_clock(shared: Arc<Shared>, fleet: Arc<Fleet>, stop: CancellationToken) {
-    let replica = random_id();
+    let replica = fleet.replica.clone();
     let mut tick = tokio::time::interval(crate::shared::UPKEEP_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -283,7 +307,9 @@ async fn share_drain_clock(shared: Arc<Shared>, fleet: Arc<Fleet>, stop: Cancell
             }
         }
         let local = shared.drain().last_v1_request();
+        let applied = fleet.applied.load(Ordering::Relaxed);
         let shared_clock = async {
+            fleet.store.report_replica(&replica, applied, shared.now()).await?;
             fleet.store.record_last_v1(&replica, local).await?;
             fleet.store.last_v1().await
         };

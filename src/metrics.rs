@@ -153,7 +153,7 @@ pub struct Metrics {
 }
 
 /// Operations on the fleet store, pre-created so every series exists from the start.
-pub(crate) const FLEET_OPERATIONS: [&str; 10] = [
+pub(crate) const FLEET_OPERATIONS: [&str; 11] = [
     "join",
     "claim",
     "refresh",
@@ -164,6 +164,7 @@ pub(crate) const FLEET_OPERATIONS: [&str; 10] = [
     "reread",
     "incarnation",
     "restore",
+    "replicas",
 ];
 
 /// Kinds of admin change, pre-created so every series exists from the start.

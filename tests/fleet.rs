@@ -401,6 +401,18 @@ async fn an_operator_change_on_one_replica_governs_the_fleet_with_one_revision()
         get(&a.admin_url("/status")).await.header("etag") == Some("\"2\"")
     })
     .await;
+    // Either replica's status shows the fleet revision and both replicas having applied it.
+    let status = eventually_some(Duration::from_secs(3), "both replicas report revision 2", || async {
+        let status = get(&b.admin_url("/status")).await.json();
+        let replicas = status["fleet"]["replicas"].as_array()?.clone();
+        (replicas.len() == 2 && replicas.iter().all(|r| r["applied"] == true)).then_some(status)
+    })
+    .await;
+    assert_eq!(status["fleet"]["revision"], 2);
+    assert_eq!(
+        status["fleet"]["replicas"].as_array().unwrap().iter().filter(|r| r["this"] == true).count(),
+        1
+    );
     a.shutdown().await;
     b.shutdown().await;
 }

@@ -16,6 +16,8 @@
 //! - `{ns}:last_v1`: hash, replica → Unix milliseconds of its last v1 request;
 //! - `{ns}:overrides`: hash with the operator's overrides (`json`) and the fleet `revision`
 //!   they make current, changed only by compare-and-set on the revision;
+//! - `{ns}:replicas`: hash, replica → `revision:unix_ms`, the fleet revision each replica has
+//!   applied and when it last said so (for `GET /status`);
 //! - `{ns}:salt`: the legacy split's salt ([`SplitSalt`]), made by the first replica;
 //! - `{ns}:incarnation`: a random marker made by the first replica; a replica that finds it
 //!   gone or changed knows the store lost its data (flushed, or restarted without its
@@ -209,6 +211,7 @@ struct Keys {
     overrides: String,
     salt: String,
     incarnation: String,
+    replicas: String,
 }
 
 impl Keys {
@@ -222,6 +225,7 @@ impl Keys {
             overrides: key("overrides"),
             salt: key("salt"),
             incarnation: key("incarnation"),
+            replicas: key("replicas"),
         }
     }
 }
@@ -314,6 +318,43 @@ impl FleetStore {
             .await
             .map_err(self.failed())?;
         Ok(())
+    }
+
+    /// Records that `replica` has applied fleet revision `revision`, as of `at_ms`.
+    pub async fn report_replica(&self, replica: &str, revision: u64, at_ms: u64) -> Result<(), FleetError> {
+        let mut connection = self.connection.clone();
+        let _: () = connection
+            .hset(&self.keys.replicas, replica, format!("{revision}:{at_ms}"))
+            .await
+            .map_err(self.failed())?;
+        Ok(())
+    }
+
+    /// Every replica's last report: (replica, revision, Unix milliseconds). Replicas that
+    /// stopped reporting more than `forget_after_ms` before `now_ms` are dropped from the store.
+    pub async fn replicas(
+        &self,
+        now_ms: u64,
+        forget_after_ms: u64,
+    ) -> Result<Vec<(String, u64, u64)>, FleetError> {
+        let mut connection = self.connection.clone();
+        let all: Vec<(String, String)> =
+            connection.hgetall(&self.keys.replicas).await.map_err(self.failed())?;
+        let mut replicas = Vec::new();
+        for (replica, report) in all {
+            let parsed = report.split_once(':').and_then(|(r, at)| Some((r.parse().ok()?, at.parse().ok()?)));
+            match parsed {
+                Some((revision, at)) if now_ms.saturating_sub(at) <= forget_after_ms => {
+                    replicas.push((replica, revision, at))
+                }
+                _ => {
+                    let _: () =
+                        connection.hdel(&self.keys.replicas, &replica).await.map_err(self.failed())?;
+                }
+            }
+        }
+        replicas.sort();
+        Ok(replicas)
     }
 
     /// The store's incarnation marker, made `fresh` if there is none (a new or emptied store).
