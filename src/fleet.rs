@@ -124,7 +124,7 @@ impl Fleet {
             Ok::<_, FleetError>(Joined { incarnation, salt, pins, position, overrides })
         };
         let joined = tokio::time::timeout(JOIN_WAIT, joining).await.unwrap_or_else(|_| {
-            Err(FleetError::Timeout { location: format!("{store:?}"), what: "joining the fleet" })
+            Err(FleetError::Timeout { location: store.location().to_owned(), what: "joining the fleet" })
         });
         let joined = self.note("join", joined)?;
         info!(store = ?store, pins = joined.pins.len(), "joined the fleet");
@@ -172,7 +172,7 @@ impl Fleet {
     ) -> Result<Claimed, FleetError> {
         let claim = self.store.claim(key, proposed, now, policy);
         let result = tokio::time::timeout(CLAIM_WAIT, claim).await.unwrap_or_else(|_| {
-            Err(FleetError::Timeout { location: format!("{:?}", self.store), what: "claiming a pin" })
+            Err(FleetError::Timeout { location: self.store.location().to_owned(), what: "claiming a pin" })
         });
         self.note("claim", result)
     }
@@ -361,8 +361,8 @@ async fn restore(shared: &Shared, fleet: &Fleet, replica: &str) {
 
 /// A random name (this process in the fleet store, an incarnation marker).
 fn random_id() -> String {
-    let bytes = crate::store::new_split_salt();
-    bytes[..8].iter().map(|b| format!("{b:02x}")).collect()
+    // The secure random source the split salt comes from.
+    crate::store::fleet::hex(&crate::store::new_split_salt()[..8])
 }
 
 /// Applies other replicas' changes to the local copy until `stop`, from `position` on.

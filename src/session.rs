@@ -24,7 +24,7 @@ use crate::config::{ByPool, PoolName, SessionKeySpec, SessionsConfig};
 use crate::drain::READ_BACK_SLACK;
 use crate::metrics::{EndReason, Metrics};
 use crate::store::{Op, SplitSalt, Store, StoredPin};
-use table::{stripe_of, PinTable, STRIPES};
+use table::{stripe_of, PinTable, StripeWrite, STRIPES};
 
 /// Longest accepted session key.
 pub(crate) const MAX_KEY_LEN: usize = 128;
@@ -464,6 +464,7 @@ impl Sessions {
         let now = secs(self.clock.now());
         let mut v1_end = 0u32;
         let mut ended = Vec::new();
+        let fleet = self.fleet_touches.get();
         for stripe in 0..STRIPES {
             // The scan takes only the read lock, so requests are never held up by it; the write
             // lock is taken only when there is something to remove.
@@ -485,7 +486,7 @@ impl Sessions {
                     if refresh && last_seen > self.loaded_at {
                         pin.stored_last_seen.fetch_max(last_seen, Ordering::Relaxed);
                         touches.push((key.as_str().into(), last_seen));
-                        if self.fleet_touches.get().is_some() {
+                        if fleet.is_some() {
                             fleet_touches.push((key.as_str().into(), pin.first_seen, last_seen));
                         }
                     }
@@ -497,7 +498,7 @@ impl Sessions {
                 if !touches.is_empty() {
                     self.store.send(Op::Touch(touches));
                 }
-                if let (Some(fleet), false) = (self.fleet_touches.get(), fleet_touches.is_empty()) {
+                if let (Some(fleet), false) = (fleet, fleet_touches.is_empty()) {
                     let _ = fleet.send(fleet_touches);
                 }
             }
@@ -551,11 +552,19 @@ impl Sessions {
                 return false;
             }
         }
+        let seq = self.store.next_seq();
+        self.replace_entry(&mut table, hash, stored, seq);
+        self.store.send(Op::Pin { pin: stored.clone(), seq });
+        true
+    }
+
+    /// Puts `stored` in the stripe (under store sequence number `seq`) in place of the key's
+    /// entry, if it has one, keeping the live counts right.
+    fn replace_entry(&self, table: &mut StripeWrite<'_>, hash: u64, stored: &StoredPin, seq: u64) {
         if let Some(Entry { pin, .. }) = table.remove(hash, &stored.key) {
             self.live.fetch_sub(1, Ordering::Relaxed);
             self.live_by_pool.get(pin.pool).fetch_sub(1, Ordering::Relaxed);
         }
-        let seq = self.store.next_seq();
         let pin = Pin {
             pool: stored.pool,
             first_seen: stored.first_seen,
@@ -564,10 +573,25 @@ impl Sessions {
             seq,
         };
         table.insert_unique(hash, Entry { key: CompactString::from(&*stored.key), pin });
-        self.store.send(Op::Pin { pin: stored.clone(), seq });
         self.live.fetch_add(1, Ordering::Relaxed);
         self.live_by_pool.get(stored.pool).fetch_add(1, Ordering::Relaxed);
-        true
+    }
+
+    /// Takes the key's entry out of the stripe if it is the pin made at `first_seen` (and not
+    /// one made again since), sending its removal to the store.
+    fn remove_made_at(
+        &self,
+        table: &mut StripeWrite<'_>,
+        hash: u64,
+        key: &str,
+        first_seen: u32,
+    ) -> Option<Pin> {
+        if table.find(hash, key).is_none_or(|Entry { pin, .. }| pin.first_seen != first_seen) {
+            return None;
+        }
+        let Entry { pin, .. } = table.remove(hash, key)?;
+        self.store.send(Op::Remove(key.into()));
+        Some(pin)
     }
 
     /// A refresh another replica made: moves the pin made at `first_seen` forward to
@@ -587,11 +611,8 @@ impl Sessions {
     pub(crate) fn ended_elsewhere(&self, key: &str, first_seen: u32) {
         let hash = self.hash(key);
         let mut table = self.table.write(stripe_of(hash));
-        if table.find(hash, key).is_some_and(|Entry { pin, .. }| pin.first_seen == first_seen) {
-            if let Some(Entry { pin, .. }) = table.remove(hash, key) {
-                self.count_end(pin.pool, EndReason::Admin);
-                self.store.send(Op::Remove(key.into()));
-            }
+        if let Some(pin) = self.remove_made_at(&mut table, hash, key, first_seen) {
+            self.count_end(pin.pool, EndReason::Admin);
         }
     }
 
@@ -647,18 +668,7 @@ impl Sessions {
                 fleet.clone()
             }
             (Some(_), Some(fleet)) => {
-                if let Some(Entry { pin, .. }) = table.remove(hash, key) {
-                    self.live_by_pool.get(pin.pool).fetch_sub(1, Ordering::Relaxed);
-                    self.live_by_pool.get(fleet.pool).fetch_add(1, Ordering::Relaxed);
-                }
-                let pin = Pin {
-                    pool: fleet.pool,
-                    first_seen: fleet.first_seen,
-                    last_seen: AtomicU32::new(fleet.last_seen),
-                    stored_last_seen: AtomicU32::new(fleet.last_seen),
-                    seq,
-                };
-                table.insert_unique(hash, Entry { key: CompactString::from(key), pin });
+                self.replace_entry(&mut table, hash, fleet, seq);
                 fleet.clone()
             }
         };
@@ -677,12 +687,10 @@ impl Sessions {
     pub(crate) fn unmake(&self, key: &str, first_seen: u32) {
         let hash = self.hash(key);
         let mut table = self.table.write(stripe_of(hash));
-        if table.find(hash, key).is_some_and(|Entry { pin, .. }| pin.first_seen == first_seen) {
-            if let Some(Entry { pin, .. }) = table.remove(hash, key) {
-                self.live.fetch_sub(1, Ordering::Relaxed);
-                self.live_by_pool.get(pin.pool).fetch_sub(1, Ordering::Relaxed);
-                self.store.send(Op::Remove(key.into()));
-            }
+        // Never served a request: no end to count, only the live counts to take back.
+        if let Some(pin) = self.remove_made_at(&mut table, hash, key, first_seen) {
+            self.live.fetch_sub(1, Ordering::Relaxed);
+            self.live_by_pool.get(pin.pool).fetch_sub(1, Ordering::Relaxed);
         }
     }
 

@@ -287,19 +287,28 @@ impl FleetStore {
         |source| FleetError::Redis { location: self.location.clone(), source }
     }
 
-    /// The fleet's split salt: the one stored, or a fresh one if this replica is the first.
-    pub async fn split_salt(&self) -> Result<SplitSalt, FleetError> {
+    /// Where the store is (its URL without credentials), for messages.
+    pub fn location(&self) -> &str {
+        &self.location
+    }
+
+    /// Sets `key` to `value` unless it has a value (SET NX), and returns the value it has then:
+    /// of replicas racing to set it, the first one's is everybody's.
+    async fn set_if_absent(&self, key: &str, value: &str) -> Result<String, FleetError> {
         let mut connection = self.connection.clone();
-        let fresh = hex(&new_split_salt());
-        // SET NX: of replicas starting together, the first one's salt is everybody's.
         let _: Option<String> = redis::cmd("SET")
-            .arg(&self.keys.salt)
-            .arg(&fresh)
+            .arg(key)
+            .arg(value)
             .arg("NX")
             .query_async(&mut connection)
             .await
             .map_err(self.failed())?;
-        let stored: String = connection.get(&self.keys.salt).await.map_err(self.failed())?;
+        connection.get(key).await.map_err(self.failed())
+    }
+
+    /// The fleet's split salt: the one stored, or a fresh one if this replica is the first.
+    pub async fn split_salt(&self) -> Result<SplitSalt, FleetError> {
+        let stored = self.set_if_absent(&self.keys.salt, &hex(&new_split_salt())).await?;
         unhex(&stored).ok_or_else(|| FleetError::Unreadable {
             location: self.location.clone(),
             what: "the split salt",
@@ -309,15 +318,7 @@ impl FleetStore {
 
     /// Puts `salt` back as the fleet's, unless one is there (after the store lost its data).
     pub async fn restore_salt(&self, salt: &SplitSalt) -> Result<(), FleetError> {
-        let mut connection = self.connection.clone();
-        let _: Option<String> = redis::cmd("SET")
-            .arg(&self.keys.salt)
-            .arg(hex(salt))
-            .arg("NX")
-            .query_async(&mut connection)
-            .await
-            .map_err(self.failed())?;
-        Ok(())
+        self.set_if_absent(&self.keys.salt, &hex(salt)).await.map(drop)
     }
 
     /// Records that `replica` has applied fleet revision `revision`, as of `at_ms`.
@@ -359,15 +360,7 @@ impl FleetStore {
 
     /// The store's incarnation marker, made `fresh` if there is none (a new or emptied store).
     pub async fn incarnation(&self, fresh: &str) -> Result<String, FleetError> {
-        let mut connection = self.connection.clone();
-        let _: Option<String> = redis::cmd("SET")
-            .arg(&self.keys.incarnation)
-            .arg(fresh)
-            .arg("NX")
-            .query_async(&mut connection)
-            .await
-            .map_err(self.failed())?;
-        connection.get(&self.keys.incarnation).await.map_err(self.failed())
+        self.set_if_absent(&self.keys.incarnation, fresh).await
     }
 
     /// The key's live pin as of `now` (Unix seconds), made on `proposed` if no replica has one.
@@ -716,7 +709,8 @@ fn entry_id(id: &str) -> (u64, u64) {
     (ms.parse().unwrap_or(0), seq.parse().unwrap_or(0))
 }
 
-fn hex(bytes: &[u8]) -> String {
+/// Bytes as lowercase hexadecimal.
+pub(crate) fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
