@@ -184,6 +184,12 @@ async fn the_fleets_last_v1_request_is_the_latest_of_any_replica() {
     assert_eq!(store.last_v1().await.unwrap(), Some(9_000));
 }
 
+/// A private Redis server and one stub upstream per pool.
+async fn redis_and_upstreams() -> (RedisServer, SocketAddr, SocketAddr) {
+    let redis = RedisServer::start();
+    (redis, Upstream::new("v1-a").spawn().await, Upstream::new("v2-a").spawn().await)
+}
+
 /// A replica of a fleet sharing `redis` under `namespace`, splitting new sessions `percent` to
 /// v1 (replicas may disagree on it for a moment while an operator change travels).
 async fn replica(
@@ -232,9 +238,7 @@ const TOKEN: &str = "fleet-admin-token";
 /// holds all 500 pins in its local copy, including those the other made.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicas_racing_on_first_requests_agree_and_learn_each_others_pins() {
-    let redis = RedisServer::start();
-    let v1 = Upstream::new("v1-a").spawn().await;
-    let v2 = Upstream::new("v2-a").spawn().await;
+    let (redis, v1, v2) = redis_and_upstreams().await;
     let a = replica(&redis, "race2", v1, v2, 100.0).await;
     let b = replica(&redis, "race2", v1, v2, 0.0).await;
 
@@ -270,9 +274,7 @@ async fn replicas_racing_on_first_requests_agree_and_learn_each_others_pins() {
 /// it on the second ends it on the first.
 #[tokio::test]
 async fn a_pin_made_on_one_replica_reaches_the_other_and_an_end_reaches_back() {
-    let redis = RedisServer::start();
-    let v1 = Upstream::new("v1-a").spawn().await;
-    let v2 = Upstream::new("v2-a").spawn().await;
+    let (redis, v1, v2) = redis_and_upstreams().await;
     let a = replica(&redis, "follow2", v1, v2, 100.0).await;
     let b = replica(&redis, "follow2", v1, v2, 0.0).await;
 
@@ -301,9 +303,7 @@ async fn a_pin_made_on_one_replica_reaches_the_other_and_an_end_reaches_back() {
 /// the signal whatever its own numbers say.
 #[tokio::test]
 async fn the_drain_signal_on_one_replica_counts_the_whole_fleets_v1_traffic() {
-    let mut redis = RedisServer::start();
-    let v1 = Upstream::new("v1-a").spawn().await;
-    let v2 = Upstream::new("v2-a").spawn().await;
+    let (mut redis, v1, v2) = redis_and_upstreams().await;
     let quiet = |c: ConfigBuilder| c.legacy_v1_percent(100.0).quiet_window(Duration::from_millis(1500));
     let a = replica_with(&redis, "drain2", v1, v2, quiet).await;
     let b = replica_with(&redis, "drain2", v1, v2, quiet).await;
@@ -372,9 +372,7 @@ async fn the_drain_signal_on_one_replica_counts_the_whole_fleets_v1_traffic() {
 /// is refused on any replica.
 #[tokio::test]
 async fn an_operator_change_on_one_replica_governs_the_fleet_with_one_revision() {
-    let redis = RedisServer::start();
-    let v1 = Upstream::new("v1-a").spawn().await;
-    let v2 = Upstream::new("v2-a").spawn().await;
+    let (redis, v1, v2) = redis_and_upstreams().await;
     let a = replica(&redis, "ops", v1, v2, 100.0).await;
     let b = replica(&redis, "ops", v1, v2, 100.0).await;
     let call = |proxy: &ProxyHandle, if_match: Option<&'static str>, percent: u32| {
@@ -437,9 +435,7 @@ async fn overrides_change_by_compare_and_set_on_the_fleet_revision() {
 /// 503. Once it is back, the pins made meanwhile reach it and the other replicas.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn while_the_store_is_down_known_sessions_are_served_and_new_ones_follow_on_store_error() {
-    let mut redis = RedisServer::start();
-    let v1 = Upstream::new("v1-a").spawn().await;
-    let v2 = Upstream::new("v2-a").spawn().await;
+    let (mut redis, v1, v2) = redis_and_upstreams().await;
     let a = replica(&redis, "outage", v1, v2, 50.0).await;
     let b = replica(&redis, "outage", v1, v2, 50.0).await;
     let c = replica_on_error(&redis, "outage", v1, v2, "fail_closed", |c| c.legacy_v1_percent(50.0)).await;
@@ -489,9 +485,7 @@ async fn while_the_store_is_down_known_sessions_are_served_and_new_ones_follow_o
 /// now instead of from "long ago".
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redis_that_lost_its_data_gets_the_fleets_state_back() {
-    let redis = RedisServer::start();
-    let v1 = Upstream::new("v1-a").spawn().await;
-    let v2 = Upstream::new("v2-a").spawn().await;
+    let (redis, v1, v2) = redis_and_upstreams().await;
     let long_quiet = |c: ConfigBuilder| c.legacy_v1_percent(50.0).quiet_window(Duration::from_secs(3600));
     let a = replica_with(&redis, "lost", v1, v2, long_quiet).await;
     let b = replica_with(&redis, "lost", v1, v2, long_quiet).await;
@@ -539,9 +533,7 @@ async fn a_redis_that_lost_its_data_gets_the_fleets_state_back() {
 /// disagree, every request of a session, on either replica, is answered from one pool.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_following_a_pin_being_claimed_wait_for_the_fleets_answer() {
-    let redis = RedisServer::start();
-    let v1 = Upstream::new("v1-a").spawn().await;
-    let v2 = Upstream::new("v2-a").spawn().await;
+    let (redis, v1, v2) = redis_and_upstreams().await;
     let a = replica(&redis, "provisional", v1, v2, 100.0).await;
     let b = replica(&redis, "provisional", v1, v2, 0.0).await;
     for round in 0..100 {
@@ -562,9 +554,7 @@ async fn requests_following_a_pin_being_claimed_wait_for_the_fleets_answer() {
 /// and joins once the store answers, writing the pins it made meanwhile for the others.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_starts_without_the_store_and_joins_when_it_answers() {
-    let mut redis = RedisServer::start();
-    let v1 = Upstream::new("v1-a").spawn().await;
-    let v2 = Upstream::new("v2-a").spawn().await;
+    let (mut redis, v1, v2) = redis_and_upstreams().await;
     let a = replica(&redis, "late", v1, v2, 50.0).await;
     let known = pools_of(vec![a.url("/api/studies/known")]).await;
     let state = a.shutdown().await;
@@ -599,9 +589,7 @@ async fn a_replica_starts_without_the_store_and_joins_when_it_answers() {
 /// made while it was gone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_killed_under_load_loses_nothing_and_catches_up() {
-    let redis = RedisServer::start();
-    let v1 = Upstream::new("v1-a").spawn().await;
-    let v2 = Upstream::new("v2-a").spawn().await;
+    let (redis, v1, v2) = redis_and_upstreams().await;
     let dir = tempfile::tempdir().unwrap();
     let store = format!("{{ backend: redis, url: \"{}\", namespace: killed }}", redis.url());
     let file = write_config(
@@ -654,9 +642,7 @@ async fn a_replica_killed_under_load_loses_nothing_and_catches_up() {
 /// joins the fleet, and serves every session on its pool; the old process drains and exits.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_takeover_in_fleet_mode_keeps_every_session_on_its_pool() {
-    let redis = RedisServer::start();
-    let v1 = Upstream::new("v1-a").spawn().await;
-    let v2 = Upstream::new("v2-a").spawn().await;
+    let (redis, v1, v2) = redis_and_upstreams().await;
     let dir = tempfile::tempdir().unwrap();
     let store = format!("{{ backend: redis, url: \"{}\", namespace: takeover }}", redis.url());
     let file = write_config(
