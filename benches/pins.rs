@@ -31,7 +31,7 @@ fn resident_mib() -> f64 {
 
 fn policy() -> PinPolicy {
     let yaml = "pools:\n  v1: { upstreams: [{ name: a, url: \"http://127.0.0.1:1\" }] }\n  v2: { upstreams: [{ name: b, url: \"http://127.0.0.1:2\" }] }\nsessions: { max_active: 2000000 }\n";
-    PinPolicy::from_config(&Config::from_yaml(yaml, std::path::Path::new("bench.yaml")).unwrap().sessions)
+    PinPolicy::from_config(&Config::from_yaml(yaml, std::path::Path::new("bench.yaml")).unwrap())
 }
 
 fn open(dir: &std::path::Path) -> Sessions {

@@ -399,7 +399,7 @@ impl Server {
             info!(overrides = %serde_json::to_string(&overrides).unwrap_or_default(), revision = loaded.revision, "admin overrides in force");
         }
         let started_pins = loaded.pins.len();
-        let policy = PinPolicy::from_config(&effective.sessions);
+        let policy = PinPolicy::from_config(&effective);
         let sessions =
             Sessions::new(loaded.pins, loaded.split_salt, &policy, store, clock.clone(), metrics.clone());
         if fleet.is_some() {

@@ -20,7 +20,7 @@ use hashbrown::DefaultHashBuilder;
 use http::HeaderMap;
 
 use crate::clock::{SharedClock, UnixMillis};
-use crate::config::{ByPool, PoolName, SessionKeySpec, SessionsConfig};
+use crate::config::{ByPool, Config, PoolName, SessionKeySpec, StoreConfig};
 use crate::drain::READ_BACK_SLACK;
 use crate::metrics::{EndReason, Metrics};
 use crate::store::{Op, SplitSalt, Store, StoredPin};
@@ -125,6 +125,8 @@ fn from_cookies<'r>(headers: &'r impl HeaderSource, name: &str) -> Option<&'r st
 /// Pin lifetimes, in whole seconds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PinPolicy {
+    /// How long a pin lives after its last request: the configured idle timeout, plus in fleet
+    /// mode the fleet's grace ([`PinPolicy::from_config`]).
     pub idle_secs: u32,
     pub max_secs: u32,
     pub max_active: usize,
@@ -138,28 +140,54 @@ pub struct PinPolicy {
     /// active study costs one batched store write every ~48 s, and waits for a commit only after
     /// a pause of over 144 s.
     pub stale_secs: u32,
+    /// Fleet mode: an active pin's `last_seen` in the fleet store moves forward once per this
+    /// many seconds of the study's activity (0 outside fleet mode). See [`PinPolicy::from_config`].
+    pub fleet_lag_secs: u32,
 }
 
 impl PinPolicy {
-    pub fn from_config(config: &SessionsConfig) -> Self {
+    /// In fleet mode, the fleet store hears of a study's activity once every `fleet_lag_secs`
+    /// (1% of the idle timeout: 384 s at the default 10h40m), not every 48 s: a refresh is a
+    /// script run in Redis and a change every replica applies, and at a million active studies
+    /// the local rate would be 21,000 of each per second. What the fleet store knows of a
+    /// pin's last request may then lag by up to two such periods (one refresh lost to an
+    /// unreachable store) plus the local store's `stale_secs`, so every replica, and the fleet
+    /// store's claim script, let a pin live that much longer than the idle timeout: its grace,
+    /// 960 s at the default. No replica ends a pin early; all end it at about the same time.
+    pub fn from_config(config: &Config) -> Self {
         let secs = |d: Duration| u32::try_from(d.as_secs().max(1)).unwrap_or(u32::MAX);
-        let idle_secs = secs(config.idle_timeout);
-        PinPolicy {
+        let idle_secs = secs(config.sessions.idle_timeout);
+        let stale_secs = (idle_secs / 200).max(READ_BACK_SLACK.as_secs() as u32);
+        let mut policy = PinPolicy {
             idle_secs,
-            max_secs: secs(config.max_duration),
-            max_active: config.max_active,
-            stale_secs: (idle_secs / 200).max(READ_BACK_SLACK.as_secs() as u32),
+            max_secs: secs(config.sessions.max_duration),
+            max_active: config.sessions.max_active,
+            stale_secs,
+            fleet_lag_secs: 0,
+        };
+        if matches!(config.store, StoreConfig::Redis(_)) {
+            policy.fleet_lag_secs = (idle_secs / 100).max(policy.refresh_lag());
+            let grace = policy.fleet_lag_secs.saturating_mul(2).saturating_add(stale_secs);
+            policy.idle_secs = idle_secs.saturating_add(grace);
         }
+        policy
     }
-}
 
-impl PinPolicy {
     /// How far a pin's stored `last_seen` may lag its last request before the background flush
     /// refreshes it. Background writes go in large batches and nobody waits for them; a request
     /// whose time the stored value does not cover waits for its own commit. Refreshing well
     /// before the bound keeps the second kind rare.
     pub(crate) fn refresh_lag(&self) -> u32 {
         (self.stale_secs / 4).max(1)
+    }
+
+    /// Whether a local refresh of a pin made at `first_seen`, from the stored `last_seen` `from`
+    /// to `to`, also goes to the fleet store: when it crosses a multiple of `fleet_lag_secs`
+    /// counted from the pin's start, so refreshes of pins made at different times are spread
+    /// out rather than all due at once.
+    fn reaches_fleet(&self, first_seen: u32, from: u32, to: u32) -> bool {
+        let lag = self.fleet_lag_secs.max(1);
+        to.saturating_sub(first_seen) / lag > from.saturating_sub(first_seen) / lag
     }
 }
 
@@ -486,7 +514,7 @@ impl Sessions {
                     if refresh && last_seen > self.loaded_at {
                         pin.stored_last_seen.fetch_max(last_seen, Ordering::Relaxed);
                         touches.push((key.as_str().into(), last_seen));
-                        if fleet.is_some() {
+                        if fleet.is_some() && policy.reaches_fleet(pin.first_seen, stored, last_seen) {
                             fleet_touches.push((key.as_str().into(), pin.first_seen, last_seen));
                         }
                     }
@@ -776,6 +804,31 @@ mod tests {
         let from_raw = shown(extractor.extract_from(head.path(), head.query(), &head));
         assert_eq!(from_map, from_raw, "{uri} {headers:?}");
         from_map
+    }
+
+    #[test]
+    fn in_fleet_mode_pins_live_a_grace_that_covers_the_fleets_refresh_lag() {
+        let pools = "pools:\n  v1: { upstreams: [{ name: a, url: \"http://x:1\" }] }\n  v2: { upstreams: [{ name: b, url: \"http://x:2\" }] }\n";
+        let policy = |extra: &str| {
+            let yaml = format!("{pools}{extra}");
+            PinPolicy::from_config(&Config::from_yaml(&yaml, std::path::Path::new("t")).unwrap())
+        };
+        let embedded = policy("");
+        assert_eq!((embedded.idle_secs, embedded.stale_secs, embedded.fleet_lag_secs), (38_400, 192, 0));
+        let fleet = policy("store: { backend: redis, url: \"redis://127.0.0.1:6379/0\" }\n");
+        // 1 % of 10h40m between fleet refreshes; the grace is two of them plus the local 192 s.
+        assert_eq!((fleet.idle_secs, fleet.stale_secs, fleet.fleet_lag_secs), (38_400 + 960, 192, 384));
+        assert_eq!(
+            fleet.max_secs, embedded.max_secs,
+            "a pin's first request is exact: no grace on max_duration"
+        );
+
+        // Refreshes reach the fleet when they cross a multiple of the lag since the pin began.
+        let first = 1_000;
+        assert!(!fleet.reaches_fleet(first, first, first + 383));
+        assert!(fleet.reaches_fleet(first, first + 383, first + 384));
+        assert!(!fleet.reaches_fleet(first, first + 384, first + 767));
+        assert!(fleet.reaches_fleet(first, first + 700, first + 2_000));
     }
 
     #[test]

@@ -67,7 +67,7 @@ impl Snapshot {
             allow_underscores: config.client.allow_underscores_in_headers,
             response_timeout: config.upstream.response_timeout,
             keys: KeyExtractor::new(config.sessions.keys.clone()),
-            pin_policy: PinPolicy::from_config(&config.sessions),
+            pin_policy: PinPolicy::from_config(config),
             quiet_window: config.quiet_window,
             health_checks: config.pools.map(|_, p| p.health.clone()),
             ejection: config.pools.map(|_, p| p.ejection),

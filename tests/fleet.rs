@@ -17,11 +17,12 @@ use rollout_proxy::store::fleet::{Change, Changes, Claimed, FleetOverrides, Flee
 use rollout_proxy::store::StoredPin;
 use support::redis::RedisServer;
 use support::{
-    admin_call, eventually, eventually_some, get, metric, pools_of, write_config, ConfigBuilder, Pool,
-    ProxyBuilder, ProxyHandle, ProxyProcess, Upstream,
+    admin_call, eventually, eventually_some, get, metric, pools_of, write_config, ConfigBuilder, ManualClock,
+    Pool, ProxyBuilder, ProxyHandle, ProxyProcess, Sessions, Upstream,
 };
 
-const POLICY: PinPolicy = PinPolicy { idle_secs: 600, max_secs: 3_600, max_active: 1_000_000, stale_secs: 3 };
+const POLICY: PinPolicy =
+    PinPolicy { idle_secs: 600, max_secs: 3_600, max_active: 1_000_000, stale_secs: 3, fleet_lag_secs: 6 };
 const NOW: u32 = 1_800_000_000;
 
 /// Three replicas race to make the first pin of each of 1,000 keys, each proposing a different
@@ -220,14 +221,25 @@ async fn replica_on_error(
     on_store_error: &str,
     configure: impl FnOnce(ConfigBuilder) -> ConfigBuilder,
 ) -> ProxyHandle {
+    ProxyBuilder::new(&fleet_config(redis, namespace, v1, v2, on_store_error, configure)).spawn().await
+}
+
+/// A fleet replica's configuration: `store` on `redis` under `namespace`, the admin token set.
+fn fleet_config(
+    redis: &RedisServer,
+    namespace: &str,
+    v1: SocketAddr,
+    v2: SocketAddr,
+    on_store_error: &str,
+    configure: impl FnOnce(ConfigBuilder) -> ConfigBuilder,
+) -> ConfigBuilder {
     let store = format!(
         "{{ backend: redis, url: \"{}\", namespace: {namespace}, on_store_error: {on_store_error} }}",
         redis.url()
     );
     let token = tempfile::NamedTempFile::new().unwrap().into_temp_path().keep().unwrap();
     std::fs::write(&token, TOKEN).unwrap();
-    let config = configure(ConfigBuilder::one_each(v1, v2)).admin_token_file(&token).section("store", &store);
-    ProxyBuilder::new(&config).spawn().await
+    configure(ConfigBuilder::one_each(v1, v2)).admin_token_file(&token).section("store", &store)
 }
 
 const TOKEN: &str = "fleet-admin-token";
@@ -294,6 +306,61 @@ async fn a_pin_made_on_one_replica_reaches_the_other_and_an_end_reaches_back() {
     .await;
     // Ended fleet-wide: the next request is a new session, made by B's split this time.
     assert_eq!(pools_of(vec![b.url("/api/studies/42")]).await, ["v2"]);
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+/// An active study's `last_seen` reaches the fleet store once per fleet lag (1 % of the idle
+/// timeout: here 10 s of a 1,000 s timeout), not at every local refresh (here every second),
+/// and every replica lets a pin live the grace that covers that lag (2 × 10 s plus the local
+/// store's 5 s): the replica that did not serve the study does not end the pin before the idle
+/// timeout after its last request, though what it knows of that request is 8 s old; both end
+/// it once the grace has passed as well.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refreshes_reach_the_fleet_once_per_fleet_lag_and_no_replica_ends_a_pin_early() {
+    let (redis, v1, v2) = redis_and_upstreams().await;
+    let clock = ManualClock::starting_now();
+    let sessions = Sessions { idle_timeout: Some(Duration::from_secs(1_000)), ..Sessions::default() };
+    let configure = |config: ConfigBuilder| config.legacy_v1_percent(100.0).sessions(sessions.clone());
+    let a = ProxyBuilder::new(&fleet_config(&redis, "lag", v1, v2, "degrade", configure))
+        .clock(&clock)
+        .spawn()
+        .await;
+    let b = ProxyBuilder::new(&fleet_config(&redis, "lag", v1, v2, "degrade", configure))
+        .clock(&clock)
+        .spawn()
+        .await;
+
+    // A serves the study every 2 s for 58 s; its local store is refreshed at every pass.
+    let study = a.url("/api/studies/s");
+    assert_eq!(pools_of(vec![study.clone()]).await, ["v1"]);
+    for _ in 0..29 {
+        clock.advance(Duration::from_secs(2));
+        assert_eq!(get(&study).await.status, StatusCode::OK);
+        a.maintain();
+    }
+    let touches = || {
+        let script = "local n = 0 for _, e in ipairs(redis.call('XRANGE', KEYS[1], '-', '+')) do if e[2][1] == 'touch' then n = n + 1 end end return n";
+        let reply = redis.command(&format!("EVAL \"{script}\" 1 {{lag}}:changes")).unwrap_or_default();
+        reply.trim().trim_start_matches(':').parse::<u32>().unwrap_or(0)
+    };
+    // At 10, 20, ... 50 s after the pin was made: five refreshes in the fleet store.
+    eventually(Duration::from_secs(2), "A's refreshes reach the fleet store", || async { touches() >= 5 })
+        .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(touches(), 5, "one fleet refresh per 10 s of activity, not one per local refresh");
+    eventually(Duration::from_secs(1), "B holds the pin", || async { b.live_pins(Pool::V1) == 1 }).await;
+
+    // 999 s after the last request: within the idle timeout on both.
+    clock.advance(Duration::from_secs(999));
+    a.maintain();
+    b.maintain();
+    assert_eq!((a.live_pins(Pool::V1), b.live_pins(Pool::V1)), (1, 1), "no replica ends the pin early");
+    // The idle timeout and the grace after the last request: ended on both.
+    clock.advance(Duration::from_secs(1 + 25));
+    a.maintain();
+    b.maintain();
+    assert_eq!((a.live_pins(Pool::V1), b.live_pins(Pool::V1)), (0, 0), "both end it after the grace");
     a.shutdown().await;
     b.shutdown().await;
 }
