@@ -153,7 +153,7 @@ pub struct Metrics {
 }
 
 /// Operations on the fleet store, pre-created so every series exists from the start.
-pub(crate) const FLEET_OPERATIONS: [&str; 11] = [
+pub(crate) const FLEET_OPERATIONS: [&str; 12] = [
     "join",
     "claim",
     "refresh",
@@ -165,6 +165,7 @@ pub(crate) const FLEET_OPERATIONS: [&str; 11] = [
     "incarnation",
     "restore",
     "replicas",
+    "sweep",
 ];
 
 /// Kinds of admin change, pre-created so every series exists from the start.

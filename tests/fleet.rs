@@ -173,6 +173,46 @@ async fn refreshes_and_ends_touch_only_the_pin_they_name() {
     assert_eq!(store.end("b", None).await.unwrap(), Some(PoolName::V2));
 }
 
+/// Ended pins leave the store: sweeping a page at a time removes the pins past their idle or
+/// maximum time (and from the count of live v1 pins), and keeps the live ones.
+#[tokio::test]
+async fn sweeping_removes_ended_pins_and_keeps_live_ones() {
+    let redis = RedisServer::start();
+    let store = FleetStore::connect(&redis.url(), "sweep").await.unwrap();
+    let touch = |key: String, first_seen: u32| (key.into_boxed_str(), first_seen, NOW + 500);
+    let (mut live, mut long) = (Vec::new(), Vec::new());
+    for i in 0..250 {
+        store.claim(&format!("idle-{i}"), PoolName::V1, NOW, &POLICY).await.unwrap();
+        store.claim(&format!("live-{i}"), PoolName::V1, NOW, &POLICY).await.unwrap();
+        live.push(touch(format!("live-{i}"), NOW));
+        // Made earlier and busy since: at its maximum time when the others are at their idle one.
+        let first_seen = NOW + POLICY.idle_secs - POLICY.max_secs;
+        store.claim(&format!("long-{i}"), PoolName::V2, first_seen, &POLICY).await.unwrap();
+        long.push(touch(format!("long-{i}"), first_seen));
+    }
+    assert_eq!(store.touch(&live, &POLICY).await.unwrap(), 250);
+    assert_eq!(store.touch(&long, &POLICY).await.unwrap(), 250);
+
+    let now = NOW + POLICY.idle_secs;
+    assert_eq!(store.sweep(now - 1, &POLICY, 1_000).await.unwrap(), 0, "nothing has ended yet");
+    let mut removed = 0;
+    for _ in 0..40 {
+        removed += store.sweep(now, &POLICY, 100).await.unwrap();
+    }
+    assert_eq!(removed, 500, "the idle and the long pins");
+    let mut left: Vec<String> = store.pins().await.unwrap().iter().map(|pin| pin.key.to_string()).collect();
+    left.sort();
+    let mut expected: Vec<String> = (0..250).map(|i| format!("live-{i}")).collect();
+    expected.sort();
+    assert_eq!(left, expected);
+    assert_eq!(store.live_v1(now).await.unwrap(), 250);
+    assert_eq!(
+        redis.command("ZCARD {sweep}:v1").as_deref(),
+        Some(":250\r\n"),
+        "ended v1 pins leave the v1 set"
+    );
+}
+
 /// Each replica records its own last v1 request; the fleet's is the latest, and never goes back.
 #[tokio::test]
 async fn the_fleets_last_v1_request_is_the_latest_of_any_replica() {
@@ -361,6 +401,10 @@ async fn refreshes_reach_the_fleet_once_per_fleet_lag_and_no_replica_ends_a_pin_
     a.maintain();
     b.maintain();
     assert_eq!((a.live_pins(Pool::V1), b.live_pins(Pool::V1)), (0, 0), "both end it after the grace");
+    eventually(Duration::from_secs(2), "the ended pin leaves the fleet store", || async {
+        redis.command("HLEN {lag}:pins").as_deref() == Some(":0\r\n")
+    })
+    .await;
     a.shutdown().await;
     b.shutdown().await;
 }

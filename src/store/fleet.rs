@@ -21,7 +21,8 @@
 //! - `{ns}:salt`: the legacy split's salt ([`SplitSalt`]), made by the first replica;
 //! - `{ns}:incarnation`: a random marker made by the first replica; a replica that finds it
 //!   gone or changed knows the store lost its data (flushed, or restarted without its
-//!   append-only file) and writes back what it holds.
+//!   append-only file) and writes back what it holds;
+//! - `{ns}:sweep`: where the shared pass removing ended pins ([`FleetStore::sweep`]) is.
 //!
 //! Every script checks a pin's `first_seen` before changing it, so a late refresh or end meant
 //! for a pin that has since ended and been made again never touches the new one.
@@ -105,6 +106,27 @@ redis.call('HDEL', KEYS[1], ARGV[1])
 redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[3], '*', 'end', ARGV[1] .. ':' .. (first or ''))
 return pool
+";
+
+/// Removes ended pins (by their idle or maximum time, as of `now`), a page at a time: replicas
+/// end pins in their local copies by the same rule without being told, and without this the
+/// store would keep every session it ever saw. The page's cursor is kept in the store, so the
+/// replicas share one pass. KEYS: pins, v1 set, cursor. ARGV: now, idle seconds, max seconds,
+/// page size. Answers how many pins it removed.
+const SWEEP: &str = r"
+local now, idle, max = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local page = redis.call('HSCAN', KEYS[1], redis.call('GET', KEYS[3]) or '0', 'COUNT', ARGV[4])
+local entries, removed = page[2], 0
+for i = 1, #entries, 2 do
+  local pool, first, last = string.match(entries[i + 1], '^(v[12]):(%d+):(%d+)$')
+  if pool and (now - tonumber(last) >= idle or now - tonumber(first) >= max) then
+    redis.call('HDEL', KEYS[1], entries[i])
+    redis.call('ZREM', KEYS[2], entries[i])
+    removed = removed + 1
+  end
+end
+redis.call('SET', KEYS[3], page[1])
+return removed
 ";
 
 /// Records a replica's last v1 request, never moving it back. KEYS: the last-v1 hash. ARGV:
@@ -212,6 +234,7 @@ struct Keys {
     salt: String,
     incarnation: String,
     replicas: String,
+    sweep: String,
 }
 
 impl Keys {
@@ -226,6 +249,7 @@ impl Keys {
             salt: key("salt"),
             incarnation: key("incarnation"),
             replicas: key("replicas"),
+            sweep: key("sweep"),
         }
     }
 }
@@ -239,6 +263,7 @@ pub struct FleetStore {
     claim: Script,
     touch: Script,
     end: Script,
+    sweep: Script,
     last_v1: Script,
     publish_overrides: Script,
     restore_overrides: Script,
@@ -276,6 +301,7 @@ impl FleetStore {
             claim: Script::new(CLAIM),
             touch: Script::new(TOUCH),
             end: Script::new(END),
+            sweep: Script::new(SWEEP),
             last_v1: Script::new(LAST_V1),
             publish_overrides: Script::new(PUBLISH_OVERRIDES),
             restore_overrides: Script::new(RESTORE_OVERRIDES),
@@ -439,6 +465,23 @@ impl FleetStore {
             .await
             .map_err(self.failed())?;
         ended.map(|pool| self.pool(&pool)).transpose()
+    }
+
+    /// Removes up to about `page` ended pins (as of `now`, by `policy`) from the store: one step
+    /// of a pass over every pin that the replicas share. Returns how many it removed.
+    pub async fn sweep(&self, now: u32, policy: &PinPolicy, page: usize) -> Result<usize, FleetError> {
+        let mut connection = self.connection.clone();
+        self.sweep
+            .key(&self.keys.pins)
+            .key(&self.keys.v1)
+            .key(&self.keys.sweep)
+            .arg(now)
+            .arg(policy.idle_secs)
+            .arg(policy.max_secs)
+            .arg(page)
+            .invoke_async(&mut connection)
+            .await
+            .map_err(self.failed())
     }
 
     /// Every stored pin, ended or not (the caller applies its policy), read in pages so the
