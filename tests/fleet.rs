@@ -284,42 +284,64 @@ fn fleet_config(
 
 const TOKEN: &str = "fleet-admin-token";
 
-/// Two replicas whose splits disagree completely (one sends every new session to v1, the other
-/// to v2) get the first request of 500 sessions at the same moment: every session is answered
-/// from one pool by both, because the first claim in the fleet store wins. Each replica then
-/// holds all 500 pins in its local copy, including those the other made.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn replicas_racing_on_first_requests_agree_and_learn_each_others_pins() {
+/// Replicas whose splits disagree completely (alternately every new session to v1, every one
+/// to v2) get the first request of 1,000 sessions each at the same moment: every session is
+/// answered from one pool by all of them, because the first claim in the fleet store wins. Each
+/// replica then holds all 1,000 pins in its local copy, including those the others made.
+async fn replicas_racing_on_first_requests_agree(count: usize, namespace: &str) {
     let (redis, v1, v2) = redis_and_upstreams().await;
-    let a = replica(&redis, "race2", v1, v2, 100.0).await;
-    let b = replica(&redis, "race2", v1, v2, 0.0).await;
-
-    let keys: Vec<String> = (0..500).map(|i| format!("s{i}")).collect();
+    let mut replicas = Vec::new();
+    for r in 0..count {
+        let percent = if r % 2 == 0 { 100.0 } else { 0.0 };
+        replicas.push(replica(&redis, namespace, v1, v2, percent).await);
+    }
+    let keys: Vec<String> = (0..1_000).map(|i| format!("s{i}")).collect();
     let url = |proxy: &ProxyHandle, key: &str| proxy.url(&format!("/api/studies/{key}/contents"));
-    let (on_a, on_b) = tokio::join!(
-        pools_of(keys.iter().map(|k| url(&a, k)).collect()),
-        pools_of(keys.iter().map(|k| url(&b, k)).collect()),
-    );
-    let split: Vec<&String> =
-        keys.iter().zip(on_a.iter().zip(&on_b)).filter(|(_, (x, y))| x != y).map(|(k, _)| k).collect();
-    assert_eq!(split, Vec::<&String>::new(), "sessions answered from different pools by the two replicas");
-    let won_by_a = on_a.iter().filter(|p| *p == "v1").count();
-    let conflicts = |metrics: String| metric(&metrics, "rollout_pin_conflicts_total", &[]).unwrap_or(0.0);
-    let lost = conflicts(a.metrics().await) + conflicts(b.metrics().await);
+    let racing: Vec<_> = replicas
+        .iter()
+        .map(|proxy| tokio::spawn(pools_of(keys.iter().map(|k| url(proxy, k)).collect())))
+        .collect();
+    let mut answers = Vec::new();
+    for replica in racing {
+        answers.push(replica.await.unwrap());
+    }
+    let split: Vec<&String> = keys
+        .iter()
+        .enumerate()
+        .filter(|(k, _)| answers.iter().any(|pools| pools[*k] != answers[0][*k]))
+        .map(|(_, key)| key)
+        .collect();
+    assert_eq!(split, Vec::<&String>::new(), "sessions answered from different pools by the replicas");
+    let on_v1 = answers[0].iter().filter(|p| *p == "v1").count();
+    let mut lost = 0.0;
+    for proxy in &replicas {
+        lost += metric(&proxy.metrics().await, "rollout_pin_conflicts_total", &[]).unwrap_or(0.0);
+    }
     assert!(lost > 0.0, "no replica counted a race it lost");
-    assert!(won_by_a > 0 && won_by_a < 500, "the race was not a race: A won {won_by_a} of 500");
+    assert!(on_v1 > 0 && on_v1 < 1_000, "the race was not a race: v1 won {on_v1} of 1,000");
 
-    // Later requests, on either replica, stay where the first one went.
-    assert_eq!(pools_of(keys.iter().map(|k| url(&b, k)).collect()).await, on_a);
-    for proxy in [&a, &b] {
+    // Later requests, on any replica, stay where the first one went.
+    for proxy in &replicas {
+        assert_eq!(pools_of(keys.iter().map(|k| url(proxy, k)).collect()).await, answers[0]);
         eventually(Duration::from_secs(5), "each replica holds every pin", || async {
-            proxy.live_pins(Pool::V1) + proxy.live_pins(Pool::V2) == 500
+            proxy.live_pins(Pool::V1) + proxy.live_pins(Pool::V2) == 1_000
         })
         .await;
-        assert_eq!(proxy.live_pins(Pool::V1), won_by_a);
+        assert_eq!(proxy.live_pins(Pool::V1), on_v1);
     }
-    a.shutdown().await;
-    b.shutdown().await;
+    for proxy in replicas {
+        proxy.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_racing_on_first_requests_agree_and_learn_each_others_pins() {
+    replicas_racing_on_first_requests_agree(2, "race2").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_racing_on_first_requests_agree_and_learn_each_others_pins() {
+    replicas_racing_on_first_requests_agree(3, "race3").await;
 }
 
 /// A session made on one replica is followed on another within a second, and an operator ending
