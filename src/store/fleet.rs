@@ -21,8 +21,7 @@
 //! - `{ns}:salt`: the legacy split's salt ([`SplitSalt`]), made by the first replica;
 //! - `{ns}:incarnation`: a random marker made by the first replica; a replica that finds it
 //!   gone or changed knows the store lost its data (flushed, or restarted without its
-//!   append-only file) and writes back what it holds;
-//! - `{ns}:sweep`: where the shared pass removing ended pins ([`FleetStore::sweep`]) is.
+//!   append-only file) and writes back what it holds.
 //!
 //! Every script checks a pin's `first_seen` before changing it, so a late refresh or end meant
 //! for a pin that has since ended and been made again never touches the new one.
@@ -108,24 +107,23 @@ redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[3], '*', 'end', ARGV[1] .. ':' .
 return pool
 ";
 
-/// Removes ended pins (by their idle or maximum time, as of `now`), a page at a time: replicas
-/// end pins in their local copies by the same rule without being told, and without this the
-/// store would keep every session it ever saw. The page's cursor is kept in the store, so the
-/// replicas share one pass. KEYS: pins, v1 set, cursor. ARGV: now, idle seconds, max seconds,
-/// page size. Answers how many pins it removed.
+/// Removes the named pins if they have ended (by their idle or maximum time, as of `now`):
+/// replicas end pins in their local copies by the same rule without being told, and without
+/// this the store would keep every session it ever saw. Checked again here, atomically, because
+/// a request may have renewed a pin since the caller read it. KEYS: pins, v1 set. ARGV: now,
+/// idle seconds, max seconds, then the session keys. Answers how many pins it removed.
 const SWEEP: &str = r"
 local now, idle, max = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local page = redis.call('HSCAN', KEYS[1], redis.call('GET', KEYS[3]) or '0', 'COUNT', ARGV[4])
-local entries, removed = page[2], 0
-for i = 1, #entries, 2 do
-  local pool, first, last = string.match(entries[i + 1], '^(v[12]):(%d+):(%d+)$')
+local removed = 0
+for i = 4, #ARGV do
+  local stored = redis.call('HGET', KEYS[1], ARGV[i])
+  local pool, first, last = string.match(stored or '', '^(v[12]):(%d+):(%d+)$')
   if pool and (now - tonumber(last) >= idle or now - tonumber(first) >= max) then
-    redis.call('HDEL', KEYS[1], entries[i])
-    redis.call('ZREM', KEYS[2], entries[i])
+    redis.call('HDEL', KEYS[1], ARGV[i])
+    redis.call('ZREM', KEYS[2], ARGV[i])
     removed = removed + 1
   end
 end
-redis.call('SET', KEYS[3], page[1])
 return removed
 ";
 
@@ -234,7 +232,6 @@ struct Keys {
     salt: String,
     incarnation: String,
     replicas: String,
-    sweep: String,
 }
 
 impl Keys {
@@ -249,7 +246,6 @@ impl Keys {
             salt: key("salt"),
             incarnation: key("incarnation"),
             replicas: key("replicas"),
-            sweep: key("sweep"),
         }
     }
 }
@@ -467,21 +463,47 @@ impl FleetStore {
         ended.map(|pool| self.pool(&pool)).transpose()
     }
 
-    /// Removes up to about `page` ended pins (as of `now`, by `policy`) from the store: one step
-    /// of a pass over every pin that the replicas share. Returns how many it removed.
-    pub async fn sweep(&self, now: u32, policy: &PinPolicy, page: usize) -> Result<usize, FleetError> {
+    /// One step of a pass over the stored pins that removes the ended ones (as of `now`, by
+    /// `policy`): reads about `page` pins from `cursor` on (0 starts a pass) and removes those
+    /// that ended. Returns the cursor of the next step (0 when the pass is done) and how many
+    /// pins it removed. The page is read by a plain HSCAN, not inside the script: Redis runs
+    /// an HSCAN from a script many times slower.
+    pub async fn sweep(
+        &self,
+        now: u32,
+        policy: &PinPolicy,
+        cursor: u64,
+        page: usize,
+    ) -> Result<(u64, usize), FleetError> {
         let mut connection = self.connection.clone();
-        self.sweep
-            .key(&self.keys.pins)
-            .key(&self.keys.v1)
-            .key(&self.keys.sweep)
-            .arg(now)
-            .arg(policy.idle_secs)
-            .arg(policy.max_secs)
+        let (next, entries): (u64, Vec<(String, String)>) = redis::cmd("HSCAN")
+            .arg(&self.keys.pins)
+            .arg(cursor)
+            .arg("COUNT")
             .arg(page)
-            .invoke_async(&mut connection)
+            .query_async(&mut connection)
             .await
-            .map_err(self.failed())
+            .map_err(self.failed())?;
+        let mut ended = Vec::new();
+        for (key, value) in entries {
+            // A value this build cannot read is left for the claim script to replace.
+            let Ok(pin) = self.stored_pin(key.into(), &value) else { continue };
+            if now.saturating_sub(pin.last_seen) >= policy.idle_secs
+                || now.saturating_sub(pin.first_seen) >= policy.max_secs
+            {
+                ended.push(pin.key);
+            }
+        }
+        if ended.is_empty() {
+            return Ok((next, 0));
+        }
+        let mut invocation = self.sweep.key(&self.keys.pins);
+        invocation.key(&self.keys.v1).arg(now).arg(policy.idle_secs).arg(policy.max_secs);
+        for key in &ended {
+            invocation.arg(&**key);
+        }
+        let removed = invocation.invoke_async(&mut connection).await.map_err(self.failed())?;
+        Ok((next, removed))
     }
 
     /// Every stored pin, ended or not (the caller applies its policy), read in pages so the
