@@ -52,6 +52,7 @@
 //! - `fleet`: fleet mode at run time: claims a new session's pin before it is forwarded, follows
 //!   the other replicas' changes into the local copy, shares the drain clock.
 //! - [`drain`]: the drain signal and its persisted clock.
+//! - [`ramp`]: the automated ramp: its plan, the verdict on each analysis window, and its states.
 //! - `health`: whether an upstream may get new requests (thresholds, passive ejection; no I/O);
 //!   `health/checks.rs` runs the active probes.
 //! - [`metrics`]: Prometheus metrics with pre-resolved label handles.
@@ -92,6 +93,7 @@ mod health;
 mod listener;
 pub mod metrics;
 mod proxy;
+pub mod ramp;
 pub mod router;
 pub mod server;
 pub mod session;

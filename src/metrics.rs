@@ -15,6 +15,11 @@ use crate::router::Decision;
 
 const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 
+/// Upper bounds, in seconds, of `rollout_request_duration_seconds`'s buckets; past the last is
+/// one more, unbounded.
+pub(crate) const LATENCY_BUCKETS: [f64; 13] =
+    [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+
 /// Why a pin ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum EndReason {
@@ -219,7 +224,7 @@ impl Metrics {
                     "rollout_request_duration_seconds",
                     "Time from request to response head, by pool.",
                 )
-                .buckets(vec![0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]),
+                .buckets(LATENCY_BUCKETS.to_vec()),
                 &["pool"],
             )
             .expect("valid metric"),
@@ -388,6 +393,34 @@ impl Metrics {
             counter.inc();
         }
         self.durations.get(pool).observe(seconds);
+    }
+
+    /// A pool's finished requests since the start: how many, how many answered 5xx (the
+    /// proxy's own 502, 503 and 504 included), and how many per duration bucket
+    /// ([`LATENCY_BUCKETS`], then the unbounded one).
+    pub(crate) fn pool_totals(&self, pool: PoolName) -> (u64, u64, [u64; LATENCY_BUCKETS.len() + 1]) {
+        let (mut requests, mut errors) = (0, 0);
+        for decision in Decision::ALL {
+            for (class, name) in CLASSES.iter().enumerate() {
+                let index = (decision as usize * 2 + pool as usize) * CLASSES.len() + class;
+                if let Some(counter) = &self.requests[index] {
+                    requests += counter.get();
+                    if *name == "5xx" {
+                        errors += counter.get();
+                    }
+                }
+            }
+        }
+        let histogram = self.durations.get(pool);
+        let metric = prometheus::core::Metric::metric(histogram);
+        let mut latency = [0; LATENCY_BUCKETS.len() + 1];
+        let mut below = 0;
+        for (count, bucket) in latency.iter_mut().zip(metric.get_histogram().get_bucket()) {
+            *count = bucket.cumulative_count().saturating_sub(below);
+            below = bucket.cumulative_count();
+        }
+        latency[LATENCY_BUCKETS.len()] = histogram.get_sample_count().saturating_sub(below);
+        (requests, errors, latency)
     }
 
     pub(crate) fn session_ended(&self, pool: PoolName, reason: EndReason) {

@@ -205,8 +205,7 @@ pub struct Percent(u16);
 impl Percent {
     #[cfg(test)]
     pub(crate) const ZERO: Percent = Percent(0);
-    #[cfg(test)]
-    pub(crate) const HUNDRED: Percent = Percent(10_000);
+    pub const HUNDRED: Percent = Percent(10_000);
 
     pub fn try_from_f64(value: f64) -> Result<Self, String> {
         if !value.is_finite() || !(0.0..=100.0).contains(&value) {

@@ -1,0 +1,13 @@
+//! The automated ramp: moves new sessions from v1 to v2 in steps, judging each step against
+//! v1 from the proxy's own counters, and aborts on its own (new sessions back to v1, every pin
+//! where it is) when v2 does worse.
+//!
+//! - [`plan`]: the steps and the analysis settings, as written and as checked;
+//! - [`guard`]: the verdict on one analysis window (pass, fail, inconclusive);
+//! - [`machine`]: the states and how time, verdicts and commands move a ramp between them;
+//! - [`window`]: both pools' traffic over the analysis window, from the proxy's own counters.
+
+pub mod guard;
+pub mod machine;
+pub mod plan;
+pub mod window;
