@@ -34,6 +34,8 @@ use tracing::debug;
 use crate::config::{Percent, PoolName};
 use crate::control::{Actor, Applied, Control, ControlError};
 use crate::drain::rfc3339;
+use crate::ramp::plan::RawPlan;
+use crate::ramp::runner::{Ramp, RampError};
 use crate::shared::Shared;
 
 /// Environment variable that may hold the admin token instead of `admin.token_file`.
@@ -96,6 +98,7 @@ impl Token {
 pub(crate) struct AdminState {
     pub shared: Arc<Shared>,
     pub control: Arc<Control>,
+    pub ramp: Arc<Ramp>,
     pub readiness: Arc<Readiness>,
     pub token: Option<Arc<Token>>,
 }
@@ -113,6 +116,8 @@ pub(crate) fn router(state: AdminState) -> Router {
         .route("/sessions/{key}", delete(delete_session))
         .route("/reload", post(reload))
         .route("/overrides", delete(delete_overrides))
+        .route("/ramp", get(get_ramp).put(put_ramp))
+        .route("/ramp/{command}", post(ramp_command))
         .fallback(|| async { AdminError::NotFound("no such admin endpoint".to_owned()) })
         .with_state(state)
 }
@@ -200,6 +205,10 @@ enum AdminError {
     NotFound(String),
     #[error(transparent)]
     Control(#[from] ControlError),
+    #[error("{0}")]
+    Conflict(String),
+    #[error(transparent)]
+    Ramp(#[from] RampError),
 }
 
 impl IntoResponse for AdminError {
@@ -220,6 +229,14 @@ impl IntoResponse for AdminError {
                 | ControlError::Certificate(_) => StatusCode::BAD_REQUEST,
                 ControlError::Store => StatusCode::INTERNAL_SERVER_ERROR,
                 ControlError::FleetUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            },
+            AdminError::Conflict(_) => StatusCode::CONFLICT,
+            AdminError::Ramp(err) => match err {
+                RampError::Plan(_) => StatusCode::BAD_REQUEST,
+                RampError::Refused(_) | RampError::Running(_) | RampError::Fleet => StatusCode::CONFLICT,
+                RampError::NoRamp => StatusCode::NOT_FOUND,
+                RampError::Control(ControlError::FleetUnavailable) => StatusCode::SERVICE_UNAVAILABLE,
+                RampError::Control(_) => StatusCode::INTERNAL_SERVER_ERROR,
             },
         };
         let mut response =
@@ -347,15 +364,64 @@ struct LegacyBody {
     v1_percent: f64,
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LegacyQuery {
+    #[serde(default)]
+    force: bool,
+}
+
 async fn put_legacy(
     State(state): State<AdminState>,
     Mutation { actor, expected }: Mutation,
+    query: Result<Query<LegacyQuery>, axum::extract::rejection::QueryRejection>,
     body: Bytes,
 ) -> Result<Response, AdminError> {
+    let Query(query) = query.map_err(|e| AdminError::BadRequest(format!("query: {}", e.body_text())))?;
     let body: LegacyBody = parse_body(&body)?;
     let percent = Percent::try_from_f64(body.v1_percent)
         .map_err(|message| ControlError::Invalid { field: "v1_percent", message })?;
-    Ok(applied(state.control.set_legacy_percent(percent, expected, &actor).await?))
+    // A hand-set percentage during a ramp would be undone by its next step: refused unless
+    // forced, and then the ramp pauses.
+    let ramping = state.ramp.is_active().await;
+    if ramping && !query.force {
+        return Err(AdminError::Conflict(
+            "a ramp is running and sets the percentage; add ?force=true to set it by hand, which pauses the ramp"
+                .to_owned(),
+        ));
+    }
+    let applied_change = state.control.set_legacy_percent(percent, expected, &actor).await?;
+    if ramping {
+        state.ramp.overridden(&actor).await;
+    }
+    Ok(applied(applied_change))
+}
+
+async fn get_ramp(State(state): State<AdminState>) -> Json<serde_json::Value> {
+    Json(state.ramp.status().await)
+}
+
+/// Starts a ramp from the plan in the body (the config file's `ramp:` document, in JSON).
+async fn put_ramp(
+    State(state): State<AdminState>,
+    Mutation { actor, .. }: Mutation,
+    body: Bytes,
+) -> Result<Json<serde_json::Value>, AdminError> {
+    let plan: RawPlan = parse_body(&body)?;
+    Ok(Json(state.ramp.start(plan, &actor).await?))
+}
+
+async fn ramp_command(
+    State(state): State<AdminState>,
+    UrlPath(command): UrlPath<String>,
+    Mutation { actor, .. }: Mutation,
+) -> Result<Json<serde_json::Value>, AdminError> {
+    if !["pause", "resume", "abort", "promote", "retry"].contains(&command.as_str()) {
+        return Err(AdminError::NotFound(format!(
+            "no ramp command {command:?} (pause, resume, abort, promote, retry)"
+        )));
+    }
+    Ok(Json(state.ramp.command(&command, &actor).await?))
 }
 
 #[derive(Deserialize)]

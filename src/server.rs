@@ -32,6 +32,7 @@ use crate::health;
 use crate::listener::{self, Gate};
 use crate::metrics::Metrics;
 use crate::proxy::Proxy;
+use crate::ramp::runner::Ramp;
 use crate::session::{PinPolicy, Sessions};
 use crate::shared::Shared;
 use crate::snapshot::Snapshot;
@@ -112,8 +113,16 @@ pub struct Server {
     pub admin_addr: SocketAddr,
     shared: Arc<Shared>,
     control: Arc<Control>,
+    ramp: Arc<Ramp>,
     shutdown: CancellationToken,
     stopped: JoinHandle<()>,
+}
+
+/// What a start builds from the store: the shared state, the control plane and the ramp.
+struct Planes {
+    shared: Arc<Shared>,
+    control: Arc<Control>,
+    ramp: Arc<Ramp>,
 }
 
 /// How a start reaches the state store.
@@ -270,7 +279,7 @@ impl Server {
             grace: config.grace_period,
             task: None,
         };
-        let (shared, control) =
+        let Planes { shared, control, ramp } =
             Server::open_state(&config, &clock, &metrics, storage, &mut data_plane, certs.clone()).await?;
         let proxy = Arc::new(Proxy::new(
             shared.clone(),
@@ -285,6 +294,7 @@ impl Server {
         let admin_state = AdminState {
             shared: shared.clone(),
             control: control.clone(),
+            ramp: ramp.clone(),
             readiness: readiness.clone(),
             token: token.map(Arc::new),
         };
@@ -292,6 +302,7 @@ impl Server {
         let admin_task = tokio::spawn(admin::serve(admin, admin_state, admin_stop.clone()));
         let upkeep_stop = CancellationToken::new();
         let upkeep = tokio::spawn(crate::shared::run_upkeep(shared.clone(), upkeep_stop.clone()));
+        tokio::spawn(crate::ramp::runner::run(ramp.clone(), upkeep_stop.clone()));
         if let Some(fleet) = shared.fleet() {
             tokio::spawn(control.clone().follow_fleet(fleet.clone(), upkeep_stop.clone()));
         }
@@ -317,7 +328,7 @@ impl Server {
             stopping.cancelled().await;
             running.stop().await;
         });
-        Ok(Server { addr, admin_addr, shared, control, shutdown, stopped })
+        Ok(Server { addr, admin_addr, shared, control, ramp, shutdown, stopped })
     }
 
     /// Opens the store (in a takeover, serving the data plane meanwhile, once the process taken
@@ -330,7 +341,7 @@ impl Server {
         storage: Storage,
         data_plane: &mut DataPlane,
         certs: Option<Arc<CertStore>>,
-    ) -> Result<(Arc<Shared>, Arc<Control>), StartError> {
+    ) -> Result<Planes, StartError> {
         let opened = match storage {
             Storage::Opened(store, loaded) => Ok((store, loaded)),
             Storage::AfterTakeover { predecessor, patience } => {
@@ -375,7 +386,7 @@ impl Server {
         mut loaded: Loaded,
         fleet: Option<(Fleet, Option<Joined>)>,
         certs: Option<Arc<CertStore>>,
-    ) -> Result<(Arc<Shared>, Arc<Control>), StartError> {
+    ) -> Result<Planes, StartError> {
         // In a fleet, the fleet store's pins and salt are the truth; the local ones are its copy.
         let mut fleet_salt = None;
         let fleet = fleet.map(|(fleet, joined)| {
@@ -416,7 +427,8 @@ impl Server {
         let shared = Arc::new(Shared::new(snapshot, sessions, drain, metrics.clone(), clock.clone(), fleet));
         let control =
             Arc::new(Control::new(shared.clone(), config.clone(), overrides, loaded.revision, certs));
-        Ok((shared, control))
+        let ramp = Arc::new(Ramp::new(shared.clone(), control.clone(), loaded.ramp.as_deref()));
+        Ok(Planes { shared, control, ramp })
     }
 
     /// The running proxy's shared state: its snapshot, sessions, store, metrics and drain signal.
@@ -427,6 +439,12 @@ impl Server {
     /// The control plane: admin changes and reloads.
     pub(crate) fn control(&self) -> &Arc<Control> {
         &self.control
+    }
+
+    /// Runs the ramp's analysis now, as its background task does every second (one judges
+    /// only when the plan's interval is due by the proxy's clock): for tests on a manual clock.
+    pub async fn analyse_ramp(&self) {
+        self.ramp.analyse().await;
     }
 
     /// A token that starts a graceful stop when cancelled.

@@ -10,4 +10,5 @@
 pub mod guard;
 pub mod machine;
 pub mod plan;
+pub(crate) mod runner;
 pub mod window;

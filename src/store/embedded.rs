@@ -29,6 +29,7 @@ const LAST_V1_REQUEST: &str = "last_v1_request_ms";
 const REVISION: &str = "revision";
 const OVERRIDES: &str = "overrides";
 const SPLIT_SALT: &str = "split_salt";
+const RAMP: &str = "ramp";
 
 /// Pin activity (`last_seen` moving forward), appended as one record per commit instead of
 /// rewriting each pin's record: refreshing many active pins costs one sequential write, not one
@@ -132,7 +133,8 @@ fn load(db: &Database) -> Result<(Loaded, usize), redb::Error> {
         .get(SPLIT_SALT)?
         .and_then(|v| SplitSalt::try_from(v.value()).ok())
         .expect("the salt was stored in the transaction before");
-    Ok((Loaded { pins, last_v1_request_ms, overrides, revision, split_salt }, activity_entries))
+    let ramp = admin.get(RAMP)?.map(|v| v.value().to_vec());
+    Ok((Loaded { pins, last_v1_request_ms, overrides, revision, split_salt, ramp }, activity_entries))
 }
 
 /// Appends one activity entry to a record; false if the key cannot be logged.
@@ -384,6 +386,9 @@ fn commit(
                 }
                 Op::SplitSalt(salt) => {
                     admin.insert(SPLIT_SALT, salt.as_slice())?;
+                }
+                Op::Ramp(json) => {
+                    admin.insert(RAMP, json.as_slice())?;
                 }
                 Op::Flush(_) | Op::Close(_) => {}
             }

@@ -77,6 +77,8 @@ pub struct Loaded {
     pub revision: u64,
     /// The secret that keys the legacy split of new sessions (see [`SplitSalt`]).
     pub split_salt: SplitSalt,
+    /// The ramp as last stored (JSON), if one was ever started.
+    pub ramp: Option<Vec<u8>>,
 }
 
 /// The secret key of the hash that places a new session in the legacy split. Made once per
@@ -112,6 +114,8 @@ pub enum Op {
     },
     /// The split salt the fleet uses, kept so a restart without the fleet store splits alike.
     SplitSalt(SplitSalt),
+    /// The ramp's plan and progress (JSON), so a restart resumes it.
+    Ramp(Vec<u8>),
     /// Answered once everything sent before it is committed: true if that commit succeeded.
     Flush(oneshot::Sender<bool>),
     /// Commit what is queued, release the file and stop; answered once the file is released.

@@ -39,6 +39,7 @@ use tokio::net::TcpListener;
 /// - `/__stall`: never answers;
 /// - `/__slow/{ms}`: answers after `ms` milliseconds;
 /// - `/__big/{bytes}`: streams `bytes` bytes of [`pattern`] in 64 KiB chunks;
+/// - a path ending in `/__status/{code}` (after any prefix): answers `code`, empty;
 /// - anything else: a JSON [`Echo`] of what arrived (headers, body length and SHA-256).
 ///
 /// Every answer carries `x-upstream: NAME`.
@@ -176,6 +177,11 @@ async fn answer(name: String, req: Request<Incoming>) -> Result<Response<StubBod
     }
     if let Some(n) = path.strip_prefix("/__big/") {
         return Ok(reply(http_body_util::Either::Right(Pattern::new(n.parse().unwrap()))));
+    }
+    if let Some((_, code)) = path.rsplit_once("/__status/") {
+        let mut response = reply(http_body_util::Either::Left(Full::new(Bytes::new())));
+        *response.status_mut() = StatusCode::from_u16(code.parse().unwrap()).unwrap();
+        return Ok(response);
     }
     let method = req.method().to_string();
     let path = req.uri().to_string();
@@ -409,6 +415,12 @@ impl ProxyHandle {
 
     fn shared(&self) -> &Arc<rollout_proxy::shared::Shared> {
         self.server.as_ref().expect("a running proxy").shared()
+    }
+
+    /// One run of the ramp's analysis (which otherwise runs every second), judging if the plan's
+    /// interval is due by the proxy's clock.
+    pub async fn analyse_ramp(&self) {
+        self.server.as_ref().expect("a running proxy").analyse_ramp().await;
     }
 
     /// One pass of the background upkeep's pin expiry (which otherwise runs every second).

@@ -1,0 +1,188 @@
+//! The automated ramp in a running proxy, on a manual clock (hours simulated, not waited): it
+//! walks a healthy v2 through every step, holding each; aborts to v1 on v2's errors without
+//! moving a pin; resumes after a restart with what was left of the hold; and yields to an
+//! operator who forces the percentage.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use http::StatusCode;
+use support::{admin_call, get, pools_of, ConfigBuilder, ManualClock, ProxyBuilder, ProxyHandle, Upstream};
+
+const TOKEN: &str = "ramp-admin-token";
+
+/// Ten minutes at 99 %, ten at 50 %, then 0 %; judged every minute over five, on small numbers.
+const PLAN: &str = r#"{
+  "steps": [ { "v1_percent": 99, "hold": "10m" }, { "v1_percent": 50, "hold": "10m" }, { "v1_percent": 0 } ],
+  "analysis": { "interval": "1m", "window": "5m", "min_requests": 40, "min_new_sessions": 1,
+                "min_latency_samples": 40, "failure_limit": 3, "inconclusive_timeout": "30m" }
+}"#;
+
+fn config(v1: SocketAddr, v2: SocketAddr) -> ConfigBuilder {
+    let token = tempfile::NamedTempFile::new().unwrap().into_temp_path().keep().unwrap();
+    std::fs::write(&token, TOKEN).unwrap();
+    ConfigBuilder::one_each(v1, v2).legacy_v1_percent(100.0).admin_token_file(&token)
+}
+
+async fn ramp(proxy: &ProxyHandle) -> serde_json::Value {
+    get(&proxy.admin_url("/ramp")).await.json()
+}
+
+async fn command(proxy: &ProxyHandle, command: &str) -> support::Reply {
+    admin_call("POST", &proxy.admin_url(&format!("/ramp/{command}")), Some(TOKEN), None, None).await
+}
+
+/// One simulated minute of traffic: 40 v2 API requests (answering `v2_status`) and 100 new
+/// studies (numbered from `*next`), then the clock moves a minute and the ramp judges.
+async fn minute(proxy: &ProxyHandle, clock: &ManualClock, next: &mut usize, v2_status: u16) {
+    let v2_path = format!("/api/v2/items/__status/{v2_status}");
+    for _ in 0..40 {
+        let status = get(&proxy.url(&v2_path)).await.status;
+        assert_eq!(status.as_u16(), v2_status);
+    }
+    let studies = (*next..*next + 100).map(|id| proxy.url(&format!("/api/studies/{id}"))).collect();
+    pools_of(studies).await;
+    *next += 100;
+    clock.advance(Duration::from_secs(60));
+    proxy.analyse_ramp().await;
+}
+
+#[tokio::test]
+async fn a_healthy_v2_goes_through_every_step_holding_each() {
+    let (v1, v2) = (Upstream::new("v1-a").spawn().await, Upstream::new("v2-a").spawn().await);
+    let clock = ManualClock::starting_now();
+    let proxy = ProxyBuilder::new(&config(v1, v2)).clock(&clock).spawn().await;
+    assert_eq!(ramp(&proxy).await["state"], "none");
+
+    let started = admin_call("PUT", &proxy.admin_url("/ramp"), Some(TOKEN), None, Some(PLAN)).await;
+    assert_eq!(started.status, StatusCode::OK, "{started:?}");
+    assert_eq!(started.json()["v1_percent"], 99.0);
+    let mut next = 0;
+    let mut percents = Vec::new();
+    for _ in 0..25 {
+        minute(&proxy, &clock, &mut next, 200).await;
+        let now = ramp(&proxy).await;
+        percents.push(now["v1_percent"].as_f64().unwrap());
+    }
+    // Ten minutes of 99 %, ten of 50 %, then 0 % and completed.
+    assert_eq!(&percents[..9], &[99.0; 9], "{percents:?}");
+    assert_eq!(percents[9], 50.0, "{percents:?}");
+    assert_eq!(&percents[10..19], &[50.0; 9], "{percents:?}");
+    assert_eq!(percents[19], 0.0, "{percents:?}");
+    let done = ramp(&proxy).await;
+    assert_eq!(done["state"], "completed", "{done}");
+    let status: serde_json::Value = get(&proxy.admin_url("/status")).await.json();
+    assert_eq!(status["routes"]["legacy_v1_percent"], 0.0);
+    assert_eq!(done["analyses"][0]["judgement"]["verdict"], "pass", "{done}");
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn v2_errors_abort_the_ramp_to_v1_and_leave_every_pin_where_it_is() {
+    let (v1, v2) = (Upstream::new("v1-a").spawn().await, Upstream::new("v2-a").spawn().await);
+    let clock = ManualClock::starting_now();
+    let proxy = ProxyBuilder::new(&config(v1, v2)).clock(&clock).spawn().await;
+    let started = admin_call("PUT", &proxy.admin_url("/ramp"), Some(TOKEN), None, Some(PLAN)).await;
+    assert_eq!(started.status, StatusCode::OK, "{started:?}");
+    let mut next = 0;
+    for _ in 0..12 {
+        minute(&proxy, &clock, &mut next, 200).await;
+    }
+    assert_eq!(ramp(&proxy).await["v1_percent"], 50.0, "at the second step");
+    // Studies that started at 50 %: some on each version.
+    let studies: Vec<String> =
+        (next - 100..next).map(|id| proxy.url(&format!("/api/studies/{id}"))).collect();
+    let before = pools_of(studies.clone()).await;
+    assert!(before.iter().any(|p| p == "v2") && before.iter().any(|p| p == "v1"));
+
+    // v2 starts answering 500: every request of the minute fails from now on.
+    let mut states = Vec::new();
+    for _ in 0..6 {
+        minute(&proxy, &clock, &mut next, 500).await;
+        states.push(ramp(&proxy).await["state"].as_str().unwrap().to_owned());
+    }
+    assert!(states.contains(&"aborted".to_owned()), "{states:?}");
+    let aborted = ramp(&proxy).await;
+    assert_eq!(aborted["v1_percent"], 100.0, "{aborted}");
+    assert_eq!(aborted["analyses"][0]["judgement"]["verdict"], "fail", "{aborted}");
+    // New studies go to v1; studies already on v2 stay there, as do those on v1.
+    let fresh = pools_of((90_000..90_050).map(|id| proxy.url(&format!("/api/studies/{id}"))).collect()).await;
+    assert!(fresh.iter().all(|p| p == "v1"), "{fresh:?}");
+    assert_eq!(pools_of(studies).await, before, "an abort moves no pin");
+
+    // Aborted stays aborted until retried.
+    assert_eq!(command(&proxy, "resume").await.status, StatusCode::CONFLICT);
+    let retried = command(&proxy, "retry").await;
+    assert_eq!(retried.status, StatusCode::OK, "{retried:?}");
+    assert_eq!(retried.json()["v1_percent"], 50.0);
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_restart_mid_hold_resumes_with_the_hold_that_was_left() {
+    let (v1, v2) = (Upstream::new("v1-a").spawn().await, Upstream::new("v2-a").spawn().await);
+    let clock = ManualClock::starting_now();
+    let config = config(v1, v2);
+    let proxy = ProxyBuilder::new(&config).clock(&clock).spawn().await;
+    admin_call("PUT", &proxy.admin_url("/ramp"), Some(TOKEN), None, Some(PLAN)).await;
+    let mut next = 0;
+    for _ in 0..6 {
+        minute(&proxy, &clock, &mut next, 200).await;
+    }
+    assert_eq!(ramp(&proxy).await["hold_left_seconds"], 240.0);
+    let state = proxy.shutdown().await;
+
+    // Down for an hour: that hour is not held.
+    clock.advance(Duration::from_secs(3600));
+    let proxy = ProxyBuilder::new(&config).clock(&clock).state_dir(state).spawn().await;
+    let resumed = ramp(&proxy).await;
+    assert_eq!(
+        (resumed["state"].as_str(), resumed["v1_percent"].as_f64()),
+        (Some("progressing"), Some(99.0))
+    );
+    assert_eq!(resumed["hold_left_seconds"], 240.0, "{resumed}");
+    let mut percents = Vec::new();
+    for _ in 0..12 {
+        minute(&proxy, &clock, &mut next, 200).await;
+        percents.push(ramp(&proxy).await["v1_percent"].as_f64().unwrap());
+    }
+    // The first analysis after the start only takes a reading; four more minutes are held.
+    let moved = percents.iter().position(|p| *p == 50.0).expect("the ramp moved on");
+    assert!((4..=6).contains(&moved), "moved to 50 % after {} minutes: {percents:?}", moved + 1);
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_hand_set_percentage_during_a_ramp_needs_force_and_pauses_it() {
+    let (v1, v2) = (Upstream::new("v1-a").spawn().await, Upstream::new("v2-a").spawn().await);
+    let clock = ManualClock::starting_now();
+    let proxy = ProxyBuilder::new(&config(v1, v2)).clock(&clock).spawn().await;
+    admin_call("PUT", &proxy.admin_url("/ramp"), Some(TOKEN), None, Some(PLAN)).await;
+    let set = |query: &'static str| {
+        let url = proxy.admin_url(&format!("/routes/legacy{query}"));
+        async move { admin_call("PUT", &url, Some(TOKEN), None, Some(r#"{"v1_percent": 80}"#)).await }
+    };
+    let refused = set("").await;
+    assert_eq!(refused.status, StatusCode::CONFLICT, "{refused:?}");
+    assert!(refused.json()["error"].as_str().unwrap().contains("force=true"));
+    assert_eq!(ramp(&proxy).await["state"], "progressing");
+
+    assert_eq!(set("?force=true").await.status, StatusCode::OK);
+    let paused = ramp(&proxy).await;
+    assert_eq!((paused["state"].as_str(), paused["paused_by"].as_str()), (Some("paused"), Some("operator")));
+    let status: serde_json::Value = get(&proxy.admin_url("/status")).await.json();
+    assert_eq!(status["routes"]["legacy_v1_percent"], 80.0, "the hand-set share stands");
+
+    // A second ramp while this one is paused: refused. An unknown command: 404.
+    let again = admin_call("PUT", &proxy.admin_url("/ramp"), Some(TOKEN), None, Some(PLAN)).await;
+    assert_eq!(again.status, StatusCode::CONFLICT);
+    assert_eq!(command(&proxy, "skip").await.status, StatusCode::NOT_FOUND);
+    // A plan with a mistake: 400 naming it.
+    assert_eq!(command(&proxy, "abort").await.status, StatusCode::OK);
+    let bad = admin_call("PUT", &proxy.admin_url("/ramp"), Some(TOKEN), None, Some(r#"{"steps": []}"#)).await;
+    assert_eq!(bad.status, StatusCode::BAD_REQUEST);
+    assert_eq!(bad.json()["error"], "ramp.steps: a ramp needs at least one step");
+    proxy.shutdown().await;
+}
