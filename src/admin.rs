@@ -31,10 +31,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::debug;
 
+use crate::config::ramp::RawPlan;
 use crate::config::{Percent, PoolName};
 use crate::control::{Actor, Applied, Control, ControlError};
 use crate::drain::rfc3339;
-use crate::ramp::plan::RawPlan;
 use crate::ramp::runner::{Ramp, RampError};
 use crate::shared::Shared;
 

@@ -2,7 +2,8 @@
 //!
 //! Human-readable output by default, the server's JSON with `--json`. Exit codes: 0 success,
 //! 1 failure (the server's error message is printed), 3 for `drain` when v1 is not drained (or
-//! `--wait` timed out). The API itself is [`crate::admin`].
+//! `--wait` timed out), 4 for `ramp status --watch` when the ramp aborted. The API itself is
+//! [`crate::admin`].
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -16,9 +17,12 @@ use hyper_util::rt::TokioExecutor;
 use serde_json::{json, Value};
 
 use crate::admin::TOKEN_ENV;
+use crate::config::{Config, ConfigError};
 
 /// Exit code of `drain` when v1 is not drained.
 pub(crate) const NOT_DRAINED: u8 = 3;
+/// Exit code of `ramp status --watch` when the ramp aborted.
+pub(crate) const RAMP_ABORTED: u8 = 4;
 
 #[derive(Debug, Clone)]
 pub struct CtlOptions {
@@ -38,7 +42,11 @@ pub enum CtlCommand {
         timeout: Duration,
         interval: Duration,
     },
-    LegacyPercent(f64),
+    /// `force`: during a ramp, set it anyway (the ramp pauses).
+    LegacyPercent {
+        percent: f64,
+        force: bool,
+    },
     /// `POOL/UPSTREAM`.
     Weight {
         target: String,
@@ -51,6 +59,36 @@ pub enum CtlCommand {
     EndSession(String),
     Reload,
     ResetOverrides,
+    /// Start a ramp from a plan file (YAML or JSON; the plan, or a config file's `ramp:`).
+    RampStart(PathBuf),
+    /// The ramp's state; with `watch`, again every `interval` until it completes or aborts.
+    RampStatus {
+        watch: bool,
+        interval: Duration,
+    },
+    /// `pause`, `resume`, `abort`, `promote` or `retry`.
+    Ramp(RampCommand),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RampCommand {
+    Pause,
+    Resume,
+    Abort,
+    Promote,
+    Retry,
+}
+
+impl RampCommand {
+    fn as_str(self) -> &'static str {
+        match self {
+            RampCommand::Pause => "pause",
+            RampCommand::Resume => "resume",
+            RampCommand::Abort => "abort",
+            RampCommand::Promote => "promote",
+            RampCommand::Retry => "retry",
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -79,6 +117,8 @@ pub enum CtlError {
     },
     #[error("{message} (HTTP {status})")]
     Server { status: StatusCode, message: String },
+    #[error("cannot read the ramp plan")]
+    Plan(#[source] ConfigError),
 }
 
 struct Api {
@@ -185,9 +225,9 @@ pub async fn run(options: &CtlOptions, command: CtlCommand) -> Result<u8, CtlErr
                 tokio::time::sleep(interval.min(timeout.saturating_sub(started.elapsed()))).await;
             }
         }
-        CtlCommand::LegacyPercent(percent) => {
-            let applied =
-                api.expect_ok(Method::PUT, "/routes/legacy", Some(json!({ "v1_percent": percent }))).await?;
+        CtlCommand::LegacyPercent { percent, force } => {
+            let path = if force { "/routes/legacy?force=true" } else { "/routes/legacy" };
+            let applied = api.expect_ok(Method::PUT, path, Some(json!({ "v1_percent": percent }))).await?;
             let human = format!(
                 "legacy traffic to v1: {}% -> {}% (revision {})",
                 applied["old"], applied["new"], applied["revision"]
@@ -235,8 +275,61 @@ pub async fn run(options: &CtlOptions, command: CtlCommand) -> Result<u8, CtlErr
                 format!("overrides dropped; config file values apply (revision {})", applied["revision"]),
             );
         }
+        CtlCommand::RampStart(file) => {
+            let text = std::fs::read_to_string(&file)
+                .map_err(|source| CtlError::Plan(ConfigError::Read { file: file.clone(), source }))?;
+            let plan = Config::ramp_plan_from_yaml(&text, &file).map_err(CtlError::Plan)?;
+            let plan = serde_json::to_value(plan).expect("a plan serializes");
+            let ramp = api.expect_ok(Method::PUT, "/ramp", Some(plan)).await?;
+            print(&ramp, format!("ramp started\n{}", render_ramp(&ramp)));
+        }
+        CtlCommand::RampStatus { watch, interval } => loop {
+            let ramp = api.expect_ok(Method::GET, "/ramp", None).await?;
+            print(&ramp, render_ramp(&ramp));
+            match ramp["state"].as_str() {
+                Some("aborted") => return Ok(if watch { RAMP_ABORTED } else { 0 }),
+                Some("progressing" | "paused") if watch => tokio::time::sleep(interval).await,
+                _ => break,
+            }
+        },
+        CtlCommand::Ramp(command) => {
+            let path = format!("/ramp/{}", command.as_str());
+            let ramp = api.expect_ok(Method::POST, &path, None).await?;
+            print(&ramp, render_ramp(&ramp));
+        }
     }
     Ok(0)
+}
+
+/// `GET /ramp` for people: the state, the step and its share, the hold left, the last analysis.
+fn render_ramp(r: &Value) -> String {
+    let state = r["state"].as_str().unwrap_or("?");
+    if state == "none" {
+        return "no ramp has been started".to_owned();
+    }
+    let mut out = format!(
+        "ramp: {state}{}, step {} of {}: v1 gets {}% of new sessions",
+        r["paused_by"].as_str().map(|by| format!(" (by {by})")).unwrap_or_default(),
+        r["step"].as_u64().unwrap_or(0) + 1,
+        r["steps"],
+        r["v1_percent"],
+    );
+    if matches!(state, "progressing" | "paused") {
+        let left = Duration::from_secs(r["hold_left_seconds"].as_f64().unwrap_or(0.0) as u64);
+        out += &format!("; {} left in the hold", humantime::format_duration(left));
+    }
+    if let Some(last) = r["analyses"].get(0) {
+        let judgement = &last["judgement"];
+        out += &format!(
+            "\nlast analysis {}s ago: {}",
+            last["ago_seconds"].as_f64().unwrap_or(0.0).round(),
+            judgement["verdict"].as_str().unwrap_or("?")
+        );
+        for reason in judgement["reasons"].as_array().into_iter().flatten() {
+            out += &format!("\n  {}", reason.as_str().unwrap_or_default());
+        }
+    }
+    out
 }
 
 fn render_status(s: &Value) -> String {

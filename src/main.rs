@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use rollout_proxy::config::Config;
-use rollout_proxy::ctl::{self, CtlCommand, CtlOptions};
+use rollout_proxy::ctl::{self, CtlCommand, CtlOptions, RampCommand};
 use rollout_proxy::demo::{self, DemoOptions};
 use rollout_proxy::server;
 use tracing_subscriber::EnvFilter;
@@ -91,7 +91,12 @@ enum CtlCmd {
         interval: Duration,
     },
     /// Set the share of new legacy sessions sent to v1 (0-100).
-    LegacyPercent { percent: f64 },
+    LegacyPercent {
+        percent: f64,
+        /// Set it even while a ramp runs (the ramp pauses).
+        #[arg(long)]
+        force: bool,
+    },
     /// Set an upstream's weight: `weight v1/was-1 0`.
     Weight { target: String, weight: u32 },
     /// List live session pins.
@@ -107,6 +112,35 @@ enum CtlCmd {
     Reload,
     /// Drop every admin override: the config file's values apply again.
     ResetOverrides,
+    /// The automated ramp: start one from a plan file, see it, steer it.
+    Ramp {
+        #[command(subcommand)]
+        command: RampCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum RampCmd {
+    /// Start a ramp from a plan file (YAML or JSON: the plan, or a config file with `ramp:`).
+    Start { file: PathBuf },
+    /// The ramp's state, step, hold left and last analysis; `--watch` follows it until it
+    /// completes (exit 0) or aborts (exit 4).
+    Status {
+        #[arg(long)]
+        watch: bool,
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        interval: Duration,
+    },
+    /// Hold the current step until resumed.
+    Pause,
+    /// Go on after a pause.
+    Resume,
+    /// Send every new session to v1 again; every pin stays where it is.
+    Abort,
+    /// Go to the next step now.
+    Promote,
+    /// After an abort: the aborted step again, from the start of its hold.
+    Retry,
 }
 
 fn main() -> ExitCode {
@@ -153,12 +187,21 @@ fn execute(command: Command) -> anyhow::Result<u8> {
             let command = match command {
                 CtlCmd::Status => CtlCommand::Status,
                 CtlCmd::Drain { wait, timeout, interval } => CtlCommand::Drain { wait, timeout, interval },
-                CtlCmd::LegacyPercent { percent } => CtlCommand::LegacyPercent(percent),
+                CtlCmd::LegacyPercent { percent, force } => CtlCommand::LegacyPercent { percent, force },
                 CtlCmd::Weight { target, weight } => CtlCommand::Weight { target, weight },
                 CtlCmd::Sessions { pool, limit } => CtlCommand::Sessions { pool, limit },
                 CtlCmd::EndSession { key } => CtlCommand::EndSession(key),
                 CtlCmd::Reload => CtlCommand::Reload,
                 CtlCmd::ResetOverrides => CtlCommand::ResetOverrides,
+                CtlCmd::Ramp { command } => match command {
+                    RampCmd::Start { file } => CtlCommand::RampStart(file),
+                    RampCmd::Status { watch, interval } => CtlCommand::RampStatus { watch, interval },
+                    RampCmd::Pause => CtlCommand::Ramp(RampCommand::Pause),
+                    RampCmd::Resume => CtlCommand::Ramp(RampCommand::Resume),
+                    RampCmd::Abort => CtlCommand::Ramp(RampCommand::Abort),
+                    RampCmd::Promote => CtlCommand::Ramp(RampCommand::Promote),
+                    RampCmd::Retry => CtlCommand::Ramp(RampCommand::Retry),
+                },
             };
             let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             Ok(runtime.block_on(ctl::run(&options, command))?)

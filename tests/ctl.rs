@@ -93,6 +93,50 @@ async fn every_command_works_against_a_running_proxy() {
 }
 
 #[tokio::test]
+async fn ramp_commands_start_show_and_steer_a_ramp() {
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = proxy(dir.path(), |c| c).await;
+    let token = dir.path().join("token");
+    let token = Some(token.as_path());
+    let (code, out, _) = ctl(&proxy, None, &["ramp", "status"]).await;
+    assert_eq!(code, 0);
+    assert!(out.contains("no ramp has been started"), "{out}");
+
+    // The plan as a config file's section, in YAML.
+    let plan = dir.path().join("plan.yaml");
+    std::fs::write(&plan, "ramp:\n  steps:\n    - { v1_percent: 90, hold: 1h }\n    - { v1_percent: 0 }\n")
+        .unwrap();
+    let (code, out, err) = ctl(&proxy, token, &["ramp", "start", plan.to_str().unwrap()]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("ramp: progressing, step 1 of 2: v1 gets 90.0% of new sessions; 1h left in the hold"),
+        "{out}"
+    );
+
+    // Setting the percentage by hand during a ramp: refused, unless forced, which pauses it.
+    let (code, _, err) = ctl(&proxy, token, &["legacy-percent", "50"]).await;
+    assert_eq!(code, 1);
+    assert!(err.contains("add ?force=true") && err.contains("(HTTP 409"), "{err}");
+    let (code, _, err) = ctl(&proxy, token, &["legacy-percent", "--force", "50"]).await;
+    assert_eq!(code, 0, "{err}");
+    let (_, out, _) = ctl(&proxy, None, &["ramp", "status"]).await;
+    assert!(out.contains("ramp: paused (by operator), step 1 of 2"), "{out}");
+
+    let (code, out, err) = ctl(&proxy, token, &["ramp", "abort"]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("ramp: aborted, step 1 of 2: v1 gets 100.0% of new sessions"), "{out}");
+    let (code, out, _) = ctl(&proxy, None, &["ramp", "status", "--watch", "--interval", "1s"]).await;
+    assert_eq!(code, 4, "watching an aborted ramp: {out}");
+
+    // A plan with a mistake: the server's message, naming the field.
+    std::fs::write(&plan, "steps: []\n").unwrap();
+    let (code, _, err) = ctl(&proxy, token, &["ramp", "start", plan.to_str().unwrap()]).await;
+    assert_eq!(code, 1);
+    assert!(err.contains("ramp.steps: a ramp needs at least one step (HTTP 400"), "{err}");
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
 async fn a_bad_token_or_bad_input_exits_non_zero_with_the_servers_message() {
     let dir = tempfile::tempdir().unwrap();
     let proxy = proxy(dir.path(), |c| c).await;

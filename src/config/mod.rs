@@ -16,6 +16,7 @@
 //! running proxy; that is [`crate::snapshot`]'s job.
 
 mod locate;
+pub mod ramp;
 mod raw;
 mod validate;
 
@@ -482,6 +483,17 @@ impl Config {
             }
             ConfigError::Invalid { file: file.to_owned(), problems }
         })
+    }
+
+    /// Reads a ramp plan for `ctl ramp start`: YAML (or JSON), the plan itself or a document
+    /// with the plan under `ramp:` (a config file). The server checks it when it arrives.
+    pub fn ramp_plan_from_yaml(text: &str, file: &Path) -> Result<ramp::RawPlan, ConfigError> {
+        let syntax = |e| ConfigError::Syntax { file: file.to_owned(), source: SyntaxError(e) };
+        let mut document: yaml::Value = yaml::from_str(text).map_err(syntax)?;
+        if let Some(plan) = document.get_mut("ramp") {
+            document = std::mem::replace(plan, yaml::Value::Null);
+        }
+        yaml::from_value(document).map_err(syntax)
     }
 
     /// The effective configuration (defaults filled in) as YAML, in the file's own format: read

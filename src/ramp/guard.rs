@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use super::plan::Analysis;
+use crate::config::ramp::Analysis;
 
 pub(crate) use crate::metrics::LATENCY_BUCKETS;
 
@@ -228,7 +228,7 @@ fn seconds(value: f64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ramp::plan::{Plan, RawAnalysis, RawPlan, RawStep};
+    use crate::config::ramp::{Plan, RawAnalysis, RawPlan, RawStep};
 
     fn analysis(edit: impl FnOnce(&mut RawAnalysis)) -> Analysis {
         let mut raw = RawAnalysis { min_new_sessions: 0, ..RawAnalysis::default() };

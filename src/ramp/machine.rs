@@ -11,8 +11,8 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use super::guard::Verdict;
-use super::plan::Plan;
 use crate::clock::UnixMillis;
+use crate::config::ramp::Plan;
 use crate::config::Percent;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -235,7 +235,7 @@ impl Progress {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ramp::plan::RawPlan;
+    use crate::config::ramp::RawPlan;
 
     const MINUTE: u64 = 60_000;
 

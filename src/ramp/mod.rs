@@ -2,13 +2,13 @@
 //! v1 from the proxy's own counters, and aborts on its own (new sessions back to v1, every pin
 //! where it is) when v2 does worse.
 //!
-//! - [`plan`]: the steps and the analysis settings, as written and as checked;
+//! The plan (steps and analysis settings) is [`crate::config::ramp`].
+//!
 //! - [`guard`]: the verdict on one analysis window (pass, fail, inconclusive);
 //! - [`machine`]: the states and how time, verdicts and commands move a ramp between them;
 //! - [`window`]: both pools' traffic over the analysis window, from the proxy's own counters.
 
 pub mod guard;
 pub mod machine;
-pub mod plan;
 pub(crate) mod runner;
 pub mod window;

@@ -17,9 +17,9 @@ use tracing::{info, warn};
 
 use super::guard::{judge, Judgement};
 use super::machine::{Progress, Refused, State};
-use super::plan::{Plan, PlanError, RawPlan};
 use super::window::{Readings, Totals};
 use crate::clock::UnixMillis;
+use crate::config::ramp::{Plan, PlanError, RawPlan};
 use crate::config::Percent;
 use crate::control::{Actor, Control, ControlError};
 use crate::shared::Shared;

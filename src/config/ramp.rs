@@ -1,16 +1,16 @@
 //! A ramp plan: the steps of `legacy_v1_percent` a ramp walks through, and the analysis that
 //! judges each step.
 //!
-//! This module says what a plan is and whether it makes sense. Judging a step's numbers is
-//! [`super::guard`]'s job, running a plan is [`super::machine`]'s, and reading YAML is the config
-//! module's: the raw plan is plain serde, so the config file and `PUT /ramp` (JSON) take the same
-//! document.
+//! This module says what a plan is and whether it makes sense, as written (plain serde, so the
+//! config file's `ramp:` section, a plan file for `ctl ramp start` and the JSON body of
+//! `PUT /ramp` are one document) and as checked. Judging a step's numbers is
+//! [`crate::ramp::guard`]'s job, running a plan is [`crate::ramp::machine`]'s.
 
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::Percent;
+use super::Percent;
 
 /// A plan as written: under `ramp:` in the config file, or as the body of `PUT /ramp`.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
