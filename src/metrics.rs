@@ -155,7 +155,19 @@ pub struct Metrics {
     /// New pins this replica made that the fleet store held on another pool: a race for a new
     /// session lost to another replica.
     pub pin_conflicts: IntCounter,
+    /// The ramp as its runner last saw it ([`Metrics::ramp`]).
+    ramp_state: IntGaugeVec,
+    ramp_step: IntGauge,
+    ramp_analyses: IntCounterVec,
+    ramp_v2_error_ratio: Gauge,
+    ramp_v2_p99: Gauge,
+    ramp_leader: IntGauge,
 }
+
+/// The ramp's states as `rollout_ramp_state` labels them.
+pub(crate) const RAMP_STATES: [&str; 5] = ["none", "progressing", "paused", "aborted", "completed"];
+/// Verdicts of the ramp's analyses as `rollout_ramp_analysis_total` labels them.
+pub(crate) const RAMP_VERDICTS: [&str; 3] = ["pass", "fail", "inconclusive"];
 
 /// Operations on the fleet store, pre-created so every series exists from the start.
 pub(crate) const FLEET_OPERATIONS: [&str; 12] = [
@@ -382,8 +394,80 @@ impl Metrics {
                 )
                 .expect("valid"),
             ),
+            ramp_state: {
+                let vec = register(
+                    &r,
+                    IntGaugeVec::new(
+                        Opts::new("rollout_ramp_state", "1 for the state the automated ramp is in."),
+                        &["state"],
+                    )
+                    .expect("valid"),
+                );
+                for state in RAMP_STATES {
+                    vec.with_label_values(&[state]).set(i64::from(state == "none"));
+                }
+                vec
+            },
+            ramp_step: register(
+                &r,
+                IntGauge::new("rollout_ramp_step", "The ramp's current step, counted from 0.").expect("valid"),
+            ),
+            ramp_analyses: {
+                let vec = counter_vec(
+                    "rollout_ramp_analysis_total",
+                    "The ramp's analyses of v2 against v1, by verdict.",
+                    &["result"],
+                );
+                for verdict in RAMP_VERDICTS {
+                    vec.with_label_values(&[verdict]);
+                }
+                vec
+            },
+            ramp_v2_error_ratio: {
+                let ratio = gauge(
+                    "rollout_ramp_v2_error_ratio",
+                    "v2's 5xx ratio over the ramp's last analysis window (NaN before one).",
+                );
+                ratio.set(f64::NAN);
+                ratio
+            },
+            ramp_v2_p99: {
+                let p99 = gauge(
+                    "rollout_ramp_v2_p99_seconds",
+                    "Upper bound of the bucket holding v2's p99 in the ramp's last analysis window (NaN before one; +Inf past the last bucket).",
+                );
+                p99.set(f64::NAN);
+                p99
+            },
+            ramp_leader: register(
+                &r,
+                IntGauge::new("rollout_ramp_leader", "1 when this replica drives the automated ramp.")
+                    .expect("valid"),
+            ),
             registry: r,
         }
+    }
+
+    /// Shows the ramp's state (one of [`RAMP_STATES`]) and step, and whether this replica
+    /// drives it.
+    pub(crate) fn ramp(&self, state: &str, step: usize, leader: bool) {
+        for name in RAMP_STATES {
+            self.ramp_state.with_label_values(&[name]).set(i64::from(name == state));
+        }
+        self.ramp_step.set(step as i64);
+        self.ramp_leader.set(i64::from(leader));
+    }
+
+    /// Counts one analysis of the ramp (`verdict` one of [`RAMP_VERDICTS`]) and shows its numbers.
+    pub(crate) fn ramp_analysed(
+        &self,
+        verdict: &str,
+        v2_error_ratio: Option<f64>,
+        v2_p99_upper: Option<f64>,
+    ) {
+        self.ramp_analyses.with_label_values(&[verdict]).inc();
+        self.ramp_v2_error_ratio.set(v2_error_ratio.unwrap_or(f64::NAN));
+        self.ramp_v2_p99.set(v2_p99_upper.unwrap_or(f64::NAN));
     }
 
     /// Counts a finished client request.

@@ -9,7 +9,9 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use http::StatusCode;
-use support::{admin_call, get, pools_of, ConfigBuilder, ManualClock, ProxyBuilder, ProxyHandle, Upstream};
+use support::{
+    admin_call, get, metric, pools_of, ConfigBuilder, ManualClock, ProxyBuilder, ProxyHandle, Upstream,
+};
 
 const TOKEN: &str = "ramp-admin-token";
 
@@ -76,6 +78,14 @@ async fn a_healthy_v2_goes_through_every_step_holding_each() {
     let status: serde_json::Value = get(&proxy.admin_url("/status")).await.json();
     assert_eq!(status["routes"]["legacy_v1_percent"], 0.0);
     assert_eq!(done["analyses"][0]["judgement"]["verdict"], "pass", "{done}");
+    let text = proxy.metrics().await;
+    assert_eq!(metric(&text, "rollout_ramp_state", &[("state", "completed")]), Some(1.0), "{text}");
+    assert_eq!(metric(&text, "rollout_ramp_state", &[("state", "progressing")]), Some(0.0));
+    assert_eq!(metric(&text, "rollout_ramp_step", &[]), Some(2.0));
+    assert!(metric(&text, "rollout_ramp_analysis_total", &[("result", "pass")]).unwrap() >= 2.0);
+    assert_eq!(metric(&text, "rollout_ramp_analysis_total", &[("result", "fail")]), Some(0.0));
+    assert_eq!(metric(&text, "rollout_ramp_v2_error_ratio", &[]), Some(0.0));
+    assert_eq!(metric(&text, "rollout_ramp_leader", &[]), Some(1.0));
     proxy.shutdown().await;
 }
 
@@ -107,6 +117,10 @@ async fn v2_errors_abort_the_ramp_to_v1_and_leave_every_pin_where_it_is() {
     let aborted = ramp(&proxy).await;
     assert_eq!(aborted["v1_percent"], 100.0, "{aborted}");
     assert_eq!(aborted["analyses"][0]["judgement"]["verdict"], "fail", "{aborted}");
+    let text = proxy.metrics().await;
+    assert_eq!(metric(&text, "rollout_ramp_state", &[("state", "aborted")]), Some(1.0), "{text}");
+    assert_eq!(metric(&text, "rollout_ramp_analysis_total", &[("result", "fail")]), Some(3.0));
+    assert!(metric(&text, "rollout_ramp_v2_error_ratio", &[]).unwrap() > 0.05);
     // New studies go to v1; studies already on v2 stay there, as do those on v1.
     let fresh = pools_of((90_000..90_050).map(|id| proxy.url(&format!("/api/studies/{id}"))).collect()).await;
     assert!(fresh.iter().all(|p| p == "v1"), "{fresh:?}");

@@ -45,6 +45,16 @@ pub enum Verdict {
     Inconclusive,
 }
 
+impl Verdict {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Verdict::Pass => "pass",
+            Verdict::Fail => "fail",
+            Verdict::Inconclusive => "inconclusive",
+        }
+    }
+}
+
 /// A judgement with the numbers behind it, as `GET /ramp` shows it.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Judgement {

@@ -89,7 +89,11 @@ impl Ramp {
                 judged_at: None,
             })
         });
-        Ramp { shared, control, state: tokio::sync::Mutex::new((current, Readings::default())) }
+        let ramp = Ramp { shared, control, state: tokio::sync::Mutex::new((current, Readings::default())) };
+        if let Ok(state) = ramp.state.try_lock() {
+            ramp.show(state.0.as_ref());
+        }
+        ramp
     }
 
     /// Whether a ramp is progressing or paused: the operator's own percentage changes then
@@ -197,6 +201,11 @@ impl Ramp {
             return;
         };
         let judgement = judge(&sample, &analysis);
+        self.shared.metrics().ramp_analysed(
+            judgement.verdict.as_str(),
+            judgement.v2_error_ratio,
+            judgement.v2_p99_range.map(|(_, upper)| upper),
+        );
         let mut progress = ramp.progress.clone();
         let percent = progress.judged(&ramp.plan, now, judgement.verdict);
         if let Some(percent) = percent {
@@ -230,7 +239,9 @@ impl Ramp {
         Ok(())
     }
 
+    /// Shows the ramp in the metrics and stores it.
     async fn store(&self, current: Option<&Current>) -> Result<(), RampError> {
+        self.show(current);
         let Some(current) = current else { return Ok(()) };
         let record = Record {
             plan: current.plan.to_raw(),
@@ -244,6 +255,14 @@ impl Ramp {
         } else {
             Err(RampError::Control(ControlError::Store))
         }
+    }
+}
+
+impl Ramp {
+    fn show(&self, current: Option<&Current>) {
+        let (state, step) = current.map_or(("none", 0), |c| (c.progress.state.as_str(), c.progress.step));
+        // One replica drives ramps: this one, unless it is one of a fleet.
+        self.shared.metrics().ramp(state, step, self.shared.fleet().is_none());
     }
 }
 
