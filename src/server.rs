@@ -427,7 +427,12 @@ impl Server {
         let shared = Arc::new(Shared::new(snapshot, sessions, drain, metrics.clone(), clock.clone(), fleet));
         let control =
             Arc::new(Control::new(shared.clone(), config.clone(), overrides, loaded.revision, certs));
-        let ramp = Arc::new(Ramp::new(shared.clone(), control.clone(), loaded.ramp.as_deref()));
+        let ramp = Arc::new(Ramp::new(
+            shared.clone(),
+            control.clone(),
+            loaded.ramp.as_deref(),
+            config.ramp.as_ref(),
+        ));
         Ok(Planes { shared, control, ramp })
     }
 

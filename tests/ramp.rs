@@ -9,8 +9,10 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use http::StatusCode;
+use rollout_proxy::config::Config;
 use support::{
-    admin_call, get, metric, pools_of, ConfigBuilder, ManualClock, ProxyBuilder, ProxyHandle, Upstream,
+    admin_call, eventually, get, metric, pools_of, ConfigBuilder, ManualClock, ProxyBuilder, ProxyHandle,
+    Upstream,
 };
 
 const TOKEN: &str = "ramp-admin-token";
@@ -134,13 +136,18 @@ async fn v2_errors_abort_the_ramp_to_v1_and_leave_every_pin_where_it_is() {
     proxy.shutdown().await;
 }
 
+/// The ramp here comes from the config file: it starts with the proxy, and after the restart
+/// the stored ramp, not a fresh start of the file's plan, goes on.
 #[tokio::test]
 async fn a_restart_mid_hold_resumes_with_the_hold_that_was_left() {
     let (v1, v2) = (Upstream::new("v1-a").spawn().await, Upstream::new("v2-a").spawn().await);
     let clock = ManualClock::starting_now();
-    let config = config(v1, v2);
+    let config = config(v1, v2).section("ramp", PLAN);
     let proxy = ProxyBuilder::new(&config).clock(&clock).spawn().await;
-    admin_call("PUT", &proxy.admin_url("/ramp"), Some(TOKEN), None, Some(PLAN)).await;
+    eventually(Duration::from_secs(2), "the config file's ramp starts", || async {
+        ramp(&proxy).await["state"] == "progressing"
+    })
+    .await;
     let mut next = 0;
     for _ in 0..6 {
         minute(&proxy, &clock, &mut next, 200).await;
@@ -199,4 +206,18 @@ async fn a_hand_set_percentage_during_a_ramp_needs_force_and_pauses_it() {
     assert_eq!(bad.status, StatusCode::BAD_REQUEST);
     assert_eq!(bad.json()["error"], "ramp.steps: a ramp needs at least one step");
     proxy.shutdown().await;
+}
+
+#[test]
+fn a_plan_in_the_config_file_is_checked_with_the_rest_and_its_mistake_located() {
+    let yaml = "pools:\n  v1: { upstreams: [{ name: a, url: \"http://127.0.0.1:1\" }] }\n  v2: { upstreams: [{ name: b, url: \"http://127.0.0.1:2\" }] }\nramp:\n  steps:\n    - { v1_percent: 50, hold: 1h }\n    - { v1_percent: 80 }\n";
+    let error = Config::from_yaml(yaml, std::path::Path::new("rollout.yaml")).unwrap_err().to_string();
+    assert!(
+        error.contains("ramp.steps[1].v1_percent: 80% does not lower v1's share from the step before (50%)"),
+        "{error}"
+    );
+    assert!(error.contains("rollout.yaml:7"), "the line of the step: {error}");
+    let fine = yaml.replace("v1_percent: 80", "v1_percent: 0");
+    let config = Config::from_yaml(&fine, std::path::Path::new("rollout.yaml")).unwrap();
+    assert_eq!(config.ramp.unwrap().steps().len(), 2);
 }

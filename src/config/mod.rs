@@ -425,6 +425,9 @@ pub struct Config {
     /// Certificate and key files when the data plane speaks TLS.
     pub tls: Option<TlsFiles>,
     pub store: StoreConfig,
+    /// An automated ramp to start when the proxy starts with none stored (a stored ramp, and
+    /// one sent to `PUT /ramp`, win over it).
+    pub ramp: Option<ramp::Plan>,
     /// The file this was read from, for reloads; `None` when built from text.
     pub source: Option<PathBuf>,
 }

@@ -44,6 +44,9 @@ pub(crate) struct RawConfig {
     pub(crate) shutdown: RawShutdown,
     #[serde(default)]
     pub(crate) store: RawStore,
+    /// An automated ramp to start when the proxy starts with none stored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) ramp: Option<super::ramp::RawPlan>,
 }
 
 /// Where pins, the drain clock and operator changes are kept: `embedded` (one replica, redb in
@@ -437,6 +440,7 @@ impl From<&Config> for RawConfig {
                     },
                 },
             },
+            ramp: config.ramp.as_ref().map(super::ramp::Plan::to_raw),
         }
     }
 }

@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use http::header::HeaderName;
 
+use super::ramp::Plan;
 use super::raw::{RawBackend, RawConfig, RawOnStoreError, RawPool, RawSessionKey, RawSessions, RawStore};
 use super::{
     ByPool, ClientConfig, Config, Ejection, FleetConfig, HealthCheck, KeyPath, OnStoreError, Percent,
@@ -156,6 +157,13 @@ impl RawConfig {
         }
 
         let store = validate_store(&self.store, &root.key("store"), &mut p);
+        let ramp = self.ramp.clone().and_then(|plan| match Plan::try_from_raw(plan, "ramp") {
+            Ok(plan) => Some(plan),
+            Err(problem) => {
+                p.add(key_path(&problem.field), problem.problem);
+                None
+            }
+        });
 
         match (listen, admin_listen, legacy_v1_percent, sessions, p.0.is_empty()) {
             (Some(listen), Some(admin_listen), Some(legacy_v1_percent), Some(sessions), true) => Ok(Config {
@@ -188,11 +196,25 @@ impl RawConfig {
                 tls: self.tls.as_ref().map(|t| TlsFiles { cert: t.cert.clone(), key: t.key.clone() }),
                 grace_period: self.shutdown.grace_period,
                 store,
+                ramp,
                 source: None,
             }),
             _ => Err(p.0),
         }
     }
+}
+
+/// The key path a ramp plan's field names (`ramp.steps[1].hold`), for locating it in the file.
+fn key_path(dotted: &str) -> KeyPath {
+    let mut path = KeyPath::default();
+    for part in dotted.split('.') {
+        let (key, indexes) = part.split_once('[').map_or((part, ""), |(k, rest)| (k, rest));
+        path = path.key(key);
+        for index in indexes.split('[').filter_map(|i| i.trim_end_matches(']').parse().ok()) {
+            path = path.index(index);
+        }
+    }
+    path
 }
 
 fn validate_store(raw: &RawStore, path: &KeyPath, p: &mut Problems) -> StoreConfig {

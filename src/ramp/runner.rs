@@ -67,12 +67,21 @@ pub(crate) struct Ramp {
     shared: Arc<Shared>,
     control: Arc<Control>,
     state: tokio::sync::Mutex<(Option<Current>, Readings)>,
+    /// The config file's plan, to start once the proxy serves, if no ramp was stored.
+    from_file: std::sync::Mutex<Option<RawPlan>>,
 }
 
 impl Ramp {
     /// The ramp as stored (`stored`: the record's JSON), resumed where it was; a record this
-    /// build cannot read is reported and left alone.
-    pub(crate) fn new(shared: Arc<Shared>, control: Arc<Control>, stored: Option<&[u8]>) -> Ramp {
+    /// build cannot read is reported and left alone. Without a stored ramp, `from_file` (the
+    /// config file's plan) starts once the proxy serves ([`run`]).
+    pub(crate) fn new(
+        shared: Arc<Shared>,
+        control: Arc<Control>,
+        stored: Option<&[u8]>,
+        from_file: Option<&Plan>,
+    ) -> Ramp {
+        let from_file = std::sync::Mutex::new(from_file.filter(|_| stored.is_none()).map(Plan::to_raw));
         let current = stored.and_then(|json| {
             let record: Record = serde_json::from_slice(json)
                 .map_err(|error| warn!(%error, "the stored ramp cannot be read; starting without it"))
@@ -89,7 +98,12 @@ impl Ramp {
                 judged_at: None,
             })
         });
-        let ramp = Ramp { shared, control, state: tokio::sync::Mutex::new((current, Readings::default())) };
+        let ramp = Ramp {
+            shared,
+            control,
+            state: tokio::sync::Mutex::new((current, Readings::default())),
+            from_file,
+        };
         if let Ok(state) = ramp.state.try_lock() {
             ramp.show(state.0.as_ref());
         }
@@ -289,8 +303,15 @@ fn describe(current: Option<&Current>, now: UnixMillis) -> Value {
     })
 }
 
-/// Runs an analysis every second (each judges only when its interval is due) until `stop`.
+/// Starts the config file's ramp if there is one to start, then runs an analysis every second
+/// (each judges only when its interval is due) until `stop`.
 pub(crate) async fn run(ramp: Arc<Ramp>, stop: CancellationToken) {
+    let from_file = ramp.from_file.lock().unwrap_or_else(|p| p.into_inner()).take();
+    if let Some(plan) = from_file {
+        if let Err(error) = ramp.start(plan, &Actor("config file".to_owned())).await {
+            warn!(%error, "the config file's ramp did not start");
+        }
+    }
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
