@@ -1,7 +1,8 @@
 //! `rollout-proxy demo`: a self-contained tour on loopback.
 //!
 //! Starts one stub application server per upstream of the demo config (each answers with its pool
-//! and name), then the proxy and its admin listener, and prints commands to try. The stubs exist
+//! and name), then the proxy and its admin listener, and prints commands to try. When the config
+//! has a ramp, a few visitors a second give it traffic to judge. The stubs and visitors exist
 //! only for the tour; the proxy itself is the same [`crate::server::Server`] that `run` starts.
 
 use std::convert::Infallible;
@@ -82,6 +83,9 @@ pub async fn run(options: DemoOptions) -> Result<(), DemoError> {
 
     let server = Server::start(config.clone()).await?;
     println!("{}", tour(&config, server.addr, server.admin_addr));
+    if config.ramp.is_some() {
+        tokio::spawn(visit(server.addr));
+    }
     let token = server.shutdown_token();
     tokio::spawn(async move {
         stop.await;
@@ -122,10 +126,37 @@ fn tour(config: &Config, addr: SocketAddr, admin: SocketAddr) -> String {
     );
     out += &format!("  curl -s http://{admin}/drain; echo\n");
     out += &format!("  curl -s http://{admin}/metrics | grep ^rollout_sessions\n\n");
+    if config.ramp.is_some() {
+        out += "  # an automated ramp runs on the demo's own visitors; it moves v1's share of new\n";
+        out += "  # sessions step by step as v2 passes each analysis (pins stay where they are)\n";
+        out += &format!("  curl -s http://{admin}/ramp; echo\n");
+        out += &format!("  rollout-proxy ctl --admin http://{admin} ramp status --watch\n\n");
+    }
     out += "  # liveness and readiness\n";
     out += &format!("  curl -s http://{admin}/healthz; curl -s http://{admin}/readyz\n\n");
     out += "Ctrl-C stops the demo.";
     out
+}
+
+/// The demo's visitors, so its ramp has traffic to judge: ten new studies and ten v2 API calls a
+/// second, on loopback, each on a connection of its own.
+async fn visit(proxy: SocketAddr) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(100));
+    for visitor in 0u64.. {
+        tick.tick().await;
+        let _ = visit_once(proxy, &format!("/api/studies/visitor-{visitor}/progress")).await;
+        let _ = visit_once(proxy, "/api/v2/studies/visitor").await;
+    }
+}
+
+async fn visit_once(proxy: SocketAddr, path: &str) -> io::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(proxy).await?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: demo\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await?;
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer).await?;
+    Ok(())
 }
 
 /// A stand-in application server: answers every request with its pool, name, method and path.

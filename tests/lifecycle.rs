@@ -71,6 +71,16 @@ async fn demo_serves_the_tour_and_stops_on_ctrl_c() {
     assert_eq!(get(&demo.admin_url("/drain")).await.status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(get(&demo.admin_url("/healthz")).await.status, StatusCode::OK);
 
+    // The demo's short ramp, judged on its own visitors, reaches 0 % in well under a minute.
+    assert!(tour.contains("ramp status --watch"), "{tour}");
+    eventually(Duration::from_secs(60), "the demo's ramp completes", || async {
+        let ramp = get(&demo.admin_url("/ramp")).await.json();
+        ramp["state"] == "completed" && ramp["v1_percent"] == 0.0
+    })
+    .await;
+    let status = get(&demo.admin_url("/status")).await.json();
+    assert_eq!(status["routes"]["legacy_v1_percent"], 0.0);
+
     demo.signal(libc::SIGINT);
     assert_eq!(demo.exit_status(Duration::from_secs(10)).await.code(), Some(0));
 }
