@@ -147,3 +147,44 @@ async fn a_successor_that_dies_before_confirming_leaves_the_old_process_serving(
     }
     proxy.shutdown().await;
 }
+
+/// A ramp half-way through a hold goes on in the successor with what was left of the hold:
+/// neither started over nor skipped. (The ramp comes from the config file; the stored one wins
+/// over it in the successor.)
+#[tokio::test]
+async fn a_takeover_mid_hold_keeps_the_ramps_hold() {
+    let v1 = Upstream::new("v1-a").spawn().await;
+    let v2 = Upstream::new("v2-a").spawn().await;
+    let dir = tempfile::tempdir().unwrap();
+    let plan = r#"{ "steps": [ { "v1_percent": 90, "hold": "60s" }, { "v1_percent": 0 } ],
+                    "analysis": { "interval": "1s", "window": "5s", "inconclusive_timeout": "10m" } }"#;
+    let config = ConfigBuilder::one_each(v1, v2).section("ramp", plan);
+    let file = support::write_config(dir.path(), &config);
+    let mut old = ProxyProcess::start(&["run", "--config", &file]).await;
+    let hold_left = |admin: String| async move {
+        let ramp = support::get(&admin).await.json();
+        assert_eq!(ramp["state"], "progressing", "{ramp}");
+        ramp["hold_left_seconds"].as_f64().unwrap()
+    };
+    eventually(Duration::from_secs(10), "the ramp has held a few seconds", || async {
+        support::get(&old.admin_url("/ramp")).await.json()["hold_left_seconds"]
+            .as_f64()
+            .is_some_and(|s| s <= 56.0)
+    })
+    .await;
+    let before = hold_left(old.admin_url("/ramp")).await;
+
+    let new = ProxyProcess::start(&["run", "--config", &file, "--takeover"]).await;
+    let status = old.exit_status(Duration::from_secs(15)).await;
+    assert_eq!(status.code(), Some(0), "{}", old.stderr.lock().unwrap());
+    let after = hold_left(new.admin_url("/ramp")).await;
+    assert!(after <= before, "the hold started over: {before} s left before, {after} s after");
+    assert!(after > before - 10.0, "the hold skipped ahead: {before} s left before, {after} s after");
+    eventually(Duration::from_secs(5), "the successor goes on holding", || async {
+        support::get(&new.admin_url("/ramp")).await.json()["hold_left_seconds"]
+            .as_f64()
+            .is_some_and(|s| s < after)
+    })
+    .await;
+    drop(new);
+}
