@@ -218,7 +218,7 @@ impl IntoResponse for AdminError {
             AdminError::NoToken => StatusCode::FORBIDDEN,
             AdminError::BadRequest(_) => StatusCode::BAD_REQUEST,
             AdminError::NotFound(_) => StatusCode::NOT_FOUND,
-            AdminError::Control(err) => match err {
+            AdminError::Control(err) | AdminError::Ramp(RampError::Control(err)) => match err {
                 ControlError::Stale { .. } => StatusCode::PRECONDITION_FAILED,
                 ControlError::UnknownPool(_)
                 | ControlError::UnknownUpstream { .. }
@@ -235,7 +235,7 @@ impl IntoResponse for AdminError {
                 RampError::Plan(_) => StatusCode::BAD_REQUEST,
                 RampError::Refused(_) | RampError::Running(_) | RampError::Fleet => StatusCode::CONFLICT,
                 RampError::NoRamp => StatusCode::NOT_FOUND,
-                RampError::Control(ControlError::FleetUnavailable) => StatusCode::SERVICE_UNAVAILABLE,
+                // Mapped with the control plane's own errors above.
                 RampError::Control(_) => StatusCode::INTERNAL_SERVER_ERROR,
             },
         };
@@ -354,7 +354,8 @@ async fn drain(State(state): State<AdminState>) -> impl IntoResponse {
 }
 
 async fn status(State(state): State<AdminState>) -> impl IntoResponse {
-    let (revision, status) = state.control.status().await;
+    let (revision, mut status) = state.control.status().await;
+    status["ramp"] = state.ramp.summary().await;
     (etag(revision), Json(status))
 }
 
@@ -404,11 +405,11 @@ async fn get_ramp(State(state): State<AdminState>) -> Json<serde_json::Value> {
 /// Starts a ramp from the plan in the body (the config file's `ramp:` document, in JSON).
 async fn put_ramp(
     State(state): State<AdminState>,
-    Mutation { actor, .. }: Mutation,
+    Mutation { actor, expected }: Mutation,
     body: Bytes,
 ) -> Result<Json<serde_json::Value>, AdminError> {
     let plan: RawPlan = parse_body(&body)?;
-    Ok(Json(state.ramp.start(plan, &actor).await?))
+    Ok(Json(state.ramp.start(plan, expected, &actor).await?))
 }
 
 async fn ramp_command(

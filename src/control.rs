@@ -496,6 +496,13 @@ impl Change {
     }
 }
 
+impl Control {
+    /// Refuses (412) unless the current revision is `expected` (any, if `None`).
+    pub(crate) async fn expect_revision(&self, expected: Option<u64>) -> Result<(), ControlError> {
+        check_revision(&*self.running.lock().await, expected)
+    }
+}
+
 fn check_revision(running: &Running, expected: Option<u64>) -> Result<(), ControlError> {
     match expected {
         Some(expected) if expected != running.revision => {

@@ -196,11 +196,23 @@ async fn a_hand_set_percentage_during_a_ramp_needs_force_and_pauses_it() {
     let status: serde_json::Value = get(&proxy.admin_url("/status")).await.json();
     assert_eq!(status["routes"]["legacy_v1_percent"], 80.0, "the hand-set share stands");
 
+    let status: serde_json::Value = get(&proxy.admin_url("/status")).await.json();
+    assert_eq!(status["ramp"]["state"], "paused", "{status}");
+
     // A second ramp while this one is paused: refused. An unknown command: 404.
     let again = admin_call("PUT", &proxy.admin_url("/ramp"), Some(TOKEN), None, Some(PLAN)).await;
     assert_eq!(again.status, StatusCode::CONFLICT);
     assert_eq!(command(&proxy, "skip").await.status, StatusCode::NOT_FOUND);
     // A plan with a mistake: 400 naming it.
+    assert_eq!(command(&proxy, "abort").await.status, StatusCode::OK);
+    // Starting a ramp based on a revision another change has moved past: 412, nothing started.
+    let current = get(&proxy.admin_url("/status")).await.header("etag").unwrap().to_owned();
+    let stale = admin_call("PUT", &proxy.admin_url("/ramp"), Some(TOKEN), Some("\"1\""), Some(PLAN)).await;
+    assert_eq!(stale.status, StatusCode::PRECONDITION_FAILED, "{stale:?} (current {current})");
+    assert_eq!(ramp(&proxy).await["state"], "aborted");
+    let matching =
+        admin_call("PUT", &proxy.admin_url("/ramp"), Some(TOKEN), Some(&current), Some(PLAN)).await;
+    assert_eq!(matching.status, StatusCode::OK, "{matching:?}");
     assert_eq!(command(&proxy, "abort").await.status, StatusCode::OK);
     let bad = admin_call("PUT", &proxy.admin_url("/ramp"), Some(TOKEN), None, Some(r#"{"steps": []}"#)).await;
     assert_eq!(bad.status, StatusCode::BAD_REQUEST);

@@ -117,8 +117,14 @@ impl Ramp {
         state.0.as_ref().is_some_and(|c| matches!(c.progress.state, State::Progressing | State::Paused(_)))
     }
 
-    /// Starts `plan` at its first step.
-    pub(crate) async fn start(&self, raw: RawPlan, actor: &Actor) -> Result<Value, RampError> {
+    /// Starts `plan` at its first step; with `expected`, only if the running configuration is
+    /// still that revision (`If-Match`).
+    pub(crate) async fn start(
+        &self,
+        raw: RawPlan,
+        expected: Option<u64>,
+        actor: &Actor,
+    ) -> Result<Value, RampError> {
         if self.shared.fleet().is_some() {
             return Err(RampError::Fleet);
         }
@@ -129,6 +135,7 @@ impl Ramp {
                 return Err(RampError::Running(current.progress.state.as_str()));
             }
         }
+        self.control.expect_revision(expected).await?;
         let now = self.shared.now();
         let (progress, percent) = Progress::start(&plan, now);
         self.apply(percent, actor).await?;
@@ -146,6 +153,20 @@ impl Ramp {
         info!(actor = %actor.0, "ramp started");
         self.store(current.as_ref()).await?;
         Ok(describe(current.as_ref(), now))
+    }
+
+    /// The ramp in brief, for `GET /status`: state, step and share.
+    pub(crate) async fn summary(&self) -> Value {
+        let state = self.state.lock().await;
+        match state.0.as_ref() {
+            None => json!({ "state": "none" }),
+            Some(ramp) => json!({
+                "state": ramp.progress.state.as_str(),
+                "step": ramp.progress.step,
+                "steps": ramp.plan.steps().len(),
+                "v1_percent": ramp.progress.v1_percent(&ramp.plan).as_f64(),
+            }),
+        }
     }
 
     /// `GET /ramp`.
@@ -308,7 +329,7 @@ fn describe(current: Option<&Current>, now: UnixMillis) -> Value {
 pub(crate) async fn run(ramp: Arc<Ramp>, stop: CancellationToken) {
     let from_file = ramp.from_file.lock().unwrap_or_else(|p| p.into_inner()).take();
     if let Some(plan) = from_file {
-        if let Err(error) = ramp.start(plan, &Actor("config file".to_owned())).await {
+        if let Err(error) = ramp.start(plan, None, &Actor("config file".to_owned())).await {
             warn!(%error, "the config file's ramp did not start");
         }
     }
