@@ -106,6 +106,19 @@ pub(crate) fn p99_range(latency: &[u64; LATENCY_BUCKETS.len() + 1]) -> Option<(f
     None
 }
 
+/// The rule for a number known only within `(low, high)`: fail when the whole range is over
+/// its bound (`over`, as the caller's kind of range decides), pass when all of it is within
+/// `pass_bound`, and otherwise hold.
+fn place((_, high): (f64, f64), over: bool, pass_bound: f64) -> Verdict {
+    if over {
+        Verdict::Fail
+    } else if high <= pass_bound {
+        Verdict::Pass
+    } else {
+        Verdict::Inconclusive
+    }
+}
+
 /// Judges a step's window by `analysis`.
 pub fn judge(sample: &Sample, analysis: &Analysis) -> Judgement {
     let mut reasons = Vec::new();
@@ -134,13 +147,7 @@ pub fn judge(sample: &Sample, analysis: &Analysis) -> Judgement {
         }
         None => verdicts.push(Verdict::Inconclusive),
         Some((low, high)) => {
-            let verdict = if low > fail_bound {
-                Verdict::Fail
-            } else if high <= pass_bound {
-                Verdict::Pass
-            } else {
-                Verdict::Inconclusive
-            };
+            let verdict = place((low, high), low > fail_bound, pass_bound);
             match verdict {
                 Verdict::Fail => reasons.push(format!(
                     "v2's 5xx ratio is at least {low:.4} (95 % interval), over the bound {fail_bound:.4}"
@@ -176,13 +183,7 @@ pub fn judge(sample: &Sample, analysis: &Analysis) -> Judgement {
         None => verdicts.push(Verdict::Inconclusive),
         Some((low, high)) => {
             // A bucket holds durations above its lower bound: a p99 in it is over that bound.
-            let verdict = if low >= p99_fail_bound {
-                Verdict::Fail
-            } else if high <= p99_pass_bound {
-                Verdict::Pass
-            } else {
-                Verdict::Inconclusive
-            };
+            let verdict = place((low, high), low >= p99_fail_bound, p99_pass_bound);
             match verdict {
                 Verdict::Fail => reasons.push(format!(
                     "v2's p99 is at least {}, over the bound {}",
