@@ -229,11 +229,12 @@ impl IntoResponse for AdminError {
                 | ControlError::Certificate(_) => StatusCode::BAD_REQUEST,
                 ControlError::Store => StatusCode::INTERNAL_SERVER_ERROR,
                 ControlError::FleetUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+                ControlError::Fenced => StatusCode::CONFLICT,
             },
             AdminError::Conflict(_) => StatusCode::CONFLICT,
             AdminError::Ramp(err) => match err {
                 RampError::Plan(_) => StatusCode::BAD_REQUEST,
-                RampError::Refused(_) | RampError::Running(_) | RampError::Fleet => StatusCode::CONFLICT,
+                RampError::Refused(_) | RampError::Running(_) | RampError::Moved => StatusCode::CONFLICT,
                 RampError::NoRamp => StatusCode::NOT_FOUND,
                 // Mapped with the control plane's own errors above.
                 RampError::Control(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -391,10 +392,11 @@ async fn put_legacy(
                 .to_owned(),
         ));
     }
-    let applied_change = state.control.set_legacy_percent(percent, expected, &actor).await?;
+    // Paused first, so the ramp does not put its own share back in between.
     if ramping {
         state.ramp.overridden(&actor).await;
     }
+    let applied_change = state.control.set_legacy_percent(percent, expected, &actor).await?;
     Ok(applied(applied_change))
 }
 

@@ -20,7 +20,7 @@ use crate::fleet::Fleet;
 use crate::session::is_valid_key;
 use crate::shared::Shared;
 use crate::snapshot::Snapshot;
-use crate::store::fleet::FleetOverrides;
+use crate::store::fleet::{FleetOverrides, Lease, Published};
 use crate::store::Op;
 use crate::tls::{CertStore, TlsError};
 use crate::ErrorChain;
@@ -89,6 +89,8 @@ pub(crate) enum ControlError {
     Store,
     #[error("the fleet store is unreachable; nothing was changed")]
     FleetUnavailable,
+    #[error("this replica no longer leads the ramp; nothing was changed")]
+    Fenced,
 }
 
 /// Who asked for a change, for the audit line.
@@ -225,13 +227,34 @@ impl Control {
         expected: Option<u64>,
         actor: &Actor,
     ) -> Result<Applied, ControlError> {
+        self.legacy_percent(percent, expected, None, actor).await
+    }
+
+    /// Sets the share of new legacy sessions sent to v1 for the ramp; in a fleet only while
+    /// `lease` (the ramp's) is still the store's.
+    pub(crate) async fn set_legacy_percent_leading(
+        &self,
+        percent: Percent,
+        lease: Option<&Lease>,
+        actor: &Actor,
+    ) -> Result<Applied, ControlError> {
+        self.legacy_percent(percent, None, lease, actor).await
+    }
+
+    async fn legacy_percent(
+        &self,
+        percent: Percent,
+        expected: Option<u64>,
+        lease: Option<&Lease>,
+        actor: &Actor,
+    ) -> Result<Applied, ControlError> {
         let mut running = self.running.lock().await;
         check_revision(&running, expected)?;
         let old = self.shared.snapshot().router.legacy_v1_percent().as_f64();
         let mut overrides = running.overrides.clone();
         overrides.legacy_v1_percent = Some(percent.as_f64());
         let change = Change::overrides(overrides, "legacy_percent", json!(old), json!(percent.as_f64()));
-        self.commit(&mut running, change, actor).await
+        self.commit(&mut running, change, lease, actor).await
     }
 
     /// Sets one upstream's weight.
@@ -261,8 +284,13 @@ impl Control {
         let mut overrides = running.overrides.clone();
         overrides.weights.get_mut(pool).insert(name.to_owned(), weight);
         let what = |w: u32| json!({ "pool": pool, "upstream": name, "weight": w });
-        self.commit(&mut running, Change::overrides(overrides, "weight", what(old), what(weight)), actor)
-            .await
+        self.commit(
+            &mut running,
+            Change::overrides(overrides, "weight", what(old), what(weight)),
+            None,
+            actor,
+        )
+        .await
     }
 
     /// Drops every override: the config file's values apply again.
@@ -275,7 +303,7 @@ impl Control {
         check_revision(&running, expected)?;
         let old = serde_json::to_value(&running.overrides).unwrap_or(Value::Null);
         let change = Change::overrides(Overrides::default(), "overrides_reset", old, json!({}));
-        self.commit(&mut running, change, actor).await
+        self.commit(&mut running, change, None, actor).await
     }
 
     /// Re-reads the config file. An invalid file changes nothing.
@@ -312,7 +340,7 @@ impl Control {
             old: source.clone(),
             new: source,
         };
-        let mut applied = self.commit(&mut running, change, actor).await;
+        let mut applied = self.commit(&mut running, change, None, actor).await;
         let outcome = if applied.is_ok() { "ok" } else { "error" };
         metrics.config_reloads.with_label_values(&[outcome]).inc();
         if let Ok(applied) = &mut applied {
@@ -364,6 +392,7 @@ impl Control {
         &self,
         running: &mut Running,
         change: Change,
+        lease: Option<&Lease>,
         actor: &Actor,
     ) -> Result<Applied, ControlError> {
         let Change { file, mut overrides, kind, old, new } = change;
@@ -374,12 +403,15 @@ impl Control {
         // compare-and-set on the revision, and only then applies here.
         let revision = match self.shared.fleet() {
             None => running.revision + 1,
-            Some(fleet) => match fleet.publish_overrides(running.revision, &json).await {
-                Ok(Ok(revision)) => revision,
+            Some(fleet) => match fleet.publish_overrides(running.revision, &json, lease).await {
+                Ok(Published::Done(revision)) => revision,
+                Ok(Published::Fenced) => return Err(ControlError::Fenced),
                 // The store lost its data and the replicas have not written theirs back yet
                 // (they do within a second): try again then.
-                Ok(Err(current)) if current.revision == 0 => return Err(ControlError::FleetUnavailable),
-                Ok(Err(current)) => {
+                Ok(Published::Stale(current)) if current.revision == 0 => {
+                    return Err(ControlError::FleetUnavailable)
+                }
+                Ok(Published::Stale(current)) => {
                     let expected = running.revision;
                     self.adopt_fleet_overrides(running, current)?;
                     return Err(ControlError::Stale { expected, current: running.revision });

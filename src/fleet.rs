@@ -31,7 +31,9 @@ use crate::config::{FleetConfig, OnStoreError, PoolName};
 use crate::metrics::Metrics;
 use crate::session::{FleetTouch, PinPolicy};
 use crate::shared::Shared;
-use crate::store::fleet::{Change, Changes, Claimed, FleetError, FleetOverrides, FleetStore};
+use crate::store::fleet::{
+    Change, Changes, Claimed, FleetError, FleetOverrides, FleetStore, Lease, Published, RampRecord, RampWrite,
+};
 use crate::store::{SplitSalt, StoredPin};
 
 /// How long joining the fleet may take before the replica starts without it.
@@ -56,6 +58,8 @@ const SWEEP_PAGE: usize = 1_000;
 pub(crate) struct Fleet {
     store: FleetStore,
     on_error: OnStoreError,
+    /// How long the ramp lease lasts without renewal.
+    leader_lease: Duration,
     /// Where the change stream stood when this replica read every pin: [`follow`] starts there.
     /// `None` until this replica has joined (it may start while the store is unreachable).
     joined_at: std::sync::Mutex<Option<String>>,
@@ -104,6 +108,7 @@ impl Fleet {
         Ok(Fleet {
             store,
             on_error: config.on_store_error,
+            leader_lease: config.leader_lease,
             joined_at: std::sync::Mutex::new(None),
             incarnation: std::sync::Mutex::new(String::new()),
             up: AtomicBool::new(false),
@@ -145,6 +150,10 @@ impl Fleet {
 
     pub(crate) fn on_error(&self) -> OnStoreError {
         self.on_error
+    }
+
+    pub(crate) fn leader_lease(&self) -> Duration {
+        self.leader_lease
     }
 
     pub(crate) fn is_up(&self) -> bool {
@@ -203,15 +212,45 @@ impl Fleet {
         self.unpublished.lock().unwrap_or_else(|p| p.into_inner()).push(pin);
     }
 
-    /// Makes `json` the fleet's overrides if the fleet revision is still `expected`; else the
-    /// fleet's current overrides.
+    /// Makes `json` the fleet's overrides if the fleet revision is still `expected` (and, with
+    /// `lease`, while the ramp lease is still that one).
     pub(crate) async fn publish_overrides(
         &self,
         expected: u64,
         json: &[u8],
-    ) -> Result<Result<u64, FleetOverrides>, FleetError> {
-        let result = self.store.publish_overrides(expected, json).await;
+        lease: Option<&Lease>,
+    ) -> Result<Published, FleetError> {
+        let result = self.store.publish_overrides(expected, json, lease).await;
         self.note("overrides", result)
+    }
+
+    /// Takes or renews the ramp lease for this replica; the lease the store holds then.
+    pub(crate) async fn lease(&self, ttl: Duration, held: Option<&Lease>) -> Result<Lease, FleetError> {
+        let result = self.store.lease(&self.replica, ttl, held).await;
+        self.note("ramp_lease", result)
+    }
+
+    /// Gives the ramp lease up.
+    pub(crate) async fn release(&self, held: &Lease) -> Result<(), FleetError> {
+        let result = self.store.release(held).await;
+        self.note("ramp_lease", result)
+    }
+
+    /// The fleet's ramp record.
+    pub(crate) async fn ramp(&self) -> Result<Option<RampRecord>, FleetError> {
+        let result = self.store.ramp().await;
+        self.note("ramp", result)
+    }
+
+    /// Writes the fleet's ramp record over version `expected`, fenced by `lease` if given.
+    pub(crate) async fn write_ramp(
+        &self,
+        expected: u64,
+        json: &[u8],
+        lease: Option<&Lease>,
+    ) -> Result<RampWrite, FleetError> {
+        let result = self.store.write_ramp(expected, json, lease, &self.replica).await;
+        self.note("ramp", result)
     }
 
     /// Changes each time the fleet store is found to have lost its data.

@@ -170,7 +170,7 @@ pub(crate) const RAMP_STATES: [&str; 5] = ["none", "progressing", "paused", "abo
 pub(crate) const RAMP_VERDICTS: [&str; 3] = ["pass", "fail", "inconclusive"];
 
 /// Operations on the fleet store, pre-created so every series exists from the start.
-pub(crate) const FLEET_OPERATIONS: [&str; 12] = [
+pub(crate) const FLEET_OPERATIONS: [&str; 14] = [
     "join",
     "claim",
     "refresh",
@@ -183,6 +183,8 @@ pub(crate) const FLEET_OPERATIONS: [&str; 12] = [
     "restore",
     "replicas",
     "sweep",
+    "ramp_lease",
+    "ramp",
 ];
 
 /// Kinds of admin change, pre-created so every series exists from the start.

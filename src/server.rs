@@ -36,6 +36,7 @@ use crate::ramp::runner::Ramp;
 use crate::session::{PinPolicy, Sessions};
 use crate::shared::Shared;
 use crate::snapshot::Snapshot;
+use crate::store::fleet::Published;
 use crate::store::{Loaded, Store, StoreError};
 use crate::tls::CertStore;
 use crate::upstream::UpstreamClient;
@@ -199,6 +200,8 @@ struct Running {
     data_plane: DataPlane,
     readiness: Arc<Readiness>,
     upkeep: (JoinHandle<()>, CancellationToken),
+    /// The ramp's task, stopped with the upkeep; in a fleet it gives up the ramp lease.
+    ramp: JoinHandle<()>,
     checks: JoinHandle<()>,
     admin: (JoinHandle<()>, CancellationToken),
     grace: Duration,
@@ -302,7 +305,7 @@ impl Server {
         let admin_task = tokio::spawn(admin::serve(admin, admin_state, admin_stop.clone()));
         let upkeep_stop = CancellationToken::new();
         let upkeep = tokio::spawn(crate::shared::run_upkeep(shared.clone(), upkeep_stop.clone()));
-        tokio::spawn(crate::ramp::runner::run(ramp.clone(), upkeep_stop.clone()));
+        let ramp_task = tokio::spawn(crate::ramp::runner::run(ramp.clone(), upkeep_stop.clone()));
         if let Some(fleet) = shared.fleet() {
             tokio::spawn(control.clone().follow_fleet(fleet.clone(), upkeep_stop.clone()));
         }
@@ -317,6 +320,7 @@ impl Server {
             data_plane,
             readiness,
             upkeep: (upkeep, upkeep_stop),
+            ramp: ramp_task,
             checks,
             admin: (admin_task, admin_stop),
             grace: config.grace_period,
@@ -449,7 +453,7 @@ impl Server {
     /// Runs the ramp's analysis now, as its background task does every second (one judges
     /// only when the plan's interval is due by the proxy's clock): for tests on a manual clock.
     pub async fn analyse_ramp(&self) {
-        self.ramp.analyse().await;
+        self.ramp.tick().await;
     }
 
     /// A token that starts a graceful stop when cancelled.
@@ -481,6 +485,7 @@ impl Running {
         let (upkeep, upkeep_stop) = self.upkeep;
         upkeep_stop.cancel();
         let _ = upkeep.await;
+        let _ = self.ramp.await;
         let _ = self.checks.await;
         let _ = self.shared.maintain();
         self.shared.store().close().await;
@@ -591,7 +596,7 @@ async fn join_fleet(
         }
     };
     if let (None, Some(json)) = (&joined.overrides, &local.overrides) {
-        if let Ok(Ok(revision)) = fleet.publish_overrides(0, json).await {
+        if let Ok(Published::Done(revision)) = fleet.publish_overrides(0, json, None).await {
             info!(revision, "published this replica's overrides as the fleet's");
             joined.overrides = Some(crate::store::fleet::FleetOverrides { revision, json: json.clone() });
         }

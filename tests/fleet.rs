@@ -13,7 +13,9 @@ use std::time::Duration;
 use http::StatusCode;
 use rollout_proxy::config::PoolName;
 use rollout_proxy::session::PinPolicy;
-use rollout_proxy::store::fleet::{Change, Changes, Claimed, FleetOverrides, FleetStore};
+use rollout_proxy::store::fleet::{
+    Change, Changes, Claimed, FleetOverrides, FleetStore, Published, RampWrite,
+};
 use rollout_proxy::store::StoredPin;
 use support::redis::RedisServer;
 use support::{
@@ -272,22 +274,21 @@ async fn replica_on_error(
     on_store_error: &str,
     configure: impl FnOnce(ConfigBuilder) -> ConfigBuilder,
 ) -> ProxyHandle {
-    ProxyBuilder::new(&fleet_config(redis, namespace, v1, v2, on_store_error, configure)).spawn().await
+    let options = format!("on_store_error: {on_store_error}");
+    ProxyBuilder::new(&fleet_config(redis, namespace, v1, v2, &options, configure)).spawn().await
 }
 
-/// A fleet replica's configuration: `store` on `redis` under `namespace`, the admin token set.
+/// A fleet replica's configuration: `store` on `redis` under `namespace` with more `options`
+/// (`key: value, ...`), the admin token set.
 fn fleet_config(
     redis: &RedisServer,
     namespace: &str,
     v1: SocketAddr,
     v2: SocketAddr,
-    on_store_error: &str,
+    options: &str,
     configure: impl FnOnce(ConfigBuilder) -> ConfigBuilder,
 ) -> ConfigBuilder {
-    let store = format!(
-        "{{ backend: redis, url: \"{}\", namespace: {namespace}, on_store_error: {on_store_error} }}",
-        redis.url()
-    );
+    let store = format!("{{ backend: redis, url: \"{}\", namespace: {namespace}, {options} }}", redis.url());
     let token = tempfile::NamedTempFile::new().unwrap().into_temp_path().keep().unwrap();
     std::fs::write(&token, TOKEN).unwrap();
     configure(ConfigBuilder::one_each(v1, v2)).admin_token_file(&token).section("store", &store)
@@ -395,11 +396,11 @@ async fn refreshes_reach_the_fleet_once_per_fleet_lag_and_no_replica_ends_a_pin_
     let clock = ManualClock::starting_now();
     let sessions = Sessions { idle_timeout: Some(Duration::from_secs(1_000)), ..Sessions::default() };
     let configure = |config: ConfigBuilder| config.legacy_v1_percent(100.0).sessions(sessions.clone());
-    let a = ProxyBuilder::new(&fleet_config(&redis, "lag", v1, v2, "degrade", configure))
+    let a = ProxyBuilder::new(&fleet_config(&redis, "lag", v1, v2, "on_store_error: degrade", configure))
         .clock(&clock)
         .spawn()
         .await;
-    let b = ProxyBuilder::new(&fleet_config(&redis, "lag", v1, v2, "degrade", configure))
+    let b = ProxyBuilder::new(&fleet_config(&redis, "lag", v1, v2, "on_store_error: degrade", configure))
         .clock(&clock)
         .spawn()
         .await;
@@ -566,12 +567,15 @@ async fn overrides_change_by_compare_and_set_on_the_fleet_revision() {
     let redis = RedisServer::start();
     let store = FleetStore::connect(&redis.url(), "cas").await.unwrap();
     assert_eq!(store.overrides().await.unwrap(), None);
-    assert_eq!(store.publish_overrides(0, b"{\"legacy_v1_percent\":0.0}").await.unwrap(), Ok(1));
-    let lost = store.publish_overrides(0, b"{\"legacy_v1_percent\":100.0}").await.unwrap();
+    assert_eq!(
+        store.publish_overrides(0, b"{\"legacy_v1_percent\":0.0}", None).await.unwrap(),
+        Published::Done(1)
+    );
+    let lost = store.publish_overrides(0, b"{\"legacy_v1_percent\":100.0}", None).await.unwrap();
     let first = FleetOverrides { revision: 1, json: b"{\"legacy_v1_percent\":0.0}".to_vec() };
-    assert_eq!(lost, Err(first.clone()));
+    assert_eq!(lost, Published::Stale(first.clone()));
     assert_eq!(store.overrides().await.unwrap(), Some(first));
-    assert_eq!(store.publish_overrides(1, b"{}").await.unwrap(), Ok(2));
+    assert_eq!(store.publish_overrides(1, b"{}", None).await.unwrap(), Published::Done(2));
 }
 
 /// With the fleet store gone: known sessions are served from the local copy; new sessions are
@@ -807,4 +811,173 @@ async fn a_takeover_in_fleet_mode_keeps_every_session_on_its_pool() {
     let drain = get(&new.admin_url("/drain")).await.json();
     assert!(drain.get("withheld").is_none(), "the successor has not joined the fleet: {drain}");
     new.signal(libc::SIGTERM);
+}
+
+/// The ramp lease and its fencing token, on the store: one holder at a time, renewed only by
+/// its holder; once it ran out and another replica took it, the old holder's writes (the ramp
+/// record and the share in the overrides) are refused, while the new holder's and the
+/// operator's (by compare-and-set on the record's version) go through.
+#[tokio::test]
+async fn a_stale_ramp_leaders_writes_are_refused() {
+    let redis = RedisServer::start();
+    let store = FleetStore::connect(&redis.url(), "lease").await.unwrap();
+    let short = Duration::from_millis(300);
+    let a = store.lease("a", short, None).await.unwrap();
+    assert_eq!((a.holder(), a.token()), ("a", 1));
+    assert_eq!(store.lease("b", short, None).await.unwrap(), a, "held: B gets A's lease back");
+    assert_eq!(store.lease("a", short, Some(&a)).await.unwrap(), a, "renewed by its holder");
+    assert_eq!(store.write_ramp(0, b"step 1", Some(&a), "a").await.unwrap(), RampWrite::Done(1));
+
+    // A stalls past its lease; B takes over with the next token.
+    tokio::time::sleep(short * 2).await;
+    let b = store.lease("b", Duration::from_secs(30), None).await.unwrap();
+    assert_eq!((b.holder(), b.token()), ("b", 2));
+    assert_eq!(store.lease("a", short, Some(&a)).await.unwrap(), b, "A cannot renew what it lost");
+    assert_eq!(store.write_ramp(1, b"step 2 by a", Some(&a), "a").await.unwrap(), RampWrite::Fenced);
+    assert_eq!(
+        store.publish_overrides(0, b"{\"legacy_v1_percent\":50.0}", Some(&a)).await.unwrap(),
+        Published::Fenced
+    );
+    let record = store.ramp().await.unwrap().unwrap();
+    assert_eq!((record.version, record.json.as_slice(), record.writer.as_str()), (1, &b"step 1"[..], "a"));
+    assert_eq!(store.overrides().await.unwrap(), None, "the stale leader's share was not applied");
+
+    assert_eq!(store.write_ramp(1, b"step 2", Some(&b), "b").await.unwrap(), RampWrite::Done(2));
+    assert_eq!(
+        store.publish_overrides(0, b"{\"legacy_v1_percent\":50.0}", Some(&b)).await.unwrap(),
+        Published::Done(1)
+    );
+    // An operator's command on any replica: by the record's version, no lease needed.
+    assert_eq!(store.write_ramp(1, b"paused", None, "c").await.unwrap(), RampWrite::Moved);
+    assert_eq!(store.write_ramp(2, b"paused", None, "c").await.unwrap(), RampWrite::Done(3));
+
+    // Giving up a lease one no longer holds leaves the holder's alone.
+    store.release(&a).await.unwrap();
+    assert_eq!(store.lease("c", short, None).await.unwrap(), b);
+    store.release(&b).await.unwrap();
+    let c = store.lease("c", short, None).await.unwrap();
+    assert_eq!((c.holder(), c.token()), ("c", 3));
+}
+
+/// A fleet ramp plan: a few seconds at 90 %, then an hour at 50 %; judged every second on
+/// whatever traffic there is (a lax error bound, so a few dozen requests pass).
+const FLEET_PLAN: &str = r#"{
+  "steps": [ { "v1_percent": 90, "hold": "3s" }, { "v1_percent": 50, "hold": "1h" }, { "v1_percent": 0 } ],
+  "analysis": { "interval": "1s", "window": "2s", "min_requests": 5, "min_new_sessions": 0,
+                "min_latency_samples": 5, "max_error_ratio": 0.5, "failure_limit": 3,
+                "inconclusive_timeout": "1h" }
+}"#;
+
+async fn ramp_of(admin_url: &str) -> serde_json::Value {
+    get(&format!("{admin_url}/ramp")).await.json()
+}
+
+/// Two replicas: only the lease holder drives the ramp (its record, its writes), the other
+/// follows; started on the follower, the ramp is driven by the leader. `kill -9` of the leader:
+/// the other takes the lease over within the lease time and goes on from the same step, with
+/// the hold that was left, neither repeating nor skipping it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_replica_drives_the_ramp_and_another_takes_over_when_it_dies() {
+    let (redis, v1, v2) = redis_and_upstreams().await;
+    let dir = tempfile::tempdir().unwrap();
+    let lease = Duration::from_secs(2);
+    let config =
+        || fleet_config(&redis, "ramp", v1, v2, "leader_lease: 2s", |config| config.legacy_v1_percent(100.0));
+    let file = write_config(dir.path(), &config());
+    let a = ProxyProcess::start(&["run", "--config", file.as_str()]).await;
+    let a_admin = a.admin_url("");
+    let a_id: String = eventually_some(Duration::from_secs(5), "A leads the ramp", || {
+        let url = a_admin.clone();
+        async move {
+            let ramp = ramp_of(&url).await;
+            (ramp["leader"]["this"] == true).then(|| ramp["leader"]["replica"].as_str().unwrap().to_owned())
+        }
+    })
+    .await;
+    let b = ProxyBuilder::new(&config()).spawn().await;
+    let b_admin = b.admin_url("");
+    eventually(Duration::from_secs(5), "B sees A as the leader", || {
+        let (url, a_id) = (b_admin.clone(), a_id.clone());
+        async move {
+            let leader = ramp_of(&url).await["leader"].clone();
+            leader["this"] == false && leader["replica"] == a_id.as_str()
+        }
+    })
+    .await;
+
+    // Traffic on both replicas (on A until it is killed): v2 calls and new studies.
+    let (on_a, on_b) = (Arc::new(AtomicBool::new(true)), Arc::new(AtomicBool::new(true)));
+    let traffic = [(on_a.clone(), a.url("")), (on_b.clone(), b.url(""))].map(|(on, base)| {
+        tokio::spawn(async move {
+            let mut next = 0;
+            while on.load(Ordering::Relaxed) {
+                get(&format!("{base}/api/v2/items")).await;
+                get(&format!("{base}/api/studies/traffic-{next}")).await;
+                next += 1;
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+    });
+
+    let started = admin_call("PUT", &b.admin_url("/ramp"), Some(TOKEN), None, Some(FLEET_PLAN)).await;
+    assert_eq!(started.status, StatusCode::OK, "started on the follower: {started:?}");
+    eventually(Duration::from_secs(15), "the leader moves the ramp to step 1", || {
+        let url = b_admin.clone();
+        async move { ramp_of(&url).await["step"] == 1 }
+    })
+    .await;
+    let store = FleetStore::connect(&redis.url(), "ramp").await.unwrap();
+    let record = store.ramp().await.unwrap().unwrap();
+    assert_eq!(record.writer, a_id, "only the lease holder writes the ramp");
+    assert_eq!(metric(&get_text(&a_admin).await, "rollout_ramp_leader", &[]), Some(1.0));
+    assert_eq!(metric(&b.metrics().await, "rollout_ramp_leader", &[]), Some(0.0));
+    // Some of the hour held, by A.
+    let hold_left = || async { ramp_of(&b_admin).await["hold_left_seconds"].as_f64().unwrap() };
+    eventually(Duration::from_secs(10), "A holds step 1 for a while", || async {
+        hold_left().await <= 3_598.0
+    })
+    .await;
+
+    on_a.store(false, Ordering::Relaxed);
+    let [to_a, to_b] = traffic;
+    to_a.await.unwrap();
+    let left_by_a = hold_left().await;
+    a.signal(libc::SIGKILL);
+    let killed = std::time::Instant::now();
+    let mut a = a;
+    assert_eq!(a.exit_status(Duration::from_secs(5)).await.code(), None, "killed by a signal");
+    eventually(Duration::from_secs(6), "B takes the ramp over", || {
+        let url = b_admin.clone();
+        async move { ramp_of(&url).await["leader"]["this"] == true }
+    })
+    .await;
+    let took = killed.elapsed();
+    assert!(took <= lease + Duration::from_secs(2), "taken over within the lease (and a tick): {took:?}");
+    // B drives now: same step, the hold goes on from what A left, B writes.
+    let b_id = ramp_of(&b_admin).await["leader"]["replica"].as_str().unwrap().to_owned();
+    assert_ne!(b_id, a_id);
+    eventually(Duration::from_secs(10), "B writes the ramp", || {
+        let (store, b_id) = (store.clone(), b_id.clone());
+        async move { store.ramp().await.unwrap().unwrap().writer == b_id }
+    })
+    .await;
+    let now = ramp_of(&b_admin).await;
+    assert_eq!((now["state"].as_str(), now["step"].as_u64()), (Some("progressing"), Some(1)), "{now}");
+    assert_eq!(now["v1_percent"], 50.0);
+    let left = now["hold_left_seconds"].as_f64().unwrap();
+    assert!(left <= left_by_a, "the hold did not start again: {left_by_a}s left by A, {left}s now");
+    eventually(Duration::from_secs(5), "B counts the hold on", || async { hold_left().await < left_by_a })
+        .await;
+    assert_eq!(ramp_of(&b_admin).await["step"], 1, "the step is neither repeated nor skipped");
+    assert_eq!(metric(&b.metrics().await, "rollout_ramp_leader", &[]), Some(1.0));
+    let status: serde_json::Value = get(&b.admin_url("/status")).await.json();
+    assert_eq!(status["routes"]["legacy_v1_percent"], 50.0, "{status}");
+
+    on_b.store(false, Ordering::Relaxed);
+    to_b.await.unwrap();
+    b.shutdown().await;
+}
+
+async fn get_text(admin_url: &str) -> String {
+    String::from_utf8(get(&format!("{admin_url}/metrics")).await.body.to_vec()).unwrap()
 }

@@ -448,6 +448,9 @@ pub struct FleetConfig {
     /// Prefix of every key, so fleets can share one server.
     pub namespace: String,
     pub on_store_error: OnStoreError,
+    /// How long a replica leads the ramp without renewing its lease in the store: when the
+    /// leader dies, another replica takes the ramp over within this.
+    pub leader_lease: Duration,
 }
 
 /// What a replica does with a new session while the fleet store is unreachable.

@@ -59,6 +59,9 @@ pub(crate) struct RawStore {
     pub(crate) url: Option<String>,
     pub(crate) namespace: String,
     pub(crate) on_store_error: RawOnStoreError,
+    /// How long a replica leads the fleet's ramp without renewing its lease.
+    #[serde(with = "humantime_serde")]
+    pub(crate) leader_lease: Duration,
 }
 
 impl Default for RawStore {
@@ -68,6 +71,7 @@ impl Default for RawStore {
             url: None,
             namespace: "rollout".to_owned(),
             on_store_error: RawOnStoreError::Degrade,
+            leader_lease: Duration::from_secs(10),
         }
     }
 }
@@ -438,6 +442,7 @@ impl From<&Config> for RawConfig {
                         OnStoreError::Degrade => RawOnStoreError::Degrade,
                         OnStoreError::FailClosed => RawOnStoreError::FailClosed,
                     },
+                    leader_lease: fleet.leader_lease,
                 },
             },
             ramp: config.ramp.as_ref().map(super::ramp::Plan::to_raw),

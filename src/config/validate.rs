@@ -217,6 +217,11 @@ fn key_path(dotted: &str) -> KeyPath {
     path
 }
 
+/// The ramp leader's lease: renewed every second, so two seconds are the least that survive one
+/// slow renewal; longer than a few minutes would leave a ramp without a driver for that long.
+const MIN_LEADER_LEASE: Duration = Duration::from_secs(2);
+const MAX_LEADER_LEASE: Duration = Duration::from_secs(300);
+
 fn validate_store(raw: &RawStore, path: &KeyPath, p: &mut Problems) -> StoreConfig {
     let namespace_ok = !raw.namespace.is_empty()
         && raw.namespace.len() <= 64
@@ -238,6 +243,17 @@ fn validate_store(raw: &RawStore, path: &KeyPath, p: &mut Problems) -> StoreConf
             if let Err(problem) = check_redis_url(url) {
                 p.add(path.key("url"), problem);
             }
+            if !(MIN_LEADER_LEASE..=MAX_LEADER_LEASE).contains(&raw.leader_lease) {
+                p.add(
+                    path.key("leader_lease"),
+                    format!(
+                        "{} is not between {} and {}",
+                        humantime::format_duration(raw.leader_lease),
+                        humantime::format_duration(MIN_LEADER_LEASE),
+                        humantime::format_duration(MAX_LEADER_LEASE)
+                    ),
+                );
+            }
             StoreConfig::Redis(FleetConfig {
                 url: url.clone(),
                 namespace: raw.namespace.clone(),
@@ -245,6 +261,7 @@ fn validate_store(raw: &RawStore, path: &KeyPath, p: &mut Problems) -> StoreConf
                     RawOnStoreError::Degrade => OnStoreError::Degrade,
                     RawOnStoreError::FailClosed => OnStoreError::FailClosed,
                 },
+                leader_lease: raw.leader_lease,
             })
         }
     }

@@ -3,38 +3,54 @@
 //! plane (audited as the actor `ramp`), and stores the ramp, so a restart resumes it where it
 //! was.
 //!
+//! In a fleet the ramp lives in the fleet store and one replica drives it: the holder of the
+//! ramp lease ([`crate::store::fleet::Lease`]), renewed every second. Its writes (the ramp and
+//! the share) are fenced by the lease, so a leader that stalled while another took over cannot
+//! write any more. The other replicas follow the stored ramp, and take the lease over when the
+//! leader stops renewing it; an operator's command on any replica writes the ramp by
+//! compare-and-set. Time held in a step counts only while some replica leads, so a takeover
+//! never skips a hold.
+//!
 //! The admin API ([`crate::admin`]) hands it the operator's plan and commands; the judgement is
 //! [`super::guard`]'s and the states are [`super::machine`]'s.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use super::guard::{judge, Judgement};
+use super::guard::judge;
 use super::machine::{Progress, Refused, State};
 use super::window::{Readings, Totals};
 use crate::clock::UnixMillis;
 use crate::config::ramp::{Plan, PlanError, RawPlan};
 use crate::config::Percent;
 use crate::control::{Actor, Control, ControlError};
+use crate::fleet::Fleet;
 use crate::shared::Shared;
+use crate::store::fleet::{Lease, RampWrite};
 use crate::store::Op;
 
 /// How many judgements `GET /ramp` shows.
 const SHOWN_JUDGEMENTS: usize = 10;
 
-/// What is stored: the plan as written and where the ramp is.
+/// How often an operator's command is tried again when the leader wrote the ramp meanwhile.
+const COMMAND_ATTEMPTS: usize = 3;
+
+/// What is stored: the plan as written, where the ramp is, and its last judgements.
 #[derive(Debug, Serialize, Deserialize)]
 struct Record {
     plan: RawPlan,
     progress: Progress,
-    /// v2's session count when the current step began.
+    /// v2's session count when the current step began (the driving replica's count).
     step_sessions: u64,
+    /// Newest first, as `GET /ramp` shows them.
+    #[serde(default)]
+    analyses: VecDeque<Value>,
 }
 
 /// Why a ramp request was refused. Nothing was changed.
@@ -48,61 +64,121 @@ pub(crate) enum RampError {
     Running(&'static str),
     #[error("no ramp has been started")]
     NoRamp,
-    #[error("the ramp runs on one replica only for now; fleet mode does not drive it yet")]
-    Fleet,
+    #[error("the ramp kept changing on another replica meanwhile; read it and try again")]
+    Moved,
     #[error(transparent)]
     Control(#[from] ControlError),
 }
 
+#[derive(Clone)]
 struct Current {
     plan: Plan,
     progress: Progress,
     step_sessions: u64,
-    judgements: VecDeque<(UnixMillis, Judgement)>,
+    analyses: VecDeque<Value>,
     judged_at: Option<UnixMillis>,
+    /// The stored record's version in the fleet store (0 on one replica).
+    version: u64,
+    /// The record as last read from or written to the fleet store.
+    stored: Vec<u8>,
 }
 
-/// The ramp of one proxy: none, or one plan and where it is.
+impl Current {
+    fn new(plan: Plan, progress: Progress, step_sessions: u64) -> Current {
+        Current {
+            plan,
+            progress,
+            step_sessions,
+            analyses: VecDeque::new(),
+            judged_at: None,
+            version: 0,
+            stored: Vec::new(),
+        }
+    }
+
+    /// A stored record, read back; `None` (reported) if this build cannot read it.
+    fn read(json: &[u8]) -> Option<Current> {
+        let record: Record = serde_json::from_slice(json)
+            .map_err(|error| warn!(%error, "the stored ramp cannot be read; leaving it alone"))
+            .ok()?;
+        let plan = Plan::try_from_raw(record.plan, "ramp")
+            .map_err(|error| warn!(%error, "the stored ramp's plan is not valid; leaving it alone"))
+            .ok()?;
+        let mut current = Current::new(plan, record.progress, record.step_sessions);
+        current.analyses = record.analyses;
+        current.stored = json.to_vec();
+        Some(current)
+    }
+
+    fn to_json(&self) -> Vec<u8> {
+        let record = Record {
+            plan: self.plan.to_raw(),
+            progress: self.progress.clone(),
+            step_sessions: self.step_sessions,
+            analyses: self.analyses.clone(),
+        };
+        serde_json::to_vec(&record).expect("the ramp serializes")
+    }
+
+    fn is_active(&self) -> bool {
+        matches!(self.progress.state, State::Progressing | State::Paused(_))
+    }
+
+    /// Starts counting the step's sessions and time afresh on this replica: when the step
+    /// changes, and when this replica starts driving the ramp (its counters are its own).
+    fn restart_step_counts(&mut self, readings: &Readings) {
+        self.step_sessions = readings.v2_sessions();
+        self.progress.counted_at = None;
+        self.judged_at = None;
+    }
+}
+
+/// This replica's part in driving a fleet's ramp.
+#[derive(Default)]
+struct Leading {
+    /// The ramp lease while this replica holds it, and until when it surely does.
+    held: Option<(Lease, Instant)>,
+    /// The replica the store last said holds the lease.
+    holder: Option<String>,
+}
+
+/// The ramp of one proxy (or of its fleet): none, or one plan and where it is.
 pub(crate) struct Ramp {
     shared: Arc<Shared>,
     control: Arc<Control>,
     state: tokio::sync::Mutex<(Option<Current>, Readings)>,
     /// The config file's plan, to start once the proxy serves, if no ramp was stored.
     from_file: std::sync::Mutex<Option<RawPlan>>,
+    leading: std::sync::Mutex<Leading>,
+    /// A share of new sessions the ramp decided on but could not apply yet: tried again every
+    /// second by the driving replica.
+    owed: std::sync::Mutex<Option<Percent>>,
 }
 
 impl Ramp {
-    /// The ramp as stored (`stored`: the record's JSON), resumed where it was; a record this
-    /// build cannot read is reported and left alone. Without a stored ramp, `from_file` (the
-    /// config file's plan) starts once the proxy serves ([`run`]).
+    /// The ramp as stored (`stored`: the record's JSON, from the embedded store), resumed where
+    /// it was; a record this build cannot read is reported and left alone. Without a stored
+    /// ramp, `from_file` (the config file's plan) starts once the proxy serves ([`run`]). In a
+    /// fleet, `stored` is ignored: the fleet store's ramp is read every second.
     pub(crate) fn new(
         shared: Arc<Shared>,
         control: Arc<Control>,
         stored: Option<&[u8]>,
         from_file: Option<&Plan>,
     ) -> Ramp {
+        let stored = stored.filter(|_| shared.fleet().is_none());
         let from_file = std::sync::Mutex::new(from_file.filter(|_| stored.is_none()).map(Plan::to_raw));
-        let current = stored.and_then(|json| {
-            let record: Record = serde_json::from_slice(json)
-                .map_err(|error| warn!(%error, "the stored ramp cannot be read; starting without it"))
-                .ok()?;
-            let plan = Plan::try_from_raw(record.plan, "ramp")
-                .map_err(|error| warn!(%error, "the stored ramp's plan is not valid; starting without it"))
-                .ok()?;
-            info!(state = record.progress.state.as_str(), step = record.progress.step, "resuming the ramp");
-            Some(Current {
-                plan,
-                progress: record.progress,
-                step_sessions: record.step_sessions,
-                judgements: VecDeque::new(),
-                judged_at: None,
-            })
-        });
+        let current = stored.and_then(Current::read);
+        if let Some(current) = &current {
+            info!(state = current.progress.state.as_str(), step = current.progress.step, "resuming the ramp");
+        }
         let ramp = Ramp {
             shared,
             control,
             state: tokio::sync::Mutex::new((current, Readings::default())),
             from_file,
+            leading: std::sync::Mutex::new(Leading::default()),
+            owed: std::sync::Mutex::new(None),
         };
         if let Ok(state) = ramp.state.try_lock() {
             ramp.show(state.0.as_ref());
@@ -113,8 +189,9 @@ impl Ramp {
     /// Whether a ramp is progressing or paused: the operator's own percentage changes then
     /// need `force`.
     pub(crate) async fn is_active(&self) -> bool {
-        let state = self.state.lock().await;
-        state.0.as_ref().is_some_and(|c| matches!(c.progress.state, State::Progressing | State::Paused(_)))
+        let mut state = self.state.lock().await;
+        self.refresh(&mut state).await;
+        state.0.as_ref().is_some_and(Current::is_active)
     }
 
     /// Starts `plan` at its first step; with `expected`, only if the running configuration is
@@ -125,34 +202,26 @@ impl Ramp {
         expected: Option<u64>,
         actor: &Actor,
     ) -> Result<Value, RampError> {
-        if self.shared.fleet().is_some() {
-            return Err(RampError::Fleet);
-        }
         let plan = Plan::try_from_raw(raw, "ramp")?;
         let mut state = self.state.lock().await;
-        if let Some(current) = &state.0 {
-            if matches!(current.progress.state, State::Progressing | State::Paused(_)) {
-                return Err(RampError::Running(current.progress.state.as_str()));
-            }
+        self.refresh(&mut state).await;
+        let (current, readings) = &mut *state;
+        if let Some(current) = current.as_ref().filter(|c| c.is_active()) {
+            return Err(RampError::Running(current.progress.state.as_str()));
         }
         self.control.expect_revision(expected).await?;
         let now = self.shared.now();
         let (progress, percent) = Progress::start(&plan, now);
-        self.apply(percent, actor).await?;
-        let (current, readings) = &mut *state;
         readings.clear();
         readings.record(Totals::read(self.shared.metrics(), now), plan.analysis().window);
-        let step_sessions = readings.v2_sessions();
-        *current = Some(Current {
-            plan,
-            progress,
-            step_sessions,
-            judgements: VecDeque::new(),
-            judged_at: Some(now),
-        });
+        let mut next = Current::new(plan, progress, readings.v2_sessions());
+        next.judged_at = Some(now);
+        next.version = current.as_ref().map_or(0, |c| c.version);
+        self.write(&mut next, None).await?;
+        *current = Some(next);
         info!(actor = %actor.0, "ramp started");
-        self.store(current.as_ref()).await?;
-        Ok(describe(current.as_ref(), now))
+        self.apply(percent, None, actor).await?;
+        Ok(self.describe(current.as_ref(), now))
     }
 
     /// The ramp in brief, for `GET /status`: state, step and share.
@@ -171,60 +240,108 @@ impl Ramp {
 
     /// `GET /ramp`.
     pub(crate) async fn status(&self) -> Value {
-        let state = self.state.lock().await;
-        describe(state.0.as_ref(), self.shared.now())
+        let mut state = self.state.lock().await;
+        self.refresh(&mut state).await;
+        self.describe(state.0.as_ref(), self.shared.now())
     }
 
     /// An operator's command: pause, resume, abort, promote or retry.
     pub(crate) async fn command(&self, command: &str, actor: &Actor) -> Result<Value, RampError> {
         let mut state = self.state.lock().await;
-        let (current, readings) = &mut *state;
-        let now = self.shared.now();
-        let ramp = current.as_mut().ok_or(RampError::NoRamp)?;
-        let mut progress = ramp.progress.clone();
-        let percent = match command {
-            "pause" => progress.pause(now).map(|()| None)?,
-            "resume" => progress.resume(now).map(|()| None)?,
-            "abort" => Some(progress.abort(now)?),
-            "promote" => Some(progress.promote(&ramp.plan, now)?),
-            "retry" => Some(progress.retry(&ramp.plan, now)?),
-            _ => unreachable!("the admin API routes only these commands"),
-        };
-        if let Some(percent) = percent {
-            self.apply(percent, actor).await?;
+        for _ in 0..COMMAND_ATTEMPTS {
+            self.refresh(&mut state).await;
+            let (current, readings) = &mut *state;
+            let now = self.shared.now();
+            let ramp = current.as_ref().ok_or(RampError::NoRamp)?;
+            let mut next = ramp.clone();
+            let percent = match command {
+                "pause" => next.progress.pause(now).map(|()| None)?,
+                "resume" => next.progress.resume(now).map(|()| None)?,
+                "abort" => Some(next.progress.abort(now)?),
+                "promote" => Some(next.progress.promote(&ramp.plan, now)?),
+                "retry" => Some(next.progress.retry(&ramp.plan, now)?),
+                _ => unreachable!("the admin API routes only these commands"),
+            };
+            if next.progress.step != ramp.progress.step || command == "retry" {
+                readings.clear();
+                readings.record(Totals::read(self.shared.metrics(), now), ramp.plan.analysis().window);
+                next.step_sessions = readings.v2_sessions();
+            }
+            match self.write(&mut next, None).await {
+                Err(RampError::Moved) => continue,
+                written => written?,
+            }
+            info!(actor = %actor.0, command, state = next.progress.state.as_str(), step = next.progress.step, "ramp command");
+            *current = Some(next);
+            if let Some(percent) = percent {
+                self.apply(percent, None, actor).await?;
+            }
+            return Ok(self.describe(current.as_ref(), now));
         }
-        if progress.step != ramp.progress.step || command == "retry" {
-            readings.clear();
-            readings.record(Totals::read(self.shared.metrics(), now), ramp.plan.analysis().window);
-            ramp.step_sessions = readings.v2_sessions();
-        }
-        ramp.progress = progress;
-        info!(actor = %actor.0, command, state = ramp.progress.state.as_str(), step = ramp.progress.step, "ramp command");
-        self.store(current.as_ref()).await?;
-        Ok(describe(current.as_ref(), now))
+        Err(RampError::Moved)
     }
 
     /// The operator set the percentage by hand (forced, during a ramp): the ramp pauses, so it
     /// does not undo the change at its next step.
     pub(crate) async fn overridden(&self, actor: &Actor) {
-        let mut state = self.state.lock().await;
-        let now = self.shared.now();
-        if let Some(ramp) = state.0.as_mut() {
-            if ramp.progress.pause(now).is_ok() {
-                info!(actor = %actor.0, "ramp paused: the legacy percentage was set by hand");
-                let _ = self.store(state.0.as_ref()).await;
-            }
+        match self.command("pause", actor).await {
+            Ok(_) => info!(actor = %actor.0, "ramp paused: the legacy percentage was set by hand"),
+            Err(error) => warn!(%error, "the ramp could not be paused after the percentage was set by hand"),
         }
     }
 
-    /// One analysis, if one is due: reads the counters, judges the window and moves the ramp.
-    pub(crate) async fn analyse(&self) {
+    /// Starts the config file's plan, once; the first replica of a fleet to write it wins.
+    async fn start_from_file(&self) {
+        let from_file = self.from_file.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let Some(plan) = from_file else { return };
+        match self.start(plan, None, &Actor("config file".to_owned())).await {
+            Ok(_) | Err(RampError::Moved) => {}
+            Err(error) => warn!(%error, "the config file's ramp did not start"),
+        }
+    }
+
+    /// What the background task does every second: in a fleet, takes or renews the lease and
+    /// reads the fleet's ramp; then one analysis, if one is due and this replica drives.
+    pub(crate) async fn tick(&self) {
         let mut state = self.state.lock().await;
-        let (current, readings) = &mut *state;
+        if let Some(fleet) = self.shared.fleet() {
+            let was = self.lease();
+            let lease = self.renew(fleet, was.as_ref()).await;
+            if self.refresh(&mut state).await == Some(false) && self.has_plan_from_file() {
+                drop(state);
+                self.start_from_file().await;
+                state = self.state.lock().await;
+            }
+            let (current, readings) = &mut *state;
+            if lease.is_some() && lease != was {
+                // Counted from here, on this replica's own counters.
+                if let Some(ramp) = current.as_mut() {
+                    ramp.restart_step_counts(readings);
+                    info!(
+                        state = ramp.progress.state.as_str(),
+                        step = ramp.progress.step,
+                        "this replica now drives the ramp"
+                    );
+                }
+            }
+        }
+        self.analyse(&mut state).await;
+        self.settle_share(state.0.as_ref()).await;
+        self.show(state.0.as_ref());
+    }
+
+    /// One analysis, if one is due and this replica drives the ramp: reads the counters,
+    /// judges the window and moves the ramp.
+    async fn analyse(&self, state: &mut (Option<Current>, Readings)) {
+        let (current, readings) = state;
         let Some(ramp) = current.as_mut() else { return };
         let now = self.shared.now();
         let analysis = ramp.plan.analysis().clone();
         readings.record(Totals::read(self.shared.metrics(), now), analysis.window);
+        let lease = self.lease();
+        if self.shared.fleet().is_some() && lease.is_none() {
+            return;
+        }
         let due =
             ramp.judged_at.is_none_or(|at| now.saturating_sub(at) >= analysis.interval.as_millis() as u64);
         if ramp.progress.state != State::Progressing || !due {
@@ -241,104 +358,226 @@ impl Ramp {
             judgement.v2_error_ratio,
             judgement.v2_p99_range.map(|(_, upper)| upper),
         );
-        let mut progress = ramp.progress.clone();
-        let percent = progress.judged(&ramp.plan, now, judgement.verdict);
-        if let Some(percent) = percent {
-            if let Err(error) = self.apply(percent, &Actor("ramp".to_owned())).await {
-                // Tried again at the next analysis; the ramp has not moved.
-                warn!(%error, "the ramp could not apply its next share of new sessions");
-                return;
-            }
-        }
-        if progress.step != ramp.progress.step {
+        let mut next = ramp.clone();
+        let percent = next.progress.judged(&ramp.plan, now, judgement.verdict);
+        if next.progress.step != ramp.progress.step {
             readings.clear();
             readings.record(Totals::read(self.shared.metrics(), now), analysis.window);
-            ramp.step_sessions = readings.v2_sessions();
+            next.step_sessions = readings.v2_sessions();
         }
-        if progress.state != ramp.progress.state || progress.step != ramp.progress.step {
-            info!(state = progress.state.as_str(), step = progress.step, verdict = ?judgement.verdict, "ramp moved");
+        next.judged_at = Some(now);
+        next.analyses.push_front(json!({ "at_unix_ms": now, "judgement": judgement }));
+        next.analyses.truncate(SHOWN_JUDGEMENTS);
+        if let Err(error) = self.write(&mut next, lease.as_ref()).await {
+            // The ramp has not moved: judged again at the next analysis (or, fenced, by the
+            // replica that now drives it).
+            warn!(error = %crate::ErrorChain(&error), "the ramp's progress could not be stored");
+            return;
         }
-        ramp.progress = progress;
-        ramp.judged_at = Some(now);
-        ramp.judgements.push_front((now, judgement));
-        ramp.judgements.truncate(SHOWN_JUDGEMENTS);
-        if let Err(error) = self.store(current.as_ref()).await {
-            warn!(%error, "the ramp's progress could not be stored");
+        if next.progress.state != ramp.progress.state || next.progress.step != ramp.progress.step {
+            info!(state = next.progress.state.as_str(), step = next.progress.step, verdict = ?judgement.verdict, "ramp moved");
+        }
+        *ramp = next;
+        if percent.is_some() {
+            *self.owed.lock().unwrap_or_else(|p| p.into_inner()) = percent;
         }
     }
 
-    async fn apply(&self, percent: Percent, actor: &Actor) -> Result<(), RampError> {
+    /// Applies a share the ramp owes, and, while it progresses, keeps the share at its step's
+    /// (after a takeover, or a store failure between storing a step and applying its share).
+    async fn settle_share(&self, current: Option<&Current>) {
+        let lease = self.lease();
+        if self.shared.fleet().is_some() && lease.is_none() {
+            return;
+        }
+        let owed = self.owed.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let due = owed.or_else(|| {
+            current.filter(|c| c.progress.state == State::Progressing).map(|c| c.progress.v1_percent(&c.plan))
+        });
+        let Some(percent) = due else { return };
+        if let Err(error) = self.apply(percent, lease.as_ref(), &Actor("ramp".to_owned())).await {
+            warn!(error = %crate::ErrorChain(&error), "the ramp could not apply its share of new sessions; trying again");
+            self.owed.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(percent);
+        }
+    }
+
+    async fn apply(&self, percent: Percent, lease: Option<&Lease>, actor: &Actor) -> Result<(), RampError> {
         if self.shared.snapshot().router.legacy_v1_percent() != percent {
-            self.control.set_legacy_percent(percent, None, actor).await?;
+            self.control.set_legacy_percent_leading(percent, lease, actor).await?;
         }
         Ok(())
     }
 
-    /// Shows the ramp in the metrics and stores it.
-    async fn store(&self, current: Option<&Current>) -> Result<(), RampError> {
-        self.show(current);
-        let Some(current) = current else { return Ok(()) };
-        let record = Record {
-            plan: current.plan.to_raw(),
-            progress: current.progress.clone(),
-            step_sessions: current.step_sessions,
-        };
-        let store = self.shared.store();
-        store.send(Op::Ramp(serde_json::to_vec(&record).expect("the ramp serializes")));
-        if store.flush().await {
-            Ok(())
-        } else {
-            Err(RampError::Control(ControlError::Store))
+    /// Stores `next` (and shows it in the metrics): in the embedded store, or in the fleet
+    /// store over the version it was read at, fenced by `lease` for the driving replica's
+    /// writes. Refused when the fleet's record moved on or the lease is no longer the store's.
+    async fn write(&self, next: &mut Current, lease: Option<&Lease>) -> Result<(), RampError> {
+        let json = next.to_json();
+        match self.shared.fleet() {
+            None => {
+                let store = self.shared.store();
+                store.send(Op::Ramp(json));
+                if !store.flush().await {
+                    return Err(RampError::Control(ControlError::Store));
+                }
+            }
+            Some(fleet) => match fleet.write_ramp(next.version, &json, lease).await {
+                Ok(RampWrite::Done(version)) => {
+                    next.version = version;
+                    next.stored = json;
+                }
+                Ok(RampWrite::Moved) => return Err(RampError::Moved),
+                Ok(RampWrite::Fenced) => {
+                    self.leading.lock().unwrap_or_else(|p| p.into_inner()).held = None;
+                    return Err(RampError::Control(ControlError::Fenced));
+                }
+                Err(_) => return Err(RampError::Control(ControlError::FleetUnavailable)),
+            },
         }
+        self.show(Some(next));
+        Ok(())
     }
 }
 
+/// The fleet side: the lease, and following the stored ramp.
 impl Ramp {
+    /// The ramp lease, while this replica surely holds it.
+    fn lease(&self) -> Option<Lease> {
+        let leading = self.leading.lock().unwrap_or_else(|p| p.into_inner());
+        leading.held.as_ref().filter(|(_, until)| Instant::now() < *until).map(|(lease, _)| lease.clone())
+    }
+
+    /// Takes or renews the lease; the lease this replica holds afterwards, if any. A store
+    /// that does not answer leaves the lease to run out.
+    async fn renew(&self, fleet: &Fleet, held: Option<&Lease>) -> Option<Lease> {
+        let ttl = fleet.leader_lease();
+        let asked = Instant::now();
+        let answer = fleet.lease(ttl, held).await;
+        let mut leading = self.leading.lock().unwrap_or_else(|p| p.into_inner());
+        match answer {
+            Ok(lease) => {
+                leading.holder = Some(lease.holder().to_owned());
+                if lease.holder() == fleet.replica() {
+                    // The store set its expiry after `asked`: ours ends no later than its.
+                    leading.held = Some((lease, asked + ttl));
+                } else {
+                    if leading.held.take().is_some() {
+                        info!(leader = lease.holder(), "another replica drives the ramp now");
+                    }
+                }
+            }
+            Err(_) => leading.holder = None,
+        }
+        leading.held.as_ref().filter(|(_, until)| Instant::now() < *until).map(|(lease, _)| lease.clone())
+    }
+
+    fn has_plan_from_file(&self) -> bool {
+        self.from_file.lock().unwrap_or_else(|p| p.into_inner()).is_some()
+    }
+
+    /// Reads the fleet's ramp and makes it this replica's, if it changed. Answers whether the
+    /// fleet has a ramp, `None` if the store did not answer (or on one replica).
+    async fn refresh(&self, state: &mut (Option<Current>, Readings)) -> Option<bool> {
+        let fleet = self.shared.fleet()?;
+        let record = fleet.ramp().await.ok()?;
+        let (current, readings) = state;
+        let exists = record.is_some();
+        match record {
+            Some(record) => {
+                let changed =
+                    current.as_ref().is_none_or(|c| c.stored != record.json || c.version != record.version);
+                if changed {
+                    if let Some(mut read) = Current::read(&record.json) {
+                        read.version = record.version;
+                        if self.lease().is_some() {
+                            read.restart_step_counts(readings);
+                        }
+                        *current = Some(read);
+                    }
+                }
+            }
+            None => {
+                if let Some(ramp) = current.as_mut() {
+                    // The store lost its data: the driving replica writes the ramp back.
+                    if ramp.version > 0 && self.lease().is_some() {
+                        let mut restored = ramp.clone();
+                        restored.version = 0;
+                        if self.write(&mut restored, self.lease().as_ref()).await.is_ok() {
+                            info!("wrote the ramp back to the fleet store, which had lost it");
+                            *ramp = restored;
+                        }
+                    }
+                }
+            }
+        }
+        Some(exists)
+    }
+
+    /// Gives the lease up at shutdown, so another replica takes the ramp over at once.
+    async fn step_down(&self) {
+        let Some(fleet) = self.shared.fleet() else { return };
+        let held = self.leading.lock().unwrap_or_else(|p| p.into_inner()).held.take();
+        if let Some((lease, _)) = held {
+            if fleet.release(&lease).await.is_ok() {
+                info!("gave up driving the ramp");
+            }
+        }
+    }
+
     fn show(&self, current: Option<&Current>) {
         let (state, step) = current.map_or(("none", 0), |c| (c.progress.state.as_str(), c.progress.step));
-        // One replica drives ramps: this one, unless it is one of a fleet.
-        self.shared.metrics().ramp(state, step, self.shared.fleet().is_none());
+        let leads = self.shared.fleet().is_none() || self.lease().is_some();
+        self.shared.metrics().ramp(state, step, leads);
+    }
+
+    /// The ramp as `GET /ramp` shows it.
+    fn describe(&self, current: Option<&Current>, now: UnixMillis) -> Value {
+        let leader = self.shared.fleet().map(|fleet| {
+            let holder = self.leading.lock().unwrap_or_else(|p| p.into_inner()).holder.clone();
+            json!({ "replica": holder, "this": holder.as_deref() == Some(fleet.replica()) })
+        });
+        let Some(ramp) = current else { return json!({ "state": "none", "leader": leader }) };
+        let analyses: Vec<Value> = ramp
+            .analyses
+            .iter()
+            .map(|analysis| {
+                let mut analysis = analysis.clone();
+                if let Some(at) = analysis["at_unix_ms"].as_u64() {
+                    analysis["ago_seconds"] = json!(now.saturating_sub(at) as f64 / 1000.0);
+                }
+                analysis
+            })
+            .collect();
+        json!({
+            "state": ramp.progress.state.as_str(),
+            "paused_by": match ramp.progress.state { State::Paused(reason) => json!(reason), _ => Value::Null },
+            "step": ramp.progress.step,
+            "steps": ramp.plan.steps().len(),
+            "v1_percent": ramp.progress.v1_percent(&ramp.plan).as_f64(),
+            "hold_left_seconds": ramp.progress.hold_left(&ramp.plan).as_secs_f64(),
+            "failures_in_a_row": ramp.progress.failures,
+            "inconclusive_seconds": Duration::from_millis(ramp.progress.inconclusive_ms).as_secs_f64(),
+            "leader": leader,
+            "plan": ramp.plan.to_raw(),
+            "analyses": analyses,
+        })
     }
 }
 
-/// The ramp as `GET /ramp` shows it.
-fn describe(current: Option<&Current>, now: UnixMillis) -> Value {
-    let Some(ramp) = current else { return json!({ "state": "none" }) };
-    let steps = ramp.plan.steps();
-    let judgements: Vec<Value> = ramp
-        .judgements
-        .iter()
-        .map(|(at, judgement)| json!({ "at_unix_ms": at, "ago_seconds": now.saturating_sub(*at) as f64 / 1000.0, "judgement": judgement }))
-        .collect();
-    json!({
-        "state": ramp.progress.state.as_str(),
-        "paused_by": match ramp.progress.state { State::Paused(reason) => json!(reason), _ => Value::Null },
-        "step": ramp.progress.step,
-        "steps": steps.len(),
-        "v1_percent": ramp.progress.v1_percent(&ramp.plan).as_f64(),
-        "hold_left_seconds": ramp.progress.hold_left(&ramp.plan).as_secs_f64(),
-        "failures_in_a_row": ramp.progress.failures,
-        "inconclusive_seconds": Duration::from_millis(ramp.progress.inconclusive_ms).as_secs_f64(),
-        "plan": ramp.plan.to_raw(),
-        "analyses": judgements,
-    })
-}
-
-/// Starts the config file's ramp if there is one to start, then runs an analysis every second
-/// (each judges only when its interval is due) until `stop`.
+/// Starts the config file's ramp if there is one to start (in a fleet, once the store says the
+/// fleet has none), then ticks ([`Ramp::tick`]) every second until `stop`; in a fleet, then
+/// gives the lease up.
 pub(crate) async fn run(ramp: Arc<Ramp>, stop: CancellationToken) {
-    let from_file = ramp.from_file.lock().unwrap_or_else(|p| p.into_inner()).take();
-    if let Some(plan) = from_file {
-        if let Err(error) = ramp.start(plan, None, &Actor("config file".to_owned())).await {
-            warn!(%error, "the config file's ramp did not start");
-        }
+    if ramp.shared.fleet().is_none() {
+        ramp.start_from_file().await;
     }
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tick.tick() => ramp.analyse().await,
+            _ = stop.cancelled() => break,
+            _ = tick.tick() => ramp.tick().await,
         }
     }
+    ramp.step_down().await;
 }

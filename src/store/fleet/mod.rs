@@ -19,12 +19,18 @@
 //! - `{ns}:replicas`: hash, replica → `revision:unix_ms`, the fleet revision each replica has
 //!   applied and when it last said so (for `GET /status`);
 //! - `{ns}:salt`: the legacy split's salt ([`SplitSalt`]), made by the first replica;
+//! - `{ns}:ramp`, `{ns}:ramp_lease`, `{ns}:ramp_fence`: the ramp and who drives it
+//!   ([`lease`]);
 //! - `{ns}:incarnation`: a random marker made by the first replica; a replica that finds it
 //!   gone or changed knows the store lost its data (flushed, or restarted without its
 //!   append-only file) and writes back what it holds.
 //!
 //! Every script checks a pin's `first_seen` before changing it, so a late refresh or end meant
 //! for a pin that has since ended and been made again never touches the new one.
+
+mod lease;
+
+pub use lease::{Lease, RampRecord, RampWrite};
 
 use redis::aio::ConnectionManager;
 use redis::{AsyncCommands, Script};
@@ -136,10 +142,14 @@ return 1
 ";
 
 /// Replaces the operator's overrides if the fleet revision is still the one the caller knows.
-/// KEYS: overrides hash, stream. ARGV: expected revision, JSON, stream length. Answers
-/// `{1, new revision, ''}`, or `{0, current revision, current JSON}` when another change came
-/// first.
+/// KEYS: overrides hash, stream, ramp lease. ARGV: expected revision, JSON, stream length, the
+/// ramp lease the caller holds or ''. Answers `{1, new revision, ''}`, or `{0, current
+/// revision, current JSON}` when another change came first. With a lease (the ramp leader's
+/// change), only while that lease is still the store's: `{2, current revision, ''}` when not.
 const PUBLISH_OVERRIDES: &str = r"
+if ARGV[4] ~= '' and redis.call('GET', KEYS[3]) ~= ARGV[4] then
+  return {2, tonumber(redis.call('HGET', KEYS[1], 'revision') or '0'), ''}
+end
 local current = tonumber(redis.call('HGET', KEYS[1], 'revision') or '0')
 if current ~= tonumber(ARGV[1]) then
   return {0, current, redis.call('HGET', KEYS[1], 'json') or ''}
@@ -160,6 +170,17 @@ if redis.call('EXISTS', KEYS[1]) == 0 then
 end
 return redis.call('HMGET', KEYS[1], 'revision', 'json')
 ";
+
+/// What became of overrides sent to the fleet store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Published {
+    /// They are the fleet's, at this revision.
+    Done(u64),
+    /// Another change came first: these are the fleet's overrides.
+    Stale(FleetOverrides),
+    /// Sent under a ramp lease the store no longer has: a stale leader's change, refused.
+    Fenced,
+}
 
 /// The operator's overrides as the fleet has them: JSON, and the fleet revision.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -232,6 +253,9 @@ struct Keys {
     salt: String,
     incarnation: String,
     replicas: String,
+    ramp: String,
+    ramp_lease: String,
+    ramp_fence: String,
 }
 
 impl Keys {
@@ -246,6 +270,9 @@ impl Keys {
             salt: key("salt"),
             incarnation: key("incarnation"),
             replicas: key("replicas"),
+            ramp: key("ramp"),
+            ramp_lease: key("ramp_lease"),
+            ramp_fence: key("ramp_fence"),
         }
     }
 }
@@ -263,6 +290,9 @@ pub struct FleetStore {
     last_v1: Script,
     publish_overrides: Script,
     restore_overrides: Script,
+    lease: Script,
+    release: Script,
+    write_ramp: Script,
     /// The URL without credentials, for messages.
     location: String,
 }
@@ -301,6 +331,9 @@ impl FleetStore {
             last_v1: Script::new(LAST_V1),
             publish_overrides: Script::new(PUBLISH_OVERRIDES),
             restore_overrides: Script::new(RESTORE_OVERRIDES),
+            lease: Script::new(lease::LEASE),
+            release: Script::new(lease::RELEASE),
+            write_ramp: Script::new(lease::WRITE_RAMP),
             location,
         })
     }
@@ -581,25 +614,32 @@ impl FleetStore {
         Ok(revision.zip(json).map(|(revision, json)| FleetOverrides { revision, json }))
     }
 
-    /// Makes `json` the fleet's overrides if its revision is still `expected`. `Ok(Ok(new
-    /// revision))`, or `Ok(Err(current))` when another change came first.
+    /// Makes `json` the fleet's overrides if its revision is still `expected` and, with `lease`
+    /// (the ramp leader's change), while that lease is still the store's.
     pub async fn publish_overrides(
         &self,
         expected: u64,
         json: &[u8],
-    ) -> Result<Result<u64, FleetOverrides>, FleetError> {
+        lease: Option<&Lease>,
+    ) -> Result<Published, FleetError> {
         let mut connection = self.connection.clone();
         let (done, revision, current): (u8, u64, Vec<u8>) = self
             .publish_overrides
             .key(&self.keys.overrides)
             .key(&self.keys.changes)
+            .key(&self.keys.ramp_lease)
             .arg(expected)
             .arg(json)
             .arg(STREAM_LENGTH)
+            .arg(lease.map_or("", Lease::value))
             .invoke_async(&mut connection)
             .await
             .map_err(self.failed())?;
-        Ok(if done == 1 { Ok(revision) } else { Err(FleetOverrides { revision, json: current }) })
+        Ok(match done {
+            1 => Published::Done(revision),
+            2 => Published::Fenced,
+            _ => Published::Stale(FleetOverrides { revision, json: current }),
+        })
     }
 
     /// Writes `json` at `revision` back as the overrides if the store has none (it lost its
