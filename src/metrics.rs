@@ -162,12 +162,17 @@ pub struct Metrics {
     ramp_v2_error_ratio: Gauge,
     ramp_v2_p99: Gauge,
     ramp_leader: IntGauge,
+    /// `rollout_ramp_gate_calls_total{result}`: calls to the ramp's gates.
+    pub(crate) ramp_gate_calls: IntCounterVec,
 }
 
 /// The ramp's states as `rollout_ramp_state` labels them.
 pub(crate) const RAMP_STATES: [&str; 5] = ["none", "progressing", "paused", "aborted", "completed"];
 /// Verdicts of the ramp's analyses as `rollout_ramp_analysis_total` labels them.
 pub(crate) const RAMP_VERDICTS: [&str; 3] = ["pass", "fail", "inconclusive"];
+/// How calls to the ramp's gates ended, as `rollout_ramp_gate_calls_total` labels them: a 2xx,
+/// another status, or no answer (refused, timed out).
+pub(crate) const GATE_RESULTS: [&str; 3] = ["open", "closed", "error"];
 
 /// Operations on the fleet store, pre-created so every series exists from the start.
 pub(crate) const FLEET_OPERATIONS: [&str; 14] = [
@@ -446,6 +451,17 @@ impl Metrics {
                 IntGauge::new("rollout_ramp_leader", "1 when this replica drives the automated ramp.")
                     .expect("valid"),
             ),
+            ramp_gate_calls: {
+                let vec = counter_vec(
+                    "rollout_ramp_gate_calls_total",
+                    "Calls to the ramp's gates (webhooks), by result: open (2xx), closed (another status), error (no answer).",
+                    &["result"],
+                );
+                for result in GATE_RESULTS {
+                    vec.with_label_values(&[result]);
+                }
+                vec
+            },
             registry: r,
         }
     }

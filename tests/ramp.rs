@@ -11,8 +11,8 @@ use std::time::Duration;
 use http::StatusCode;
 use rollout_proxy::config::Config;
 use support::{
-    admin_call, eventually, get, metric, pools_of, ConfigBuilder, ManualClock, ProxyBuilder, ProxyHandle,
-    Upstream,
+    admin_call, eventually, get, metric, pools_of, ConfigBuilder, Hook, ManualClock, ProxyBuilder,
+    ProxyHandle, Upstream,
 };
 
 const TOKEN: &str = "ramp-admin-token";
@@ -232,4 +232,93 @@ fn a_plan_in_the_config_file_is_checked_with_the_rest_and_its_mistake_located() 
     let fine = yaml.replace("v1_percent: 80", "v1_percent: 0");
     let config = Config::from_yaml(&fine, std::path::Path::new("rollout.yaml")).unwrap();
     assert_eq!(config.ramp.unwrap().steps().len(), 2);
+}
+
+/// With too few requests the step cannot be judged: it holds past its hold time, inconclusive,
+/// and the ramp pauses when `inconclusive_timeout` runs out.
+#[tokio::test]
+async fn too_few_requests_hold_the_step_then_pause_the_ramp() {
+    let (v1, v2) = (Upstream::new("v1-a").spawn().await, Upstream::new("v2-a").spawn().await);
+    let clock = ManualClock::starting_now();
+    let proxy = ProxyBuilder::new(&config(v1, v2)).clock(&clock).spawn().await;
+    admin_call("PUT", &proxy.admin_url("/ramp"), Some(TOKEN), None, Some(PLAN)).await;
+    let mut states = Vec::new();
+    for _ in 0..40 {
+        // A few requests a minute: far below `min_requests`.
+        get(&proxy.url("/api/v2/items")).await;
+        clock.advance(Duration::from_secs(60));
+        proxy.analyse_ramp().await;
+        let now = ramp(&proxy).await;
+        assert_eq!(now["v1_percent"], 99.0, "the step holds: {now}");
+        states.push(now["state"].as_str().unwrap().to_owned());
+    }
+    let paused = states.iter().position(|s| s == "paused").expect("the ramp paused");
+    // Inconclusive from the second analysis on; 30 minutes of it pause the ramp.
+    assert!((29..=31).contains(&paused), "paused after {} minutes: {states:?}", paused + 1);
+    let now = ramp(&proxy).await;
+    assert_eq!(now["paused_by"], "inconclusive", "{now}");
+    assert_eq!(now["analyses"][0]["judgement"]["verdict"], "inconclusive", "{now}");
+    assert_eq!(command(&proxy, "resume").await.status, StatusCode::OK);
+    proxy.shutdown().await;
+}
+
+/// A gate answering 500 holds a step whose hold is done (asked again at every analysis); once
+/// it answers 2xx the ramp moves on. The payload is Flagger's; an abort tells the abort gate.
+#[tokio::test]
+async fn a_gate_answering_500_holds_the_step_and_2xx_lets_it_advance() {
+    let (v1, v2) = (Upstream::new("v1-a").spawn().await, Upstream::new("v2-a").spawn().await);
+    let hook = Hook::spawn(500).await;
+    let plan: serde_json::Value = serde_json::from_str(PLAN).unwrap();
+    let mut plan = plan.as_object().unwrap().clone();
+    plan.insert(
+        "gates".to_owned(),
+        serde_json::json!([
+            { "name": "approval", "url": hook.url("/gate/check"), "retries": 0, "timeout": "2s",
+              "metadata": { "cmd": "approve" } },
+            { "name": "pager", "on": "abort", "url": hook.url("/abort") },
+        ]),
+    );
+    let plan = serde_json::Value::Object(plan).to_string();
+    let clock = ManualClock::starting_now();
+    let proxy = ProxyBuilder::new(&config(v1, v2)).clock(&clock).spawn().await;
+    let started = admin_call("PUT", &proxy.admin_url("/ramp"), Some(TOKEN), None, Some(&plan)).await;
+    assert_eq!(started.status, StatusCode::OK, "{started:?}");
+
+    let mut next = 0;
+    for _ in 0..15 {
+        minute(&proxy, &clock, &mut next, 200).await;
+    }
+    let held = ramp(&proxy).await;
+    assert_eq!((held["step"].as_u64(), held["v1_percent"].as_f64()), (Some(0), Some(99.0)), "{held}");
+    assert_eq!(held["hold_left_seconds"], 0.0);
+    assert_eq!(held["gates"]["open"], false, "{held}");
+    assert_eq!(held["gates"]["answers"][0]["status"], 500, "{held}");
+    let asked = hook.calls("/gate/check");
+    assert!(asked.len() >= 5, "asked at every analysis once the hold was done: {}", asked.len());
+
+    hook.answer(200);
+    minute(&proxy, &clock, &mut next, 200).await;
+    let moved = ramp(&proxy).await;
+    assert_eq!((moved["step"].as_u64(), moved["v1_percent"].as_f64()), (Some(1), Some(50.0)), "{moved}");
+    let payload = hook.calls("/gate/check").pop().unwrap();
+    assert_eq!(payload["name"], "rollout");
+    assert_eq!(payload["namespace"], "default");
+    assert_eq!(payload["phase"], "Progressing");
+    assert_eq!(payload["type"], "confirm-traffic-increase");
+    assert_eq!(payload["metadata"]["cmd"], "approve");
+    assert_eq!((payload["step"].as_u64(), payload["v1_percent"].as_f64()), (Some(1), Some(50.0)));
+    let text = proxy.metrics().await;
+    assert!(metric(&text, "rollout_ramp_gate_calls_total", &[("result", "closed")]).unwrap() >= 5.0);
+    assert_eq!(metric(&text, "rollout_ramp_gate_calls_total", &[("result", "open")]), Some(1.0));
+
+    assert!(hook.calls("/abort").is_empty());
+    assert_eq!(command(&proxy, "abort").await.status, StatusCode::OK);
+    eventually(Duration::from_secs(5), "the abort gate is told", || async {
+        !hook.calls("/abort").is_empty()
+    })
+    .await;
+    let told = &hook.calls("/abort")[0];
+    assert_eq!((told["phase"].as_str(), told["type"].as_str()), (Some("Failed"), Some("event")), "{told}");
+    assert!(told["metadata"]["eventMessage"].as_str().unwrap().contains("aborted by"), "{told}");
+    proxy.shutdown().await;
 }

@@ -6,6 +6,7 @@
 //! `PUT /ramp` are one document) and as checked. Judging a step's numbers is
 //! [`crate::ramp::guard`]'s job, running a plan is [`crate::ramp::machine`]'s.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -16,10 +17,68 @@ use super::Percent;
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawPlan {
+    /// What the ramp is of, as gates are told (Flagger's canary name and namespace).
+    #[serde(default = "default_name")]
+    pub name: String,
+    #[serde(default = "default_namespace")]
+    pub namespace: String,
     pub steps: Vec<RawStep>,
     #[serde(default)]
     pub analysis: RawAnalysis,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub gates: Vec<RawGate>,
 }
+
+fn default_name() -> String {
+    "rollout".to_owned()
+}
+
+fn default_namespace() -> String {
+    "default".to_owned()
+}
+
+/// A webhook the ramp calls, with Flagger's payload: before each step (any answer but 2xx holds
+/// the step) or when the ramp aborts (told only; an abort is never held).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawGate {
+    pub name: String,
+    /// `http://` or `https://` (checked against the public web roots).
+    pub url: String,
+    #[serde(default)]
+    pub on: GateOn,
+    /// How long one call may take.
+    #[serde(default = "default_gate_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Calls after a first one that failed or timed out (not after a clear non-2xx answer).
+    #[serde(default = "default_gate_retries")]
+    pub retries: u32,
+    /// Sent as the payload's `metadata`, as Flagger's webhooks do.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub metadata: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GateOn {
+    /// Before the share moves to the next step (Flagger's `confirm-traffic-increase`).
+    #[default]
+    Step,
+    /// When the ramp aborts (Flagger's `event`, phase `Failed`).
+    Abort,
+}
+
+fn default_gate_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+
+fn default_gate_retries() -> u32 {
+    2
+}
+
+/// The longest a gate call may be allowed: longer would leave a step's fate unknown for long.
+const MAX_GATE_TIMEOUT: Duration = Duration::from_secs(300);
+const MAX_GATE_RETRIES: u32 = 10;
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -85,8 +144,11 @@ impl Default for RawAnalysis {
 /// for a while.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Plan {
+    name: String,
+    namespace: String,
     steps: Vec<Step>,
     analysis: Analysis,
+    gates: Vec<RawGate>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -151,7 +213,29 @@ impl Plan {
             steps.push(Step { v1_percent, hold });
         }
         let analysis = Analysis::try_from_raw(raw.analysis, &format!("{field}.analysis"))?;
-        Ok(Plan { steps, analysis })
+        for (i, gate) in raw.gates.iter().enumerate() {
+            check_gate(gate, &format!("{field}.gates[{i}]"))?;
+            if raw.gates[..i].iter().any(|other| other.name == gate.name) {
+                return Err(invalid(
+                    format!("{field}.gates[{i}].name"),
+                    format!("{:?} is used twice", gate.name),
+                ));
+            }
+        }
+        Ok(Plan { name: raw.name, namespace: raw.namespace, steps, analysis, gates: raw.gates })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn namespace(&self) -> &str {
+        &self.namespace
+    }
+
+    /// The gates called `on` that occasion.
+    pub fn gates(&self, on: GateOn) -> impl Iterator<Item = &RawGate> {
+        self.gates.iter().filter(move |gate| gate.on == on)
     }
 
     pub fn steps(&self) -> &[Step] {
@@ -166,6 +250,8 @@ impl Plan {
     pub fn to_raw(&self) -> RawPlan {
         let last = self.steps.len() - 1;
         RawPlan {
+            name: self.name.clone(),
+            namespace: self.namespace.clone(),
             steps: self
                 .steps
                 .iter()
@@ -176,8 +262,42 @@ impl Plan {
                 })
                 .collect(),
             analysis: self.analysis.0.clone(),
+            gates: self.gates.clone(),
         }
     }
+}
+
+fn check_gate(gate: &RawGate, at: &str) -> Result<(), PlanError> {
+    if gate.name.is_empty() {
+        return Err(invalid(format!("{at}.name"), "a gate needs a name"));
+    }
+    let uri: http::Uri = gate
+        .url
+        .parse()
+        .map_err(|e| invalid(format!("{at}.url"), format!("{:?} is not a URL: {e}", gate.url)))?;
+    if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.host().is_none_or(str::is_empty) {
+        return Err(invalid(
+            format!("{at}.url"),
+            format!("{:?} is not an http:// or https:// URL with a host", gate.url),
+        ));
+    }
+    if gate.timeout.is_zero() || gate.timeout > MAX_GATE_TIMEOUT {
+        return Err(invalid(
+            format!("{at}.timeout"),
+            format!(
+                "{} is not between 0 and {}",
+                humantime::format_duration(gate.timeout),
+                humantime::format_duration(MAX_GATE_TIMEOUT)
+            ),
+        ));
+    }
+    if gate.retries > MAX_GATE_RETRIES {
+        return Err(invalid(
+            format!("{at}.retries"),
+            format!("{} is more than {MAX_GATE_RETRIES}", gate.retries),
+        ));
+    }
+    Ok(())
 }
 
 impl Analysis {
@@ -274,5 +394,37 @@ mod tests {
         );
         let unknown: Result<RawPlan, _> = serde_json::from_str(r#"{"steps": [], "stpes": 1}"#);
         assert!(unknown.unwrap_err().to_string().contains("unknown field `stpes`"));
+    }
+
+    #[test]
+    fn gates_need_a_unique_name_an_http_url_and_sane_limits() {
+        let with_gates =
+            |gates: &str| plan(&format!(r#"{{"steps": [{{"v1_percent": 0}}], "gates": {gates}}}"#));
+        let ok = with_gates(r#"[{"name": "a", "url": "https://ci.example/gate"}, {"name": "b", "on": "abort", "url": "http://10.0.0.1:8080/x"}]"#)
+            .unwrap();
+        assert_eq!(ok.gates(GateOn::Step).map(|g| g.name.as_str()).collect::<Vec<_>>(), ["a"]);
+        assert_eq!(ok.gates(GateOn::Abort).next().unwrap().timeout, Duration::from_secs(10));
+        assert_eq!(Plan::try_from_raw(ok.to_raw(), "ramp").unwrap(), ok, "written back as read");
+        for (gates, message) in [
+            (r#"[{"name": "", "url": "http://a/"}]"#, "ramp.gates[0].name: a gate needs a name"),
+            (
+                r#"[{"name": "a", "url": "ftp://a/"}]"#,
+                "ramp.gates[0].url: \"ftp://a/\" is not an http:// or https:// URL with a host",
+            ),
+            (
+                r#"[{"name": "a", "url": "http://a/"}, {"name": "a", "url": "http://b/"}]"#,
+                "ramp.gates[1].name: \"a\" is used twice",
+            ),
+            (
+                r#"[{"name": "a", "url": "http://a/", "timeout": "10m"}]"#,
+                "ramp.gates[0].timeout: 10m is not between 0 and 5m",
+            ),
+            (
+                r#"[{"name": "a", "url": "http://a/", "retries": 11}]"#,
+                "ramp.gates[0].retries: 11 is more than 10",
+            ),
+        ] {
+            assert_eq!(with_gates(gates).unwrap_err().to_string(), message);
+        }
     }
 }

@@ -239,12 +239,13 @@ fn seconds(value: f64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::ramp::{Plan, RawAnalysis, RawPlan, RawStep};
+    use crate::config::ramp::{Plan, RawAnalysis, RawPlan};
 
     fn analysis(edit: impl FnOnce(&mut RawAnalysis)) -> Analysis {
         let mut raw = RawAnalysis { min_new_sessions: 0, ..RawAnalysis::default() };
         edit(&mut raw);
-        let plan = RawPlan { steps: vec![RawStep { v1_percent: 0.0, hold: None }], analysis: raw };
+        let mut plan: RawPlan = serde_json::from_str(r#"{"steps": [{"v1_percent": 0}]}"#).unwrap();
+        plan.analysis = raw;
         Plan::try_from_raw(plan, "ramp").unwrap().analysis().clone()
     }
 

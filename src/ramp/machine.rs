@@ -103,8 +103,16 @@ impl Progress {
     }
 
     /// Counts the time since the last call as held (while progressing), then acts on the
-    /// window's verdict. Returns the share to apply if it changed.
-    pub fn judged(&mut self, plan: &Plan, now: UnixMillis, verdict: Verdict) -> Option<Percent> {
+    /// window's verdict. Returns the share to apply if it changed. A step whose hold is done
+    /// and whose window passes moves on only if `gates_open` (its gates said yes, or it has
+    /// none; see [`Progress::awaits_gates`]).
+    pub fn judged(
+        &mut self,
+        plan: &Plan,
+        now: UnixMillis,
+        verdict: Verdict,
+        gates_open: bool,
+    ) -> Option<Percent> {
         let elapsed = self.count_time(now);
         if self.state != State::Progressing {
             return None;
@@ -131,9 +139,19 @@ impl Progress {
             Verdict::Pass => {
                 self.failures = 0;
                 self.inconclusive_ms = 0;
-                (self.hold_left(plan).is_zero()).then(|| self.advance(plan))
+                let last = self.step + 1 == plan.steps().len();
+                (self.hold_left(plan).is_zero() && (gates_open || last)).then(|| self.advance(plan))
             }
         }
+    }
+
+    /// Whether the step is done (held, and its window passed) and only waits for the gates
+    /// before the next one.
+    pub fn awaits_gates(&self, plan: &Plan, verdict: Verdict) -> bool {
+        self.state == State::Progressing
+            && verdict == Verdict::Pass
+            && self.hold_left(plan).is_zero()
+            && self.step + 1 < plan.steps().len()
     }
 
     /// Counts the time since the last count as held, if progressing; returns it (ms).
@@ -148,7 +166,12 @@ impl Progress {
         }
     }
 
+    /// The next step; past the last one (held, if it has a hold), the ramp is completed.
     fn advance(&mut self, plan: &Plan) -> Percent {
+        if self.step + 1 == plan.steps().len() {
+            self.state = State::Completed;
+            return plan.steps()[self.step].v1_percent;
+        }
         self.step += 1;
         self.held_ms = 0;
         self.inconclusive_ms = 0;
@@ -263,7 +286,7 @@ mod tests {
         (1..=minutes)
             .filter_map(|m| {
                 let now = from + m * MINUTE;
-                progress.judged(plan, now, verdict).map(|p| (m, p))
+                progress.judged(plan, now, verdict, true).map(|p| (m, p))
             })
             .collect()
     }
@@ -290,9 +313,9 @@ mod tests {
             .into_iter()
             .enumerate()
         {
-            assert_eq!(progress.judged(&plan, (31 + m as u64) * MINUTE, verdict), None);
+            assert_eq!(progress.judged(&plan, (31 + m as u64) * MINUTE, verdict, true), None);
         }
-        assert_eq!(progress.judged(&plan, 36 * MINUTE, Verdict::Fail), Some(Percent::HUNDRED));
+        assert_eq!(progress.judged(&plan, 36 * MINUTE, Verdict::Fail, true), Some(Percent::HUNDRED));
         assert_eq!(progress.state, State::Aborted);
         assert_eq!(progress.v1_percent(&plan), Percent::HUNDRED);
         assert_eq!(
@@ -336,7 +359,7 @@ mod tests {
         // Stored and read back after a restart an hour later: the hour does not count either.
         let stored = serde_json::to_string(&progress).unwrap();
         let mut restarted: Progress = serde_json::from_str(&stored).unwrap();
-        assert_eq!(restarted.judged(&plan, 130 * MINUTE, Verdict::Pass), None);
+        assert_eq!(restarted.judged(&plan, 130 * MINUTE, Verdict::Pass, true), None);
         assert_eq!(restarted.hold_left(&plan), Duration::from_secs(20 * 60));
         assert_eq!(run(&mut restarted, &plan, 130 * MINUTE, 20, Verdict::Pass), vec![(20, percent(50.0))]);
     }
@@ -353,5 +376,41 @@ mod tests {
         assert_eq!(progress.promote(&plan, 5 * MINUTE), Ok(percent(0.0)));
         assert_eq!(progress.state, State::Completed);
         assert!(progress.pause(6 * MINUTE).is_err());
+    }
+
+    /// A last step with a hold completes once held; it is not a step past the plan's end.
+    #[test]
+    fn a_held_last_step_completes_when_its_hold_is_done() {
+        let raw: RawPlan = serde_json::from_str(
+            r#"{"steps": [{"v1_percent": 50, "hold": "10m"}, {"v1_percent": 0, "hold": "10m"}],
+                "analysis": {"interval": "1m"}}"#,
+        )
+        .unwrap();
+        let plan = Plan::try_from_raw(raw, "ramp").unwrap();
+        let (mut progress, _) = Progress::start(&plan, 0);
+        assert_eq!(run(&mut progress, &plan, 0, 10, Verdict::Pass), vec![(10, percent(0.0))]);
+        assert_eq!(run(&mut progress, &plan, 10 * MINUTE, 9, Verdict::Pass), vec![]);
+        assert_eq!((progress.state, progress.step), (State::Progressing, 1));
+        assert_eq!(run(&mut progress, &plan, 19 * MINUTE, 1, Verdict::Pass), vec![(1, percent(0.0))]);
+        assert_eq!((progress.state, progress.step), (State::Completed, 1));
+        let (mut promoted, _) = Progress::start(&plan, 0);
+        promoted.promote(&plan, MINUTE).unwrap();
+        assert_eq!(promoted.promote(&plan, 2 * MINUTE), Ok(percent(0.0)));
+        assert_eq!((promoted.state, promoted.step), (State::Completed, 1));
+    }
+
+    /// A step that is done waits for its gates: it holds, still judged, until they open.
+    #[test]
+    fn a_done_step_waits_for_its_gates() {
+        let plan = plan();
+        let (mut progress, _) = Progress::start(&plan, 0);
+        for minute in 1..=40 {
+            assert_eq!(progress.judged(&plan, minute * MINUTE, Verdict::Pass, false), None);
+        }
+        assert!(progress.awaits_gates(&plan, Verdict::Pass));
+        assert!(!progress.awaits_gates(&plan, Verdict::Inconclusive));
+        assert_eq!(progress.step, 0);
+        assert_eq!(progress.judged(&plan, 41 * MINUTE, Verdict::Pass, true), Some(percent(50.0)));
+        assert!(!progress.awaits_gates(&plan, Verdict::Pass), "a new step's hold starts");
     }
 }

@@ -6,8 +6,11 @@
 //!
 //! - [`guard`]: the verdict on one analysis window (pass, fail, inconclusive);
 //! - [`machine`]: the states and how time, verdicts and commands move a ramp between them;
-//! - [`window`]: both pools' traffic over the analysis window, from the proxy's own counters.
+//! - [`window`]: both pools' traffic over the analysis window, from the proxy's own counters;
+//! - `gates`: the webhooks asked before each step and told of an abort;
+//! - `runner`: the ramp in a running proxy (or fleet): analyses, storing, leading.
 
+pub(crate) mod gates;
 pub mod guard;
 pub mod machine;
 pub(crate) mod runner;

@@ -23,11 +23,12 @@ use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use super::gates::{Answer, Gates};
 use super::guard::judge;
 use super::machine::{Progress, Refused, State};
 use super::window::{Readings, Totals};
 use crate::clock::UnixMillis;
-use crate::config::ramp::{Plan, PlanError, RawPlan};
+use crate::config::ramp::{GateOn, Plan, PlanError, RawPlan};
 use crate::config::Percent;
 use crate::control::{Actor, Control, ControlError};
 use crate::fleet::Fleet;
@@ -81,6 +82,26 @@ struct Current {
     version: u64,
     /// The record as last read from or written to the fleet store.
     stored: Vec<u8>,
+    /// The step the gates last let the ramp move on to.
+    gates_open_for: Option<usize>,
+    /// The gates' last answers about moving on from this step.
+    gate_answers: Option<GateAnswers>,
+}
+
+#[derive(Clone, Serialize)]
+struct GateAnswers {
+    to_step: usize,
+    open: bool,
+    answers: Vec<Answer>,
+}
+
+/// What an analysis leaves to do once the ramp is unlocked: calls to gates, which may take a
+/// while.
+enum FollowUp {
+    /// The step is done: ask the step gates whether to move on to step `to`.
+    AskGates { plan: Plan, to: usize },
+    /// The ramp aborted: tell the abort gates.
+    TellAbort { plan: Plan, step: usize, why: String },
 }
 
 impl Current {
@@ -93,7 +114,14 @@ impl Current {
             judged_at: None,
             version: 0,
             stored: Vec::new(),
+            gates_open_for: None,
+            gate_answers: None,
         }
+    }
+
+    /// Whether the gates let the ramp move on from its step (or it has none to ask).
+    fn gates_open(&self) -> bool {
+        self.plan.gates(GateOn::Step).next().is_none() || self.gates_open_for == Some(self.progress.step + 1)
     }
 
     /// A stored record, read back; `None` (reported) if this build cannot read it.
@@ -153,6 +181,7 @@ pub(crate) struct Ramp {
     /// A share of new sessions the ramp decided on but could not apply yet: tried again every
     /// second by the driving replica.
     owed: std::sync::Mutex<Option<Percent>>,
+    gates: Arc<Gates>,
 }
 
 impl Ramp {
@@ -179,6 +208,7 @@ impl Ramp {
             from_file,
             leading: std::sync::Mutex::new(Leading::default()),
             owed: std::sync::Mutex::new(None),
+            gates: Arc::new(Gates::new()),
         };
         if let Ok(state) = ramp.state.try_lock() {
             ramp.show(state.0.as_ref());
@@ -272,6 +302,9 @@ impl Ramp {
                 written => written?,
             }
             info!(actor = %actor.0, command, state = next.progress.state.as_str(), step = next.progress.step, "ramp command");
+            if command == "abort" {
+                self.tell_abort(next.plan.clone(), next.progress.step, format!("aborted by {}", actor.0));
+            }
             *current = Some(next);
             if let Some(percent) = percent {
                 self.apply(percent, None, actor).await?;
@@ -325,32 +358,76 @@ impl Ramp {
                 }
             }
         }
-        self.analyse(&mut state).await;
+        let mut follow_up = self.analyse(&mut state).await;
         self.settle_share(state.0.as_ref()).await;
         self.show(state.0.as_ref());
+        drop(state);
+        while let Some(next) = follow_up.take() {
+            follow_up = match next {
+                FollowUp::AskGates { plan, to } => self.ask_gates(plan, to).await,
+                FollowUp::TellAbort { plan, step, why } => {
+                    self.tell_abort(plan, step, why);
+                    None
+                }
+            };
+        }
+    }
+
+    /// Asks the step gates about moving on to step `to`, with the ramp unlocked; if they all
+    /// say yes, judges again at once, which moves the ramp on if the window still passes.
+    async fn ask_gates(&self, plan: Plan, to: usize) -> Option<FollowUp> {
+        let answers = self.gates.ask(&plan, to, self.shared.now(), self.shared.metrics()).await;
+        let mut state = self.state.lock().await;
+        let ramp = state.0.as_mut()?;
+        if ramp.progress.state != State::Progressing || ramp.progress.step + 1 != to {
+            return None;
+        }
+        let open = answers.iter().all(|answer| answer.open);
+        ramp.gate_answers = Some(GateAnswers { to_step: to, open, answers });
+        if !open {
+            info!(to_step = to, "the ramp's gates hold the step");
+            return None;
+        }
+        ramp.gates_open_for = Some(to);
+        ramp.judged_at = None;
+        let follow_up = self.analyse(&mut state).await;
+        self.settle_share(state.0.as_ref()).await;
+        self.show(state.0.as_ref());
+        follow_up
+    }
+
+    /// Tells the abort gates, in the background: an abort never waits for them.
+    fn tell_abort(&self, plan: Plan, step: usize, why: String) {
+        if plan.gates(GateOn::Abort).next().is_none() {
+            return;
+        }
+        let (gates, shared) = (self.gates.clone(), self.shared.clone());
+        tokio::spawn(async move {
+            gates.tell_abort(&plan, step, &why, shared.now(), shared.metrics()).await;
+        });
     }
 
     /// One analysis, if one is due and this replica drives the ramp: reads the counters,
-    /// judges the window and moves the ramp.
-    async fn analyse(&self, state: &mut (Option<Current>, Readings)) {
+    /// judges the window and moves the ramp. Answers what is left to do unlocked.
+    async fn analyse(&self, state: &mut (Option<Current>, Readings)) -> Option<FollowUp> {
         let (current, readings) = state;
-        let Some(ramp) = current.as_mut() else { return };
+        let ramp = current.as_mut()?;
         let now = self.shared.now();
         let analysis = ramp.plan.analysis().clone();
         readings.record(Totals::read(self.shared.metrics(), now), analysis.window);
         let lease = self.lease();
         if self.shared.fleet().is_some() && lease.is_none() {
-            return;
+            return None;
         }
         let due =
             ramp.judged_at.is_none_or(|at| now.saturating_sub(at) >= analysis.interval.as_millis() as u64);
         if ramp.progress.state != State::Progressing || !due {
             // Time paused, or between analyses, is counted (or not) by the machine.
-            return;
+            return None;
         }
         let Some(sample) = readings.window(analysis.window, ramp.step_sessions) else {
             ramp.judged_at = Some(now);
-            return;
+            return None;
         };
         let judgement = judge(&sample, &analysis);
         self.shared.metrics().ramp_analysed(
@@ -359,8 +436,10 @@ impl Ramp {
             judgement.v2_p99_range.map(|(_, upper)| upper),
         );
         let mut next = ramp.clone();
-        let percent = next.progress.judged(&ramp.plan, now, judgement.verdict);
+        let verdict = judgement.verdict;
+        let percent = next.progress.judged(&ramp.plan, now, verdict, ramp.gates_open());
         if next.progress.step != ramp.progress.step {
+            next.gate_answers = None;
             readings.clear();
             readings.record(Totals::read(self.shared.metrics(), now), analysis.window);
             next.step_sessions = readings.v2_sessions();
@@ -372,15 +451,23 @@ impl Ramp {
             // The ramp has not moved: judged again at the next analysis (or, fenced, by the
             // replica that now drives it).
             warn!(error = %crate::ErrorChain(&error), "the ramp's progress could not be stored");
-            return;
+            return None;
         }
         if next.progress.state != ramp.progress.state || next.progress.step != ramp.progress.step {
-            info!(state = next.progress.state.as_str(), step = next.progress.step, verdict = ?judgement.verdict, "ramp moved");
+            info!(state = next.progress.state.as_str(), step = next.progress.step, verdict = ?verdict, "ramp moved");
         }
+        let aborted = next.progress.state == State::Aborted && ramp.progress.state != State::Aborted;
         *ramp = next;
         if percent.is_some() {
             *self.owed.lock().unwrap_or_else(|p| p.into_inner()) = percent;
         }
+        let step = ramp.progress.step;
+        if aborted {
+            let why = format!("{} failed analyses in a row", analysis.failure_limit);
+            return Some(FollowUp::TellAbort { plan: ramp.plan.clone(), step, why });
+        }
+        (ramp.progress.awaits_gates(&ramp.plan, verdict) && !ramp.gates_open())
+            .then(|| FollowUp::AskGates { plan: ramp.plan.clone(), to: step + 1 })
     }
 
     /// Applies a share the ramp owes, and, while it progresses, keeps the share at its step's
@@ -558,6 +645,7 @@ impl Ramp {
             "failures_in_a_row": ramp.progress.failures,
             "inconclusive_seconds": Duration::from_millis(ramp.progress.inconclusive_ms).as_secs_f64(),
             "leader": leader,
+            "gates": ramp.gate_answers,
             "plan": ramp.plan.to_raw(),
             "analyses": analyses,
         })

@@ -817,3 +817,61 @@ where
     });
     (addr, accepted)
 }
+
+/// A webhook receiver: answers every POST with the status it is set to, and keeps each call's
+/// path and JSON body.
+pub struct Hook {
+    pub addr: SocketAddr,
+    status: Arc<std::sync::atomic::AtomicU16>,
+    calls: Arc<Mutex<Vec<(String, serde_json::Value)>>>,
+}
+
+impl Hook {
+    pub async fn spawn(status: u16) -> Hook {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let hook = Hook {
+            addr,
+            status: Arc::new(std::sync::atomic::AtomicU16::new(status)),
+            calls: Arc::new(Mutex::new(Vec::new())),
+        };
+        let (status, calls) = (hook.status.clone(), hook.calls.clone());
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let (status, calls) = (status.clone(), calls.clone());
+                tokio::spawn(async move {
+                    let service = service_fn(move |req: Request<Incoming>| {
+                        let (status, calls) = (status.clone(), calls.clone());
+                        async move {
+                            let path = req.uri().path().to_owned();
+                            let body = req.into_body().collect().await.unwrap().to_bytes();
+                            let json = serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null);
+                            calls.lock().unwrap().push((path, json));
+                            let code = status.load(std::sync::atomic::Ordering::Relaxed);
+                            let mut response = Response::new(Full::new(Bytes::new()));
+                            *response.status_mut() = StatusCode::from_u16(code).unwrap();
+                            Ok::<_, Infallible>(response)
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        hook
+    }
+
+    pub fn answer(&self, status: u16) {
+        self.status.store(status, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    /// The bodies of the calls to `path` so far.
+    pub fn calls(&self, path: &str) -> Vec<serde_json::Value> {
+        self.calls.lock().unwrap().iter().filter(|(p, _)| p == path).map(|(_, body)| body.clone()).collect()
+    }
+}
