@@ -348,10 +348,24 @@ async fn metrics(State(state): State<AdminState>) -> impl IntoResponse {
 }
 
 /// 200 when drained, 503 when not, so a deploy script can poll it with `curl --fail`.
-async fn drain(State(state): State<AdminState>) -> impl IntoResponse {
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DrainQuery {
+    /// Answer 200 whether drained or not, for pollers that take any other status for an error
+    /// rather than a "no" (Argo Rollouts' `web` metric); the body says which.
+    #[serde(default)]
+    always_ok: bool,
+}
+
+async fn drain(
+    State(state): State<AdminState>,
+    query: Result<Query<DrainQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, AdminError> {
+    let Query(query) = query.map_err(|e| AdminError::BadRequest(format!("query: {}", e.body_text())))?;
     let status = state.shared.drain_status();
-    let code = if status.drained { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-    (code, Json(status))
+    let code =
+        if status.drained || query.always_ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    Ok((code, Json(status)).into_response())
 }
 
 async fn status(State(state): State<AdminState>) -> impl IntoResponse {

@@ -577,7 +577,18 @@ impl Ramp {
                     if let Some(mut read) = Current::read(&record.json) {
                         read.version = record.version;
                         if self.lease().is_some() {
+                            // Changed by a command on another replica. Time is counted afresh
+                            // (it may have been paused meanwhile); the step's sessions, still
+                            // counted from this replica's baseline if the step is the same.
+                            let kept = current
+                                .as_ref()
+                                .filter(|c| c.progress.step == read.progress.step)
+                                .map(|c| (c.step_sessions, c.gates_open_for, c.gate_answers.clone()));
                             read.restart_step_counts(readings);
+                            if let Some((sessions, gates_open_for, gate_answers)) = kept {
+                                (read.step_sessions, read.gates_open_for, read.gate_answers) =
+                                    (sessions, gates_open_for, gate_answers);
+                            }
                         }
                         *current = Some(read);
                     }
