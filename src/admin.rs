@@ -348,8 +348,8 @@ async fn metrics(State(state): State<AdminState>) -> impl IntoResponse {
 }
 
 /// 200 when drained, 503 when not, so a deploy script can poll it with `curl --fail`.
+/// Other parameters (a poller's cache buster) are ignored.
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
 struct DrainQuery {
     /// Answer 200 whether drained or not, for pollers that take any other status for an error
     /// rather than a "no" (Argo Rollouts' `web` metric); the body says which.
@@ -406,9 +406,11 @@ async fn put_legacy(
                 .to_owned(),
         ));
     }
-    // Paused first, so the ramp does not put its own share back in between.
+    // Paused first, so the ramp does not put its own share back in between; and only if the
+    // percentage will be taken.
     if ramping {
-        state.ramp.overridden(&actor).await;
+        state.control.expect_revision(expected).await?;
+        state.ramp.overridden(&actor).await?;
     }
     let applied_change = state.control.set_legacy_percent(percent, expected, &actor).await?;
     Ok(applied(applied_change))

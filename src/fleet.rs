@@ -236,6 +236,24 @@ impl Fleet {
         self.note("ramp_lease", result)
     }
 
+    /// Publishes this replica's counters for the ramp's analyses.
+    pub(crate) async fn publish_totals(&self, json: &[u8]) -> Result<(), FleetError> {
+        let result = self.store.publish_totals(&self.replica, json).await;
+        self.note("ramp", result)
+    }
+
+    /// Every replica's counters for the ramp's analyses: (replica, JSON).
+    pub(crate) async fn ramp_totals(&self) -> Result<Vec<(String, Vec<u8>)>, FleetError> {
+        let result = self.store.ramp_totals().await;
+        self.note("ramp", result)
+    }
+
+    /// Forgets the counters of replicas that are gone.
+    pub(crate) async fn forget_totals(&self, replicas: &[String]) -> Result<(), FleetError> {
+        let result = self.store.forget_totals(replicas).await;
+        self.note("ramp", result)
+    }
+
     /// The fleet's ramp record.
     pub(crate) async fn ramp(&self) -> Result<Option<RampRecord>, FleetError> {
         let result = self.store.ramp().await;

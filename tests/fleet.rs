@@ -981,3 +981,50 @@ async fn one_replica_drives_the_ramp_and_another_takes_over_when_it_dies() {
 async fn get_text(admin_url: &str) -> String {
     String::from_utf8(get(&format!("{admin_url}/metrics")).await.body.to_vec()).unwrap()
 }
+
+/// The driving replica judges the fleet's traffic, not only its own: v2 fails only behind the
+/// other replica, and the ramp still aborts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_driving_replica_judges_every_replicas_traffic() {
+    let (redis, v1, v2) = redis_and_upstreams().await;
+    let config = || {
+        fleet_config(&redis, "judged", v1, v2, "leader_lease: 2s", |config| config.legacy_v1_percent(100.0))
+    };
+    let a = ProxyBuilder::new(&config()).spawn().await;
+    eventually(Duration::from_secs(5), "A leads the ramp", || async {
+        ramp_of(&a.admin_url("")).await["leader"]["this"] == true
+    })
+    .await;
+    let b = ProxyBuilder::new(&config()).spawn().await;
+    let plan = r#"{
+      "steps": [ { "v1_percent": 90, "hold": "1h" }, { "v1_percent": 0 } ],
+      "analysis": { "interval": "1s", "window": "3s", "min_requests": 20, "min_new_sessions": 0,
+                    "min_latency_samples": 5, "failure_limit": 2, "inconclusive_timeout": "1h" }
+    }"#;
+    let started = admin_call("PUT", &a.admin_url("/ramp"), Some(TOKEN), None, Some(plan)).await;
+    assert_eq!(started.status, StatusCode::OK, "{started:?}");
+
+    // Every v2 request fails, all of them through B.
+    let on = Arc::new(AtomicBool::new(true));
+    let traffic = {
+        let (on, url) = (on.clone(), b.url("/api/v2/items/__status/500"));
+        tokio::spawn(async move {
+            while on.load(Ordering::Relaxed) {
+                get(&url).await;
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+    };
+    eventually(Duration::from_secs(15), "the ramp aborts on B's traffic", || async {
+        ramp_of(&b.admin_url("")).await["state"] == "aborted"
+    })
+    .await;
+    on.store(false, Ordering::Relaxed);
+    traffic.await.unwrap();
+    let aborted = ramp_of(&a.admin_url("")).await;
+    assert_eq!(aborted["analyses"][0]["judgement"]["v2_error_ratio"], 1.0, "{aborted}");
+    assert_eq!(aborted["v1_percent"], 100.0);
+    assert_eq!(metric(&a.metrics().await, "rollout_ramp_leader", &[]), Some(1.0), "A judged it");
+    a.shutdown().await;
+    b.shutdown().await;
+}

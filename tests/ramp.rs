@@ -296,8 +296,14 @@ async fn a_gate_answering_500_holds_the_step_and_2xx_lets_it_advance() {
     let asked = hook.calls("/gate/check");
     assert!(asked.len() >= 5, "asked at every analysis once the hold was done: {}", asked.len());
 
+    // Gates are asked in the background; once they say yes, the next analysis moves on.
     hook.answer(200);
     minute(&proxy, &clock, &mut next, 200).await;
+    eventually(Duration::from_secs(5), "the ramp moves on", || async {
+        proxy.analyse_ramp().await;
+        ramp(&proxy).await["step"] == 1
+    })
+    .await;
     let moved = ramp(&proxy).await;
     assert_eq!((moved["step"].as_u64(), moved["v1_percent"].as_f64()), (Some(1), Some(50.0)), "{moved}");
     let payload = hook.calls("/gate/check").pop().unwrap();

@@ -20,7 +20,7 @@ pub(crate) use crate::metrics::LATENCY_BUCKETS;
 const Z: f64 = 1.959_963_984_540_054;
 
 /// One pool's traffic over the window.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct PoolSample {
     pub requests: u64,
     /// Answers with a 5xx status, the proxy's own 502, 503 and 504 included.

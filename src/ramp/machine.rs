@@ -49,6 +49,10 @@ pub struct Progress {
     pub failures: u32,
     /// How long the current step has been inconclusive in a row, in milliseconds.
     pub inconclusive_ms: u64,
+    /// Counts changes of state or step: readings, session counts and gates' answers belong to
+    /// one epoch, so a replica can tell a ramp that moved on from one that was only judged.
+    #[serde(default)]
+    pub epoch: u64,
     /// When time was last counted; not stored, so time while the ramp was not running is
     /// never counted as held.
     #[serde(skip)]
@@ -83,6 +87,7 @@ impl Progress {
             held_ms: 0,
             failures: 0,
             inconclusive_ms: 0,
+            epoch: 0,
             counted_at: Some(now),
         };
         progress.complete_if_done(plan);
@@ -123,7 +128,7 @@ impl Progress {
                 self.failures += 1;
                 self.inconclusive_ms = 0;
                 if self.failures >= analysis.failure_limit {
-                    self.state = State::Aborted;
+                    self.enter(State::Aborted);
                     return Some(Percent::HUNDRED);
                 }
                 None
@@ -132,7 +137,7 @@ impl Progress {
                 self.failures = 0;
                 self.inconclusive_ms += elapsed;
                 if Duration::from_millis(self.inconclusive_ms) >= analysis.inconclusive_timeout {
-                    self.state = State::Paused(PauseReason::Inconclusive);
+                    self.enter(State::Paused(PauseReason::Inconclusive));
                 }
                 None
             }
@@ -169,21 +174,27 @@ impl Progress {
     /// The next step; past the last one (held, if it has a hold), the ramp is completed.
     fn advance(&mut self, plan: &Plan) -> Percent {
         if self.step + 1 == plan.steps().len() {
-            self.state = State::Completed;
+            self.enter(State::Completed);
             return plan.steps()[self.step].v1_percent;
         }
         self.step += 1;
+        self.epoch += 1;
         self.held_ms = 0;
         self.inconclusive_ms = 0;
         self.complete_if_done(plan);
         plan.steps()[self.step].v1_percent
     }
 
+    fn enter(&mut self, state: State) {
+        self.state = state;
+        self.epoch += 1;
+    }
+
     /// The last step without a hold completes the ramp as soon as it is reached.
     fn complete_if_done(&mut self, plan: &Plan) {
         let last = plan.steps().len() - 1;
         if self.step == last && plan.steps()[last].hold.is_zero() {
-            self.state = State::Completed;
+            self.enter(State::Completed);
         }
     }
 
@@ -195,7 +206,7 @@ impl Progress {
         self.count_time(now);
         match self.state {
             State::Progressing => {
-                self.state = State::Paused(PauseReason::Operator);
+                self.enter(State::Paused(PauseReason::Operator));
                 Ok(())
             }
             _ => Err(self.refuse("pause")),
@@ -206,7 +217,7 @@ impl Progress {
         self.count_time(now);
         match self.state {
             State::Paused(_) => {
-                self.state = State::Progressing;
+                self.enter(State::Progressing);
                 self.inconclusive_ms = 0;
                 Ok(())
             }
@@ -219,7 +230,7 @@ impl Progress {
         self.count_time(now);
         match self.state {
             State::Progressing | State::Paused(_) => {
-                self.state = State::Aborted;
+                self.enter(State::Aborted);
                 Ok(Percent::HUNDRED)
             }
             _ => Err(self.refuse("abort")),
@@ -231,7 +242,7 @@ impl Progress {
         self.count_time(now);
         match self.state {
             State::Progressing | State::Paused(_) => {
-                self.state = State::Progressing;
+                self.enter(State::Progressing);
                 self.failures = 0;
                 Ok(self.advance(plan))
             }
@@ -244,7 +255,7 @@ impl Progress {
         self.count_time(now);
         match self.state {
             State::Aborted => {
-                self.state = State::Progressing;
+                self.enter(State::Progressing);
                 self.failures = 0;
                 self.held_ms = 0;
                 self.inconclusive_ms = 0;

@@ -26,7 +26,7 @@ use tracing::{info, warn};
 use super::gates::{Answer, Gates};
 use super::guard::judge;
 use super::machine::{Progress, Refused, State};
-use super::window::{Readings, Totals};
+use super::window::{FleetReadings, Totals};
 use crate::clock::UnixMillis;
 use crate::config::ramp::{GateOn, Plan, PlanError, RawPlan};
 use crate::config::Percent;
@@ -47,8 +47,6 @@ const COMMAND_ATTEMPTS: usize = 3;
 struct Record {
     plan: RawPlan,
     progress: Progress,
-    /// v2's session count when the current step began (the driving replica's count).
-    step_sessions: u64,
     /// Newest first, as `GET /ramp` shows them.
     #[serde(default)]
     analyses: VecDeque<Value>,
@@ -75,15 +73,14 @@ pub(crate) enum RampError {
 struct Current {
     plan: Plan,
     progress: Progress,
-    step_sessions: u64,
     analyses: VecDeque<Value>,
     judged_at: Option<UnixMillis>,
     /// The stored record's version in the fleet store (0 on one replica).
     version: u64,
     /// The record as last read from or written to the fleet store.
     stored: Vec<u8>,
-    /// The step the gates last let the ramp move on to.
-    gates_open_for: Option<usize>,
+    /// The step the gates last let the ramp move on to, and in which epoch.
+    gates_open_for: Option<(u64, usize)>,
     /// The gates' last answers about moving on from this step.
     gate_answers: Option<GateAnswers>,
 }
@@ -99,17 +96,16 @@ struct GateAnswers {
 /// while.
 enum FollowUp {
     /// The step is done: ask the step gates whether to move on to step `to`.
-    AskGates { plan: Plan, to: usize },
+    AskGates { plan: Plan, to: usize, epoch: u64 },
     /// The ramp aborted: tell the abort gates.
     TellAbort { plan: Plan, step: usize, why: String },
 }
 
 impl Current {
-    fn new(plan: Plan, progress: Progress, step_sessions: u64) -> Current {
+    fn new(plan: Plan, progress: Progress) -> Current {
         Current {
             plan,
             progress,
-            step_sessions,
             analyses: VecDeque::new(),
             judged_at: None,
             version: 0,
@@ -121,7 +117,8 @@ impl Current {
 
     /// Whether the gates let the ramp move on from its step (or it has none to ask).
     fn gates_open(&self) -> bool {
-        self.plan.gates(GateOn::Step).next().is_none() || self.gates_open_for == Some(self.progress.step + 1)
+        self.plan.gates(GateOn::Step).next().is_none()
+            || self.gates_open_for == Some((self.progress.epoch, self.progress.step + 1))
     }
 
     /// A stored record, read back; `None` (reported) if this build cannot read it.
@@ -132,7 +129,14 @@ impl Current {
         let plan = Plan::try_from_raw(record.plan, "ramp")
             .map_err(|error| warn!(%error, "the stored ramp's plan is not valid; leaving it alone"))
             .ok()?;
-        let mut current = Current::new(plan, record.progress, record.step_sessions);
+        if record.progress.step >= plan.steps().len() {
+            warn!(
+                step = record.progress.step,
+                "the stored ramp is at a step its plan does not have; leaving it alone"
+            );
+            return None;
+        }
+        let mut current = Current::new(plan, record.progress);
         current.analyses = record.analyses;
         current.stored = json.to_vec();
         Some(current)
@@ -142,7 +146,6 @@ impl Current {
         let record = Record {
             plan: self.plan.to_raw(),
             progress: self.progress.clone(),
-            step_sessions: self.step_sessions,
             analyses: self.analyses.clone(),
         };
         serde_json::to_vec(&record).expect("the ramp serializes")
@@ -152,10 +155,10 @@ impl Current {
         matches!(self.progress.state, State::Progressing | State::Paused(_))
     }
 
-    /// Starts counting the step's sessions and time afresh on this replica: when the step
-    /// changes, and when this replica starts driving the ramp (its counters are its own).
-    fn restart_step_counts(&mut self, readings: &Readings) {
-        self.step_sessions = readings.v2_sessions();
+    /// Starts counting the step's window, sessions and time afresh on this replica, when it
+    /// starts driving the ramp: what it read and counted so far was not the driver's.
+    fn restart_step_counts(&mut self, readings: &mut FleetReadings) {
+        readings.restart_step(true);
         self.progress.counted_at = None;
         self.judged_at = None;
     }
@@ -174,14 +177,13 @@ struct Leading {
 pub(crate) struct Ramp {
     shared: Arc<Shared>,
     control: Arc<Control>,
-    state: tokio::sync::Mutex<(Option<Current>, Readings)>,
+    state: tokio::sync::Mutex<(Option<Current>, FleetReadings)>,
     /// The config file's plan, to start once the proxy serves, if no ramp was stored.
     from_file: std::sync::Mutex<Option<RawPlan>>,
     leading: std::sync::Mutex<Leading>,
-    /// A share of new sessions the ramp decided on but could not apply yet: tried again every
-    /// second by the driving replica.
-    owed: std::sync::Mutex<Option<Percent>>,
     gates: Arc<Gates>,
+    /// Whether a round of asking the step gates is under way.
+    asking: std::sync::atomic::AtomicBool,
 }
 
 impl Ramp {
@@ -204,11 +206,11 @@ impl Ramp {
         let ramp = Ramp {
             shared,
             control,
-            state: tokio::sync::Mutex::new((current, Readings::default())),
+            state: tokio::sync::Mutex::new((current, FleetReadings::default())),
             from_file,
             leading: std::sync::Mutex::new(Leading::default()),
-            owed: std::sync::Mutex::new(None),
             gates: Arc::new(Gates::new()),
+            asking: std::sync::atomic::AtomicBool::new(false),
         };
         if let Ok(state) = ramp.state.try_lock() {
             ramp.show(state.0.as_ref());
@@ -242,15 +244,14 @@ impl Ramp {
         self.control.expect_revision(expected).await?;
         let now = self.shared.now();
         let (progress, percent) = Progress::start(&plan, now);
-        readings.clear();
-        readings.record(Totals::read(self.shared.metrics(), now), plan.analysis().window);
-        let mut next = Current::new(plan, progress, readings.v2_sessions());
+        readings.restart_step(true);
+        self.read_own(readings, now, plan.analysis().window);
+        let mut next = Current::new(plan, progress);
         next.judged_at = Some(now);
         next.version = current.as_ref().map_or(0, |c| c.version);
-        self.write(&mut next, None).await?;
+        self.commit(&mut next, Some(percent), None, actor).await?;
         *current = Some(next);
         info!(actor = %actor.0, "ramp started");
-        self.apply(percent, None, actor).await?;
         Ok(self.describe(current.as_ref(), now))
     }
 
@@ -293,33 +294,36 @@ impl Ramp {
                 _ => unreachable!("the admin API routes only these commands"),
             };
             if next.progress.step != ramp.progress.step || command == "retry" {
-                readings.clear();
-                readings.record(Totals::read(self.shared.metrics(), now), ramp.plan.analysis().window);
-                next.step_sessions = readings.v2_sessions();
+                readings.restart_step(true);
+                self.read_own(readings, now, ramp.plan.analysis().window);
             }
-            match self.write(&mut next, None).await {
+            next.gates_open_for = None;
+            next.gate_answers = None;
+            match self.commit(&mut next, percent, None, actor).await {
                 Err(RampError::Moved) => continue,
-                written => written?,
+                committed => committed?,
             }
             info!(actor = %actor.0, command, state = next.progress.state.as_str(), step = next.progress.step, "ramp command");
             if command == "abort" {
                 self.tell_abort(next.plan.clone(), next.progress.step, format!("aborted by {}", actor.0));
             }
             *current = Some(next);
-            if let Some(percent) = percent {
-                self.apply(percent, None, actor).await?;
-            }
             return Ok(self.describe(current.as_ref(), now));
         }
         Err(RampError::Moved)
     }
 
-    /// The operator set the percentage by hand (forced, during a ramp): the ramp pauses, so it
-    /// does not undo the change at its next step.
-    pub(crate) async fn overridden(&self, actor: &Actor) {
+    /// The operator is about to set the percentage by hand (forced, during a ramp): the ramp
+    /// pauses first, so it does not put its own share back. If it cannot pause, the hand-set
+    /// share must not go ahead either.
+    pub(crate) async fn overridden(&self, actor: &Actor) -> Result<(), RampError> {
         match self.command("pause", actor).await {
-            Ok(_) => info!(actor = %actor.0, "ramp paused: the legacy percentage was set by hand"),
-            Err(error) => warn!(%error, "the ramp could not be paused after the percentage was set by hand"),
+            // Paused meanwhile by someone else: as good.
+            Ok(_) | Err(RampError::Refused(_)) => {
+                info!(actor = %actor.0, "ramp paused: the legacy percentage is set by hand");
+                Ok(())
+            }
+            Err(error) => Err(error),
         }
     }
 
@@ -335,7 +339,7 @@ impl Ramp {
 
     /// What the background task does every second: in a fleet, takes or renews the lease and
     /// reads the fleet's ramp; then one analysis, if one is due and this replica drives.
-    pub(crate) async fn tick(&self) {
+    pub(crate) async fn tick(self: &Arc<Self>) {
         let mut state = self.state.lock().await;
         if let Some(fleet) = self.shared.fleet() {
             let was = self.lease();
@@ -345,6 +349,7 @@ impl Ramp {
                 self.start_from_file().await;
                 state = self.state.lock().await;
             }
+            self.publish_own(fleet, state.0.as_ref()).await;
             let (current, readings) = &mut *state;
             if lease.is_some() && lease != was {
                 // Counted from here, on this replica's own counters.
@@ -358,42 +363,43 @@ impl Ramp {
                 }
             }
         }
-        let mut follow_up = self.analyse(&mut state).await;
-        self.settle_share(state.0.as_ref()).await;
-        self.show(state.0.as_ref());
-        drop(state);
-        while let Some(next) = follow_up.take() {
-            follow_up = match next {
-                FollowUp::AskGates { plan, to } => self.ask_gates(plan, to).await,
-                FollowUp::TellAbort { plan, step, why } => {
-                    self.tell_abort(plan, step, why);
-                    None
-                }
-            };
-        }
-    }
-
-    /// Asks the step gates about moving on to step `to`, with the ramp unlocked; if they all
-    /// say yes, judges again at once, which moves the ramp on if the window still passes.
-    async fn ask_gates(&self, plan: Plan, to: usize) -> Option<FollowUp> {
-        let answers = self.gates.ask(&plan, to, self.shared.now(), self.shared.metrics()).await;
-        let mut state = self.state.lock().await;
-        let ramp = state.0.as_mut()?;
-        if ramp.progress.state != State::Progressing || ramp.progress.step + 1 != to {
-            return None;
-        }
-        let open = answers.iter().all(|answer| answer.open);
-        ramp.gate_answers = Some(GateAnswers { to_step: to, open, answers });
-        if !open {
-            info!(to_step = to, "the ramp's gates hold the step");
-            return None;
-        }
-        ramp.gates_open_for = Some(to);
-        ramp.judged_at = None;
         let follow_up = self.analyse(&mut state).await;
         self.settle_share(state.0.as_ref()).await;
         self.show(state.0.as_ref());
-        follow_up
+        drop(state);
+        match follow_up {
+            Some(FollowUp::AskGates { plan, to, epoch }) => self.ask_gates(plan, to, epoch),
+            Some(FollowUp::TellAbort { plan, step, why }) => self.tell_abort(plan, step, why),
+            None => {}
+        }
+    }
+
+    /// Asks the step gates about moving on to step `to`, in the background (one round at a
+    /// time): gates may take a while, and meanwhile the lease is renewed and the step judged
+    /// on. If they all say yes, the next tick judges at once and moves the ramp on if the window
+    /// still passes; answers about an `epoch` the ramp has left are dropped.
+    fn ask_gates(self: &Arc<Self>, plan: Plan, to: usize, epoch: u64) {
+        if self.asking.swap(true, std::sync::atomic::Ordering::AcqRel) {
+            return;
+        }
+        let ramp = self.clone();
+        tokio::spawn(async move {
+            let answers = ramp.gates.ask(&plan, to, ramp.shared.now(), ramp.shared.metrics()).await;
+            let mut state = ramp.state.lock().await;
+            ramp.asking.store(false, std::sync::atomic::Ordering::Release);
+            let Some(current) = state.0.as_mut() else { return };
+            if current.progress.epoch != epoch || current.progress.step + 1 != to {
+                return;
+            }
+            let open = answers.iter().all(|answer| answer.open);
+            current.gate_answers = Some(GateAnswers { to_step: to, open, answers });
+            if open {
+                current.gates_open_for = Some((epoch, to));
+                current.judged_at = None;
+            } else {
+                info!(to_step = to, "the ramp's gates hold the step");
+            }
+        });
     }
 
     /// Tells the abort gates, in the background: an abort never waits for them.
@@ -409,15 +415,19 @@ impl Ramp {
 
     /// One analysis, if one is due and this replica drives the ramp: reads the counters,
     /// judges the window and moves the ramp. Answers what is left to do unlocked.
-    async fn analyse(&self, state: &mut (Option<Current>, Readings)) -> Option<FollowUp> {
+    async fn analyse(&self, state: &mut (Option<Current>, FleetReadings)) -> Option<FollowUp> {
         let (current, readings) = state;
         let ramp = current.as_mut()?;
         let now = self.shared.now();
         let analysis = ramp.plan.analysis().clone();
-        readings.record(Totals::read(self.shared.metrics(), now), analysis.window);
+        self.read_own(readings, now, analysis.window);
         let lease = self.lease();
-        if self.shared.fleet().is_some() && lease.is_none() {
-            return None;
+        if let Some(fleet) = self.shared.fleet() {
+            // Only the driving replica judges.
+            lease.as_ref()?;
+            if ramp.progress.state == State::Progressing {
+                self.read_fleet(fleet, readings, now, analysis.window).await;
+            }
         }
         let due =
             ramp.judged_at.is_none_or(|at| now.saturating_sub(at) >= analysis.interval.as_millis() as u64);
@@ -425,7 +435,7 @@ impl Ramp {
             // Time paused, or between analyses, is counted (or not) by the machine.
             return None;
         }
-        let Some(sample) = readings.window(analysis.window, ramp.step_sessions) else {
+        let Some(sample) = readings.window(analysis.window) else {
             ramp.judged_at = Some(now);
             return None;
         };
@@ -440,14 +450,13 @@ impl Ramp {
         let percent = next.progress.judged(&ramp.plan, now, verdict, ramp.gates_open());
         if next.progress.step != ramp.progress.step {
             next.gate_answers = None;
-            readings.clear();
-            readings.record(Totals::read(self.shared.metrics(), now), analysis.window);
-            next.step_sessions = readings.v2_sessions();
+            readings.restart_step(true);
+            self.read_own(readings, now, analysis.window);
         }
         next.judged_at = Some(now);
         next.analyses.push_front(json!({ "at_unix_ms": now, "judgement": judgement }));
         next.analyses.truncate(SHOWN_JUDGEMENTS);
-        if let Err(error) = self.write(&mut next, lease.as_ref()).await {
+        if let Err(error) = self.commit(&mut next, percent, lease.as_ref(), &Actor("ramp".to_owned())).await {
             // The ramp has not moved: judged again at the next analysis (or, fenced, by the
             // replica that now drives it).
             warn!(error = %crate::ErrorChain(&error), "the ramp's progress could not be stored");
@@ -458,34 +467,56 @@ impl Ramp {
         }
         let aborted = next.progress.state == State::Aborted && ramp.progress.state != State::Aborted;
         *ramp = next;
-        if percent.is_some() {
-            *self.owed.lock().unwrap_or_else(|p| p.into_inner()) = percent;
-        }
         let step = ramp.progress.step;
         if aborted {
             let why = format!("{} failed analyses in a row", analysis.failure_limit);
             return Some(FollowUp::TellAbort { plan: ramp.plan.clone(), step, why });
         }
-        (ramp.progress.awaits_gates(&ramp.plan, verdict) && !ramp.gates_open())
-            .then(|| FollowUp::AskGates { plan: ramp.plan.clone(), to: step + 1 })
+        (ramp.progress.awaits_gates(&ramp.plan, verdict) && !ramp.gates_open()).then(|| FollowUp::AskGates {
+            plan: ramp.plan.clone(),
+            to: step + 1,
+            epoch: ramp.progress.epoch,
+        })
     }
 
-    /// Applies a share the ramp owes, and, while it progresses, keeps the share at its step's
-    /// (after a takeover, or a store failure between storing a step and applying its share).
+    /// While the ramp progresses, keeps the share at its step's: after a takeover, or when
+    /// applying a stored step's share failed.
     async fn settle_share(&self, current: Option<&Current>) {
         let lease = self.lease();
         if self.shared.fleet().is_some() && lease.is_none() {
             return;
         }
-        let owed = self.owed.lock().unwrap_or_else(|p| p.into_inner()).take();
-        let due = owed.or_else(|| {
-            current.filter(|c| c.progress.state == State::Progressing).map(|c| c.progress.v1_percent(&c.plan))
-        });
-        let Some(percent) = due else { return };
+        let Some(ramp) = current.filter(|c| c.progress.state == State::Progressing) else { return };
+        let percent = ramp.progress.v1_percent(&ramp.plan);
         if let Err(error) = self.apply(percent, lease.as_ref(), &Actor("ramp".to_owned())).await {
             warn!(error = %crate::ErrorChain(&error), "the ramp could not apply its share of new sessions; trying again");
-            self.owed.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(percent);
         }
+    }
+
+    /// Stores `next` and applies `percent`, the share it decided on, in the order that leaves
+    /// the two agreeing when either fails. A progressing ramp is stored first: its share is
+    /// applied again every second until it holds ([`Ramp::settle_share`]). An aborted or
+    /// completed one gets its share first, and is stored only once the share holds; if
+    /// storing then fails, the ramp is as it was, and a ramp still progressing puts its own
+    /// share back.
+    async fn commit(
+        &self,
+        next: &mut Current,
+        percent: Option<Percent>,
+        lease: Option<&Lease>,
+        actor: &Actor,
+    ) -> Result<(), RampError> {
+        let kept_up = next.progress.state == State::Progressing;
+        if let (Some(percent), false) = (percent, kept_up) {
+            self.apply(percent, lease, actor).await?;
+        }
+        self.write(next, lease).await?;
+        if let (Some(percent), true) = (percent, kept_up) {
+            if let Err(error) = self.apply(percent, lease, actor).await {
+                warn!(error = %crate::ErrorChain(&error), "the ramp's share of new sessions is applied again shortly");
+            }
+        }
+        Ok(())
     }
 
     async fn apply(&self, percent: Percent, lease: Option<&Lease>, actor: &Actor) -> Result<(), RampError> {
@@ -528,6 +559,49 @@ impl Ramp {
 
 /// The fleet side: the lease, and following the stored ramp.
 impl Ramp {
+    /// This replica's name among the readings.
+    fn replica(&self) -> &str {
+        self.shared.fleet().map_or("local", |fleet| fleet.replica())
+    }
+
+    /// Takes a reading of this replica's own counters.
+    fn read_own(&self, readings: &mut FleetReadings, now: UnixMillis, window: Duration) {
+        readings.record(self.replica(), Totals::read(self.shared.metrics(), now), window);
+    }
+
+    /// Publishes this replica's counters for the driving replica, while the ramp progresses.
+    async fn publish_own(&self, fleet: &Fleet, current: Option<&Current>) {
+        if current.is_some_and(|c| c.progress.state == State::Progressing) {
+            let totals = Totals::read(self.shared.metrics(), self.shared.now());
+            let json = serde_json::to_vec(&totals).expect("totals serialize");
+            let _ = fleet.publish_totals(&json).await;
+        }
+    }
+
+    /// Takes a reading of every other replica's published counters, and forgets replicas that
+    /// stopped publishing a window (and a minute) ago.
+    async fn read_fleet(
+        &self,
+        fleet: &Fleet,
+        readings: &mut FleetReadings,
+        now: UnixMillis,
+        window: Duration,
+    ) {
+        let Ok(published) = fleet.ramp_totals().await else { return };
+        for (replica, json) in published {
+            if replica == fleet.replica() {
+                continue;
+            }
+            match serde_json::from_slice::<Totals>(&json) {
+                Ok(totals) => readings.record(&replica, totals, window),
+                Err(error) => warn!(%error, replica, "a replica's ramp counters cannot be read; left out"),
+            }
+        }
+        let horizon = window + Duration::from_secs(60);
+        let gone = readings.forget_before(now.saturating_sub(horizon.as_millis() as u64));
+        let _ = fleet.forget_totals(&gone).await;
+    }
+
     /// The ramp lease, while this replica surely holds it.
     fn lease(&self) -> Option<Lease> {
         let leading = self.leading.lock().unwrap_or_else(|p| p.into_inner());
@@ -564,7 +638,7 @@ impl Ramp {
 
     /// Reads the fleet's ramp and makes it this replica's, if it changed. Answers whether the
     /// fleet has a ramp, `None` if the store did not answer (or on one replica).
-    async fn refresh(&self, state: &mut (Option<Current>, Readings)) -> Option<bool> {
+    async fn refresh(&self, state: &mut (Option<Current>, FleetReadings)) -> Option<bool> {
         let fleet = self.shared.fleet()?;
         let record = fleet.ramp().await.ok()?;
         let (current, readings) = state;
@@ -578,16 +652,18 @@ impl Ramp {
                         read.version = record.version;
                         if self.lease().is_some() {
                             // Changed by a command on another replica. Time is counted afresh
-                            // (it may have been paused meanwhile); the step's sessions, still
-                            // counted from this replica's baseline if the step is the same.
-                            let kept = current
-                                .as_ref()
-                                .filter(|c| c.progress.step == read.progress.step)
-                                .map(|c| (c.step_sessions, c.gates_open_for, c.gate_answers.clone()));
-                            read.restart_step_counts(readings);
-                            if let Some((sessions, gates_open_for, gate_answers)) = kept {
-                                (read.step_sessions, read.gates_open_for, read.gate_answers) =
-                                    (sessions, gates_open_for, gate_answers);
+                            // (it may have been paused meanwhile); the step's readings and
+                            // gates' answers stand if the step is the same.
+                            let same_step = current.as_ref().filter(|c| {
+                                (c.progress.epoch, c.progress.step)
+                                    == (read.progress.epoch, read.progress.step)
+                            });
+                            match same_step {
+                                Some(was) => {
+                                    (read.gates_open_for, read.gate_answers) =
+                                        (was.gates_open_for, was.gate_answers.clone());
+                                }
+                                None => readings.restart_step(true),
                             }
                         }
                         *current = Some(read);

@@ -3,10 +3,15 @@
 //!
 //! No Prometheus is needed: the counters are the ones `/metrics` shows
 //! (`rollout_requests_total`, `rollout_request_duration_seconds`,
-//! `rollout_sessions_started_total`). Judging the window is [`super::guard`]'s job.
+//! `rollout_sessions_started_total`). In a fleet every replica's counters count: each replica
+//! publishes its totals and the driving replica keeps readings per replica
+//! ([`FleetReadings`]); a replica that restarts comes back under a new name, so each one's
+//! counters only grow. Judging the window is [`super::guard`]'s job.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
 
 use super::guard::{PoolSample, Sample};
 use crate::clock::UnixMillis;
@@ -14,7 +19,7 @@ use crate::config::PoolName;
 use crate::metrics::Metrics;
 
 /// The counters at one moment, cumulative since the process started.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Totals {
     pub at: UnixMillis,
     pub v1: PoolSample,
@@ -90,9 +95,89 @@ impl Readings {
         self.readings.back().map_or(0, |r| r.v2_sessions)
     }
 
+    fn latest_at(&self) -> Option<UnixMillis> {
+        self.readings.back().map(|r| r.at)
+    }
+
     /// Forgets every reading (a new ramp, or a step retried, judges only what follows).
     pub fn clear(&mut self) {
         self.readings.clear();
+    }
+}
+
+/// The readings of every replica that serves (one, unless in a fleet), and where each one's
+/// count of new v2 sessions in the current step starts.
+#[derive(Debug, Default)]
+pub struct FleetReadings {
+    replicas: HashMap<String, Replica>,
+}
+
+#[derive(Debug, Default)]
+struct Replica {
+    readings: Readings,
+    /// Its v2 session count when the step began, or when it was first read in the step.
+    step_base: Option<u64>,
+}
+
+fn add(sum: &mut PoolSample, more: &PoolSample) {
+    sum.requests += more.requests;
+    sum.errors += more.errors;
+    for (bucket, more) in sum.latency.iter_mut().zip(more.latency) {
+        *bucket += more;
+    }
+}
+
+impl FleetReadings {
+    /// Adds `replica`'s reading, unless it is no newer than the last one.
+    pub fn record(&mut self, replica: &str, totals: Totals, window: Duration) {
+        let entry = self.replicas.entry(replica.to_owned()).or_default();
+        if entry.readings.latest_at().is_some_and(|at| totals.at <= at) {
+            return;
+        }
+        entry.step_base.get_or_insert(totals.v2_sessions);
+        entry.readings.record(totals, window);
+    }
+
+    /// The fleet's traffic over the last `window`: every replica's, added up. `None` until some
+    /// replica has two readings.
+    pub fn window(&self, window: Duration) -> Option<Sample> {
+        let mut sum: Option<Sample> = None;
+        for replica in self.replicas.values() {
+            // No reading yet in this step: none of its sessions are the step's.
+            let base = replica.step_base.unwrap_or(u64::MAX);
+            let Some(sample) = replica.readings.window(window, base) else { continue };
+            let sum = sum.get_or_insert_with(Sample::default);
+            add(&mut sum.v1, &sample.v1);
+            add(&mut sum.v2, &sample.v2);
+            sum.new_v2_sessions += sample.new_v2_sessions;
+        }
+        sum
+    }
+
+    /// A new step (or ramp, or driving replica): new v2 sessions count from each replica's
+    /// next reading; with `clear`, the window starts afresh too.
+    pub fn restart_step(&mut self, clear: bool) {
+        for replica in self.replicas.values_mut() {
+            replica.step_base = None;
+            if clear {
+                replica.readings.clear();
+            }
+        }
+    }
+
+    /// Forgets replicas with no reading since `before` (stopped, or restarted under a new
+    /// name); answers their names.
+    pub fn forget_before(&mut self, before: UnixMillis) -> Vec<String> {
+        let gone: Vec<String> = self
+            .replicas
+            .iter()
+            .filter(|(_, r)| r.readings.latest_at().is_none_or(|at| at < before))
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in &gone {
+            self.replicas.remove(name);
+        }
+        gone
     }
 }
 
@@ -160,5 +245,36 @@ mod tests {
         readings.record(totals(43, 4_300, 30), window);
         let sample = readings.window(window, 0).unwrap();
         assert_eq!((sample.v2.requests, sample.v2.errors), (300, 30));
+    }
+
+    /// Each replica's window counts; a restarted replica (a new name) starts its own, so its
+    /// counters starting again from zero take nothing off the fleet's numbers.
+    #[test]
+    fn the_fleets_window_adds_up_every_replicas() {
+        let window = Duration::from_secs(10 * 60);
+        let mut fleet = FleetReadings::default();
+        fleet.record("a", totals(0, 0, 0), window);
+        assert_eq!(fleet.window(window), None);
+        fleet.record("b", totals(1, 5_000, 100), window);
+        fleet.record("a", totals(2, 200, 0), window);
+        fleet.record("a", totals(2, 999, 999), window);
+        // B restarted as "c": its counters begin again.
+        fleet.record("c", totals(3, 0, 0), window);
+        fleet.record("b", totals(3, 5_100, 110), window);
+        fleet.record("c", totals(4, 50, 50), window);
+        let sample = fleet.window(window).unwrap();
+        assert_eq!((sample.v2.requests, sample.v2.errors), (200 + 100 + 50, 10 + 50));
+        assert_eq!(sample.v2.latency[4], 350);
+        // Sessions from each replica's first reading in the step: a 20, b 20, c 10.
+        assert_eq!(sample.new_v2_sessions, 50);
+
+        fleet.restart_step(false);
+        fleet.record("a", totals(5, 300, 0), window);
+        let sample = fleet.window(window).unwrap();
+        assert_eq!(sample.new_v2_sessions, 0, "counted from the new step's first readings");
+        assert_eq!(sample.v2.requests, 300 + 100 + 50, "the window goes on");
+        assert_eq!(fleet.forget_before(4 * 60_000), vec!["b".to_owned()]);
+        fleet.restart_step(true);
+        assert_eq!(fleet.window(window), None, "cleared");
     }
 }

@@ -10,16 +10,24 @@
 //! Operators' commands may come to any replica: those write the record by compare-and-set on
 //! its version alone, and the leader, whose next write then fails on the version, reads the
 //! record again.
+//!
+//! Every replica publishes its request counters (`{ns}:ramp_totals`, replica → JSON) while a
+//! ramp runs, so the leader judges the whole fleet's traffic, not only its own.
+
+use redis::AsyncCommands;
 
 use super::{FleetError, FleetStore};
 
 /// Takes the lease, or renews it for its holder. KEYS: lease, fence counter. ARGV: replica,
 /// time to live (ms), the lease the caller holds or ''. Answers the lease the store holds
-/// afterwards, `token:replica`.
+/// afterwards, `token:replica`. A holder whose own count of the lease ran out (it sends '')
+/// still renews it: replica names are made afresh by every process.
 pub(super) const LEASE: &str = r"
 local held = redis.call('GET', KEYS[1])
 if held then
-  if held == ARGV[3] then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+  if held == ARGV[3] or string.match(held, '^%d+:(.*)$') == ARGV[1] then
+    redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  end
   return held
 end
 local lease = redis.call('INCR', KEYS[2]) .. ':' .. ARGV[1]
@@ -170,5 +178,28 @@ impl FleetStore {
             2 => RampWrite::Fenced,
             _ => RampWrite::Moved,
         })
+    }
+
+    /// Publishes this replica's counters for the ramp's analyses.
+    pub async fn publish_totals(&self, replica: &str, json: &[u8]) -> Result<(), FleetError> {
+        let mut connection = self.connection.clone();
+        let _: i64 = connection.hset(&self.keys.ramp_totals, replica, json).await.map_err(self.failed())?;
+        Ok(())
+    }
+
+    /// Every replica's published counters: (replica, JSON).
+    pub async fn ramp_totals(&self) -> Result<Vec<(String, Vec<u8>)>, FleetError> {
+        let mut connection = self.connection.clone();
+        connection.hgetall(&self.keys.ramp_totals).await.map_err(self.failed())
+    }
+
+    /// Forgets the counters of replicas that are gone.
+    pub async fn forget_totals(&self, replicas: &[String]) -> Result<(), FleetError> {
+        if replicas.is_empty() {
+            return Ok(());
+        }
+        let mut connection = self.connection.clone();
+        let _: i64 = connection.hdel(&self.keys.ramp_totals, replicas).await.map_err(self.failed())?;
+        Ok(())
     }
 }

@@ -19,8 +19,8 @@
 //! - `{ns}:replicas`: hash, replica → `revision:unix_ms`, the fleet revision each replica has
 //!   applied and when it last said so (for `GET /status`);
 //! - `{ns}:salt`: the legacy split's salt ([`SplitSalt`]), made by the first replica;
-//! - `{ns}:ramp`, `{ns}:ramp_lease`, `{ns}:ramp_fence`: the ramp and who drives it
-//!   ([`lease`]);
+//! - `{ns}:ramp`, `{ns}:ramp_lease`, `{ns}:ramp_fence`: the ramp and who drives it, and
+//!   `{ns}:ramp_totals`, each replica's request counters for the ramp's analyses ([`lease`]);
 //! - `{ns}:incarnation`: a random marker made by the first replica; a replica that finds it
 //!   gone or changed knows the store lost its data (flushed, or restarted without its
 //!   append-only file) and writes back what it holds.
@@ -256,6 +256,7 @@ struct Keys {
     ramp: String,
     ramp_lease: String,
     ramp_fence: String,
+    ramp_totals: String,
 }
 
 impl Keys {
@@ -273,6 +274,7 @@ impl Keys {
             ramp: key("ramp"),
             ramp_lease: key("ramp_lease"),
             ramp_fence: key("ramp_fence"),
+            ramp_totals: key("ramp_totals"),
         }
     }
 }
