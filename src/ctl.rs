@@ -329,6 +329,21 @@ fn render_ramp(r: &Value) -> String {
             out += &format!("\n  {}", reason.as_str().unwrap_or_default());
         }
     }
+    let gates = &r["gates"];
+    if gates["open"] == false {
+        out += &format!("\nthe gates hold the move to step {}:", gates["to_step"].as_u64().unwrap_or(0) + 1);
+        for answer in gates["answers"].as_array().into_iter().flatten().filter(|a| a["open"] == false) {
+            let said = match answer["status"].as_u64() {
+                Some(status) => format!("answered {status}"),
+                None => answer["error"].as_str().unwrap_or("no answer").to_owned(),
+            };
+            out += &format!("\n  {}: {said}", answer["gate"].as_str().unwrap_or("?"));
+        }
+    }
+    if let Some(replica) = r["leader"]["replica"].as_str() {
+        let this = if r["leader"]["this"] == true { " (the one asked)" } else { "" };
+        out += &format!("\ndriven by replica {replica}{this}");
+    }
     out
 }
 
@@ -402,4 +417,33 @@ fn render_sessions(list: &Value) -> String {
     }
     out += &format!("live pins: v1 {}, v2 {}", list["active"]["v1"], list["active"]["v2"]);
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What holds a ramp is on screen: the gates that said no, and which replica drives it.
+    #[test]
+    fn a_ramp_held_by_its_gates_says_which_and_who_drives_it() {
+        let ramp = serde_json::json!({
+            "state": "progressing", "paused_by": null, "step": 0, "steps": 3, "v1_percent": 99.0,
+            "hold_left_seconds": 0.0, "analyses": [],
+            "gates": { "to_step": 1, "open": false, "answers": [
+                { "gate": "approval", "open": false, "status": 403, "error": null },
+                { "gate": "tests", "open": true, "status": 200, "error": null },
+                { "gate": "ci", "open": false, "status": null, "error": "no answer within 10s" },
+            ]},
+            "leader": { "replica": "3f9a", "this": false },
+        });
+        let shown = render_ramp(&ramp);
+        assert!(
+            shown.contains(
+                "the gates hold the move to step 2:\n  approval: answered 403\n  ci: no answer within 10s\n"
+            ),
+            "{shown}"
+        );
+        assert!(!shown.contains("tests:"), "{shown}");
+        assert!(shown.ends_with("driven by replica 3f9a"), "{shown}");
+    }
 }
