@@ -340,6 +340,9 @@ fn render_ramp(r: &Value) -> String {
             out += &format!("\n  {}: {said}", answer["gate"].as_str().unwrap_or("?"));
         }
     }
+    if let Some(stalled) = r["stalled"].as_str() {
+        out += &format!("\n{stalled}");
+    }
     if let Some(replica) = r["leader"]["replica"].as_str() {
         let this = if r["leader"]["this"] == true { " (the one asked)" } else { "" };
         out += &format!("\ndriven by replica {replica}{this}");

@@ -1028,3 +1028,42 @@ async fn the_driving_replica_judges_every_replicas_traffic() {
     a.shutdown().await;
     b.shutdown().await;
 }
+
+/// A Redis that lost its data gets the ramp back from the replica driving it, where it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_that_lost_its_data_gets_the_ramp_back() {
+    let (redis, v1, v2) = redis_and_upstreams().await;
+    let a = ProxyBuilder::new(&fleet_config(&redis, "lost-ramp", v1, v2, "leader_lease: 2s", |c| c))
+        .spawn()
+        .await;
+    let started = admin_call("PUT", &a.admin_url("/ramp"), Some(TOKEN), None, Some(FLEET_PLAN)).await;
+    assert_eq!(started.status, StatusCode::OK, "{started:?}");
+    let promoted = admin_call("POST", &a.admin_url("/ramp/promote"), Some(TOKEN), None, None).await;
+    assert_eq!(promoted.json()["step"], 1, "{promoted:?}");
+    let store = FleetStore::connect(&redis.url(), "lost-ramp").await.unwrap();
+    assert!(store.ramp().await.unwrap().is_some());
+
+    let flushed = redis.command("FLUSHALL").unwrap();
+    assert!(flushed.starts_with("+OK"), "{flushed}");
+    let back = eventually_some(Duration::from_secs(10), "the ramp is back in the store", || async {
+        store.ramp().await.ok()?
+    })
+    .await;
+    let record: serde_json::Value = serde_json::from_slice(&back.json).unwrap();
+    assert_eq!(
+        (record["progress"]["state"].as_str(), record["progress"]["step"].as_u64()),
+        (Some("progressing"), Some(1))
+    );
+    let now = ramp_of(&a.admin_url("")).await;
+    assert_eq!((now["step"].as_u64(), now["leader"]["this"].as_bool()), (Some(1), Some(true)), "{now}");
+    assert_eq!(now["stalled"], serde_json::Value::Null);
+
+    // With the store gone the ramp stands still, and says so.
+    let mut redis = redis;
+    redis.kill();
+    eventually(Duration::from_secs(10), "the ramp says it stands still", || async {
+        ramp_of(&a.admin_url("")).await["stalled"].is_string()
+    })
+    .await;
+    a.shutdown().await;
+}

@@ -710,6 +710,11 @@ impl Ramp {
             let holder = self.leading.lock().unwrap_or_else(|p| p.into_inner()).holder.clone();
             json!({ "replica": holder, "this": holder.as_deref() == Some(fleet.replica()) })
         });
+        // Without a driver nothing moves and no time counts as held: as good as paused.
+        let stalled = leader
+            .as_ref()
+            .filter(|leader| leader["replica"].is_null())
+            .map(|_| "no replica can reach the fleet store to drive the ramp; it stands still");
         let Some(ramp) = current else { return json!({ "state": "none", "leader": leader }) };
         let analyses: Vec<Value> = ramp
             .analyses
@@ -732,6 +737,7 @@ impl Ramp {
             "failures_in_a_row": ramp.progress.failures,
             "inconclusive_seconds": Duration::from_millis(ramp.progress.inconclusive_ms).as_secs_f64(),
             "leader": leader,
+            "stalled": stalled,
             "gates": ramp.gate_answers,
             "plan": ramp.plan.to_raw(),
             "analyses": analyses,
