@@ -40,10 +40,15 @@ enum Command {
         #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
         takeover_timeout: Duration,
     },
-    /// Validate a config file and print the effective configuration.
+    /// Validate a config file as `run` would, short of binding, and print the effective
+    /// configuration.
     Check {
         #[arg(long, short, default_value = "config/rollout.yaml")]
         config: PathBuf,
+        /// Check the file alone, not the token, certificate and CA files it names (for a config
+        /// checked away from the machine that runs it).
+        #[arg(long)]
+        file_only: bool,
     },
     /// The operator's client for the admin API.
     Ctl {
@@ -161,8 +166,11 @@ fn main() -> ExitCode {
 
 fn execute(command: Command) -> anyhow::Result<u8> {
     match command {
-        Command::Check { config } => {
+        Command::Check { config, file_only } => {
             let loaded = Config::load(&config)?;
+            if !file_only {
+                server::preflight(&loaded)?;
+            }
             let mut out = std::io::stdout().lock();
             let printed = writeln!(out, "# {}: ok; effective configuration:", config.display())
                 .and_then(|()| write!(out, "{}", loaded.effective_yaml()))

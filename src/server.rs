@@ -207,6 +207,31 @@ struct Running {
     grace: Duration,
 }
 
+/// What the checks before a start load and the start keeps.
+pub struct Preflight {
+    token: Option<Token>,
+}
+
+/// Every check a start makes before it binds or opens anything: the admin token (and that a
+/// non-loopback admin listener has one), the served certificate and key, and the upstream CA
+/// file. `check` runs these too, so a config it passes is one `run` starts with.
+pub fn preflight(config: &Config) -> Result<Preflight, StartError> {
+    let token = Token::load(config.admin_token_file.as_deref())?;
+    if token.is_none() && !config.admin_listen.ip().is_loopback() {
+        return Err(StartError::AdminWithoutToken { addr: config.admin_listen });
+    }
+    load_certificate(config)?;
+    UpstreamClient::new(&config.upstream)?;
+    Ok(Preflight { token })
+}
+
+fn load_certificate(config: &Config) -> Result<Option<Arc<CertStore>>, StartError> {
+    Ok(match &config.tls {
+        Some(tls) => Some(CertStore::load(&tls.cert, &tls.key)?),
+        None => None,
+    })
+}
+
 impl Server {
     /// Binds both listeners and starts serving.
     pub(crate) async fn start(config: Config) -> Result<Server, StartError> {
@@ -215,10 +240,7 @@ impl Server {
 
     /// Like [`Server::start`], with a different clock or store behaviour (tests) or a takeover.
     pub async fn start_with(config: Config, options: StartOptions) -> Result<Server, StartError> {
-        let token = Token::load(config.admin_token_file.as_deref())?;
-        if token.is_none() && !config.admin_listen.ip().is_loopback() {
-            return Err(StartError::AdminWithoutToken { addr: config.admin_listen });
-        }
+        let Preflight { token } = preflight(&config)?;
         let (data, admin, storage) = match options.takeover {
             // A plain start opens the store first: a second process on the same directory fails
             // before it takes any port.
@@ -255,10 +277,7 @@ impl Server {
         let addr = data.local_addr().map_err(|source| bind_error("listen", config.listen, source))?;
         let admin_addr =
             admin.local_addr().map_err(|source| bind_error("admin.listen", config.admin_listen, source))?;
-        let certs = match &config.tls {
-            Some(tls) => Some(CertStore::load(&tls.cert, &tls.key)?),
-            None => None,
-        };
+        let certs = load_certificate(&config)?;
         let acceptor = certs.clone().map(|store| TlsAcceptor::from(crate::tls::server_config(store)));
         let client = UpstreamClient::new(&config.upstream)?;
         let metrics = Arc::new(Metrics::new());

@@ -156,13 +156,30 @@ fn missing_file_is_named() {
     );
 }
 
+/// The shipped configs are good files; the example's token file exists only where it runs,
+/// which `--file-only` leaves unchecked and a plain `check` names.
 #[test]
 fn shipped_configs_pass() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     for file in ["config/rollout.yaml", "config/demo.yaml"] {
-        let out = support::binary().args(["check", "--config"]).arg(root.join(file)).output().unwrap();
+        let out = support::binary()
+            .args(["check", "--file-only", "--config"])
+            .arg(root.join(file))
+            .output()
+            .unwrap();
         assert!(out.status.success(), "{file}: {}", String::from_utf8_lossy(&out.stderr));
     }
+    let demo =
+        support::binary().args(["check", "--config"]).arg(root.join("config/demo.yaml")).output().unwrap();
+    assert!(demo.status.success(), "{}", String::from_utf8_lossy(&demo.stderr));
+    let out =
+        support::binary().args(["check", "--config"]).arg(root.join("config/rollout.yaml")).output().unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .contains("cannot read admin.token_file /etc/rollout-proxy/admin.token"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]
@@ -221,4 +238,40 @@ fn ejection_duration_is_bounds_checked() {
         let (code, _, stderr) = check(dir.path(), &ejection(bound));
         assert_eq!(code, Some(0), "{bound}: {stderr}");
     }
+}
+
+/// `check` makes every check `run` makes before it binds: a config it passes is one `run`
+/// starts with.
+#[test]
+fn check_refuses_what_run_would_refuse_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let exposed = format!("{GOOD}admin:\n  listen: \"0.0.0.0:9901\"\n");
+    let (code, _, stderr) = check(dir.path(), &exposed);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr
+            .contains("admin.listen 0.0.0.0:9901 is not a loopback address and no admin token is configured"),
+        "{stderr}"
+    );
+
+    let missing = dir.path().join("no-such-token");
+    let (code, _, stderr) =
+        check(dir.path(), &format!("{exposed}  token_file: {:?}\n", missing.to_str().unwrap()));
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains(&format!("cannot read admin.token_file {}", missing.display())), "{stderr}");
+
+    let token = dir.path().join("token");
+    std::fs::write(&token, "s3cret").unwrap();
+    let (code, _, stderr) =
+        check(dir.path(), &format!("{exposed}  token_file: {:?}\n", token.to_str().unwrap()));
+    assert_eq!(code, Some(0), "{stderr}");
+
+    let tls = format!(
+        "{GOOD}tls:\n  cert: {:?}\n  key: {:?}\n",
+        dir.path().join("c.pem"),
+        dir.path().join("k.pem")
+    );
+    let (code, _, stderr) = check(dir.path(), &tls);
+    assert_eq!(code, Some(1), "a missing certificate: {stderr}");
+    assert!(stderr.contains(&format!("cannot read {}", dir.path().join("c.pem").display())), "{stderr}");
 }
