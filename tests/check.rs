@@ -275,3 +275,30 @@ fn check_refuses_what_run_would_refuse_at_start() {
     assert_eq!(code, Some(1), "a missing certificate: {stderr}");
     assert!(stderr.contains(&format!("cannot read {}", dir.path().join("c.pem").display())), "{stderr}");
 }
+
+/// Settings that would silently do nothing, or the wrong thing, are refused by name.
+#[test]
+fn an_idle_timeout_past_max_duration_and_a_zero_quiet_window_are_refused() {
+    assert_rejected(
+        &format!("{GOOD}sessions:\n  idle_timeout: 12h\n  max_duration: 1h\n"),
+        "16:17: sessions.idle_timeout: 12h is longer than max_duration (1h), so it would never end a session; shorten it or drop it\n",
+    );
+    assert_rejected(
+        &edit(GOOD, "quiet_window: 24h", "quiet_window: 0s"),
+        "14:17: drain.quiet_window: must be longer than 0s\n",
+    );
+}
+
+/// A YAML syntax error names its position once, in front; other positions the parser names
+/// (where the broken scalar began) stay in the message.
+#[test]
+fn a_syntax_error_names_its_position_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let (code, _, stderr) = check(dir.path(), "listen: \"0.0.0.0:8080\npools:\n  v1: x\n");
+    assert_eq!(code, Some(1));
+    let file = dir.path().join("rollout.yaml");
+    assert_eq!(
+        stderr.trim_end(),
+        format!("error: {}:4:1: found unexpected end of stream, while scanning a quoted scalar at line 1 column 9", file.display())
+    );
+}

@@ -67,9 +67,15 @@ pub struct SyntaxError(yaml::Error);
 
 impl fmt::Display for SyntaxError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The parser names the error's own position inside its message (at the end, or before
+        // ", while ..."); other positions it names (where a scalar began) stay.
         let text = self.0.to_string();
-        let suffix = self.0.location().map(|at| format!(" at line {} column {}", at.line(), at.column()));
-        f.write_str(suffix.and_then(|s| text.strip_suffix(&s).map(str::to_owned)).as_deref().unwrap_or(&text))
+        match self.0.location() {
+            Some(at) => {
+                f.write_str(&text.replacen(&format!(" at line {} column {}", at.line(), at.column()), "", 1))
+            }
+            None => f.write_str(&text),
+        }
     }
 }
 

@@ -124,7 +124,8 @@ impl RawConfig {
                 }
             }
         }
-        p.check(root.key("drain").key("quiet_window"), bounded(self.drain.quiet_window));
+        // Zero would call v1 drained the moment its last pin ended, with no wait for a straggler.
+        p.check(root.key("drain").key("quiet_window"), positive(self.drain.quiet_window));
         p.check(root.key("shutdown").key("grace_period"), bounded(self.shutdown.grace_period));
         p.check(root.key("upstream").key("idle_timeout"), bounded(self.upstream.idle_timeout));
 
@@ -361,6 +362,16 @@ fn validate_sessions(raw: &RawSessions, path: &KeyPath, p: &mut Problems) -> Opt
     let max_duration = p.check(path.key("max_duration"), positive(raw.max_duration));
     let idle_timeout =
         p.check(path.key("idle_timeout"), positive(raw.idle_timeout.unwrap_or(raw.max_duration)));
+    if raw.idle_timeout.is_some_and(|idle| idle > raw.max_duration) {
+        p.add(
+            path.key("idle_timeout"),
+            format!(
+                "{} is longer than max_duration ({}), so it would never end a session; shorten it or drop it",
+                humantime::format_duration(raw.idle_timeout.unwrap_or_default()),
+                humantime::format_duration(raw.max_duration)
+            ),
+        );
+    }
     if raw.max_active == 0 {
         p.add(path.key("max_active"), "must be at least 1");
     }
