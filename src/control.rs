@@ -120,6 +120,8 @@ pub(crate) struct Control {
     running: Mutex<Running>,
     /// The served certificate, re-read on every reload.
     certs: Option<Arc<CertStore>>,
+    /// The config this process started with: what keys a reload cannot change still have.
+    started: Config,
 }
 
 impl Control {
@@ -135,7 +137,8 @@ impl Control {
         if let Some(fleet) = shared.fleet() {
             fleet.applied(revision);
         }
-        Control { shared, running: Mutex::new(Running { file, overrides, revision }), certs }
+        let started = file.clone();
+        Control { shared, running: Mutex::new(Running { file, overrides, revision }), certs, started }
     }
 
     /// The file config with stored overrides applied, for the first snapshot.
@@ -191,6 +194,7 @@ impl Control {
                 "max_active": snapshot.pin_policy.max_active,
             },
             "drain": self.shared.drain_status(),
+            "restart_required": restart_only_changes(&self.started, &running.file),
         });
         let mut status = status;
         if let Some(fleet) = self.shared.fleet() {
@@ -328,7 +332,9 @@ impl Control {
                 return Err(err);
             }
         };
-        let restart_required = restart_only_changes(&running.file, &file);
+        // Against what this process runs, not the file before: a key changed two reloads ago
+        // still waits for the restart.
+        let restart_required = restart_only_changes(&self.started, &file);
         if !restart_required.is_empty() {
             warn!(keys = ?restart_required, "these config changes take effect only after a restart");
         }

@@ -363,22 +363,24 @@ fn render_status(s: &Value) -> String {
         routes["legacy_v1_percent_source"].as_str().unwrap_or("?"),
         routes["config_legacy_v1_percent"]
     );
-    out += &format!(
-        "{:<5} {:<20} {:<28} {:>6} {:<7} {:<7}\n",
-        "POOL", "UPSTREAM", "URL", "WEIGHT", "SOURCE", "HEALTHY"
-    );
+    let mut upstreams = table(&["POOL", "UPSTREAM", "URL", "WEIGHT", "SOURCE", "HEALTHY"]);
     for pool in ["v1", "v2"] {
         for u in s["pools"][pool]["upstreams"].as_array().into_iter().flatten() {
-            out += &format!(
-                "{:<5} {:<20} {:<28} {:>6} {:<7} {:<7}\n",
-                pool,
-                u["name"].as_str().unwrap_or("?"),
-                u["url"].as_str().unwrap_or("?"),
-                u["weight"],
-                u["weight_source"].as_str().unwrap_or("?"),
-                if u["healthy"].as_bool() == Some(true) { "yes" } else { "no" },
-            );
+            upstreams.add_row(vec![
+                pool.to_owned(),
+                u["name"].as_str().unwrap_or("?").to_owned(),
+                u["url"].as_str().unwrap_or("?").to_owned(),
+                u["weight"].to_string(),
+                u["weight_source"].as_str().unwrap_or("?").to_owned(),
+                if u["healthy"].as_bool() == Some(true) { "yes" } else { "no" }.to_owned(),
+            ]);
         }
+    }
+    right_align(&mut upstreams, 3);
+    out += &lines(&upstreams);
+    if let Some(keys) = s["restart_required"].as_array().filter(|keys| !keys.is_empty()) {
+        let keys: Vec<&str> = keys.iter().filter_map(Value::as_str).collect();
+        out += &format!("\nchanged in the file, waiting for a restart: {}\n", keys.join(", "));
     }
     let active = &s["sessions"]["active"];
     out += &format!(
@@ -408,18 +410,36 @@ fn render_drain(d: &Value) -> String {
 }
 
 fn render_sessions(list: &Value) -> String {
-    let mut out = format!("{:<40} {:<5} {:<25} {:<25}\n", "KEY", "POOL", "FIRST SEEN", "LAST SEEN");
+    let mut sessions = table(&["KEY", "POOL", "FIRST SEEN", "LAST SEEN"]);
     for s in list["sessions"].as_array().into_iter().flatten() {
-        out += &format!(
-            "{:<40} {:<5} {:<25} {:<25}\n",
-            s["key"].as_str().unwrap_or("?"),
-            s["pool"].as_str().unwrap_or("?"),
-            s["first_seen"].as_str().unwrap_or("?"),
-            s["last_seen"].as_str().unwrap_or("?"),
+        sessions.add_row(
+            ["key", "pool", "first_seen", "last_seen"]
+                .map(|field| s[field].as_str().unwrap_or("?").to_owned()),
         );
     }
-    out += &format!("live pins: v1 {}, v2 {}", list["active"]["v1"], list["active"]["v2"]);
-    out
+    format!("{}live pins: v1 {}, v2 {}", lines(&sessions), list["active"]["v1"], list["active"]["v2"])
+}
+
+/// A plain table: a header, columns as wide as their widest cell, two spaces between them, no
+/// borders.
+fn table(header: &[&str]) -> comfy_table::Table {
+    let mut table = comfy_table::Table::new();
+    table.load_preset(comfy_table::presets::NOTHING).set_header(header.to_vec());
+    for column in table.column_iter_mut() {
+        column.set_padding((0, 2));
+    }
+    table
+}
+
+/// A table's lines, without the padding after the last column.
+fn lines(table: &comfy_table::Table) -> String {
+    table.lines().map(|line| line.trim_end().to_owned() + "\n").collect()
+}
+
+fn right_align(table: &mut comfy_table::Table, column: usize) {
+    if let Some(column) = table.column_mut(column) {
+        column.set_cell_alignment(comfy_table::CellAlignment::Right);
+    }
 }
 
 #[cfg(test)]
@@ -448,5 +468,41 @@ mod tests {
         );
         assert!(!shown.contains("tests:"), "{shown}");
         assert!(shown.ends_with("driven by replica 3f9a"), "{shown}");
+    }
+
+    /// The upstream table's columns line up whatever the values' widths (a weight is a JSON
+    /// number, which a format width used to ignore).
+    #[test]
+    fn status_columns_line_up() {
+        let status = serde_json::json!({
+            "revision": 3, "config_file": null,
+            "routes": { "v2_prefixes": ["/api/v2"], "legacy_v1_percent": 50.0, "legacy_v1_percent_source": "admin" },
+            "pools": {
+                "v1": { "upstreams": [
+                    { "name": "a", "url": "http://10.0.0.1:8080", "weight": 1, "weight_source": "config", "healthy": true },
+                    { "name": "a-much-longer-name", "url": "http://10.0.0.2:8080", "weight": 1000, "weight_source": "admin", "healthy": false },
+                ]},
+                "v2": { "upstreams": [] },
+            },
+            "sessions": { "active": { "v1": 1, "v2": 2 }, "max_active": 10 },
+            "drain": { "drained": false },
+            "restart_required": ["shutdown.grace_period"],
+        });
+        let shown = render_status(&status);
+        let rows: Vec<&str> =
+            shown.lines().filter(|l| l.contains("HEALTHY") || l.contains("http://")).collect();
+        assert_eq!(rows.len(), 3, "{shown}");
+        let at = |row: &str, what: &str| row.find(what).unwrap();
+        let healthy = at(rows[0], "HEALTHY");
+        assert_eq!((at(rows[1], "yes"), at(rows[2], "no")), (healthy, healthy), "{shown}");
+        // Weights right-aligned under their header.
+        let (weight_end, source) = (at(rows[0], "WEIGHT") + "WEIGHT".len(), at(rows[0], "SOURCE"));
+        for row in &rows[1..] {
+            assert_eq!(row[..source].trim_end().len(), weight_end, "{shown}");
+        }
+        assert!(
+            shown.contains("changed in the file, waiting for a restart: shutdown.grace_period"),
+            "{shown}"
+        );
     }
 }

@@ -440,3 +440,27 @@ async fn a_new_sessions_pool_follows_its_key_and_a_lower_share_only_moves_keys_t
     );
     f.proxy.shutdown().await;
 }
+
+/// Keys a reload cannot change are reported against what the process runs: after a second
+/// reload the change still waits for a restart, `/status` lists it, and changing it back
+/// clears it.
+#[tokio::test]
+async fn keys_waiting_for_a_restart_are_reported_until_the_running_value_is_back() {
+    let f = Fixture::start().await;
+    assert_eq!(f.status().await["restart_required"], serde_json::json!([]));
+    // The file names the state directory the test harness gave the proxy.
+    let text = std::fs::read_to_string(f.config_file()).unwrap();
+    let text = format!("{text}state_dir: {:?}\n", f.proxy.state_path());
+    std::fs::write(f.config_file(), format!("{text}shutdown:\n  grace_period: 7s\n")).unwrap();
+    let first = f.call("POST", "/reload", None).await;
+    assert_eq!(first.json()["restart_required"], serde_json::json!(["shutdown.grace_period"]), "{first:?}");
+    let second = f.call("POST", "/reload", None).await;
+    assert_eq!(second.json()["restart_required"], serde_json::json!(["shutdown.grace_period"]), "{second:?}");
+    assert_eq!(f.status().await["restart_required"], serde_json::json!(["shutdown.grace_period"]));
+
+    std::fs::write(f.config_file(), text).unwrap();
+    let back = f.call("POST", "/reload", None).await;
+    assert_eq!(back.status, StatusCode::OK);
+    assert_eq!(back.json().get("restart_required"), None, "{back:?}");
+    assert_eq!(f.status().await["restart_required"], serde_json::json!([]));
+}
