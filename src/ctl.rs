@@ -5,12 +5,13 @@
 //! `--wait` timed out), 4 for `ramp status --watch` when the ramp aborted. The API itself is
 //! [`crate::admin`].
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
+use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
@@ -26,9 +27,14 @@ pub(crate) const RAMP_ABORTED: u8 = 4;
 
 #[derive(Debug, Clone)]
 pub struct CtlOptions {
-    /// Base URL of the admin listener, e.g. `http://127.0.0.1:9901`.
-    pub admin: String,
+    /// Base URL of the admin listener, e.g. `http://127.0.0.1:9901`; from `config`, or the
+    /// default, if not given.
+    pub admin: Option<String>,
     pub token_file: Option<PathBuf>,
+    /// The proxy's config file, for the admin URL and token file not given.
+    pub config: Option<PathBuf>,
+    /// A CA to trust for an `https://` admin URL, besides the public web roots.
+    pub ca_file: Option<PathBuf>,
     pub json: bool,
     /// Send `If-Match` with this revision on changes.
     pub if_match: Option<u64>,
@@ -99,8 +105,10 @@ pub enum CtlError {
         #[source]
         source: std::io::Error,
     },
-    #[error("{0:?} is not an admin URL like http://127.0.0.1:9901")]
+    #[error("{0:?} is not an admin URL like http://127.0.0.1:9901 or https://proxy.example:9901")]
     BadUrl(String),
+    #[error("cannot use the TLS settings for the admin URL")]
+    Tls(#[source] crate::tls::TlsError),
     #[error("{0:?} is not POOL/UPSTREAM (e.g. v1/was-1)")]
     BadTarget(String),
     #[error("cannot reach the admin API at {url}")]
@@ -119,10 +127,12 @@ pub enum CtlError {
     Server { status: StatusCode, message: String },
     #[error("cannot read the ramp plan")]
     Plan(#[source] ConfigError),
+    #[error("cannot read the proxy's config for its admin URL and token")]
+    Config(#[source] ConfigError),
 }
 
 struct Api {
-    client: Client<HttpConnector, Full<Bytes>>,
+    client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
     base: String,
     token: Option<String>,
     if_match: Option<u64>,
@@ -171,10 +181,45 @@ impl Api {
         if status.is_success() {
             return Ok(value);
         }
-        let message =
+        let mut message =
             value.get("error").and_then(Value::as_str).map_or_else(|| value.to_string(), str::to_owned);
+        if status == StatusCode::UNAUTHORIZED {
+            message += if self.token.is_some() {
+                "; the token given is not the proxy's (admin.token_file on the proxy's side)"
+            } else {
+                "; pass the admin token with --token-file FILE, --config (its admin.token_file) or ROLLOUT_ADMIN_TOKEN"
+            };
+        }
         Err(CtlError::Server { status, message })
     }
+}
+
+/// Where the admin API is when nothing says otherwise.
+const DEFAULT_ADMIN: &str = "http://127.0.0.1:9901";
+
+/// The URL of an admin listener bound to `listen`: reached on loopback when it listens on
+/// every address.
+fn admin_url(listen: std::net::SocketAddr) -> String {
+    let ip = match listen.ip() {
+        ip if ip.is_unspecified() && ip.is_ipv4() => std::net::Ipv4Addr::LOCALHOST.into(),
+        ip if ip.is_unspecified() => std::net::Ipv6Addr::LOCALHOST.into(),
+        ip => ip,
+    };
+    format!("http://{}", std::net::SocketAddr::new(ip, listen.port()))
+}
+
+/// An HTTP/1.1 client for http:// and https:// admin URLs; https is checked against the public
+/// web roots and `ca_file`.
+fn client(ca_file: Option<&Path>) -> Result<Client<HttpsConnector<HttpConnector>, Full<Bytes>>, CtlError> {
+    let mut tls = (*crate::tls::client_config(ca_file).map_err(CtlError::Tls)?).clone();
+    // The connector sets ALPN itself.
+    tls.alpn_protocols.clear();
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .build();
+    Ok(Client::builder(TokioExecutor::new()).build(connector))
 }
 
 fn read_token(file: Option<&PathBuf>) -> Result<Option<String>, CtlError> {
@@ -188,14 +233,22 @@ fn read_token(file: Option<&PathBuf>) -> Result<Option<String>, CtlError> {
 
 /// Runs one command, printing its result. Returns the process exit code.
 pub async fn run(options: &CtlOptions, command: CtlCommand) -> Result<u8, CtlError> {
-    let base = options.admin.trim_end_matches('/').to_owned();
-    if !base.starts_with("http://") {
-        return Err(CtlError::BadUrl(options.admin.clone()));
+    let config = options.config.as_deref().map(Config::load).transpose().map_err(CtlError::Config)?;
+    let admin = match (&options.admin, &config) {
+        (Some(admin), _) => admin.clone(),
+        (None, Some(config)) => admin_url(config.admin_listen),
+        (None, None) => DEFAULT_ADMIN.to_owned(),
+    };
+    let base = admin.trim_end_matches('/').to_owned();
+    if !(base.starts_with("http://") || base.starts_with("https://")) {
+        return Err(CtlError::BadUrl(admin));
     }
+    let token_file =
+        options.token_file.clone().or_else(|| config.as_ref().and_then(|c| c.admin_token_file.clone()));
     let api = Api {
-        client: Client::builder(TokioExecutor::new()).build_http(),
+        client: client(options.ca_file.as_deref())?,
         base,
-        token: read_token(options.token_file.as_ref())?,
+        token: read_token(token_file.as_ref())?,
         if_match: options.if_match,
     };
     let print = |value: &Value, human: String| {

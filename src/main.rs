@@ -52,12 +52,20 @@ enum Command {
     },
     /// The operator's client for the admin API.
     Ctl {
-        /// Admin API base URL.
-        #[arg(long, global = true, default_value = "http://127.0.0.1:9901", env = "ROLLOUT_ADMIN_URL")]
-        admin: String,
-        /// File holding the admin token (default: the ROLLOUT_ADMIN_TOKEN environment variable).
+        /// Admin API base URL, http:// or https:// [default: from --config, else
+        /// http://127.0.0.1:9901]
+        #[arg(long, global = true, env = "ROLLOUT_ADMIN_URL")]
+        admin: Option<String>,
+        /// File holding the admin token (default: from --config, else the ROLLOUT_ADMIN_TOKEN
+        /// environment variable).
         #[arg(long, global = true)]
         token_file: Option<PathBuf>,
+        /// The proxy's config file: its admin.listen and admin.token_file, unless given.
+        #[arg(long, short, global = true)]
+        config: Option<PathBuf>,
+        /// Also trust this CA (PEM) for an https:// admin URL.
+        #[arg(long, global = true)]
+        ca_file: Option<PathBuf>,
         /// Print the server's JSON instead of a table.
         #[arg(long, global = true)]
         json: bool,
@@ -190,8 +198,8 @@ fn execute(command: Command) -> anyhow::Result<u8> {
             runtime(2)?.block_on(demo::run(DemoOptions { config, listen, admin_listen }))?;
             Ok(0)
         }
-        Command::Ctl { admin, token_file, json, if_match, command } => {
-            let options = CtlOptions { admin, token_file, json, if_match };
+        Command::Ctl { admin, token_file, config, ca_file, json, if_match, command } => {
+            let options = CtlOptions { admin, token_file, config, ca_file, json, if_match };
             let command = match command {
                 CtlCmd::Status => CtlCommand::Status,
                 CtlCmd::Drain { wait, timeout, interval } => CtlCommand::Drain { wait, timeout, interval },

@@ -143,7 +143,7 @@ async fn a_bad_token_or_bad_input_exits_non_zero_with_the_servers_message() {
     std::fs::write(dir.path().join("wrong"), "not-the-token").unwrap();
     let (code, _, err) = ctl(&proxy, Some(&dir.path().join("wrong")), &["legacy-percent", "10"]).await;
     assert_eq!(code, 1);
-    assert!(err.contains("missing or wrong bearer token (HTTP 401"), "{err}");
+    assert!(err.contains("missing or wrong bearer token; the token given is not the proxy's"), "{err}");
 
     let token = dir.path().join("token");
     let (code, _, err) = ctl(&proxy, Some(&token), &["legacy-percent", "150"]).await;
@@ -200,4 +200,42 @@ async fn proxy_with_v1_traffic(proxy: &ProxyHandle) -> u128 {
     assert_eq!(pools_of(vec![proxy.url("/api/members/me")]).await, ["v1"]);
     let _ = std::fs::remove_file(token);
     at.elapsed().as_millis()
+}
+
+/// `--config` takes the admin URL and token file from the proxy's config; without a token a
+/// change is refused with how to pass one; a URL that is neither http nor https is named.
+#[tokio::test]
+async fn ctl_finds_the_proxy_and_its_token_through_the_config_and_says_how_to_pass_a_token() {
+    let dir = tempfile::tempdir().unwrap();
+    // A fixed admin port, so the config file names where the proxy listens.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let admin = format!("127.0.0.1:{port}");
+    let proxy = proxy(dir.path(), |c| c.admin_listen(&admin)).await;
+    let run = |args: Vec<String>| async move {
+        let mut command = support::binary();
+        command.arg("ctl").args(args).env_remove("ROLLOUT_ADMIN_TOKEN").env_remove("ROLLOUT_ADMIN_URL");
+        let out = tokio::task::spawn_blocking(move || command.output().unwrap()).await.unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8(out.stdout).unwrap(),
+            String::from_utf8(out.stderr).unwrap(),
+        )
+    };
+    let config = dir.path().join("rollout.yaml").to_str().unwrap().to_owned();
+    let (code, out, err) =
+        run(vec!["--config".into(), config.clone(), "legacy-percent".into(), "40".into()]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("100.0% -> 40.0%"), "{out}");
+
+    let (code, _, err) = ctl(&proxy, None, &["legacy-percent", "30"]).await;
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("(HTTP 401 Unauthorized)")
+            && err.contains("pass the admin token with --token-file FILE"),
+        "{err}"
+    );
+
+    let (code, _, err) = run(vec!["--admin".into(), format!("ftp://{admin}"), "status".into()]).await;
+    assert_ne!(code, 0);
+    assert!(err.contains("is not an admin URL like http://127.0.0.1:9901 or https://"), "{err}");
 }
