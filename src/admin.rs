@@ -133,7 +133,12 @@ const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Serves the admin API on `listener` until `stop` fires, with its own connection cap and
 /// header timeout, then lets open requests finish.
-pub(crate) async fn serve(listener: TcpListener, state: AdminState, stop: CancellationToken) {
+pub(crate) async fn serve(
+    listener: TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    state: AdminState,
+    stop: CancellationToken,
+) {
     let app = router(state);
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let connections = TaskTracker::new();
@@ -161,21 +166,22 @@ pub(crate) async fn serve(listener: TcpListener, state: AdminState, stop: Cancel
                 req.extensions_mut().insert(ConnectInfo(peer));
                 tower::ServiceExt::oneshot(app.clone(), req)
             });
-        let connection = http.serve_connection(TokioIo::new(stream), service);
-        let stop = stop.clone();
+        let (http, stop, tls) = (http.clone(), stop.clone(), tls.clone());
         connections.spawn(async move {
             let _slot = slot;
-            tokio::pin!(connection);
-            tokio::select! {
-                ended = connection.as_mut() => {
-                    if let Err(err) = ended {
-                        debug!(peer = %peer, error = %err, "admin connection ended with an error");
+            match tls {
+                None => serve_connection(&http, TokioIo::new(stream), service, peer, &stop).await,
+                Some(tls) => {
+                    // The handshake gets as long as a request head would.
+                    match tokio::time::timeout(HEADER_READ_TIMEOUT, tls.accept(stream)).await {
+                        Ok(Ok(stream)) => {
+                            serve_connection(&http, TokioIo::new(stream), service, peer, &stop).await
+                        }
+                        Ok(Err(err)) => debug!(peer = %peer, error = %err, "admin TLS handshake failed"),
+                        Err(_) => debug!(peer = %peer, "admin TLS handshake timed out"),
                     }
-                    return;
                 }
-                _ = stop.cancelled() => connection.as_mut().graceful_shutdown(),
             }
-            let _ = connection.await;
         });
     }
     drop(listener);
@@ -183,6 +189,34 @@ pub(crate) async fn serve(listener: TcpListener, state: AdminState, stop: Cancel
     // A request still being answered gets a moment; one stuck on a client does not hold the
     // stop up.
     let _ = tokio::time::timeout(HEADER_READ_TIMEOUT, connections.wait()).await;
+}
+
+/// Serves one admin connection (plain or TLS) until it ends, or gracefully until `stop`.
+async fn serve_connection<I, S>(
+    http: &hyper::server::conn::http1::Builder,
+    io: I,
+    service: S,
+    peer: SocketAddr,
+    stop: &CancellationToken,
+) where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    S: hyper::service::HttpService<hyper::body::Incoming> + Send,
+    S::Future: Send,
+    S::ResBody: 'static,
+    <S::ResBody as hyper::body::Body>::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let connection = http.serve_connection(io, service);
+    tokio::pin!(connection);
+    tokio::select! {
+        ended = connection.as_mut() => {
+            if let Err(err) = ended {
+                debug!(peer = %peer, error = %err, "admin connection ended with an error");
+            }
+            return;
+        }
+        _ = stop.cancelled() => connection.as_mut().graceful_shutdown(),
+    }
+    let _ = connection.await;
 }
 
 /// The answer to an admin connection over [`MAX_CONNECTIONS`].

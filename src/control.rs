@@ -118,8 +118,8 @@ struct Running {
 pub(crate) struct Control {
     shared: Arc<Shared>,
     running: Mutex<Running>,
-    /// The served certificate, re-read on every reload.
-    certs: Option<Arc<CertStore>>,
+    /// The served certificates (data plane, admin listener), re-read on every reload.
+    certs: Vec<Arc<CertStore>>,
     /// The config this process started with: what keys a reload cannot change still have.
     started: Config,
 }
@@ -132,7 +132,7 @@ impl Control {
         file: Config,
         overrides: Overrides,
         revision: u64,
-        certs: Option<Arc<CertStore>>,
+        certs: Vec<Arc<CertStore>>,
     ) -> Self {
         if let Some(fleet) = shared.fleet() {
             fleet.applied(revision);
@@ -319,9 +319,12 @@ impl Control {
             Some(file) => Config::load(file).map_err(ControlError::Reload),
         };
         // The certificate files are read again too; a bad pair refuses the whole reload.
-        let result = result.and_then(|file| match &self.certs {
-            Some(certs) => certs.reload().map(|()| file).map_err(ControlError::Certificate),
-            None => Ok(file),
+        let result = result.and_then(|file| {
+            self.certs
+                .iter()
+                .try_for_each(|certs| certs.reload())
+                .map(|()| file)
+                .map_err(ControlError::Certificate)
         });
         let metrics = self.shared.metrics();
         let file = match result {
@@ -564,6 +567,7 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
     check(old.workers != new.workers, "workers");
     check(old.store != new.store, "store");
     check(old.tls != new.tls, "tls (file paths; the files themselves are re-read)");
+    check(old.admin_tls != new.admin_tls, "admin.tls (file paths; the files themselves are re-read)");
     check(
         old.client.header_read_timeout != new.client.header_read_timeout
             || old.client.send_timeout != new.client.send_timeout

@@ -217,16 +217,29 @@ pub struct Preflight {
 /// file. `check` runs these too, so a config it passes is one `run` starts with.
 pub fn preflight(config: &Config) -> Result<Preflight, StartError> {
     let token = Token::load(config.admin_token_file.as_deref())?;
-    if token.is_none() && !config.admin_listen.ip().is_loopback() {
-        return Err(StartError::AdminWithoutToken { addr: config.admin_listen });
+    if !config.admin_listen.ip().is_loopback() {
+        if token.is_none() {
+            return Err(StartError::AdminWithoutToken { addr: config.admin_listen });
+        }
+        if config.admin_tls.is_none() {
+            tracing::warn!(admin = %config.admin_listen, "the admin listener is not on loopback and has no admin.tls: the admin token crosses the network in clear");
+        }
     }
     load_certificate(config)?;
+    load_admin_certificate(config)?;
     UpstreamClient::new(&config.upstream)?;
     Ok(Preflight { token })
 }
 
 fn load_certificate(config: &Config) -> Result<Option<Arc<CertStore>>, StartError> {
     Ok(match &config.tls {
+        Some(tls) => Some(CertStore::load(&tls.cert, &tls.key)?),
+        None => None,
+    })
+}
+
+fn load_admin_certificate(config: &Config) -> Result<Option<Arc<CertStore>>, StartError> {
+    Ok(match &config.admin_tls {
         Some(tls) => Some(CertStore::load(&tls.cert, &tls.key)?),
         None => None,
     })
@@ -279,6 +292,10 @@ impl Server {
             admin.local_addr().map_err(|source| bind_error("admin.listen", config.admin_listen, source))?;
         let certs = load_certificate(&config)?;
         let acceptor = certs.clone().map(|store| TlsAcceptor::from(crate::tls::server_config(store)));
+        let admin_certs = load_admin_certificate(&config)?;
+        let admin_acceptor =
+            admin_certs.clone().map(|store| TlsAcceptor::from(crate::tls::admin_server_config(store)));
+        let reloaded_certs: Vec<Arc<CertStore>> = certs.iter().chain(admin_certs.iter()).cloned().collect();
         let client = UpstreamClient::new(&config.upstream)?;
         let metrics = Arc::new(Metrics::new());
         let shutdown = CancellationToken::new();
@@ -302,7 +319,7 @@ impl Server {
             task: None,
         };
         let Planes { shared, control, ramp } =
-            Server::open_state(&config, &clock, &metrics, storage, &mut data_plane, certs.clone()).await?;
+            Server::open_state(&config, &clock, &metrics, storage, &mut data_plane, reloaded_certs).await?;
         let proxy = Arc::new(Proxy::new(
             shared.clone(),
             client.clone(),
@@ -321,7 +338,7 @@ impl Server {
             token: token.map(Arc::new),
         };
         offer_handover(&config, data_socket, &admin, &shutdown, &admin_stop);
-        let admin_task = tokio::spawn(admin::serve(admin, admin_state, admin_stop.clone()));
+        let admin_task = tokio::spawn(admin::serve(admin, admin_acceptor, admin_state, admin_stop.clone()));
         let upkeep_stop = CancellationToken::new();
         let upkeep = tokio::spawn(crate::shared::run_upkeep(shared.clone(), upkeep_stop.clone()));
         let ramp_task = tokio::spawn(crate::ramp::runner::run(ramp.clone(), upkeep_stop.clone()));
@@ -363,7 +380,7 @@ impl Server {
         metrics: &Arc<Metrics>,
         storage: Storage,
         data_plane: &mut DataPlane,
-        certs: Option<Arc<CertStore>>,
+        certs: Vec<Arc<CertStore>>,
     ) -> Result<Planes, StartError> {
         let opened = match storage {
             Storage::Opened(store, loaded) => Ok((store, loaded)),
@@ -408,7 +425,7 @@ impl Server {
         store: Arc<Store>,
         mut loaded: Loaded,
         fleet: Option<(Fleet, Option<Joined>)>,
-        certs: Option<Arc<CertStore>>,
+        certs: Vec<Arc<CertStore>>,
     ) -> Result<Planes, StartError> {
         // In a fleet, the fleet store's pins and salt are the truth; the local ones are its copy.
         let mut fleet_salt = None;

@@ -105,12 +105,21 @@ impl ResolvesServerCert for CertStore {
 
 /// Server settings: the certificate from `store`, ALPN `h2` then `http/1.1`.
 pub(crate) fn server_config(store: Arc<CertStore>) -> Arc<rustls::ServerConfig> {
+    serving(store, &[b"h2", b"http/1.1"])
+}
+
+/// Server settings for the admin listener, which speaks HTTP/1.1 only.
+pub(crate) fn admin_server_config(store: Arc<CertStore>) -> Arc<rustls::ServerConfig> {
+    serving(store, &[b"http/1.1"])
+}
+
+fn serving(store: Arc<CertStore>, alpn: &[&[u8]]) -> Arc<rustls::ServerConfig> {
     let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(provider::default_provider()))
         .with_safe_default_protocol_versions()
         .expect("the ring provider supports the default protocol versions")
         .with_no_client_auth()
         .with_cert_resolver(store);
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Arc::new(config)
 }
 

@@ -170,3 +170,58 @@ async fn an_https_upstream_is_reached_and_verified_with_the_configured_ca() {
         proxy.shutdown().await;
     }
 }
+
+/// `admin.tls`: the admin API answers over HTTPS only, `ctl` reaches it with `--ca-file`, and a
+/// reload reads the admin certificate again too.
+#[tokio::test]
+async fn the_admin_api_over_tls_is_reached_by_ctl_and_its_certificate_reloads() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = certificate();
+    std::fs::write(dir.path().join("admin-cert.pem"), &first.0).unwrap();
+    std::fs::write(dir.path().join("admin-key.pem"), &first.1).unwrap();
+    std::fs::write(dir.path().join("token"), TOKEN).unwrap();
+    let (v1, v2) = (Upstream::new("v1-a").spawn().await, Upstream::new("v2-a").spawn().await);
+    let config = ConfigBuilder::one_each(v1, v2)
+        .admin_tls(&dir.path().join("admin-cert.pem"), &dir.path().join("admin-key.pem"))
+        .admin_token_file(&dir.path().join("token"));
+    std::fs::write(dir.path().join("rollout.yaml"), config.render()).unwrap();
+    let proxy = ProxyBuilder::from_file(&dir.path().join("rollout.yaml")).spawn().await;
+    let https = format!("https://localhost:{}", proxy.admin_addr.port());
+    let ctl = |admin: String, ca: &str, args: &[&str]| {
+        let mut command = support::binary();
+        command
+            .args(["ctl", "--admin", &admin, "--ca-file", ca, "--token-file"])
+            .arg(dir.path().join("token"));
+        command.args(args).env_remove("ROLLOUT_ADMIN_URL");
+        async move {
+            let out = tokio::task::spawn_blocking(move || command.output().unwrap()).await.unwrap();
+            (
+                out.status.code(),
+                String::from_utf8(out.stdout).unwrap(),
+                String::from_utf8(out.stderr).unwrap(),
+            )
+        }
+    };
+    std::fs::write(dir.path().join("ca-first.pem"), &first.0).unwrap();
+    let ca_first = dir.path().join("ca-first.pem").to_str().unwrap().to_owned();
+    let (code, out, err) = ctl(https.clone(), &ca_first, &["legacy-percent", "60"]).await;
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("100.0% -> 60.0%"), "{out}");
+    // Plain HTTP gets nothing from it.
+    let (code, _, err) = ctl(format!("http://{}", proxy.admin_addr), &ca_first, &["status"]).await;
+    assert_eq!(code, Some(1), "{err}");
+
+    // A new certificate, reloaded: ctl must now trust the new one.
+    let second = certificate();
+    std::fs::write(dir.path().join("admin-cert.pem"), &second.0).unwrap();
+    std::fs::write(dir.path().join("admin-key.pem"), &second.1).unwrap();
+    let (code, _, err) = ctl(https.clone(), &ca_first, &["reload"]).await;
+    assert_eq!(code, Some(0), "{err}");
+    let (code, _, err) = ctl(https.clone(), &ca_first, &["status"]).await;
+    assert_eq!(code, Some(1), "the old certificate is no longer served: {err}");
+    std::fs::write(dir.path().join("ca-second.pem"), &second.0).unwrap();
+    let (code, out, err) = ctl(https, dir.path().join("ca-second.pem").to_str().unwrap(), &["status"]).await;
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("60.0% (admin"), "{out}");
+    proxy.shutdown().await;
+}

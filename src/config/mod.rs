@@ -421,6 +421,8 @@ pub struct Config {
     pub state_dir: PathBuf,
     pub admin_listen: SocketAddr,
     pub admin_token_file: Option<PathBuf>,
+    /// The admin listener's certificate: it serves HTTPS when set.
+    pub admin_tls: Option<TlsFiles>,
     pub pools: ByPool<PoolConfig>,
     pub routes: RoutesConfig,
     pub sessions: SessionsConfig,

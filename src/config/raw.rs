@@ -112,11 +112,14 @@ pub(crate) struct RawAdmin {
     pub(crate) listen: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) token_file: Option<PathBuf>,
+    /// Serve the admin API (and console) over TLS with this certificate.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) tls: Option<RawTls>,
 }
 
 impl Default for RawAdmin {
     fn default() -> Self {
-        RawAdmin { listen: "127.0.0.1:9901".to_owned(), token_file: None }
+        RawAdmin { listen: "127.0.0.1:9901".to_owned(), token_file: None, tls: None }
     }
 }
 
@@ -399,6 +402,7 @@ impl From<&Config> for RawConfig {
             admin: RawAdmin {
                 listen: config.admin_listen.to_string(),
                 token_file: config.admin_token_file.clone(),
+                tls: config.admin_tls.as_ref().map(|t| RawTls { cert: t.cert.clone(), key: t.key.clone() }),
             },
             pools: RawPools { v1: pool(&config.pools.v1), v2: pool(&config.pools.v2) },
             routes: RawRoutes {

@@ -173,6 +173,11 @@ impl RawConfig {
                 state_dir: self.state_dir.clone(),
                 admin_listen,
                 admin_token_file: self.admin.token_file.clone(),
+                admin_tls: self
+                    .admin
+                    .tls
+                    .as_ref()
+                    .map(|t| TlsFiles { cert: t.cert.clone(), key: t.key.clone() }),
                 pools: ByPool { v1, v2 },
                 routes: RoutesConfig { v2_prefixes, legacy_v1_percent, pool_header: self.routes.pool_header },
                 sessions,

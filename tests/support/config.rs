@@ -132,6 +132,7 @@ pub struct ConfigBuilder {
     grace_period: Option<Duration>,
     workers: Option<usize>,
     tls: Option<(PathBuf, PathBuf)>,
+    admin_tls: Option<(PathBuf, PathBuf)>,
     state_dir: Option<PathBuf>,
     /// Top-level sections written as given, after the others.
     extra: Vec<(String, String)>,
@@ -161,6 +162,7 @@ impl ConfigBuilder {
             grace_period: None,
             workers: None,
             tls: None,
+            admin_tls: None,
             state_dir: None,
             extra: Vec::new(),
         }
@@ -260,6 +262,12 @@ impl ConfigBuilder {
         self
     }
 
+    /// Serves the admin API over TLS with these PEM files.
+    pub fn admin_tls(mut self, cert: &Path, key: &Path) -> Self {
+        self.admin_tls = Some((cert.to_owned(), key.to_owned()));
+        self
+    }
+
     /// Terminates TLS on the data-plane listener with these PEM files.
     pub fn tls(mut self, cert: &Path, key: &Path) -> Self {
         self.tls = Some((cert.to_owned(), key.to_owned()));
@@ -287,6 +295,9 @@ impl ConfigBuilder {
         let mut admin = vec![("listen", quote(&self.admin_listen))];
         if let Some(file) = &self.token_file {
             admin.push(("token_file", quote_path(file)));
+        }
+        if let Some((cert, key)) = &self.admin_tls {
+            admin.push(("tls", flow(&[("cert", quote_path(cert)), ("key", quote_path(key))])));
         }
         put("admin", flow(&admin));
         let pools = format!("\n  v1:\n{}  v2:\n{}", render_pool(&self.v1), render_pool(&self.v2));
