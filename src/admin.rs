@@ -118,6 +118,11 @@ pub(crate) fn router(state: AdminState) -> Router {
         .route("/overrides", delete(delete_overrides))
         .route("/ramp", get(get_ramp).put(put_ramp))
         .route("/ramp/{command}", post(ramp_command))
+        .route("/", get(crate::console::index))
+        .route("/console.js", get(crate::console::script))
+        .route("/console.css", get(crate::console::style))
+        .route("/history", get(crate::console::history))
+        .route("/audit", get(crate::console::audit))
         .fallback(|| async { AdminError::NotFound("no such admin endpoint".to_owned()) })
         .with_state(state)
 }

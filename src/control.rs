@@ -387,6 +387,7 @@ impl Control {
             .ok_or_else(|| ControlError::UnknownSession(key.to_owned()))?;
         self.shared.metrics().admin_changes.with_label_values(&["session_delete"]).inc();
         info!(target: "audit", actor = %actor.0, kind = "session_delete", session = key, pool = %pool, revision = running.revision, "admin change");
+        self.shared.journal(&actor.0, "session_delete", format!("{key} (was on {pool})"));
         Ok(Applied {
             revision: running.revision,
             old: json!({ "key": key, "pool": pool }),
@@ -443,6 +444,7 @@ impl Control {
         }
         self.shared.metrics().admin_changes.with_label_values(&[kind]).inc();
         info!(target: "audit", actor = %actor.0, kind, old = %old, new = %new, revision, "admin change");
+        self.shared.journal(&actor.0, kind, format!("{old} -> {new} (revision {revision})"));
         Ok(Applied { revision, old, new, restart_required: Vec::new() })
     }
 }
@@ -508,7 +510,9 @@ impl Control {
         self.shared.store().send(Op::Overrides { json: fleet.json, revision: fleet.revision });
         let previous = self.shared.snapshot();
         self.shared.swap(Snapshot::build(&effective, self.shared.metrics(), Some(&previous)));
-        info!(target: "audit", actor = "fleet", kind = "fleet_change", new = %serde_json::to_string(&overrides).unwrap_or_default(), revision = fleet.revision, "admin change made on another replica");
+        let new = serde_json::to_string(&overrides).unwrap_or_default();
+        info!(target: "audit", actor = "fleet", kind = "fleet_change", new = %new, revision = fleet.revision, "admin change made on another replica");
+        self.shared.journal("fleet", "fleet_change", format!("{new} (revision {})", fleet.revision));
         running.overrides = overrides;
         running.revision = fleet.revision;
         if let Some(link) = self.shared.fleet() {

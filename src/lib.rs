@@ -81,6 +81,7 @@ mod admin;
 pub mod balancer;
 pub mod clock;
 pub mod config;
+mod console;
 mod control;
 pub mod ctl;
 pub mod demo;

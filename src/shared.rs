@@ -34,6 +34,8 @@ pub struct Shared {
     clock: SharedClock,
     /// In fleet mode, the link to the fleet store.
     fleet: Option<Arc<Fleet>>,
+    /// What the admin console shows that nothing else keeps.
+    console: crate::console::Console,
 }
 
 impl Shared {
@@ -53,7 +55,18 @@ impl Shared {
             metrics,
             clock,
             fleet,
+            console: crate::console::Console::default(),
         }
+    }
+
+    /// The console's pin history and journal of changes.
+    pub(crate) fn console(&self) -> &crate::console::Console {
+        &self.console
+    }
+
+    /// Notes a change for the console's journal (`GET /audit`), next to its `audit` log line.
+    pub(crate) fn journal(&self, actor: &str, kind: &str, detail: String) {
+        self.console.record(self.now(), actor, kind, detail);
     }
 
     /// The link to the fleet store, in fleet mode.
@@ -193,6 +206,7 @@ pub(crate) async fn run_upkeep(shared: Arc<Shared>, stop: CancellationToken) {
         .await
         .unwrap_or(None);
         shared.confirm_upkeep(sent).await;
+        shared.console.sample(shared.now(), |pool| shared.sessions().live(pool));
     }
     if let Some(fleet) = fleet {
         let _ = fleet.await;

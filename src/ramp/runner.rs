@@ -252,6 +252,11 @@ impl Ramp {
         self.commit(&mut next, Some(percent), None, actor).await?;
         *current = Some(next);
         info!(actor = %actor.0, "ramp started");
+        self.shared.journal(
+            &actor.0,
+            "ramp_start",
+            format!("{} steps", current.as_ref().map_or(0, |c| c.plan.steps().len())),
+        );
         Ok(self.describe(current.as_ref(), now))
     }
 
@@ -304,6 +309,11 @@ impl Ramp {
                 committed => committed?,
             }
             info!(actor = %actor.0, command, state = next.progress.state.as_str(), step = next.progress.step, "ramp command");
+            self.shared.journal(
+                &actor.0,
+                &format!("ramp_{command}"),
+                format!("{} at step {}", next.progress.state.as_str(), next.progress.step + 1),
+            );
             if command == "abort" {
                 self.tell_abort(next.plan.clone(), next.progress.step, format!("aborted by {}", actor.0));
             }
@@ -385,6 +395,15 @@ impl Ramp {
         let ramp = self.clone();
         tokio::spawn(async move {
             let answers = ramp.gates.ask(&plan, to, ramp.shared.now(), ramp.shared.metrics()).await;
+            for answer in &answers {
+                let said =
+                    answer.status.map_or_else(|| answer.error.clone().unwrap_or_default(), |s| s.to_string());
+                ramp.shared.journal(
+                    "ramp",
+                    "ramp_gate",
+                    format!("{} before step {}: {said}", answer.gate, to + 1),
+                );
+            }
             let mut state = ramp.state.lock().await;
             ramp.asking.store(false, std::sync::atomic::Ordering::Release);
             let Some(current) = state.0.as_mut() else { return };
@@ -409,7 +428,11 @@ impl Ramp {
         }
         let (gates, shared) = (self.gates.clone(), self.shared.clone());
         tokio::spawn(async move {
-            gates.tell_abort(&plan, step, &why, shared.now(), shared.metrics()).await;
+            for answer in gates.tell_abort(&plan, step, &why, shared.now(), shared.metrics()).await {
+                let said =
+                    answer.status.map_or_else(|| answer.error.clone().unwrap_or_default(), |s| s.to_string());
+                shared.journal("ramp", "ramp_gate", format!("{} told of the abort: {said}", answer.gate));
+            }
         });
     }
 
@@ -464,6 +487,16 @@ impl Ramp {
         }
         if next.progress.state != ramp.progress.state || next.progress.step != ramp.progress.step {
             info!(state = next.progress.state.as_str(), step = next.progress.step, verdict = ?verdict, "ramp moved");
+            self.shared.journal(
+                "ramp",
+                "ramp_moved",
+                format!(
+                    "{} at step {} ({})",
+                    next.progress.state.as_str(),
+                    next.progress.step + 1,
+                    verdict.as_str()
+                ),
+            );
         }
         let aborted = next.progress.state == State::Aborted && ramp.progress.state != State::Aborted;
         *ramp = next;

@@ -1,6 +1,7 @@
 //! Shared test fixtures: stub upstreams on real sockets, an in-process proxy, an HTTP client.
 #![allow(dead_code)]
 
+pub mod browser;
 pub mod config;
 pub mod raw;
 pub mod redis;
