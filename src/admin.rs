@@ -113,7 +113,7 @@ pub(crate) fn router(state: AdminState) -> Router {
         .route("/routes/legacy", put(put_legacy))
         .route("/pools/{pool}/upstreams/{name}", put(put_weight))
         .route("/sessions", get(list_sessions))
-        .route("/sessions/{key}", delete(delete_session))
+        .route("/sessions/{key}", get(get_session).delete(delete_session))
         .route("/reload", post(reload))
         .route("/overrides", delete(delete_overrides))
         .route("/ramp", get(get_ramp).put(put_ramp))
@@ -503,6 +503,8 @@ async fn put_weight(
 struct SessionsQuery {
     pool: Option<String>,
     limit: Option<String>,
+    /// The page starts after this key (the previous page's `next`).
+    after: Option<String>,
 }
 
 /// Most pins one `GET /sessions` lists.
@@ -528,20 +530,39 @@ async fn list_sessions(
     };
     let snapshot = state.shared.snapshot();
     let sessions = state.shared.sessions();
-    let pins: Vec<_> = sessions
-        .list(pool, &snapshot.pin_policy, limit)
-        .into_iter()
-        .map(|p| {
-            json!({
-                "key": p.key,
-                "pool": p.pool,
-                "first_seen": rfc3339(u64::from(p.first_seen) * 1000),
-                "last_seen": rfc3339(u64::from(p.last_seen) * 1000),
-            })
-        })
-        .collect();
+    let after = query.after.as_deref().filter(|after| !after.is_empty());
+    let (page, more) = sessions.page(pool, &snapshot.pin_policy, after, limit);
+    let next = more.then(|| page.last().map(|p| p.key.clone())).flatten();
+    let pins: Vec<serde_json::Value> = page.iter().map(describe_pin).collect();
     let active = json!({ "v1": sessions.live(PoolName::V1), "v2": sessions.live(PoolName::V2) });
-    Ok(Json(json!({ "sessions": pins, "active": active })).into_response())
+    Ok(Json(json!({ "sessions": pins, "next": next, "active": active })).into_response())
+}
+
+/// A pin as the admin API shows it: pool, times, and what ends it when.
+fn describe_pin(pin: &crate::session::PinInfo) -> serde_json::Value {
+    json!({
+        "key": pin.key,
+        "pool": pin.pool,
+        "first_seen": rfc3339(u64::from(pin.first_seen) * 1000),
+        "last_seen": rfc3339(u64::from(pin.last_seen) * 1000),
+        "expires_at": rfc3339(u64::from(pin.ends_at) * 1000),
+        "ended_by": pin.ended_by.as_str(),
+    })
+}
+
+/// `GET /sessions/{key}`: one session's pin.
+async fn get_session(
+    State(state): State<AdminState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    UrlPath(key): UrlPath<String>,
+) -> Result<Response, AdminError> {
+    state.authorize(&headers, peer)?;
+    let snapshot = state.shared.snapshot();
+    match state.shared.sessions().lookup(&key, &snapshot.pin_policy) {
+        Some(pin) => Ok(Json(describe_pin(&pin)).into_response()),
+        None => Err(AdminError::NotFound(format!("no live session {key:?}"))),
+    }
 }
 
 async fn delete_session(

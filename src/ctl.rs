@@ -61,7 +61,9 @@ pub enum CtlCommand {
     Sessions {
         pool: Option<String>,
         limit: usize,
+        after: Option<String>,
     },
+    Session(String),
     EndSession(String),
     Reload,
     ResetOverrides,
@@ -297,13 +299,31 @@ pub async fn run(options: &CtlOptions, command: CtlCommand) -> Result<u8, CtlErr
             );
             print(&applied, human);
         }
-        CtlCommand::Sessions { pool, limit } => {
+        CtlCommand::Sessions { pool, limit, after } => {
             let mut path = format!("/sessions?limit={limit}");
             if let Some(pool) = pool {
                 path += &format!("&pool={pool}");
             }
+            if let Some(after) = after {
+                path += &format!("&after={}", query_escape(&after));
+            }
             let list = api.expect_ok(Method::GET, &path, None).await?;
             print(&list, render_sessions(&list));
+        }
+        CtlCommand::Session(key) => {
+            let pin = api.expect_ok(Method::GET, &format!("/sessions/{}", query_escape(&key)), None).await?;
+            let human = format!(
+                "session {key}: on {}\nfirst request {}\nlast request  {}\nends at       {} ({} ends it, unless a request comes first)",
+                pin["pool"].as_str().unwrap_or("?"),
+                pin["first_seen"].as_str().unwrap_or("?"),
+                pin["last_seen"].as_str().unwrap_or("?"),
+                pin["expires_at"].as_str().unwrap_or("?"),
+                match pin["ended_by"].as_str() {
+                    Some("max_duration") => "sessions.max_duration",
+                    _ => "sessions.idle_timeout",
+                },
+            );
+            print(&pin, human);
         }
         CtlCommand::EndSession(key) => {
             let applied = api.expect_ok(Method::DELETE, &format!("/sessions/{key}"), None).await?;
@@ -463,14 +483,30 @@ fn render_drain(d: &Value) -> String {
 }
 
 fn render_sessions(list: &Value) -> String {
-    let mut sessions = table(&["KEY", "POOL", "FIRST SEEN", "LAST SEEN"]);
+    let mut sessions = table(&["KEY", "POOL", "FIRST SEEN", "LAST SEEN", "ENDS AT"]);
     for s in list["sessions"].as_array().into_iter().flatten() {
         sessions.add_row(
-            ["key", "pool", "first_seen", "last_seen"]
+            ["key", "pool", "first_seen", "last_seen", "expires_at"]
                 .map(|field| s[field].as_str().unwrap_or("?").to_owned()),
         );
     }
-    format!("{}live pins: v1 {}, v2 {}", lines(&sessions), list["active"]["v1"], list["active"]["v2"])
+    let mut out =
+        format!("{}live pins: v1 {}, v2 {}", lines(&sessions), list["active"]["v1"], list["active"]["v2"]);
+    if let Some(next) = list["next"].as_str() {
+        out += &format!("\nmore: ctl sessions --after {next}");
+    }
+    out
+}
+
+/// `text` made safe for a URL path segment or query value: anything but unreserved characters
+/// is percent-encoded.
+fn query_escape(text: &str) -> String {
+    text.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
 }
 
 /// A plain table: a header, columns as wide as their widest cell, two spaces between them, no

@@ -112,13 +112,18 @@ enum CtlCmd {
     },
     /// Set an upstream's weight: `weight v1/was-1 0`.
     Weight { target: String, weight: u32 },
-    /// List live session pins.
+    /// List live session pins, in key order, a page at a time.
     Sessions {
         #[arg(long)]
         pool: Option<String>,
         #[arg(long, default_value_t = 100)]
         limit: usize,
+        /// Start after this key (the `next` a page printed).
+        #[arg(long)]
+        after: Option<String>,
     },
+    /// One session's pin: pool, first and last request, when and why it ends.
+    Session { key: String },
     /// End one session pin; its next request makes a new one.
     EndSession { key: String },
     /// Re-read the config file on the server.
@@ -205,7 +210,8 @@ fn execute(command: Command) -> anyhow::Result<u8> {
                 CtlCmd::Drain { wait, timeout, interval } => CtlCommand::Drain { wait, timeout, interval },
                 CtlCmd::LegacyPercent { percent, force } => CtlCommand::LegacyPercent { percent, force },
                 CtlCmd::Weight { target, weight } => CtlCommand::Weight { target, weight },
-                CtlCmd::Sessions { pool, limit } => CtlCommand::Sessions { pool, limit },
+                CtlCmd::Sessions { pool, limit, after } => CtlCommand::Sessions { pool, limit, after },
+                CtlCmd::Session { key } => CtlCommand::Session(key),
                 CtlCmd::EndSession { key } => CtlCommand::EndSession(key),
                 CtlCmd::Reload => CtlCommand::Reload,
                 CtlCmd::ResetOverrides => CtlCommand::ResetOverrides,

@@ -246,12 +246,54 @@ pub enum Resolution {
 }
 
 /// A live pin as listed by the admin API.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone)]
 pub(crate) struct PinInfo {
     pub key: String,
     pub pool: PoolName,
     pub first_seen: u32,
     pub last_seen: u32,
+    /// When it ends if no request comes (Unix seconds), and which limit ends it then.
+    pub ends_at: u32,
+    pub ended_by: EndReason,
+}
+
+/// Pins are ordered, and told apart, by key: a table holds one per key.
+impl Ord for PinInfo {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.key.cmp(&other.key)
+    }
+}
+
+impl PartialOrd for PinInfo {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl PartialEq for PinInfo {
+    fn eq(&self, other: &Self) -> bool {
+        self.key == other.key
+    }
+}
+
+impl Eq for PinInfo {}
+
+impl PinInfo {
+    fn of(key: &str, pin: &Pin, policy: &PinPolicy) -> PinInfo {
+        let last_seen = pin.last_seen.load(Ordering::Relaxed);
+        let idle_end = last_seen.saturating_add(policy.idle_secs);
+        let max_end = pin.first_seen.saturating_add(policy.max_secs);
+        let (ends_at, ended_by) =
+            if idle_end <= max_end { (idle_end, EndReason::Idle) } else { (max_end, EndReason::MaxDuration) };
+        PinInfo {
+            key: key.to_owned(),
+            pool: pin.pool,
+            first_seen: pin.first_seen,
+            last_seen,
+            ends_at,
+            ended_by,
+        }
+    }
 }
 
 /// A pin under its key. Keys up to 24 bytes (every numeric study id) are stored inline, so a
@@ -753,15 +795,55 @@ impl Sessions {
                 if out.len() >= limit {
                     return out;
                 }
-                out.push(PinInfo {
-                    key: key.to_string(),
-                    pool: pin.pool,
-                    first_seen: pin.first_seen,
-                    last_seen: pin.last_seen.load(Ordering::Relaxed),
-                });
+                out.push(PinInfo::of(key, pin, policy));
             }
         }
         out
+    }
+
+    /// A page of live pins, optionally of one pool, in key order: the first `limit` whose key
+    /// comes after `after`, and whether more follow. One pass over the table, keeping only the
+    /// page's worth (a heap of `limit`), so paging through a million pins costs no sort of them.
+    pub(crate) fn page(
+        &self,
+        pool: Option<PoolName>,
+        policy: &PinPolicy,
+        after: Option<&str>,
+        limit: usize,
+    ) -> (Vec<PinInfo>, bool) {
+        let now = secs(self.clock.now());
+        // The `limit` smallest keys seen so far, largest on top; one more tells whether more follow.
+        let mut smallest: std::collections::BinaryHeap<PinInfo> = std::collections::BinaryHeap::new();
+        for stripe in 0..STRIPES {
+            let table = self.table.read(stripe);
+            let live = table.iter().filter(|e| {
+                pool.is_none_or(|p| p == e.pin.pool)
+                    && after.is_none_or(|after| &*e.key > after)
+                    && e.pin.ended(now, policy).is_none()
+            });
+            for Entry { key, pin } in live {
+                if smallest.len() > limit && smallest.peek().is_some_and(|top| &*top.key <= &**key) {
+                    continue;
+                }
+                smallest.push(PinInfo::of(key, pin, policy));
+                if smallest.len() > limit + 1 {
+                    smallest.pop();
+                }
+            }
+        }
+        let mut page = smallest.into_sorted_vec();
+        let more = page.len() > limit;
+        page.truncate(limit);
+        (page, more)
+    }
+
+    /// `key`'s live pin, if it has one.
+    pub(crate) fn lookup(&self, key: &str, policy: &PinPolicy) -> Option<PinInfo> {
+        let now = secs(self.clock.now());
+        let hash = self.hash(key);
+        let table = self.table.read(stripe_of(hash));
+        let Entry { key, pin } = table.find(hash, key)?;
+        pin.ended(now, policy).is_none().then(|| PinInfo::of(key, pin, policy))
     }
 
     pub fn store(&self) -> &Arc<Store> {

@@ -464,3 +464,39 @@ async fn keys_waiting_for_a_restart_are_reported_until_the_running_value_is_back
     assert_eq!(back.json().get("restart_required"), None, "{back:?}");
     assert_eq!(f.status().await["restart_required"], serde_json::json!([]));
 }
+
+/// One session's pin, by key; and the list in key order, a page at a time, through every pin
+/// exactly once.
+#[tokio::test]
+async fn one_session_is_looked_up_and_the_list_pages_through_every_pin_in_order() {
+    let f = Fixture::start().await;
+    pools_of((0..250).map(|id| f.proxy.url(&format!("/api/studies/s{id:03}"))).collect()).await;
+
+    let one = f.call("GET", "/sessions/s042", None).await;
+    assert_eq!(one.status, StatusCode::OK, "{one:?}");
+    let pin = one.json();
+    assert_eq!((pin["key"].as_str(), pin["pool"].as_str()), (Some("s042"), Some("v1")));
+    assert_eq!(pin["ended_by"], "idle", "{pin}");
+    assert!(pin["expires_at"].as_str().unwrap() > pin["last_seen"].as_str().unwrap(), "{pin}");
+    assert_eq!(f.call("GET", "/sessions/nobody", None).await.status, StatusCode::NOT_FOUND);
+    let anonymous = admin_call("GET", &f.proxy.admin_url("/sessions/s042"), None, None, None).await;
+    assert_eq!(anonymous.status, StatusCode::UNAUTHORIZED);
+
+    let mut keys = Vec::new();
+    let mut after = String::new();
+    let mut pages = 0;
+    loop {
+        let page = f.call("GET", &format!("/sessions?limit=100&after={after}"), None).await.json();
+        pages += 1;
+        keys.extend(
+            page["sessions"].as_array().unwrap().iter().map(|s| s["key"].as_str().unwrap().to_owned()),
+        );
+        match page["next"].as_str() {
+            Some(next) => after = next.to_owned(),
+            None => break,
+        }
+    }
+    assert_eq!(pages, 3);
+    let expected: Vec<String> = (0..250).map(|id| format!("s{id:03}")).collect();
+    assert_eq!(keys, expected, "every pin once, in key order");
+}

@@ -67,6 +67,18 @@ async fn every_command_works_against_a_running_proxy() {
     assert_eq!(code, 0, "{err}");
     assert_eq!(out.lines().filter(|l| l.starts_with('s')).count(), 3, "{out}");
     assert!(out.contains("live pins: v1"), "{out}");
+    // Key order, and the command for the next page.
+    assert!(out.lines().filter(|l| l.starts_with('s')).map(|l| &l[..2]).eq(["s0", "s1", "s2"]), "{out}");
+    assert!(out.contains("more: ctl sessions --after s2"), "{out}");
+    let (code, out, err) = ctl(&proxy, token, &["sessions", "--limit", "3", "--after", "s2"]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.lines().filter(|l| l.starts_with('s')).map(|l| &l[..2]).eq(["s3", "s4", "s5"]), "{out}");
+    let (code, out, err) = ctl(&proxy, token, &["session", "s7"]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.starts_with("session s7: on v") && out.contains("sessions.idle_timeout ends it"), "{out}");
+    let (code, _, err) = ctl(&proxy, token, &["session", "nobody"]).await;
+    assert_eq!(code, 1);
+    assert!(err.contains("no live session \"nobody\" (HTTP 404"), "{err}");
 
     let (code, out, _) = ctl(&proxy, token, &["--json", "status"]).await;
     assert_eq!(code, 0);
