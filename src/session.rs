@@ -822,7 +822,7 @@ impl Sessions {
                     && e.pin.ended(now, policy).is_none()
             });
             for Entry { key, pin } in live {
-                if smallest.len() > limit && smallest.peek().is_some_and(|top| &*top.key <= &**key) {
+                if smallest.len() > limit && smallest.peek().is_some_and(|top| *top.key <= **key) {
                     continue;
                 }
                 smallest.push(PinInfo::of(key, pin, policy));
