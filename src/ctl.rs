@@ -5,6 +5,7 @@
 //! `--wait` timed out), 4 for `ramp status --watch` when the ramp aborted. The API itself is
 //! [`crate::admin`].
 
+use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -42,7 +43,10 @@ pub struct CtlOptions {
 
 #[derive(Debug, Clone)]
 pub enum CtlCommand {
-    Status,
+    /// With `Some(interval)`, again every interval until interrupted.
+    Status {
+        watch: Option<Duration>,
+    },
     Drain {
         wait: bool,
         timeout: Duration,
@@ -261,12 +265,27 @@ pub async fn run(options: &CtlOptions, command: CtlCommand) -> Result<u8, CtlErr
         }
     };
     match command {
-        CtlCommand::Status => {
-            let status = api.expect_ok(Method::GET, "/status", None).await?;
-            print(&status, render_status(&status));
+        CtlCommand::Status { watch } => {
+            let terminal = std::io::stdout().is_terminal() && !options.json;
+            loop {
+                let status = api.expect_ok(Method::GET, "/status", None).await?;
+                match watch {
+                    // Redrawn in place: cursor home, clear the screen.
+                    Some(_) if terminal => print!("\x1b[H\x1b[2J"),
+                    Some(_) => {
+                        println!("--- {}", humantime::format_rfc3339_seconds(std::time::SystemTime::now()))
+                    }
+                    None => {}
+                }
+                print(&status, render_status(&status));
+                let Some(interval) = watch else { break };
+                tokio::time::sleep(interval).await;
+            }
         }
         CtlCommand::Drain { wait, timeout, interval } => {
             let started = Instant::now();
+            // On a terminal one line, redrawn in place; otherwise a plain line per poll.
+            let progress = wait && std::io::stdout().is_terminal() && !options.json;
             loop {
                 let (code, body) = api.call(Method::GET, "/drain", None).await?;
                 if code != StatusCode::OK && code != StatusCode::SERVICE_UNAVAILABLE {
@@ -274,8 +293,18 @@ pub async fn run(options: &CtlOptions, command: CtlCommand) -> Result<u8, CtlErr
                 }
                 let drained = body["drained"].as_bool().unwrap_or(false);
                 if drained || !wait || started.elapsed() >= timeout {
+                    if progress {
+                        print!("\r\x1b[2K");
+                    }
                     print(&body, render_drain(&body));
                     return Ok(if drained { 0 } else { NOT_DRAINED });
+                }
+                let line = render_progress(&body);
+                if progress {
+                    print!("\r\x1b[2K{line}");
+                    let _ = std::io::Write::flush(&mut std::io::stdout());
+                } else if !options.json {
+                    println!("{line}");
                 }
                 tokio::time::sleep(interval.min(timeout.saturating_sub(started.elapsed()))).await;
             }
@@ -462,6 +491,22 @@ fn render_status(s: &Value) -> String {
     );
     out += &render_drain(&s["drain"]);
     out
+}
+
+/// One line of `drain --wait` progress: live v1 pins, quiet time against the window, ETA.
+fn render_progress(d: &Value) -> String {
+    let quiet = d["quiet_for_seconds"].as_f64().unwrap_or(0.0);
+    let window = d["quiet_window_seconds"].as_f64().unwrap_or(0.0);
+    let period =
+        |secs: f64| humantime::format_duration(Duration::from_secs(secs.max(0.0) as u64)).to_string();
+    let share = if window > 0.0 { (100.0 * quiet / window).min(100.0) } else { 0.0 };
+    format!(
+        "waiting: {} live v1 pins; quiet {} / {} ({share:.0}%); ETA {}",
+        d["v1_active_pins"],
+        period(quiet),
+        period(window),
+        d["drained_eta"].as_str().unwrap_or("unknown")
+    )
 }
 
 fn render_drain(d: &Value) -> String {

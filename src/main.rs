@@ -92,15 +92,21 @@ enum Command {
 #[derive(Subcommand)]
 enum CtlCmd {
     /// Pools, upstreams, weights and where each value comes from, pins, drain.
-    Status,
+    Status {
+        /// Show it again every `--interval`, redrawn in place on a terminal.
+        #[arg(long)]
+        watch: bool,
+        #[arg(long, default_value = "2s", value_parser = positive_duration)]
+        interval: Duration,
+    },
     /// The drain signal; exit 0 when drained, 3 when not.
     Drain {
-        /// Wait until drained (or the timeout passes).
+        /// Wait until drained (or the timeout passes), showing progress.
         #[arg(long)]
         wait: bool,
         #[arg(long, default_value = "30d", value_parser = humantime::parse_duration)]
         timeout: Duration,
-        #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+        #[arg(long, default_value = "5s", value_parser = positive_duration)]
         interval: Duration,
     },
     /// Set the share of new legacy sessions sent to v1 (0-100).
@@ -146,7 +152,7 @@ enum RampCmd {
     Status {
         #[arg(long)]
         watch: bool,
-        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        #[arg(long, default_value = "10s", value_parser = positive_duration)]
         interval: Duration,
     },
     /// Hold the current step until resumed.
@@ -174,6 +180,15 @@ fn main() -> ExitCode {
             eprintln!("error: {err:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// A duration longer than zero (a zero polling interval would spin).
+fn positive_duration(text: &str) -> Result<Duration, String> {
+    match humantime::parse_duration(text) {
+        Ok(duration) if duration.is_zero() => Err("must be longer than 0s".to_owned()),
+        Ok(duration) => Ok(duration),
+        Err(err) => Err(err.to_string()),
     }
 }
 
@@ -206,7 +221,7 @@ fn execute(command: Command) -> anyhow::Result<u8> {
         Command::Ctl { admin, token_file, config, ca_file, json, if_match, command } => {
             let options = CtlOptions { admin, token_file, config, ca_file, json, if_match };
             let command = match command {
-                CtlCmd::Status => CtlCommand::Status,
+                CtlCmd::Status { watch, interval } => CtlCommand::Status { watch: watch.then_some(interval) },
                 CtlCmd::Drain { wait, timeout, interval } => CtlCommand::Drain { wait, timeout, interval },
                 CtlCmd::LegacyPercent { percent, force } => CtlCommand::LegacyPercent { percent, force },
                 CtlCmd::Weight { target, weight } => CtlCommand::Weight { target, weight },

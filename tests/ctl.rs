@@ -189,8 +189,19 @@ async fn drain_wait_returns_when_the_signal_turns_on() {
     let (code, out, err) =
         ctl(&proxy, None, &["drain", "--wait", "--interval", "200ms", "--timeout", "30s"]).await;
     assert_eq!(code, 0, "{out}{err}");
-    assert!(out.starts_with("drained"), "{out}");
     assert!(started.elapsed() < Duration::from_secs(20));
+    // Not a terminal: a plain progress line per poll, then the verdict.
+    let lines: Vec<&str> = out.lines().collect();
+    assert!(lines.last().unwrap().starts_with("drained"), "{out}");
+    assert!(
+        lines.len() >= 2
+            && lines[..lines.len() - 1].iter().all(|l| l.starts_with("waiting: 0 live v1 pins; quiet ")),
+        "{out}"
+    );
+    assert!(lines[0].contains(" / 2s (") && lines[0].contains("%); ETA 20"), "{out}");
+    let (code, _, err) = ctl(&proxy, None, &["drain", "--wait", "--interval", "0s"]).await;
+    assert_eq!(code, 2, "a zero interval is refused: {err}");
+    assert!(err.contains("must be longer than 0s"), "{err}");
 
     // Timing out while not drained exits 3.
     pools_of(vec![proxy.url("/api/v2/x")]).await;
@@ -250,4 +261,33 @@ async fn ctl_finds_the_proxy_and_its_token_through_the_config_and_says_how_to_pa
     let (code, _, err) = run(vec!["--admin".into(), format!("ftp://{admin}"), "status".into()]).await;
     assert_ne!(code, 0);
     assert!(err.contains("is not an admin URL like http://127.0.0.1:9901 or https://"), "{err}");
+}
+
+/// `status --watch` shows the status again every interval: on a pipe, one block after
+/// another, each headed by the time.
+#[tokio::test]
+async fn status_watch_shows_the_status_again_every_interval() {
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = proxy(dir.path(), |c| c).await;
+    let mut command = support::binary();
+    command
+        .args([
+            "ctl",
+            "--admin",
+            &format!("http://{}", proxy.admin_addr),
+            "status",
+            "--watch",
+            "--interval",
+            "200ms",
+        ])
+        .stdout(std::process::Stdio::piped());
+    let mut child = command.spawn().unwrap();
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    child.kill().unwrap();
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap()).await.unwrap();
+    let out = String::from_utf8(out.stdout).unwrap();
+    let blocks = out.lines().filter(|l| l.starts_with("--- ")).count();
+    assert!(blocks >= 3, "{blocks} blocks:\n{out}");
+    assert_eq!(out.matches("legacy traffic to v1").count(), blocks, "{out}");
+    proxy.shutdown().await;
 }
