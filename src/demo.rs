@@ -39,6 +39,25 @@ pub enum DemoError {
     },
     #[error(transparent)]
     Start(#[from] StartError),
+    #[error("cannot write the demo's admin token to {}", file.display())]
+    Token {
+        file: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Writes `text` to a new file only its owner may read.
+fn write_private(file: &Path, text: &str) -> io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(file)?
+        .write_all(text.as_bytes())
 }
 
 /// What the command line may change about the demo.
@@ -62,6 +81,14 @@ pub async fn run(options: DemoOptions) -> Result<(), DemoError> {
     // Each demo run starts from empty state of its own, removed when it stops.
     let state_dir = std::env::temp_dir().join(format!("rollout-proxy-demo-{}", std::process::id()));
     config = config.with_listeners(listen, admin_listen).with_state_dir(&state_dir);
+    // An admin token of the run's own, so the tour can show changes being made with it.
+    std::fs::create_dir_all(&state_dir)
+        .map_err(|source| DemoError::Token { file: state_dir.clone(), source })?;
+    let token_file = state_dir.join("admin.token");
+    let token: String = (0..24).map(|_| fastrand::alphanumeric()).collect();
+    write_private(&token_file, &token)
+        .map_err(|source| DemoError::Token { file: token_file.clone(), source })?;
+    config.admin_token_file = Some(token_file.clone());
 
     for pool in PoolName::ALL {
         let upstreams = config.pools.get(pool).upstreams.clone();
@@ -82,7 +109,7 @@ pub async fn run(options: DemoOptions) -> Result<(), DemoError> {
     }
 
     let server = Server::start(config.clone()).await?;
-    println!("{}", tour(&config, server.addr, server.admin_addr));
+    println!("{}", tour(&config, server.addr, server.admin_addr, &token, &token_file));
     if config.ramp.is_some() {
         tokio::spawn(visit(server.addr));
     }
@@ -96,10 +123,14 @@ pub async fn run(options: DemoOptions) -> Result<(), DemoError> {
     Ok(())
 }
 
-fn tour(config: &Config, addr: SocketAddr, admin: SocketAddr) -> String {
+fn tour(config: &Config, addr: SocketAddr, admin: SocketAddr, token: &str, token_file: &Path) -> String {
     let mut out = String::new();
     out += "rollout-proxy demo\n\n";
-    out += &format!("  proxy   http://{addr}\n  admin   http://{admin}\n");
+    out += &format!("  proxy   http://{addr}\n  admin   http://{admin}\n  console http://{admin}/   (open it in a browser)\n");
+    out += &format!(
+        "  admin token {token}   (in {}; type it into the console to make changes)\n",
+        token_file.display()
+    );
     for pool in PoolName::ALL {
         for u in &config.pools.get(pool).upstreams {
             out += &format!("  {pool}      {} at {} (weight {})\n", u.name, u.url, u.weight);
@@ -116,6 +147,9 @@ fn tour(config: &Config, addr: SocketAddr, admin: SocketAddr) -> String {
     );
     out += &format!("  for i in $(seq 5); do curl -s http://{addr}/api/studies/42/progress; done\n");
     out += &format!("  curl -s 'http://{addr}/api/progress?studyId=42'   # same study, same pool\n\n");
+    out += "  # ten studies: each starts on a pool by the percentage, then stays there\n";
+    out += &format!("  for i in $(seq 10); do curl -s http://{addr}/api/studies/$i/progress; done\n");
+    out += &format!("  for i in $(seq 10); do curl -s http://{addr}/api/studies/$i/progress; done   # same pools again\n\n");
     out += "  # legacy requests without a study id are split per request\n";
     out += &format!("  for i in $(seq 6); do curl -s http://{addr}/api/members/me; done\n\n");
     out += "  # /api/v2x is not under /api/v2: it is a legacy path\n";
@@ -132,6 +166,16 @@ fn tour(config: &Config, addr: SocketAddr, admin: SocketAddr) -> String {
         out += &format!("  curl -s http://{admin}/ramp; echo\n");
         out += &format!("  rollout-proxy ctl --admin http://{admin} ramp status --watch\n\n");
     }
+    let ctl = format!("rollout-proxy ctl --admin http://{admin} --token-file {}", token_file.display());
+    out += "  # the operator's loop, with the token (cargo run --release -- ctl ... from the source tree)\n";
+    out += &format!("  {ctl} status\n");
+    out += &format!("  {ctl} sessions --limit 5\n");
+    out += &format!("  {ctl} session 3\n");
+    out += &format!("  {ctl} end-session 3          # its next request starts a new pin\n");
+    out += &format!(
+        "  {ctl} legacy-percent 100     # new studies to v1 again (add --force while the ramp runs)\n"
+    );
+    out += &format!("  {ctl} drain --wait --timeout 2m   # progress until v1 is drained\n\n");
     out += "  # liveness and readiness\n";
     out += &format!("  curl -s http://{admin}/healthz; curl -s http://{admin}/readyz\n\n");
     out += "Ctrl-C stops the demo.";

@@ -81,6 +81,26 @@ async fn demo_serves_the_tour_and_stops_on_ctrl_c() {
     let status = get(&demo.admin_url("/status")).await.json();
     assert_eq!(status["routes"]["legacy_v1_percent"], 0.0);
 
+    // The operator's loop the tour prints: the console, and ctl with the run's own token.
+    assert!(tour.contains(&format!("console http://{}/", demo.admin_addr)), "{tour}");
+    assert_eq!(get(&demo.admin_url("/")).await.status, StatusCode::OK);
+    let ctl_line = tour
+        .lines()
+        .find(|l| {
+            l.contains("ctl --admin")
+                && l.ends_with(
+                    " legacy-percent 100     # new studies to v1 again (add --force while the ramp runs)",
+                )
+        })
+        .expect("the tour's legacy-percent command");
+    let args: Vec<&str> = ctl_line.split('#').next().unwrap().split_whitespace().skip(1).collect();
+    for wanted in ["sessions --limit 5", "session 3", "end-session 3", "drain --wait --timeout 2m"] {
+        assert!(tour.contains(wanted), "{wanted:?} is not in the tour:\n{tour}");
+    }
+    let out = support::binary().args(&args).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("0.0% -> 100.0%"));
+
     demo.signal(libc::SIGINT);
     assert_eq!(demo.exit_status(Duration::from_secs(10)).await.code(), Some(0));
 }
