@@ -4,7 +4,7 @@
 //! The page (`src/console/`) fetches nothing from outside and runs no inline script, so its
 //! Content-Security-Policy allows only this listener. It polls the admin API; besides the
 //! endpoints the API has anyway, it reads two kept here:
-//! - `GET /history`: live pins per pool, sampled every [`SAMPLE_EVERY`] for [`HISTORY`];
+//! - `GET /history`: live pins per pool, sampled every [`SAMPLE_EVERY`] for [`HISTORY`], and now;
 //! - `GET /audit`: the last [`JOURNAL_LENGTH`] operator changes, ramp moves and gate calls, as
 //!   the `audit` log lines record them.
 
@@ -107,11 +107,17 @@ pub(crate) async fn style() -> impl IntoResponse {
     asset("text/css; charset=utf-8", STYLE)
 }
 
-/// `GET /history`: live pins per pool over the last hours, oldest first.
+/// `GET /history`: live pins per pool over the last hours, oldest first, ending with now.
 pub(crate) async fn history(State(state): State<AdminState>) -> impl IntoResponse {
     let console = state.shared.console();
-    let samples: Vec<Sample> =
+    let mut samples: Vec<Sample> =
         console.samples.lock().unwrap_or_else(|p| p.into_inner()).iter().copied().collect();
+    let sessions = state.shared.sessions();
+    samples.push(Sample {
+        at_unix_ms: state.shared.now(),
+        v1: sessions.live(PoolName::V1),
+        v2: sessions.live(PoolName::V2),
+    });
     Json(json!({ "sample_every_seconds": SAMPLE_EVERY.as_secs(), "samples": samples }))
 }
 

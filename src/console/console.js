@@ -80,7 +80,7 @@ function drawStatus(status) {
   text("revision", `revision ${status.revision}`);
   text("legacy-percent", status.routes.legacy_v1_percent);
   text("legacy-source", status.routes.legacy_v1_percent_source === "admin"
-    ? `set by an operator (the file says ${status.routes.config_legacy_v1_percent}%)`
+    ? `set through the admin API or the ramp (the file says ${status.routes.config_legacy_v1_percent}%)`
     : "from the config file");
   text("pins-v1", status.sessions.active.v1);
   text("pins-v2", status.sessions.active.v2);
