@@ -448,6 +448,7 @@ impl Sessions {
             if let Some(Entry { pin, .. }) = table.find(hash, key) {
                 if pin.ended(now, policy).is_none() {
                     pin.touch(now);
+                    self.extend_v1_end(pin, policy);
                     let write_ahead = self.write_ahead(key, pin, now, policy);
                     return Resolution::Pinned { pool: pin.pool, seq: pin.seq, write_ahead };
                 }
@@ -459,6 +460,7 @@ impl Sessions {
                 // Another request pinned it between our two locks.
                 None => {
                     pin.touch(now);
+                    self.extend_v1_end(pin, policy);
                     return Resolution::Pinned { pool: pin.pool, seq: pin.seq, write_ahead: false };
                 }
                 Some(reason) => {
@@ -489,6 +491,7 @@ impl Sessions {
             stored_last_seen: AtomicU32::new(now),
             seq,
         };
+        self.extend_v1_end(&pin, policy);
         table.insert_unique(hash, Entry { key: CompactString::from(key), pin });
         // Sent under the stripe lock, so the store sees this key's changes in memory order. In
         // a fleet the pin is only provisional until the fleet store confirms it
@@ -776,8 +779,21 @@ impl Sessions {
         self.live_by_pool.get(pool).load(Ordering::Relaxed)
     }
 
-    /// Unix seconds at which the last v1 pin ends without further requests (0: none), as of
-    /// the last [`Sessions::maintain`].
+    /// A v1 pin was made or renewed: the end of the last v1 pin moves out with it at once, not
+    /// only at the next [`Sessions::maintain`], so the drain signal's ETA never lags a request.
+    /// The shared value changes at most once a second (ends are whole seconds), so a request
+    /// usually only reads it.
+    fn extend_v1_end(&self, pin: &Pin, policy: &PinPolicy) {
+        if pin.pool == PoolName::V1 {
+            let end = pin.end(policy);
+            if end > self.v1_pins_end.load(Ordering::Relaxed) {
+                self.v1_pins_end.fetch_max(end, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Unix seconds at which the last v1 pin ends without further requests (0: none): as of
+    /// the last [`Sessions::maintain`], moved out by every v1 request since.
     pub(crate) fn v1_pins_end(&self) -> u32 {
         self.v1_pins_end.load(Ordering::Relaxed)
     }

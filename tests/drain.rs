@@ -142,3 +142,22 @@ async fn a_restart_never_makes_the_signal_come_earlier() {
     );
     proxy3.shutdown().await;
 }
+
+/// The drain signal's ETA follows a v1 request at once, not at the next upkeep: a study renewed
+/// on v1 pushes the earliest drain out to its new end.
+#[tokio::test]
+async fn the_eta_moves_with_a_v1_request_before_the_next_upkeep() {
+    let clock = ManualClock::starting_now();
+    let proxy = proxy(100.0, &clock, tempfile::tempdir().unwrap()).await;
+    assert_eq!(get(&proxy.url("/api/studies/5")).await.header("x-rollout-pool"), Some("v1"));
+    proxy.maintain();
+    clock.advance(100 * MINUTE);
+    assert_eq!(get(&proxy.url("/api/studies/5")).await.header("x-rollout-pool"), Some("v1"));
+    // No upkeep since: the pin now ends 120 minutes (its idle timeout) after this request,
+    // later than the quiet window's end (60 minutes after it).
+    let (_, body) = drain(&proxy).await;
+    let last = unix_ms(&body["last_v1_request_at"]);
+    let eta = unix_ms(&body["drained_eta"]);
+    assert_eq!((eta.saturating_sub(last) + 30_000) / 60_000, 120, "{body}");
+    proxy.shutdown().await;
+}
