@@ -116,6 +116,7 @@ pub(crate) fn router(state: AdminState) -> Router {
         .route("/sessions/{key}", get(get_session).delete(delete_session))
         .route("/reload", post(reload))
         .route("/overrides", delete(delete_overrides))
+        .route("/log-level", get(get_log_level).put(put_log_level))
         .route("/ramp", get(get_ramp).put(put_ramp))
         .route("/ramp/{command}", post(ramp_command))
         .route("/", get(crate::console::index))
@@ -578,6 +579,34 @@ async fn reload(
     Mutation { actor, expected }: Mutation,
 ) -> Result<Response, AdminError> {
     Ok(applied(state.control.reload(expected, &actor).await?))
+}
+
+async fn get_log_level() -> Json<serde_json::Value> {
+    let filter = crate::logging::filter();
+    Json(json!({ "filter": filter, "adjustable": filter.is_some() }))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LogLevelBody {
+    filter: String,
+}
+
+/// `PUT /log-level {"filter": "debug"}`: the log filter (`RUST_LOG` syntax) from now on, until
+/// the next change or restart. Not a revision of the configuration; audited like one.
+async fn put_log_level(
+    State(state): State<AdminState>,
+    Mutation { actor, .. }: Mutation,
+    body: Bytes,
+) -> Result<Response, AdminError> {
+    let body: LogLevelBody = parse_body(&body)?;
+    let old = crate::logging::set_filter(&body.filter).map_err(|err| match err {
+        crate::logging::LogError::Invalid(..) => AdminError::BadRequest(format!("filter: {err}")),
+        crate::logging::LogError::NotAdjustable => AdminError::Conflict(err.to_string()),
+    })?;
+    tracing::info!(target: "audit", actor = %actor.0, kind = "log_level", old = %old, new = %body.filter, "admin change");
+    state.shared.journal(&actor.0, "log_level", format!("{old} -> {}", body.filter));
+    Ok(Json(json!({ "old": old, "new": body.filter })).into_response())
 }
 
 async fn delete_overrides(

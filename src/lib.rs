@@ -92,6 +92,7 @@ pub mod handover;
 pub mod headers;
 mod health;
 mod listener;
+pub mod logging;
 pub mod metrics;
 mod proxy;
 pub mod ramp;

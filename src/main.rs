@@ -12,7 +12,6 @@ use rollout_proxy::config::Config;
 use rollout_proxy::ctl::{self, CtlCommand, CtlOptions, RampCommand};
 use rollout_proxy::demo::{self, DemoOptions};
 use rollout_proxy::server;
-use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
 #[command(
@@ -21,6 +20,9 @@ use tracing_subscriber::EnvFilter;
     about = "Reverse proxy for version-incompatible rolling deployments"
 )]
 struct Cli {
+    /// How log lines on stderr are written.
+    #[arg(long, global = true, value_enum, default_value = "text")]
+    log_format: rollout_proxy::logging::LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -169,11 +171,7 @@ enum RampCmd {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+    rollout_proxy::logging::install(cli.log_format, std::io::stderr().is_terminal());
     match execute(cli.command) {
         Ok(code) => ExitCode::from(code),
         Err(err) => {

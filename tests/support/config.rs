@@ -252,6 +252,12 @@ impl ConfigBuilder {
         self
     }
 
+    /// The data-plane listener's address (a process started by a test needs a known one).
+    pub fn listen(mut self, listen: &str) -> Self {
+        self.listen = listen.to_owned();
+        self
+    }
+
     pub fn admin_listen(mut self, listen: &str) -> Self {
         self.admin_listen = listen.to_owned();
         self
