@@ -70,14 +70,23 @@ pub enum TokenError {
     Empty { file: PathBuf },
 }
 
+/// The systemd credential holding the admin token (`LoadCredential=admin-token:FILE`): read
+/// from `$CREDENTIALS_DIRECTORY`, so a unit with `DynamicUser=yes` needs no readable file.
+const CREDENTIAL: &str = "admin-token";
+
 impl Token {
-    /// The token from `file` if set, else from [`TOKEN_ENV`]; surrounding whitespace is ignored.
+    /// The token from `file` if set, else from the systemd credential [`CREDENTIAL`], else from
+    /// [`TOKEN_ENV`]; surrounding whitespace is ignored.
     pub(crate) fn load(file: Option<&Path>) -> Result<Option<Token>, TokenError> {
-        let Some(file) = file else {
+        let credential = std::env::var_os("CREDENTIALS_DIRECTORY")
+            .map(|dir| Path::new(&dir).join(CREDENTIAL))
+            .filter(|file| file.exists());
+        let Some(file) = file.map(Path::to_owned).or(credential) else {
             let env = std::env::var(TOKEN_ENV).unwrap_or_default();
             let env = env.trim();
             return Ok((!env.is_empty()).then(|| Token(env.as_bytes().to_vec())));
         };
+        let file = file.as_path();
         let text = std::fs::read_to_string(file)
             .map_err(|source| TokenError::Read { file: file.to_owned(), source })?;
         let text = text.trim();

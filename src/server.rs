@@ -365,6 +365,8 @@ impl Server {
         let stopped = tokio::spawn(async move {
             running.readiness.set(true);
             info!(listen = %addr, admin = %admin_addr, "serving");
+            // Under systemd (`Type=notify`), `systemctl start` returns now.
+            tell_systemd(&[sd_notify::NotifyState::Ready]);
             stopping.cancelled().await;
             running.stop().await;
         });
@@ -515,6 +517,7 @@ impl Running {
     /// open tunnels get their own grace period, and the admin listener closes last.
     async fn stop(mut self) {
         self.readiness.set(false);
+        tell_systemd(&[sd_notify::NotifyState::Stopping]);
         self.data_plane.finished().await;
         // Pin activity and the drain clock kept being flushed during the drain; stop now and
         // write the last of both. Tunnels still open need no state.
@@ -532,6 +535,15 @@ impl Running {
         admin_stop.cancel();
         let _ = admin.await;
         info!("stopped");
+    }
+}
+
+/// Tells systemd (through `$NOTIFY_SOCKET`, when it is set) how the service is doing.
+fn tell_systemd(states: &[sd_notify::NotifyState]) {
+    if std::env::var_os("NOTIFY_SOCKET").is_some() {
+        if let Err(err) = sd_notify::notify(false, states) {
+            tracing::warn!(error = %err, "could not notify systemd");
+        }
     }
 }
 

@@ -104,3 +104,55 @@ async fn demo_serves_the_tour_and_stops_on_ctrl_c() {
     demo.signal(libc::SIGINT);
     assert_eq!(demo.exit_status(Duration::from_secs(10)).await.code(), Some(0));
 }
+
+/// Under systemd: `READY=1` once serving and `STOPPING=1` at a graceful stop, on
+/// `$NOTIFY_SOCKET` (`Type=notify`); the admin token from the `admin-token` credential in
+/// `$CREDENTIALS_DIRECTORY` (`LoadCredential=`), with no token file in the config.
+#[tokio::test]
+async fn systemd_hears_ready_and_stopping_and_the_token_comes_from_a_credential() {
+    let (v1, v2) = (Upstream::new("v1-a").spawn().await, Upstream::new("v2-a").spawn().await);
+    let dir = tempfile::tempdir().unwrap();
+    let file = support::write_config(dir.path(), &ConfigBuilder::one_each(v1, v2));
+    let credentials = dir.path().join("credentials");
+    std::fs::create_dir(&credentials).unwrap();
+    std::fs::write(credentials.join("admin-token"), "from-a-credential\n").unwrap();
+    let socket_path = dir.path().join("notify.sock");
+    let socket = std::os::unix::net::UnixDatagram::bind(&socket_path).unwrap();
+    socket.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let binary = support::binary().get_program().to_owned();
+    let script = format!(
+        "NOTIFY_SOCKET={} CREDENTIALS_DIRECTORY={} exec {} run --config {file}",
+        socket_path.display(),
+        credentials.display(),
+        binary.to_str().unwrap()
+    );
+    let mut proxy = ProxyProcess::start_shell(&script).await;
+    let receive = move || {
+        let mut buffer = [0u8; 256];
+        let n = socket.recv(&mut buffer).expect("a notification");
+        (String::from_utf8_lossy(&buffer[..n]).into_owned(), socket)
+    };
+    let (ready, socket) = tokio::task::spawn_blocking(receive).await.unwrap();
+    assert_eq!(ready.trim(), "READY=1");
+    assert_eq!(get(&proxy.admin_url("/readyz")).await.status, StatusCode::OK, "ready when systemd hears it");
+
+    let set = support::admin_call(
+        "PUT",
+        &proxy.admin_url("/routes/legacy"),
+        Some("from-a-credential"),
+        None,
+        Some(r#"{"v1_percent": 10}"#),
+    )
+    .await;
+    assert_eq!(set.status, StatusCode::OK, "{set:?}");
+
+    proxy.signal(libc::SIGTERM);
+    let receive = move || {
+        let mut buffer = [0u8; 256];
+        let n = socket.recv(&mut buffer).expect("a notification");
+        String::from_utf8_lossy(&buffer[..n]).into_owned()
+    };
+    let stopping = tokio::task::spawn_blocking(receive).await.unwrap();
+    assert_eq!(stopping.trim(), "STOPPING=1");
+    assert_eq!(proxy.exit_status(Duration::from_secs(10)).await.code(), Some(0));
+}
