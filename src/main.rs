@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use rollout_proxy::config::Config;
 use rollout_proxy::ctl::{self, CtlCommand, CtlOptions, RampCommand};
 use rollout_proxy::demo::{self, DemoOptions};
@@ -77,6 +77,10 @@ enum Command {
         #[command(subcommand)]
         command: CtlCmd,
     },
+    /// Print a shell completion script: `rollout-proxy completions bash > /etc/bash_completion.d/rollout-proxy`.
+    Completions { shell: clap_complete::Shell },
+    /// Print the manual page (roff): `rollout-proxy man | man -l -`.
+    Man,
     /// A self-contained tour: stub v1 and v2 upstreams, the proxy and its admin listener.
     Demo {
         /// Use this config instead of the embedded demo config.
@@ -181,6 +185,15 @@ fn main() -> ExitCode {
     }
 }
 
+/// Writes `bytes` to stdout; a reader that stopped early (`| head`) is not an error.
+fn print_all(bytes: &[u8]) -> anyhow::Result<u8> {
+    let mut out = std::io::stdout().lock();
+    match out.write_all(bytes).and_then(|()| out.flush()) {
+        Err(err) if err.kind() != std::io::ErrorKind::BrokenPipe => Err(err.into()),
+        _ => Ok(0),
+    }
+}
+
 /// A duration longer than zero (a zero polling interval would spin).
 fn positive_duration(text: &str) -> Result<Duration, String> {
     match humantime::parse_duration(text) {
@@ -211,6 +224,16 @@ fn execute(command: Command) -> anyhow::Result<u8> {
             let config = Config::load(&config)?;
             runtime(config.workers)?.block_on(server::run(config, takeover.then_some(takeover_timeout)))?;
             Ok(0)
+        }
+        Command::Completions { shell } => {
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "rollout-proxy", &mut script);
+            print_all(&script)
+        }
+        Command::Man => {
+            let mut page = Vec::new();
+            clap_mangen::Man::new(Cli::command()).render(&mut page)?;
+            print_all(&page)
         }
         Command::Demo { config, listen, admin_listen } => {
             runtime(2)?.block_on(demo::run(DemoOptions { config, listen, admin_listen }))?;

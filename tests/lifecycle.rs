@@ -156,3 +156,31 @@ async fn systemd_hears_ready_and_stopping_and_the_token_comes_from_a_credential(
     assert_eq!(stopping.trim(), "STOPPING=1");
     assert_eq!(proxy.exit_status(Duration::from_secs(10)).await.code(), Some(0));
 }
+
+/// Shell completions and the manual page come from the command line's own definitions, so they
+/// name every command; a reader that stops early is not an error.
+#[test]
+fn completions_and_the_manual_page_name_every_command() {
+    for shell in ["bash", "zsh", "fish"] {
+        let out = support::binary().args(["completions", shell]).output().unwrap();
+        assert!(out.status.success(), "{shell}: {}", String::from_utf8_lossy(&out.stderr));
+        let script = String::from_utf8(out.stdout).unwrap();
+        for word in ["run", "check", "ctl", "demo", "legacy-percent", "log-format"] {
+            assert!(script.contains(word), "{shell} completions lack {word}");
+        }
+    }
+    let out = support::binary().arg("man").output().unwrap();
+    let page = String::from_utf8(out.stdout).unwrap();
+    assert!(page.contains(".TH rollout-proxy 1"), "{page}");
+    assert!(page.contains("completions") && page.contains("ctl"), "{page}");
+
+    let mut child = support::binary()
+        .args(["completions", "bash"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take()); // the reader is gone before anything is written
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
