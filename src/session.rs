@@ -427,6 +427,16 @@ impl Sessions {
     /// under the store's salt), so a key falls in the same place after a restart and on every
     /// replica sharing the store, and lowering the v1 share only ever moves new sessions from v1
     /// to v2. The hash function is fixed by its specification, not by this build.
+    /// A digest of `key` for logs: 64 bits of SipHash-1-3 under the split's secret salt, so it
+    /// is the same on every replica of a fleet and cannot be turned back into the key, even by
+    /// trying every study id, without the salt.
+    pub(crate) fn key_digest(&self, key: &str) -> String {
+        let mut hasher = siphasher::sip::SipHasher13::new_with_key(&self.split_salt.load());
+        hasher.write(b"access log\0");
+        hasher.write(key.as_bytes());
+        format!("{:016x}", hasher.finish())
+    }
+
     pub fn split_roll(&self, key: &str) -> u16 {
         split_roll(&self.split_salt.load(), key)
     }

@@ -23,6 +23,8 @@ pub struct Snapshot {
     pub pools: ByPool<Balancer>,
     /// Whether responses carry `x-rollout-pool`.
     pub pool_header: bool,
+    /// `log.access`: a log line per request.
+    pub access_log: bool,
     pub max_header_bytes: usize,
     /// `client.allow_underscores_in_headers`.
     pub allow_underscores: bool,
@@ -63,6 +65,7 @@ impl Snapshot {
             router: Router::new(config.routes.v2_prefixes.clone(), config.routes.legacy_v1_percent),
             pools,
             pool_header: config.routes.pool_header,
+            access_log: config.access_log,
             max_header_bytes: config.client.max_header_bytes,
             allow_underscores: config.client.allow_underscores_in_headers,
             response_timeout: config.upstream.response_timeout,

@@ -100,3 +100,51 @@ async fn json_lines_and_a_log_filter_changed_at_run_time() {
     assert!(requests.iter().any(|l| l.contains("/api/v2/second")), "{requests:?}");
     assert!(lines.iter().any(|l| l.contains("\"kind\":\"log_level\"")), "the change is audited");
 }
+
+/// `log.access: true`: one line per request, on either request path (HTTP/1.1 and h2c), with
+/// pool, upstream, decision, status and duration, and the session key only as a digest: the
+/// same for every request of a session, never the key itself, and no path that could hold it.
+#[tokio::test]
+async fn the_access_log_has_a_line_per_request_and_never_the_session_key() {
+    let (v1, v2) = (Upstream::new("v1-a").spawn().await, Upstream::new("v2-a").spawn().await);
+    let dir = tempfile::tempdir().unwrap();
+    let config = ConfigBuilder::one_each(v1, v2).legacy_v1_percent(100.0).section("log", "{ access: true }");
+    let file = support::write_config(dir.path(), &config);
+    let proxy = support::ProxyProcess::start(&["run", "--config", &file]).await;
+    get(&proxy.url("/api/studies/study-73915/progress")).await;
+    get(&proxy.url("/api/progress?studyId=study-73915")).await;
+    get(&proxy.url("/api/v2/items")).await;
+    let h2 = support::h2c_client();
+    let request = http::Request::get(proxy.url("/api/studies/study-80000")).body(Default::default()).unwrap();
+    assert_eq!(h2.request(request).await.unwrap().status(), StatusCode::OK);
+
+    let access_lines = || {
+        let log = proxy.stderr.lock().unwrap().clone();
+        log.lines().filter(|l| l.contains(" access: ")).map(str::to_owned).collect::<Vec<_>>()
+    };
+    eventually(Duration::from_secs(5), "four access lines", || async { access_lines().len() == 4 }).await;
+    let lines = access_lines();
+    for line in &lines {
+        assert!(!line.contains("study-73915") && !line.contains("study-80000"), "a key in clear: {line}");
+        assert!(line.contains("status=200") && line.contains("duration_ms="), "{line}");
+    }
+    let session = |line: &str| {
+        line.split("session=")
+            .nth(1)
+            .map(|s| s.split_whitespace().next().unwrap().trim_matches('"').to_owned())
+    };
+    let first = session(&lines[0]).expect("a keyed request has a session digest");
+    assert_eq!(first.len(), 16, "{first}");
+    assert_eq!(session(&lines[1]), Some(first.clone()), "the same session, the same digest");
+    assert!(
+        lines[0].contains("decision=\"new_pin\"") || lines[0].contains("decision=new_pin"),
+        "{}",
+        lines[0]
+    );
+    assert!(lines[0].contains("upstream=\"v1-a\"") || lines[0].contains("upstream=v1-a"), "{}", lines[0]);
+    assert_eq!(session(&lines[2]), None, "a prefix request has no session");
+    assert!(lines[2].contains("v2-a"), "{}", lines[2]);
+    let h2_line = &lines[3];
+    assert!(session(h2_line).is_some_and(|s| s != first) && h2_line.contains("v1-a"), "{h2_line}");
+    proxy.signal(libc::SIGTERM);
+}

@@ -423,6 +423,8 @@ pub struct Config {
     pub admin_token_file: Option<PathBuf>,
     /// The admin listener's certificate: it serves HTTPS when set.
     pub admin_tls: Option<TlsFiles>,
+    /// `log.access`: one log line per request (target `access`).
+    pub access_log: bool,
     pub pools: ByPool<PoolConfig>,
     pub routes: RoutesConfig,
     pub sessions: SessionsConfig,

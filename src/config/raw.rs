@@ -44,9 +44,19 @@ pub(crate) struct RawConfig {
     pub(crate) shutdown: RawShutdown,
     #[serde(default)]
     pub(crate) store: RawStore,
+    #[serde(default)]
+    pub(crate) log: RawLog,
     /// An automated ramp to start when the proxy starts with none stored.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) ramp: Option<super::ramp::RawPlan>,
+}
+
+/// What the proxy logs beyond its own events.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub(crate) struct RawLog {
+    /// One line per request, target `access`, at info.
+    pub(crate) access: bool,
 }
 
 /// Where pins, the drain clock and operator changes are kept: `embedded` (one replica, redb in
@@ -449,6 +459,7 @@ impl From<&Config> for RawConfig {
                     leader_lease: fleet.leader_lease,
                 },
             },
+            log: RawLog { access: config.access_log },
             ramp: config.ramp.as_ref().map(super::ramp::Plan::to_raw),
         }
     }

@@ -201,6 +201,7 @@ impl RawConfig {
                 },
                 tls: self.tls.as_ref().map(|t| TlsFiles { cert: t.cert.clone(), key: t.key.clone() }),
                 grace_period: self.shutdown.grace_period,
+                access_log: self.log.access,
                 store,
                 ramp,
                 source: None,

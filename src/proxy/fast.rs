@@ -15,7 +15,9 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
-use super::{is_resendable, may_retry, pick, write_error_response, Choice, Logged, Peer, Proxy, ProxyError};
+use super::{
+    is_resendable, may_retry, pick, write_error_response, Choice, LogLine, Logged, Peer, Proxy, ProxyError,
+};
 use crate::config::PoolName;
 use crate::h1;
 use crate::snapshot::Snapshot;
@@ -127,9 +129,11 @@ impl Proxy {
             self.proto,
             snapshot.allow_underscores,
         );
+        let mut logged = LogLine::wanted(snapshot, head.method, head.path());
+        if let Some(line) = logged.as_mut() {
+            line.session = self.session_digest(&classified);
+        }
         let choice = self.choose_pool(snapshot, classified);
-        let logged = tracing::enabled!(tracing::Level::DEBUG)
-            .then(|| (head.method.to_owned(), head.path().to_owned()));
         let method = Method::from_bytes(head.method.as_bytes());
         H1Plan::Ready(H1Request {
             head_len: head.len,
@@ -185,7 +189,12 @@ impl Proxy {
         let result = self.while_persisting(exchange, &req.choice, drain_ahead).await;
         let close = req.close || draining.is_cancelled();
         let (status, keep) = match result {
-            Ok(exchanged) => self.relay_h1(snapshot, conn, &req, exchanged, close).await,
+            Ok(exchanged) => {
+                if let Some(line) = req.logged.as_mut() {
+                    line.upstream = Some(exchanged.1.name().clone());
+                }
+                self.relay_h1(snapshot, conn, &req, exchanged, close).await
+            }
             Err(err) => {
                 self.log_failure(&conn.peer, Some(pool), &err);
                 self.answer_error(snapshot, conn, &req, err, close).await

@@ -14,10 +14,10 @@ use hyper_util::rt::TokioIo;
 use tracing::debug;
 
 use super::{
-    error_response, is_resendable, may_retry, pick, pool_value, Body, Peer, Proxy, ProxyError, Routed,
-    X_ROLLOUT_POOL,
+    error_response, is_resendable, may_retry, pick, pool_value, Body, LogLine, Logged, Peer, Proxy,
+    ProxyError, Routed, X_ROLLOUT_POOL,
 };
-use crate::config::PoolName;
+use crate::config::{PoolName, UpstreamName};
 use crate::headers;
 use crate::snapshot::Snapshot;
 use crate::upstream::{
@@ -33,12 +33,11 @@ impl Proxy {
     /// Answers one client request. Infallible: failures come back as proxy-made responses.
     pub(crate) async fn handle(&self, req: Request<Incoming>, peer: &Peer) -> Response<Body> {
         let started = Instant::now();
-        let logged = tracing::enabled!(tracing::Level::DEBUG)
-            .then(|| (req.method().to_string(), req.uri().path().to_owned()));
-        let version = req.version();
         let snapshot = self.snapshot();
+        let mut logged = LogLine::wanted(&snapshot, req.method().as_str(), req.uri().path());
+        let version = req.version();
         let mut routed = None;
-        let response = match self.forward(&snapshot, req, peer, &mut routed).await {
+        let response = match self.forward(&snapshot, req, peer, &mut routed, &mut logged).await {
             Ok(response) => response,
             Err(err) => {
                 let pool = routed.map(|r: Routed| r.pool);
@@ -56,6 +55,7 @@ impl Proxy {
         req: Request<Incoming>,
         peer: &Peer,
         routed: &mut Option<Routed>,
+        line: &mut Logged,
     ) -> Result<Response<Body>, ProxyError> {
         if req.method() == Method::CONNECT {
             return Err(ProxyError::BadRequest("CONNECT is not supported"));
@@ -73,6 +73,9 @@ impl Proxy {
         }
 
         let classified = self.classify(snapshot, req.uri().path(), req.uri().query(), req.headers());
+        if let Some(line) = line.as_mut() {
+            line.session = self.session_digest(&classified);
+        }
         let mut choice = self.choose_pool(snapshot, classified);
         *routed = Some(choice.routed);
         let drain_ahead = self.admit(&mut choice).await?;
@@ -94,7 +97,10 @@ impl Proxy {
 
         let pool = choice.routed.pool;
         let exchange = self.exchange(snapshot, pool, req, replay, watch, client_upgrade.is_some());
-        let mut response = self.while_persisting(exchange, &choice, drain_ahead).await?;
+        let (mut response, upstream) = self.while_persisting(exchange, &choice, drain_ahead).await?;
+        if let Some(line) = line.as_mut() {
+            line.upstream = Some(upstream);
+        }
 
         if response.status() == StatusCode::SWITCHING_PROTOCOLS {
             if let Some(client) = client_upgrade {
@@ -130,7 +136,7 @@ impl Proxy {
         replay: Replay,
         watch: Option<ClientBodyWatch>,
         upgrade: bool,
-    ) -> Result<Response<UpstreamResponseBody>, ProxyError> {
+    ) -> Result<(Response<UpstreamResponseBody>, UpstreamName), ProxyError> {
         let balancer = snapshot.pool(pool);
         let mut failed = None;
         let mut attempt = 0;
@@ -148,7 +154,7 @@ impl Proxy {
                     match checked {
                         Ok(()) => {
                             self.note_response(snapshot, pool, upstream, status);
-                            return Ok(response);
+                            return Ok((response, upstream.name().clone()));
                         }
                         Err(invalid) => {
                             let error = UpstreamError::Invalid {

@@ -25,7 +25,7 @@ use http::{Method, Response, StatusCode};
 use http_body_util::{Either, Full};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 pub(crate) use fast::{ClientConn, H1Plan};
 
@@ -130,8 +130,34 @@ struct Choice {
     write_ahead: bool,
 }
 
-/// Method and path of a request, kept for its log line when request lines are logged.
-type Logged = Option<(String, String)>;
+/// What a request's log line says beyond its routing and status, gathered while it is served;
+/// `None` when no line is written (no access log, and debug is off).
+type Logged = Option<Box<LogLine>>;
+
+struct LogLine {
+    method: String,
+    path: String,
+    /// A digest of the session key (never the key): keyed with the fleet's secret split salt,
+    /// so log readers can follow a session without learning, or guessing, its study id.
+    session: Option<String>,
+    upstream: Option<crate::config::UpstreamName>,
+    /// `log.access` is on: the line goes to the `access` target at info.
+    access: bool,
+}
+
+impl LogLine {
+    fn wanted(snapshot: &Snapshot, method: &str, path: &str) -> Logged {
+        (snapshot.access_log || tracing::enabled!(tracing::Level::DEBUG)).then(|| {
+            Box::new(LogLine {
+                method: method.to_owned(),
+                path: path.to_owned(),
+                session: None,
+                upstream: None,
+                access: snapshot.access_log,
+            })
+        })
+    }
+}
 
 impl Proxy {
     pub(crate) fn new(shared: Arc<Shared>, client: UpstreamClient, proto: &'static str) -> Self {
@@ -151,17 +177,43 @@ impl Proxy {
             }
             None => self.shared.metrics().client_rejected.bad_request.inc(),
         }
-        if let Some((method, path)) = logged {
+        let Some(line) = logged else { return };
+        let (pool, decision) = (routed.map(|r| r.pool.as_str()), routed.map(|r| r.decision.as_str()));
+        let upstream = line.upstream.as_ref().map(|u| u.as_str());
+        if line.access {
+            // No path or query: they may carry the session key in clear.
+            info!(
+                target: "access",
+                peer = %peer.addr,
+                method = %line.method,
+                pool,
+                upstream,
+                decision,
+                session = line.session.as_deref(),
+                status,
+                duration_ms = elapsed.as_secs_f64() * 1000.0,
+                "request"
+            );
+        } else {
             debug!(
                 peer = %peer.addr,
-                method = %method,
-                path = %path,
-                pool = routed.map(|r| r.pool.as_str()),
-                decision = routed.map(|r| r.decision.as_str()),
+                method = %line.method,
+                path = %line.path,
+                pool,
+                upstream,
+                decision,
                 status,
                 elapsed_us = elapsed.as_micros() as u64,
                 "request"
             );
+        }
+    }
+
+    /// The access log's digest of a keyed request's session key.
+    fn session_digest(&self, classified: &Classified<'_>) -> Option<String> {
+        match classified {
+            Classified::Keyed(located) => Some(self.shared.sessions().key_digest(located.key())),
+            _ => None,
         }
     }
 
