@@ -387,7 +387,9 @@ impl Control {
             .ok_or_else(|| ControlError::UnknownSession(key.to_owned()))?;
         self.shared.metrics().admin_changes.with_label_values(&["session_delete"]).inc();
         info!(target: "audit", actor = %actor.0, kind = "session_delete", session = key, pool = %pool, revision = running.revision, "admin change");
-        self.shared.journal(&actor.0, "session_delete", format!("{key} (was on {pool})"));
+        // GET /audit needs no token, so the study id stays out of it: the access log's digest.
+        let digest = self.shared.sessions().key_digest(key);
+        self.shared.journal(&actor.0, "session_delete", format!("session {digest} (was on {pool})"));
         Ok(Applied {
             revision: running.revision,
             old: json!({ "key": key, "pool": pool }),

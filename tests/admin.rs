@@ -499,4 +499,11 @@ async fn one_session_is_looked_up_and_the_list_pages_through_every_pin_in_order(
     assert_eq!(pages, 3);
     let expected: Vec<String> = (0..250).map(|id| format!("s{id:03}")).collect();
     assert_eq!(keys, expected, "every pin once, in key order");
+
+    // Ending one is journalled for the console without its key (GET /audit needs no token).
+    assert_eq!(f.call("DELETE", "/sessions/s042", None).await.status, StatusCode::OK);
+    let audit = get(&f.proxy.admin_url("/audit")).await.json();
+    let ended = &audit["events"][0];
+    assert_eq!(ended["kind"], "session_delete", "{audit}");
+    assert!(!ended["detail"].as_str().unwrap().contains("s042"), "{audit}");
 }

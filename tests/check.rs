@@ -294,3 +294,16 @@ fn a_syntax_error_names_its_position_once() {
         format!("error: {}:4:1: found unexpected end of stream, while scanning a quoted scalar at line 1 column 9", file.display())
     );
 }
+
+/// A duplicate key is placed at its second occurrence, not at the start of its mapping.
+#[test]
+fn a_duplicate_key_is_placed_where_it_repeats() {
+    assert_rejected(
+        &edit(GOOD, "legacy_v1_percent: 100\n", "legacy_v1_percent: 100\n  legacy_v1_percent: 50\n"),
+        "13:22: routes: duplicate field `legacy_v1_percent`\n",
+    );
+    assert_rejected(
+        &edit(GOOD, "{ name: was-3,", "{ name: was-3, name: was-4,"),
+        "9:30: pools.v2.upstreams[0]: duplicate field `name`\n",
+    );
+}

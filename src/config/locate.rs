@@ -23,6 +23,8 @@ pub struct KeyPath(Vec<Segment>);
 enum Segment {
     Key(String),
     Index(usize),
+    /// The second occurrence of a key in a mapping (a duplicate).
+    Again(String),
 }
 
 impl KeyPath {
@@ -46,10 +48,29 @@ impl fmt::Display for KeyPath {
                 Segment::Key(k) if i == 0 => write!(f, "{k}")?,
                 Segment::Key(k) => write!(f, ".{k}")?,
                 Segment::Index(n) => write!(f, "[{n}]")?,
+                Segment::Again(k) => write!(f, ".{k}")?,
             }
         }
         Ok(())
     }
+}
+
+/// Where a duplicate key the parser reported (`PATH: duplicate field `KEY``, positioned at the
+/// start of its mapping) sits: the line and column of its second occurrence.
+pub(crate) fn duplicate(text: &str, message: &str) -> Option<(usize, usize)> {
+    let (before, after) = message.split_once("duplicate field `")?;
+    let key = after.split('`').next()?;
+    let mut path = KeyPath::default();
+    for part in before.trim().trim_end_matches(':').split('.').filter(|p| !p.is_empty()) {
+        let (name, indexes) = part.split_once('[').map_or((part, ""), |(n, i)| (n, i));
+        path = path.key(name);
+        for index in indexes.split('[').filter(|i| !i.is_empty()) {
+            path = path.index(index.trim_end_matches(']').parse().ok()?);
+        }
+    }
+    path.0.push(Segment::Again(key.to_owned()));
+    let err = Seek { path: &path.0 }.deserialize(yaml::Deserializer::from_str(text)).err()?;
+    err.location().map(|at| (at.line(), at.column()))
 }
 
 /// Sets `problem`'s line and column to where its key path sits in `text`; leaves them unset if
@@ -76,6 +97,7 @@ impl<'de> DeserializeSeed<'de> for Seek<'_> {
             None => d.deserialize_any(Found),
             Some((Segment::Key(key), rest)) => d.deserialize_any(SeekKey { key, rest }),
             Some((Segment::Index(index), rest)) => d.deserialize_any(SeekIndex { index: *index, rest }),
+            Some((Segment::Again(key), rest)) => d.deserialize_any(SeekAgain { key, rest }),
         }
     }
 }
@@ -111,6 +133,33 @@ impl<'de> Visitor<'de> for SeekKey<'_> {
             map.next_value::<IgnoredAny>()?;
         }
         Err(de::Error::custom("key not present"))
+    }
+}
+
+struct SeekAgain<'p> {
+    key: &'p str,
+    rest: &'p [Segment],
+}
+
+impl<'de> Visitor<'de> for SeekAgain<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        write!(f, "a mapping with key {} twice", self.key)
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        let mut seen = false;
+        while let Some(key) = map.next_key::<yaml::Value>()? {
+            if key.as_str() == Some(self.key) {
+                if seen {
+                    return map.next_value_seed(Seek { path: self.rest });
+                }
+                seen = true;
+            }
+            map.next_value::<IgnoredAny>()?;
+        }
+        Err(de::Error::custom("key not present twice"))
     }
 }
 

@@ -43,7 +43,7 @@ pub enum ConfigError {
         #[source]
         source: std::io::Error,
     },
-    #[error("{}", position(file, source.0.location()))]
+    #[error("{}", position(file, source.at()))]
     Syntax {
         file: PathBuf,
         #[source]
@@ -54,23 +54,40 @@ pub enum ConfigError {
 }
 
 /// `file:line:column`, or just the file when the parser gave no position.
-fn position(file: &Path, at: Option<yaml::Location>) -> String {
+fn position(file: &Path, at: Option<(usize, usize)>) -> String {
     match at {
-        Some(at) => format!("{}:{}:{}", file.display(), at.line(), at.column()),
+        Some((line, column)) => format!("{}:{line}:{column}", file.display()),
         None => file.display().to_string(),
     }
 }
 
 /// A YAML syntax or type error; its position is shown by [`ConfigError::Syntax`], not repeated.
 #[derive(Debug)]
-pub struct SyntaxError(yaml::Error);
+pub struct SyntaxError {
+    error: yaml::Error,
+    /// Where the error is, when that is not where the parser says (a duplicate key, which
+    /// it places at the start of the mapping).
+    at: Option<(usize, usize)>,
+}
+
+impl SyntaxError {
+    /// `text`'s error `error`, placed at the duplicate key it names, if it names one.
+    fn new(error: yaml::Error, text: &str) -> SyntaxError {
+        let at = locate::duplicate(text, &error.to_string());
+        SyntaxError { error, at }
+    }
+
+    fn at(&self) -> Option<(usize, usize)> {
+        self.at.or_else(|| self.error.location().map(|at| (at.line(), at.column())))
+    }
+}
 
 impl fmt::Display for SyntaxError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         // The parser names the error's own position inside its message (at the end, or before
         // ", while ..."); other positions it names (where a scalar began) stay.
-        let text = self.0.to_string();
-        match self.0.location() {
+        let text = self.error.to_string();
+        match self.error.location() {
             Some(at) => {
                 f.write_str(&text.replacen(&format!(" at line {} column {}", at.line(), at.column()), "", 1))
             }
@@ -492,7 +509,7 @@ impl Config {
     /// Parses and validates config text; `file` is only used in messages.
     pub fn from_yaml(text: &str, file: &Path) -> Result<Config, ConfigError> {
         let raw: RawConfig = yaml::from_str(text)
-            .map_err(|e| ConfigError::Syntax { file: file.to_owned(), source: SyntaxError(e) })?;
+            .map_err(|e| ConfigError::Syntax { file: file.to_owned(), source: SyntaxError::new(e, text) })?;
         raw.validate().map_err(|mut problems| {
             for problem in &mut problems {
                 locate::problem(text, problem);
@@ -504,7 +521,7 @@ impl Config {
     /// Reads a ramp plan for `ctl ramp start`: YAML (or JSON), the plan itself or a document
     /// with the plan under `ramp:` (a config file). The server checks it when it arrives.
     pub fn ramp_plan_from_yaml(text: &str, file: &Path) -> Result<ramp::RawPlan, ConfigError> {
-        let syntax = |e| ConfigError::Syntax { file: file.to_owned(), source: SyntaxError(e) };
+        let syntax = |e| ConfigError::Syntax { file: file.to_owned(), source: SyntaxError::new(e, text) };
         let mut document: yaml::Value = yaml::from_str(text).map_err(syntax)?;
         if let Some(plan) = document.get_mut("ramp") {
             document = std::mem::replace(plan, yaml::Value::Null);
