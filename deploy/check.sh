@@ -105,8 +105,8 @@ fi
 demo=$!
 for _ in $(seq 100); do grep -q 'Ctrl-C' "$work/tour" && break; sleep 0.1; done
 grep -q 'Ctrl-C' "$work/tour" || { cat "$work/log" >&2; fail "the demo did not start"; }
-proxy=$(awk '$1 == "proxy" { print $2 }' "$work/tour")
-admin=$(awk '$1 == "admin" { print $2 }' "$work/tour")
+proxy=$(awk '$1 == "proxy" && $2 ~ /^https?:/ { print $2 }' "$work/tour")
+admin=$(awk '$1 == "admin" && $2 ~ /^https?:/ { print $2 }' "$work/tour")
 for path in /api/v2/studies/1 /api/studies/1/contents '/api/progress?studyId=2' /api/members/me; do
   curl -fsS -o /dev/null "$proxy$path" || fail "request $path through the demo proxy"
 done

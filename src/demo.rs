@@ -128,7 +128,7 @@ fn tour(config: &Config, addr: SocketAddr, admin: SocketAddr, token: &str, token
     out += "rollout-proxy demo\n\n";
     out += &format!("  proxy   http://{addr}\n  admin   http://{admin}\n  console http://{admin}/   (open it in a browser)\n");
     out += &format!(
-        "  admin token {token}   (in {}; type it into the console to make changes)\n",
+        "  token   {token}   (the admin token, in {}; type it into the console to make changes)\n",
         token_file.display()
     );
     for pool in PoolName::ALL {

@@ -83,6 +83,9 @@ async fn demo_serves_the_tour_and_stops_on_ctrl_c() {
 
     // The operator's loop the tour prints: the console, and ctl with the run's own token.
     assert!(tour.contains(&format!("console http://{}/", demo.admin_addr)), "{tour}");
+    // One line each starts with `proxy` and `admin`, as scripts reading the tour expect.
+    assert_eq!(tour.lines().filter(|l| l.trim_start().starts_with("admin ")).count(), 1, "{tour}");
+    assert_eq!(tour.lines().filter(|l| l.trim_start().starts_with("proxy ")).count(), 1, "{tour}");
     assert_eq!(get(&demo.admin_url("/")).await.status, StatusCode::OK);
     let ctl_line = tour
         .lines()
