@@ -193,7 +193,7 @@ impl Api {
             message += if self.token.is_some() {
                 "; the token given is not the proxy's (admin.token_file on the proxy's side)"
             } else {
-                "; pass the admin token with --token-file FILE, --config (its admin.token_file) or ROLLOUT_ADMIN_TOKEN"
+                "; pass the admin token with --token-file FILE (under systemd: the file given to LoadCredential=), --config (its admin.token_file) or ROLLOUT_ADMIN_TOKEN"
             };
         }
         Err(CtlError::Server { status, message })
@@ -205,13 +205,14 @@ const DEFAULT_ADMIN: &str = "http://127.0.0.1:9901";
 
 /// The URL of an admin listener bound to `listen`: reached on loopback when it listens on
 /// every address.
-fn admin_url(listen: std::net::SocketAddr) -> String {
+fn admin_url(listen: std::net::SocketAddr, tls: bool) -> String {
     let ip = match listen.ip() {
         ip if ip.is_unspecified() && ip.is_ipv4() => std::net::Ipv4Addr::LOCALHOST.into(),
         ip if ip.is_unspecified() => std::net::Ipv6Addr::LOCALHOST.into(),
         ip => ip,
     };
-    format!("http://{}", std::net::SocketAddr::new(ip, listen.port()))
+    let scheme = if tls { "https" } else { "http" };
+    format!("{scheme}://{}", std::net::SocketAddr::new(ip, listen.port()))
 }
 
 /// An HTTP/1.1 client for http:// and https:// admin URLs; https is checked against the public
@@ -242,7 +243,7 @@ pub async fn run(options: &CtlOptions, command: CtlCommand) -> Result<u8, CtlErr
     let config = options.config.as_deref().map(Config::load).transpose().map_err(CtlError::Config)?;
     let admin = match (&options.admin, &config) {
         (Some(admin), _) => admin.clone(),
-        (None, Some(config)) => admin_url(config.admin_listen),
+        (None, Some(config)) => admin_url(config.admin_listen, config.admin_tls.is_some()),
         (None, None) => DEFAULT_ADMIN.to_owned(),
     };
     let base = admin.trim_end_matches('/').to_owned();
@@ -355,7 +356,8 @@ pub async fn run(options: &CtlOptions, command: CtlCommand) -> Result<u8, CtlErr
             print(&pin, human);
         }
         CtlCommand::EndSession(key) => {
-            let applied = api.expect_ok(Method::DELETE, &format!("/sessions/{key}"), None).await?;
+            let applied =
+                api.expect_ok(Method::DELETE, &format!("/sessions/{}", query_escape(&key)), None).await?;
             print(
                 &applied,
                 format!("session {key} on {} ended", applied["old"]["pool"].as_str().unwrap_or("?")),

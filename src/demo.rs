@@ -53,8 +53,7 @@ fn write_private(file: &Path, text: &str) -> io::Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
     std::fs::OpenOptions::new()
         .write(true)
-        .create(true)
-        .truncate(true)
+        .create_new(true)
         .mode(0o600)
         .open(file)?
         .write_all(text.as_bytes())
@@ -82,8 +81,14 @@ pub async fn run(options: DemoOptions) -> Result<(), DemoError> {
     let state_dir = std::env::temp_dir().join(format!("rollout-proxy-demo-{}", std::process::id()));
     config = config.with_listeners(listen, admin_listen).with_state_dir(&state_dir);
     // An admin token of the run's own, so the tour can show changes being made with it.
-    std::fs::create_dir_all(&state_dir)
-        .map_err(|source| DemoError::Token { file: state_dir.clone(), source })?;
+    // A new directory only this user can enter: one left by someone else is refused.
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&state_dir)
+            .map_err(|source| DemoError::Token { file: state_dir.clone(), source })?;
+    }
     let token_file = state_dir.join("admin.token");
     let token: String = (0..24).map(|_| fastrand::alphanumeric()).collect();
     write_private(&token_file, &token)

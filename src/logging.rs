@@ -36,9 +36,13 @@ pub enum LogError {
 
 /// Installs the process's logger; once, before anything logs.
 pub fn install(format: LogFormat, ansi: bool) {
-    let spec =
-        std::env::var("RUST_LOG").ok().filter(|s| !s.trim().is_empty()).unwrap_or_else(|| "info".to_owned());
-    let filter = EnvFilter::try_new(&spec).unwrap_or_else(|_| EnvFilter::new("info"));
+    let wanted = std::env::var("RUST_LOG").ok().filter(|s| !s.trim().is_empty());
+    let parsed = wanted.as_deref().map(|spec| (spec, EnvFilter::try_new(spec)));
+    let (spec, filter, refused) = match parsed {
+        Some((spec, Ok(filter))) => (spec.to_owned(), filter, None),
+        Some((spec, Err(err))) => ("info".to_owned(), EnvFilter::new("info"), Some((spec.to_owned(), err))),
+        None => ("info".to_owned(), EnvFilter::new("info"), None),
+    };
     let (filter, handle) = reload::Layer::new(filter);
     let registry = tracing_subscriber::registry().with(filter);
     let installed = match format {
@@ -51,6 +55,9 @@ pub fn install(format: LogFormat, ansi: bool) {
     };
     if installed.is_ok() {
         let _ = FILTER.set(Filter { handle, spec: std::sync::Mutex::new(spec) });
+    }
+    if let Some((spec, err)) = refused {
+        tracing::warn!(rust_log = %spec, error = %err, "RUST_LOG is not a log filter; logging at info");
     }
 }
 

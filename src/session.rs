@@ -423,10 +423,6 @@ impl Sessions {
         Located { key, hash }
     }
 
-    /// Where `key` falls in the legacy split, uniform in `0..10_000`: a keyed hash (SipHash-1-3
-    /// under the store's salt), so a key falls in the same place after a restart and on every
-    /// replica sharing the store, and lowering the v1 share only ever moves new sessions from v1
-    /// to v2. The hash function is fixed by its specification, not by this build.
     /// A digest of `key` for logs: 64 bits of SipHash-1-3 under the split's secret salt, so it
     /// is the same on every replica of a fleet and cannot be turned back into the key, even by
     /// trying every study id, without the salt.
@@ -437,6 +433,10 @@ impl Sessions {
         format!("{:016x}", hasher.finish())
     }
 
+    /// Where `key` falls in the legacy split, uniform in `0..10_000`: a keyed hash (SipHash-1-3
+    /// under the store's salt), so a key falls in the same place after a restart and on every
+    /// replica sharing the store, and lowering the v1 share only ever moves new sessions from v1
+    /// to v2. The hash function is fixed by its specification, not by this build.
     pub fn split_roll(&self, key: &str) -> u16 {
         split_roll(&self.split_salt.load(), key)
     }
@@ -546,6 +546,7 @@ impl Sessions {
     pub fn maintain(&self, policy: &PinPolicy) {
         let now = secs(self.clock.now());
         let mut v1_end = 0u32;
+        let v1_end_before = self.v1_pins_end.load(Ordering::Relaxed);
         let mut ended = Vec::new();
         let fleet = self.fleet_touches.get();
         for stripe in 0..STRIPES {
@@ -601,7 +602,15 @@ impl Sessions {
             // On a machine with one core to spare, let the request threads in between stripes.
             std::thread::yield_now();
         }
-        self.v1_pins_end.store(v1_end, Ordering::Relaxed);
+        // The scan's value, unless a request moved the end out meanwhile (in a stripe already
+        // scanned): then the later of the two, so the end never goes back past a request.
+        if self
+            .v1_pins_end
+            .compare_exchange(v1_end_before, v1_end, Ordering::Relaxed, Ordering::Relaxed)
+            .is_err()
+        {
+            self.v1_pins_end.fetch_max(v1_end, Ordering::Relaxed);
+        }
     }
 
     /// Grows the pin table ahead of need, so requests rarely have to. Blocking work (making a

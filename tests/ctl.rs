@@ -76,6 +76,10 @@ async fn every_command_works_against_a_running_proxy() {
     let (code, out, err) = ctl(&proxy, token, &["session", "s7"]).await;
     assert_eq!(code, 0, "{err}");
     assert!(out.starts_with("session s7: on v") && out.contains("sessions.idle_timeout ends it"), "{out}");
+    // A key is sent whole: `s7?x` is no session, and s7 is untouched.
+    let (code, _, err) = ctl(&proxy, token, &["end-session", "s7?x"]).await;
+    assert_eq!(code, 1, "{err}");
+    assert_eq!(ctl(&proxy, token, &["session", "s7"]).await.0, 0, "s7 still has its pin");
     let (code, _, err) = ctl(&proxy, token, &["session", "nobody"]).await;
     assert_eq!(code, 1);
     assert!(err.contains("no live session \"nobody\" (HTTP 404"), "{err}");

@@ -70,7 +70,8 @@ pub(crate) fn duplicate(text: &str, message: &str) -> Option<(usize, usize)> {
     }
     path.0.push(Segment::Again(key.to_owned()));
     let err = Seek { path: &path.0 }.deserialize(yaml::Deserializer::from_str(text)).err()?;
-    err.location().map(|at| (at.line(), at.column()))
+    // Only the marker's failure is a position; any other (the path not found) is not.
+    err.to_string().contains(MARKER).then(|| err.location().map(|at| (at.line(), at.column()))).flatten()
 }
 
 /// Sets `problem`'s line and column to where its key path sits in `text`; leaves them unset if
@@ -102,6 +103,9 @@ impl<'de> DeserializeSeed<'de> for Seek<'_> {
     }
 }
 
+/// What [`Found`]'s failure says, to tell it from a path that was not found.
+const MARKER: &str = "nothing (this visitor marks a position)";
+
 /// Fails on whatever node it is given, so the error carries that node's position.
 struct Found;
 
@@ -109,7 +113,7 @@ impl<'de> Visitor<'de> for Found {
     type Value = ();
 
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        f.write_str("nothing (this visitor marks a position)")
+        f.write_str(MARKER)
     }
 }
 

@@ -32,8 +32,9 @@ function duration(seconds) {
 
 async function getJson(path) {
   const response = await fetch(path, { cache: "no-store" });
-  // /drain answers 503 while not drained; every other endpoint read here answers 200.
-  return response.json();
+  const answer = await response.json().catch(() => ({}));
+  if (!response.ok) throw new Error(`${path}: ${answer.error || response.statusText} (HTTP ${response.status})`);
+  return answer;
 }
 
 async function change(method, path, body) {
@@ -222,7 +223,7 @@ async function refresh() {
     text("updated", `updated ${new Date().toLocaleTimeString()}`);
     document.body.dataset.revision = status.revision;
   } catch (error) {
-    text("updated", `cannot reach the admin API: ${error}`);
+    text("updated", `cannot read the admin API: ${error.message || error}`);
   }
 }
 
@@ -239,6 +240,8 @@ document.addEventListener("DOMContentLoaded", () => {
   for (const button of document.querySelectorAll("[data-ramp]")) {
     button.addEventListener("click", () => change("POST", `/ramp/${button.dataset.ramp}`));
   }
-  refresh();
-  setInterval(refresh, POLL_MS);
+  // The next poll is asked for only once the last one answered, so a slow admin API is not
+  // piled up with requests.
+  const poll = () => refresh().finally(() => setTimeout(poll, POLL_MS));
+  poll();
 });

@@ -131,7 +131,7 @@ impl Proxy {
         );
         let mut logged = LogLine::wanted(snapshot, head.method, head.path());
         if let Some(line) = logged.as_mut() {
-            line.session = self.session_digest(&classified);
+            line.session = self.session_digest(line, &classified);
         }
         let choice = self.choose_pool(snapshot, classified);
         let method = Method::from_bytes(head.method.as_bytes());

@@ -74,7 +74,7 @@ impl Proxy {
 
         let classified = self.classify(snapshot, req.uri().path(), req.uri().query(), req.headers());
         if let Some(line) = line.as_mut() {
-            line.session = self.session_digest(&classified);
+            line.session = self.session_digest(line, &classified);
         }
         let mut choice = self.choose_pool(snapshot, classified);
         *routed = Some(choice.routed);

@@ -209,10 +209,12 @@ impl Proxy {
         }
     }
 
-    /// The access log's digest of a keyed request's session key.
-    fn session_digest(&self, classified: &Classified<'_>) -> Option<String> {
+    /// The access log's digest of a keyed request's session key (only the access line shows it).
+    fn session_digest(&self, line: &LogLine, classified: &Classified<'_>) -> Option<String> {
         match classified {
-            Classified::Keyed(located) => Some(self.shared.sessions().key_digest(located.key())),
+            Classified::Keyed(located) if line.access => {
+                Some(self.shared.sessions().key_digest(located.key()))
+            }
             _ => None,
         }
     }
