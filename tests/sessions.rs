@@ -42,7 +42,10 @@ async fn studies_keep_their_pool_when_the_percentage_moves_and_across_restarts()
     let proxy = ProxyBuilder::new(&config(&p, 50.0)).spawn().await;
     let started = pools_of(by_path(&proxy, 0..500)).await;
     let v1 = started.iter().filter(|p| *p == "v1").count();
-    assert!((215..=285).contains(&v1), "{v1} of 500 new studies on v1 at 50 %");
+    // The split is a keyed hash under a salt made afresh for each store: 500 studies land on
+    // v1 like 500 fair coin flips (sd 11). ±50 is 4.5 sd: a wrong split fails, chance almost
+    // never does (about 1 run in 150,000; ±35 failed about 1 in 1,000).
+    assert!((200..=300).contains(&v1), "{v1} of 500 new studies on v1 at 50 %");
     assert_eq!(pools_of(by_query(&proxy, 0..500)).await, started, "query and path name the same study");
     let mut state = proxy.shutdown().await;
 
