@@ -6,16 +6,12 @@
 //! [`crate::admin`].
 
 use std::io::IsTerminal;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
-use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 use serde_json::{json, Value};
 
 use crate::admin::TOKEN_ENV;
@@ -138,7 +134,7 @@ pub enum CtlError {
 }
 
 struct Api {
-    client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+    client: crate::tls::HttpsClient,
     base: String,
     token: Option<String>,
     if_match: Option<u64>,
@@ -215,20 +211,6 @@ fn admin_url(listen: std::net::SocketAddr, tls: bool) -> String {
     format!("{scheme}://{}", std::net::SocketAddr::new(ip, listen.port()))
 }
 
-/// An HTTP/1.1 client for http:// and https:// admin URLs; https is checked against the public
-/// web roots and `ca_file`.
-fn client(ca_file: Option<&Path>) -> Result<Client<HttpsConnector<HttpConnector>, Full<Bytes>>, CtlError> {
-    let mut tls = (*crate::tls::client_config(ca_file).map_err(CtlError::Tls)?).clone();
-    // The connector sets ALPN itself.
-    tls.alpn_protocols.clear();
-    let connector = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config(tls)
-        .https_or_http()
-        .enable_http1()
-        .build();
-    Ok(Client::builder(TokioExecutor::new()).build(connector))
-}
-
 fn read_token(file: Option<&PathBuf>) -> Result<Option<String>, CtlError> {
     match file {
         Some(file) => std::fs::read_to_string(file)
@@ -253,7 +235,7 @@ pub async fn run(options: &CtlOptions, command: CtlCommand) -> Result<u8, CtlErr
     let token_file =
         options.token_file.clone().or_else(|| config.as_ref().and_then(|c| c.admin_token_file.clone()));
     let api = Api {
-        client: client(options.ca_file.as_deref())?,
+        client: crate::tls::https_client(options.ca_file.as_deref()).map_err(CtlError::Tls)?,
         base,
         token: read_token(token_file.as_ref())?,
         if_match: options.if_match,

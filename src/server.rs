@@ -225,21 +225,15 @@ pub fn preflight(config: &Config) -> Result<Preflight, StartError> {
             tracing::warn!(admin = %config.admin_listen, "the admin listener is not on loopback and has no admin.tls: the admin token crosses the network in clear");
         }
     }
-    load_certificate(config)?;
-    load_admin_certificate(config)?;
+    load_certificate(config.tls.as_ref())?;
+    load_certificate(config.admin_tls.as_ref())?;
     UpstreamClient::new(&config.upstream)?;
     Ok(Preflight { token })
 }
 
-fn load_certificate(config: &Config) -> Result<Option<Arc<CertStore>>, StartError> {
-    Ok(match &config.tls {
-        Some(tls) => Some(CertStore::load(&tls.cert, &tls.key)?),
-        None => None,
-    })
-}
-
-fn load_admin_certificate(config: &Config) -> Result<Option<Arc<CertStore>>, StartError> {
-    Ok(match &config.admin_tls {
+/// The certificate and key `files` name, loaded, if they name any.
+fn load_certificate(files: Option<&crate::config::TlsFiles>) -> Result<Option<Arc<CertStore>>, StartError> {
+    Ok(match files {
         Some(tls) => Some(CertStore::load(&tls.cert, &tls.key)?),
         None => None,
     })
@@ -290,9 +284,9 @@ impl Server {
         let addr = data.local_addr().map_err(|source| bind_error("listen", config.listen, source))?;
         let admin_addr =
             admin.local_addr().map_err(|source| bind_error("admin.listen", config.admin_listen, source))?;
-        let certs = load_certificate(&config)?;
+        let certs = load_certificate(config.tls.as_ref())?;
         let acceptor = certs.clone().map(|store| TlsAcceptor::from(crate::tls::server_config(store)));
-        let admin_certs = load_admin_certificate(&config)?;
+        let admin_certs = load_certificate(config.admin_tls.as_ref())?;
         let admin_acceptor =
             admin_certs.clone().map(|store| TlsAcceptor::from(crate::tls::admin_server_config(store)));
         let reloaded_certs: Vec<Arc<CertStore>> = certs.iter().chain(admin_certs.iter()).cloned().collect();

@@ -123,6 +123,25 @@ fn serving(store: Arc<CertStore>, alpn: &[&[u8]]) -> Arc<rustls::ServerConfig> {
     Arc::new(config)
 }
 
+/// A hyper client for `http://` and `https://` URLs over HTTP/1.1, with [`client_config`]'s
+/// roots (and `ca_file`): what the ramp's gates and `ctl` use.
+pub(crate) type HttpsClient = hyper_util::client::legacy::Client<
+    hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
+    http_body_util::Full<bytes::Bytes>,
+>;
+
+pub(crate) fn https_client(ca_file: Option<&Path>) -> Result<HttpsClient, TlsError> {
+    let mut tls = (*client_config(ca_file)?).clone();
+    // The connector sets ALPN itself, from the HTTP versions it is enabled for.
+    tls.alpn_protocols.clear();
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .build();
+    Ok(hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build(connector))
+}
+
 /// Client settings for `https://` upstreams: the Mozilla roots, plus the CAs in `ca_file`.
 pub(crate) fn client_config(ca_file: Option<&Path>) -> Result<Arc<rustls::ClientConfig>, TlsError> {
     let mut roots = rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };

@@ -14,10 +14,6 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{header, Method, Request};
 use http_body_util::Full;
-use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 use serde::Serialize;
 use serde_json::{json, Value};
 use tracing::info;
@@ -41,22 +37,21 @@ pub(crate) struct Answer {
     pub attempts: u32,
 }
 
+impl Answer {
+    /// What the gate answered: its status, or why there was none.
+    pub(crate) fn said(&self) -> String {
+        self.status.map_or_else(|| self.error.clone().unwrap_or_default(), |s| s.to_string())
+    }
+}
+
 /// Calls the gates, over HTTP/1.1, plain or TLS.
 pub(crate) struct Gates {
-    client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+    client: crate::tls::HttpsClient,
 }
 
 impl Gates {
     pub(crate) fn new() -> Gates {
-        let mut tls = (*crate::tls::client_config(None).expect("the public web roots load")).clone();
-        // The connector sets ALPN itself, from the HTTP versions it is enabled for.
-        tls.alpn_protocols.clear();
-        let connector = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls)
-            .https_or_http()
-            .enable_http1()
-            .build();
-        Gates { client: Client::builder(TokioExecutor::new()).build(connector) }
+        Gates { client: crate::tls::https_client(None).expect("the public web roots load") }
     }
 
     /// Asks every step gate whether the ramp may move on to step `to`; the answers, in the

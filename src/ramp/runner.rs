@@ -173,6 +173,13 @@ struct Leading {
     holder: Option<String>,
 }
 
+impl Leading {
+    /// The lease, while this replica surely still holds it.
+    fn current(&self) -> Option<Lease> {
+        self.held.as_ref().filter(|(_, until)| Instant::now() < *until).map(|(lease, _)| lease.clone())
+    }
+}
+
 /// The ramp of one proxy (or of its fleet): none, or one plan and where it is.
 pub(crate) struct Ramp {
     shared: Arc<Shared>,
@@ -396,8 +403,7 @@ impl Ramp {
         tokio::spawn(async move {
             let answers = ramp.gates.ask(&plan, to, ramp.shared.now(), ramp.shared.metrics()).await;
             for answer in &answers {
-                let said =
-                    answer.status.map_or_else(|| answer.error.clone().unwrap_or_default(), |s| s.to_string());
+                let said = answer.said();
                 ramp.shared.journal(
                     "ramp",
                     "ramp_gate",
@@ -429,8 +435,7 @@ impl Ramp {
         let (gates, shared) = (self.gates.clone(), self.shared.clone());
         tokio::spawn(async move {
             for answer in gates.tell_abort(&plan, step, &why, shared.now(), shared.metrics()).await {
-                let said =
-                    answer.status.map_or_else(|| answer.error.clone().unwrap_or_default(), |s| s.to_string());
+                let said = answer.said();
                 shared.journal("ramp", "ramp_gate", format!("{} told of the abort: {said}", answer.gate));
             }
         });
@@ -638,7 +643,7 @@ impl Ramp {
     /// The ramp lease, while this replica surely holds it.
     fn lease(&self) -> Option<Lease> {
         let leading = self.leading.lock().unwrap_or_else(|p| p.into_inner());
-        leading.held.as_ref().filter(|(_, until)| Instant::now() < *until).map(|(lease, _)| lease.clone())
+        leading.current()
     }
 
     /// Takes or renews the lease; the lease this replica holds afterwards, if any. A store
@@ -662,7 +667,7 @@ impl Ramp {
             }
             Err(_) => leading.holder = None,
         }
-        leading.held.as_ref().filter(|(_, until)| Instant::now() < *until).map(|(lease, _)| lease.clone())
+        leading.current()
     }
 
     fn has_plan_from_file(&self) -> bool {

@@ -90,8 +90,9 @@ impl Readings {
         })
     }
 
-    /// The latest reading's v2 session count: where a new step's count starts.
-    pub fn v2_sessions(&self) -> u64 {
+    /// The latest reading's v2 session count.
+    #[cfg(test)]
+    fn v2_sessions(&self) -> u64 {
         self.readings.back().map_or(0, |r| r.v2_sessions)
     }
 
