@@ -96,9 +96,9 @@ impl<'de> DeserializeSeed<'de> for Seek<'_> {
     fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
         match self.path.split_first() {
             None => d.deserialize_any(Found),
-            Some((Segment::Key(key), rest)) => d.deserialize_any(SeekKey { key, rest }),
+            Some((Segment::Key(key), rest)) => d.deserialize_any(SeekKey { key, skip: 0, rest }),
             Some((Segment::Index(index), rest)) => d.deserialize_any(SeekIndex { index: *index, rest }),
-            Some((Segment::Again(key), rest)) => d.deserialize_any(SeekAgain { key, rest }),
+            Some((Segment::Again(key), rest)) => d.deserialize_any(SeekKey { key, skip: 1, rest }),
         }
     }
 }
@@ -117,8 +117,10 @@ impl<'de> Visitor<'de> for Found {
     }
 }
 
+/// The value of `key` in a mapping, after `skip` earlier occurrences of it (1: a duplicate).
 struct SeekKey<'p> {
     key: &'p str,
+    skip: usize,
     rest: &'p [Segment],
 }
 
@@ -130,40 +132,17 @@ impl<'de> Visitor<'de> for SeekKey<'_> {
     }
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        let mut skip = self.skip;
         while let Some(key) = map.next_key::<yaml::Value>()? {
             if key.as_str() == Some(self.key) {
-                return map.next_value_seed(Seek { path: self.rest });
+                if skip == 0 {
+                    return map.next_value_seed(Seek { path: self.rest });
+                }
+                skip -= 1;
             }
             map.next_value::<IgnoredAny>()?;
         }
         Err(de::Error::custom("key not present"))
-    }
-}
-
-struct SeekAgain<'p> {
-    key: &'p str,
-    rest: &'p [Segment],
-}
-
-impl<'de> Visitor<'de> for SeekAgain<'_> {
-    type Value = ();
-
-    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        write!(f, "a mapping with key {} twice", self.key)
-    }
-
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
-        let mut seen = false;
-        while let Some(key) = map.next_key::<yaml::Value>()? {
-            if key.as_str() == Some(self.key) {
-                if seen {
-                    return map.next_value_seed(Seek { path: self.rest });
-                }
-                seen = true;
-            }
-            map.next_value::<IgnoredAny>()?;
-        }
-        Err(de::Error::custom("key not present twice"))
     }
 }
 
