@@ -173,6 +173,11 @@ enum RampCmd {
     Retry,
 }
 
+/// Per-connection buffers and futures are kilobytes each: glibc's allocator serves those from its
+/// shared bins (consolidating them as it goes), mimalloc from a per-thread free list.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     rollout_proxy::logging::install(cli.log_format, std::io::stderr().is_terminal());
