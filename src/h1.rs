@@ -646,6 +646,50 @@ fn put_hex(out: &mut Vec<u8>, n: u64) {
     }
 }
 
+/// A fast-path client's socket. Nagle's algorithm is left on for the connection's first write
+/// and turned off (`TCP_NODELAY`) before any later one, as NGINX does: a first write has no
+/// unacknowledged data ahead of it and leaves at once either way, so a connection that carries
+/// one response in one write (a new connection per request, the usual `Connection: close`)
+/// spends no system call on the option; a second write (the rest of a streamed body, the next
+/// keep-alive response) would otherwise wait for the client's delayed ACK.
+pub(crate) struct ClientStream {
+    pub(crate) io: TcpStream,
+    /// Written to at least once.
+    wrote: bool,
+    /// `TCP_NODELAY` is set.
+    nodelay: bool,
+}
+
+impl ClientStream {
+    pub(crate) fn new(io: TcpStream) -> ClientStream {
+        ClientStream { io, wrote: false, nodelay: false }
+    }
+
+    /// [`send`]s `buf`, first turning Nagle's algorithm off if this is not the first write.
+    pub(crate) async fn send(&mut self, buf: &[u8], limit: Duration) -> io::Result<()> {
+        if self.wrote {
+            self.set_nodelay();
+        }
+        self.wrote = true;
+        send(&mut self.io, buf, limit).await
+    }
+
+    /// The socket, with Nagle's algorithm off, for a codec that writes as it pleases.
+    pub(crate) fn into_inner(mut self) -> TcpStream {
+        self.set_nodelay();
+        self.io
+    }
+
+    fn set_nodelay(&mut self) {
+        if !self.nodelay {
+            self.nodelay = true;
+            if let Err(err) = self.io.set_nodelay(true) {
+                tracing::debug!(error = %err, "could not set TCP_NODELAY");
+            }
+        }
+    }
+}
+
 /// Writes all of `buf` to the client, failing with [`io::ErrorKind::TimedOut`] once no byte could
 /// be written for `limit` (`client.send_timeout`): a client that stops reading does not hold its
 /// connection, and the upstream connection behind it, forever. Most writes complete at once and
@@ -951,5 +995,23 @@ mod tests {
             put_hex(&mut out, n);
             assert_eq!(out, text.as_bytes());
         }
+    }
+
+    #[tokio::test]
+    async fn a_client_socket_turns_nagle_off_before_its_second_write_only() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let (accepted, _) = listener.accept().await.unwrap();
+        let mut stream = ClientStream::new(accepted);
+        let limit = Duration::from_secs(1);
+        stream.send(b"first", limit).await.unwrap();
+        assert!(!stream.io.nodelay().unwrap(), "one write leaves at once with Nagle on");
+        stream.send(b"second", limit).await.unwrap();
+        assert!(stream.io.nodelay().unwrap(), "a second write must not wait for a delayed ACK");
+        assert!(ClientStream::new(TcpStream::connect(listener.local_addr().unwrap()).await.unwrap())
+            .into_inner()
+            .nodelay()
+            .unwrap());
+        drop(client);
     }
 }

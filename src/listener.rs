@@ -151,8 +151,12 @@ pub(crate) async fn serve(
             tokio::spawn(refuse(stream, TOO_MANY_CONNECTIONS));
             continue;
         };
-        if let Err(err) = stream.set_nodelay(true) {
-            debug!(peer = %peer, error = %err, "could not set TCP_NODELAY");
+        // The fast path turns Nagle's algorithm off itself, once a connection writes twice
+        // (`h1::ClientStream`); TLS and hyper write as they please.
+        if tls.is_some() {
+            if let Err(err) = stream.set_nodelay(true) {
+                debug!(peer = %peer, error = %err, "could not set TCP_NODELAY");
+            }
         }
         let connection = Connection {
             builder: builder.clone(),
@@ -242,10 +246,18 @@ impl Connection {
             }
             return;
         };
-        let deadline = tokio::time::sleep(self.header_read_timeout);
-        tokio::pin!(deadline);
+        conn.read_now();
+        // The wait for the next request is bounded by `header_read_timeout` from
+        // `waiting_since`. The timer is not moved on every request: when it fires early it is
+        // set again for what is left, which costs one timer move per timeout rather than per
+        // request.
+        let mut waiting_since = tokio::time::Instant::now();
+        let deadline = tokio::time::sleep_until(waiting_since + self.header_read_timeout);
+        // Each registers with its token once per connection, not once per wait.
+        let draining = self.draining.clone().cancelled_owned();
+        let hard_stop = self.hard_stop.clone().cancelled_owned();
+        tokio::pin!(deadline, draining, hard_stop);
         loop {
-            deadline.as_mut().reset(tokio::time::Instant::now() + self.header_read_timeout);
             let (snapshot, request) = loop {
                 if !conn.buf.is_empty() {
                     let snapshot = proxy.snapshot();
@@ -265,28 +277,39 @@ impl Connection {
                         Ok(_) => {}
                     },
                     _ = &mut deadline => {
+                        let due = waiting_since + self.header_read_timeout;
+                        if tokio::time::Instant::now() < due {
+                            deadline.as_mut().reset(due);
+                            continue;
+                        }
                         if conn.buf.is_empty() {
                             // An idle keep-alive connection: between requests.
-                            return close_idle(conn.stream, &self.hard_stop).await;
+                            return close_idle(conn.stream.io, &self.hard_stop).await;
                         }
                         self.metrics.client_rejected.header_timeout.inc();
                         debug!(peer = %self.peer, "request head not complete within header_read_timeout");
                         return;
                     }
-                    _ = self.draining.cancelled(), if conn.buf.is_empty() => {
-                        return close_idle(conn.stream, &self.hard_stop).await;
+                    _ = &mut draining, if conn.buf.is_empty() => {
+                        return close_idle(conn.stream.io, &self.hard_stop).await;
                     }
-                    _ = self.hard_stop.cancelled() => return,
+                    _ = &mut hard_stop => return,
                 }
             };
             let keep = tokio::select! {
                 keep = proxy.serve_h1(&snapshot, request, &mut conn, &self.draining) => keep,
-                _ = self.hard_stop.cancelled() => false,
+                _ = &mut hard_stop => false,
             };
             if !keep {
-                let _ = conn.stream.shutdown().await;
+                // An exchange that used every byte the client sent ends with a plain close, as
+                // after `Connection: close`; bytes left over are said goodbye to with a FIN
+                // first.
+                if !conn.buf.is_empty() {
+                    let _ = conn.stream.io.shutdown().await;
+                }
                 return;
             }
+            waiting_since = tokio::time::Instant::now();
         }
     }
 
@@ -301,6 +324,7 @@ impl Connection {
             }
         }
         let ClientConn { stream, buf, .. } = conn;
+        let stream = stream.into_inner();
         let h2 = buf.starts_with(H2_PREFACE);
         self.serve(Rewind::new(buf.freeze(), stream), h2).await
     }

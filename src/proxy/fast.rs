@@ -27,7 +27,7 @@ use crate::ErrorChain;
 /// A client connection served on the HTTP/1.1 fast path, with buffers reused from one request
 /// to the next.
 pub(crate) struct ClientConn {
-    pub stream: TcpStream,
+    pub stream: h1::ClientStream,
     /// Bytes read from the client and not used yet.
     pub buf: BytesMut,
     pub peer: Peer,
@@ -43,7 +43,7 @@ impl ClientConn {
     pub(crate) fn new(stream: TcpStream, peer: Peer, send_timeout: Duration) -> Self {
         ClientConn {
             send_timeout,
-            stream,
+            stream: h1::ClientStream::new(stream),
             buf: BytesMut::with_capacity(8 * 1024),
             peer,
             request: Vec::with_capacity(1024),
@@ -53,7 +53,24 @@ impl ClientConn {
 
     /// Reads more from the client; 0 when it has closed its side.
     pub(crate) async fn fill(&mut self) -> std::io::Result<usize> {
-        h1::fill(&mut self.stream, &mut self.buf, 2048, 8 * 1024).await
+        h1::fill(&mut self.stream.io, &mut self.buf, 2048, 8 * 1024).await
+    }
+
+    /// Reads what the client has already sent, without waiting and without asking the runtime:
+    /// a new connection's first request has usually arrived by the time it is accepted, and the
+    /// runtime would report the socket readable only after another turn of its event loop (with
+    /// the connection's timers and cancellation registered meanwhile). Nothing read is nothing
+    /// lost: [`ClientConn::fill`] then waits as usual.
+    pub(crate) fn read_now(&mut self) {
+        self.buf.reserve(2048);
+        let spare = self.buf.spare_capacity_mut();
+        if let Ok(((filled, _), _)) =
+            rustix::net::recv(&self.stream.io, spare, rustix::net::RecvFlags::DONTWAIT)
+        {
+            let read = filled.len();
+            // SAFETY: `recv` initialised the first `read` bytes of the spare capacity.
+            unsafe { self.buf.set_len(self.buf.len() + read) };
+        }
     }
 }
 
@@ -261,7 +278,7 @@ impl Proxy {
     ) -> (u16, bool) {
         let shown = snapshot.pool_header.then_some(req.choice.routed.pool);
         let status = write_error_response(&mut conn.out, &err, shown, req.head_request, close).as_u16();
-        let written = h1::send(&mut conn.stream, &conn.out, conn.send_timeout).await;
+        let written = conn.stream.send(&conn.out, conn.send_timeout).await;
         if let Err(e) = &written {
             self.note_send_failure(e);
         }

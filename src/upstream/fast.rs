@@ -135,7 +135,7 @@ impl UpstreamConn {
         &mut self,
         head: h1::ResponseHead,
         out: &mut Vec<u8>,
-        client: &mut TcpStream,
+        client: &mut h1::ClientStream,
         send_timeout: Duration,
     ) -> Result<bool, RelayError> {
         let keep_alive = head.keep_alive;
@@ -149,10 +149,10 @@ impl UpstreamConn {
             if !reframed {
                 out.extend_from_slice(&self.buf[..used]);
             }
-            h1::send(client, out, send_timeout).await.map_err(RelayError::Client)?;
+            client.send(out, send_timeout).await.map_err(RelayError::Client)?;
         } else {
-            h1::send(client, out, send_timeout).await.map_err(RelayError::Client)?;
-            h1::send(client, &self.buf[..used], send_timeout).await.map_err(RelayError::Client)?;
+            client.send(out, send_timeout).await.map_err(RelayError::Client)?;
+            client.send(&self.buf[..used], send_timeout).await.map_err(RelayError::Client)?;
         }
         self.buf.advance(used);
         while !done {
@@ -168,7 +168,7 @@ impl UpstreamConn {
             (used, done) = body_part(&mut framing, &self.buf, out)
                 .map_err(|source| RelayError::Invalid { head_sent: true, source })?;
             let bytes = if reframed { &out[..] } else { &self.buf[..used] };
-            h1::send(client, bytes, send_timeout).await.map_err(RelayError::Client)?;
+            client.send(bytes, send_timeout).await.map_err(RelayError::Client)?;
             self.buf.advance(used);
         }
         // Bytes after the body would be a response nobody asked for: such a connection is not
