@@ -1,0 +1,164 @@
+/*
+ * The floor of benches/compare.sh: what the kernel alone costs for one proxied exchange.
+ *
+ * A single-threaded epoll relay that does the system calls a reverse proxy cannot avoid and
+ * nothing else: accept the client, read its request, write it to a pooled keep-alive upstream
+ * connection ("/api/v2/" to v2, the rest to v1), read the response, write it to the client, and
+ * close the client when it asked for "Connection: close". It parses nothing beyond the request
+ * line's path and that one header, and it trusts each message to arrive in one read, which holds
+ * for the benchmark's small requests and responses on loopback and for nothing else: it is a
+ * measuring stick, not a proxy.
+ *
+ * Usage: floor LISTEN_PORT V1_PORT V2_PORT   (all on 127.0.0.1)
+ */
+#define _GNU_SOURCE
+#include <arpa/inet.h>
+#include <errno.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#define BUF 16384
+#define MAX_FD 65536
+
+enum kind { FREE, CLIENT, UPSTREAM };
+
+struct conn {
+  enum kind kind;
+  int peer;        /* the client's upstream while a request is out, or the upstream's client */
+  int pool;        /* an upstream's pool: 0 is v1, 1 is v2 */
+  int close_after; /* a client that sent "Connection: close" */
+};
+
+static struct conn conns[MAX_FD];
+static int idle[2][1024];
+static int idle_count[2];
+static int upstream_port[2];
+static char buf[BUF];
+static int ep;
+
+static void die(const char *what) {
+  perror(what);
+  exit(1);
+}
+
+static void watch(int fd, int op) {
+  struct epoll_event ev = {.events = EPOLLIN | EPOLLRDHUP, .data.fd = fd};
+  if (epoll_ctl(ep, op, fd, &ev) < 0) die("epoll_ctl");
+}
+
+static void drop(int fd) {
+  int peer = conns[fd].peer;
+  if (peer >= 0 && conns[peer].peer == fd) conns[peer].peer = -1;
+  if (conns[fd].kind == UPSTREAM) /* an idle one the upstream closed leaves the pool */
+    for (int i = 0, pool = conns[fd].pool; i < idle_count[pool]; i++)
+      if (idle[pool][i] == fd) idle[pool][i] = idle[pool][--idle_count[pool]];
+  conns[fd] = (struct conn){.kind = FREE, .peer = -1};
+  close(fd); /* close removes it from the epoll set */
+}
+
+static int upstream(int pool) {
+  if (idle_count[pool] > 0) return idle[pool][--idle_count[pool]];
+  int fd = socket(AF_INET, SOCK_STREAM, 0);
+  if (fd < 0) die("socket");
+  struct sockaddr_in addr = {.sin_family = AF_INET, .sin_port = htons(upstream_port[pool])};
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  if (connect(fd, (struct sockaddr *)&addr, sizeof addr) < 0) die("connect");
+  int one = 1;
+  setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+  conns[fd] = (struct conn){.kind = UPSTREAM, .pool = pool, .peer = -1};
+  watch(fd, EPOLL_CTL_ADD);
+  return fd;
+}
+
+static void from_client(int fd) {
+  ssize_t n = read(fd, buf, BUF);
+  if (n <= 0) {
+    if (n < 0 && errno == EAGAIN) return;
+    drop(fd);
+    return;
+  }
+  /* "GET /api/v2/..." : the path starts after the first space. */
+  const char *space = memchr(buf, ' ', (size_t)n);
+  int pool = space && (size_t)(buf + n - space) > 9 && memcmp(space + 1, "/api/v2/", 8) == 0;
+  /* A request asking to close: keep the upstream connection, close the client afterwards. */
+  const char *close_header = memmem(buf, (size_t)n, "\r\nConnection: close\r\n", 21);
+  if (close_header) {
+    size_t at = (size_t)(close_header - buf) + 2, len = 19;
+    memmove(buf + at, buf + at + len, (size_t)n - at - len);
+    n -= (ssize_t)len;
+  }
+  conns[fd].close_after = close_header != NULL;
+  int up = upstream(pool);
+  conns[up].peer = fd;
+  conns[fd].peer = up;
+  if (write(up, buf, (size_t)n) != n) die("write upstream");
+}
+
+static void from_upstream(int fd) {
+  ssize_t n = read(fd, buf, BUF);
+  int client = conns[fd].peer;
+  if (n <= 0) {
+    if (n < 0 && errno == EAGAIN) return;
+    if (client >= 0) drop(client);
+    drop(fd);
+    return;
+  }
+  if (client >= 0) {
+    if (write(client, buf, (size_t)n) != n) die("write client");
+    conns[client].peer = -1;
+    if (conns[client].close_after) drop(client);
+  }
+  conns[fd].peer = -1;
+  int pool = conns[fd].pool;
+  if (idle_count[pool] < 1024)
+    idle[pool][idle_count[pool]++] = fd;
+  else
+    drop(fd);
+}
+
+int main(int argc, char **argv) {
+  if (argc != 4) {
+    fprintf(stderr, "usage: floor LISTEN_PORT V1_PORT V2_PORT\n");
+    return 2;
+  }
+  upstream_port[0] = atoi(argv[2]);
+  upstream_port[1] = atoi(argv[3]);
+  int listener = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK, 0);
+  int one = 1;
+  setsockopt(listener, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+  struct sockaddr_in addr = {.sin_family = AF_INET, .sin_port = htons(atoi(argv[1]))};
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  if (bind(listener, (struct sockaddr *)&addr, sizeof addr) < 0) die("bind");
+  if (listen(listener, 4096) < 0) die("listen");
+  ep = epoll_create1(0);
+  watch(listener, EPOLL_CTL_ADD);
+  struct epoll_event events[256];
+  for (;;) {
+    int ready = epoll_wait(ep, events, 256, -1);
+    for (int i = 0; i < ready; i++) {
+      int fd = events[i].data.fd;
+      if (fd == listener) {
+        int client;
+        while ((client = accept4(listener, NULL, NULL, SOCK_NONBLOCK)) >= 0) {
+          if (client >= MAX_FD) {
+            close(client);
+            continue;
+          }
+          setsockopt(client, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+          conns[client] = (struct conn){.kind = CLIENT, .peer = -1};
+          watch(client, EPOLL_CTL_ADD);
+        }
+      } else if (conns[fd].kind == CLIENT) {
+        from_client(fd);
+      } else if (conns[fd].kind == UPSTREAM) {
+        from_upstream(fd);
+      }
+    }
+  }
+}
