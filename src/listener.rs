@@ -7,7 +7,6 @@
 
 use std::convert::Infallible;
 use std::io;
-use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -126,7 +125,13 @@ pub(crate) async fn serve(
     shutdown: CancellationToken,
     grace: Duration,
 ) {
-    let builder = http_builder(client);
+    // Shared: only a connection that goes to hyper needs it, and then as its own copy.
+    let builder = Arc::new(http_builder(client));
+    // The last client's address as `X-Forwarded-For` renders it: consecutive connections tend
+    // to come from the same address (a load balancer in front, a busy client).
+    let mut last_peer: Option<Peer> = None;
+    let shutdown = shutdown.cancelled();
+    tokio::pin!(shutdown);
     let slots = Arc::new(Semaphore::new(client.max_connections));
     // Every connection's task.
     let connections = TaskTracker::new();
@@ -137,7 +142,7 @@ pub(crate) async fn serve(
     let hard_stop = CancellationToken::new();
     loop {
         let (stream, peer) = tokio::select! {
-            _ = shutdown.cancelled() => break,
+            _ = &mut shutdown => break,
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
                 Err(err) => {
@@ -158,6 +163,12 @@ pub(crate) async fn serve(
                 debug!(peer = %peer, error = %err, "could not set TCP_NODELAY");
             }
         }
+        let addr = peer;
+        let peer = match last_peer.take() {
+            Some(last) if last.addr.ip() == addr.ip() => Peer { addr, ip: last.ip },
+            _ => Peer::new(addr),
+        };
+        last_peer = Some(peer.clone());
         let connection = Connection {
             builder: builder.clone(),
             gate: gate.clone(),
@@ -187,10 +198,10 @@ pub(crate) async fn serve(
                                 let h2 = tls_stream.get_ref().1.alpn_protocol() == Some(b"h2");
                                 connection.serve(tls_stream, h2).await
                             }
-                            Ok(Err(err)) => debug!(peer = %peer, error = %err, "TLS handshake failed"),
+                            Ok(Err(err)) => debug!(peer = %addr, error = %err, "TLS handshake failed"),
                             Err(_) => {
                                 connection.metrics.client_rejected.header_timeout.inc();
-                                debug!(peer = %peer, "TLS handshake timed out");
+                                debug!(peer = %addr, "TLS handshake timed out");
                             }
                         }
                     })
@@ -217,10 +228,10 @@ pub(crate) async fn serve(
 
 /// Everything one accepted connection needs to be served.
 struct Connection {
-    builder: auto::Builder<TokioExecutor>,
+    builder: Arc<auto::Builder<TokioExecutor>>,
     gate: Arc<Gate>,
     metrics: Arc<Metrics>,
-    peer: SocketAddr,
+    peer: Peer,
     hard_stop: CancellationToken,
     draining: CancellationToken,
     header_read_timeout: Duration,
@@ -237,7 +248,7 @@ impl Connection {
     /// Serves a plain-TCP connection on the HTTP/1.1 fast path ([`crate::h1`]) for as long as
     /// its requests allow, then hands it, with the bytes already read, to hyper.
     async fn serve_h1(self, stream: TcpStream) {
-        let mut conn = ClientConn::new(stream, Peer::new(self.peer), self.send_timeout);
+        let mut conn = ClientConn::new(stream, self.peer.clone(), self.send_timeout);
         let Some(proxy) = self.gate.proxy_now().cloned() else {
             // Starting up: hyper's path waits for the proxy or answers 503. What the client
             // sends first says whether it speaks HTTP/2.
@@ -287,7 +298,7 @@ impl Connection {
                             return close_idle(conn.stream.io, &self.hard_stop).await;
                         }
                         self.metrics.client_rejected.header_timeout.inc();
-                        debug!(peer = %self.peer, "request head not complete within header_read_timeout");
+                        debug!(peer = %self.peer.addr, "request head not complete within header_read_timeout");
                         return;
                     }
                     _ = &mut draining, if conn.buf.is_empty() => {
@@ -339,7 +350,7 @@ impl Connection {
         I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
         let Connection {
-            mut builder,
+            builder,
             gate,
             metrics,
             peer,
@@ -349,8 +360,10 @@ impl Connection {
             send_timeout,
             ..
         } = self;
+        let mut builder = Arc::unwrap_or_clone(builder);
         let activity = Arc::new(Activity::new());
-        let client = Arc::new(Peer::new(peer));
+        let peer_addr = peer.addr;
+        let client = Arc::new(peer);
         let watched = activity.clone();
         let service = service_fn(move |req| {
             let (gate, client, activity) = (gate.clone(), client.clone(), watched.clone());
@@ -383,14 +396,14 @@ impl Connection {
                 }
                 verdict = activity.watch(idle_limit, send_timeout), if !finishing => match verdict {
                     Verdict::Idle => {
-                        debug!(peer = %peer, "HTTP/2 connection idle; closing it");
+                        debug!(peer = %peer_addr, "HTTP/2 connection idle; closing it");
                         connection.as_mut().graceful_shutdown();
                         finishing = true;
                         close_by = Some(tokio::time::Instant::now() + send_timeout);
                     }
                     Verdict::Stalled => {
                         metrics.client_rejected.send_timeout.inc();
-                        debug!(peer = %peer, "no progress writing to the client within send_timeout; closing");
+                        debug!(peer = %peer_addr, "no progress writing to the client within send_timeout; closing");
                         break Some(Ok(()));
                     }
                 },
@@ -411,10 +424,10 @@ impl Connection {
                         metrics.client_rejected.bad_request.inc();
                     }
                 }
-                debug!(peer = %peer, error = %err, "client connection ended with an error");
+                debug!(peer = %peer_addr, error = %err, "client connection ended with an error");
             }
             Some(Ok(())) => {}
-            None => debug!(peer = %peer, "connection closed at the end of the grace period"),
+            None => debug!(peer = %peer_addr, "connection closed at the end of the grace period"),
         }
     }
 }
