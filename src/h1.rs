@@ -13,6 +13,7 @@
 
 use std::io;
 use std::mem::MaybeUninit;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -646,45 +647,133 @@ fn put_hex(out: &mut Vec<u8>, n: u64) {
     }
 }
 
-/// A fast-path client's socket. Nagle's algorithm is left on for the connection's first write
-/// and turned off (`TCP_NODELAY`) before any later one, as NGINX does: a first write has no
-/// unacknowledged data ahead of it and leaves at once either way, so a connection that carries
-/// one response in one write (a new connection per request, the usual `Connection: close`)
-/// spends no system call on the option; a second write (the rest of a streamed body, the next
-/// keep-alive response) would otherwise wait for the client's delayed ACK.
+/// A fast-path client's socket.
+///
+/// It joins the runtime's event loop only once something has to wait on it: a connection whose
+/// request has arrived by the time it is accepted and whose response fits the socket's send
+/// buffer (a new connection per request, the usual `Connection: close`) is read, written and
+/// closed with plain non-blocking calls, and spends no `epoll_ctl` on being added to the loop
+/// and taken off it again. A keep-alive connection joins when it waits for its second request.
+///
+/// Nagle's algorithm is left on for the connection's first write and turned off
+/// (`TCP_NODELAY`) before any later one, as NGINX does: a first write has no unacknowledged
+/// data ahead of it and leaves at once either way, so a one-response connection spends no
+/// system call on the option; a second write (the rest of a streamed body, the next keep-alive
+/// response) would otherwise wait for the client's delayed ACK.
 pub(crate) struct ClientStream {
-    pub(crate) io: TcpStream,
+    socket: Socket,
     /// Written to at least once.
     wrote: bool,
     /// `TCP_NODELAY` is set.
     nodelay: bool,
 }
 
+enum Socket {
+    /// Accepted (non-blocking) and not waited on yet.
+    Bare(std::net::TcpStream),
+    Registered(TcpStream),
+    /// Joining the event loop failed; the socket is closed.
+    Closed,
+}
+
 impl ClientStream {
-    pub(crate) fn new(io: TcpStream) -> ClientStream {
-        ClientStream { io, wrote: false, nodelay: false }
+    /// `socket` must be in non-blocking mode.
+    pub(crate) fn new(socket: std::net::TcpStream) -> ClientStream {
+        ClientStream { socket: Socket::Bare(socket), wrote: false, nodelay: false }
     }
 
-    /// [`send`]s `buf`, first turning Nagle's algorithm off if this is not the first write.
-    pub(crate) async fn send(&mut self, buf: &[u8], limit: Duration) -> io::Result<()> {
+    fn fd(&self) -> io::Result<BorrowedFd<'_>> {
+        match &self.socket {
+            Socket::Bare(socket) => Ok(socket.as_fd()),
+            Socket::Registered(socket) => Ok(socket.as_fd()),
+            Socket::Closed => Err(io::ErrorKind::NotConnected.into()),
+        }
+    }
+
+    /// The socket on the event loop, for waiting on.
+    pub(crate) fn registered(&mut self) -> io::Result<&mut TcpStream> {
+        if let Socket::Bare(_) = self.socket {
+            let Socket::Bare(socket) = std::mem::replace(&mut self.socket, Socket::Closed) else {
+                unreachable!("matched above")
+            };
+            self.socket = Socket::Registered(TcpStream::from_std(socket)?);
+        }
+        match &mut self.socket {
+            Socket::Registered(socket) => Ok(socket),
+            _ => Err(io::ErrorKind::NotConnected.into()),
+        }
+    }
+
+    /// Appends what the client has already sent to `buf`, without waiting; nothing when it has
+    /// sent nothing yet (or closed, or failed: the next read tells).
+    pub(crate) fn read_now(&self, buf: &mut BytesMut) {
+        let Ok(fd) = self.fd() else { return };
+        buf.reserve(2048);
+        if let Ok(((filled, _), _)) =
+            rustix::net::recv(fd, buf.spare_capacity_mut(), rustix::net::RecvFlags::DONTWAIT)
+        {
+            let read = filled.len();
+            // SAFETY: `recv` initialised the first `read` bytes of the spare capacity.
+            unsafe { buf.set_len(buf.len() + read) };
+        }
+    }
+
+    /// [`send`]s `buf`, first turning Nagle's algorithm off if this is not the first write. A
+    /// socket not on the event loop is written to directly, and joins it only if the write has
+    /// to wait.
+    pub(crate) async fn send(&mut self, mut buf: &[u8], limit: Duration) -> io::Result<()> {
         if self.wrote {
             self.set_nodelay();
         }
         self.wrote = true;
-        send(&mut self.io, buf, limit).await
+        if let Socket::Bare(socket) = &self.socket {
+            let mut socket = socket;
+            while !buf.is_empty() {
+                match std::io::Write::write(&mut socket, buf) {
+                    Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                    Ok(written) => buf = &buf[written..],
+                    Err(err) if err.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
+                    Err(err) => return Err(err),
+                }
+            }
+            if buf.is_empty() {
+                return Ok(());
+            }
+        }
+        send(self.registered()?, buf, limit).await
     }
 
-    /// The socket, with Nagle's algorithm off, for a codec that writes as it pleases.
-    pub(crate) fn into_inner(mut self) -> TcpStream {
+    /// Sends a FIN: no more bytes follow.
+    pub(crate) fn shutdown(&self) {
+        if let Ok(fd) = self.fd() {
+            let _ = rustix::net::shutdown(fd, rustix::net::Shutdown::Write);
+        }
+    }
+
+    /// The socket on the event loop, for a close that waits.
+    pub(crate) fn into_registered(mut self) -> io::Result<TcpStream> {
+        self.registered()?;
+        match self.socket {
+            Socket::Registered(socket) => Ok(socket),
+            _ => Err(io::ErrorKind::NotConnected.into()),
+        }
+    }
+
+    /// The socket on the event loop with Nagle's algorithm off, for a codec that writes as it
+    /// pleases.
+    pub(crate) fn into_inner(mut self) -> io::Result<TcpStream> {
         self.set_nodelay();
-        self.io
+        self.into_registered()
     }
 
     fn set_nodelay(&mut self) {
         if !self.nodelay {
             self.nodelay = true;
-            if let Err(err) = self.io.set_nodelay(true) {
-                tracing::debug!(error = %err, "could not set TCP_NODELAY");
+            if let Ok(fd) = self.fd() {
+                if let Err(err) = rustix::net::sockopt::set_tcp_nodelay(fd, true) {
+                    tracing::debug!(error = %err, "could not set TCP_NODELAY");
+                }
             }
         }
     }
@@ -1002,16 +1091,45 @@ mod tests {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let client = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
         let (accepted, _) = listener.accept().await.unwrap();
-        let mut stream = ClientStream::new(accepted);
+        let mut stream = ClientStream::new(accepted.into_std().unwrap());
         let limit = Duration::from_secs(1);
         stream.send(b"first", limit).await.unwrap();
-        assert!(!stream.io.nodelay().unwrap(), "one write leaves at once with Nagle on");
+        assert!(matches!(stream.socket, Socket::Bare(_)), "a write that completes needs no event loop");
+        assert!(!stream.registered().unwrap().nodelay().unwrap(), "one write leaves at once with Nagle on");
         stream.send(b"second", limit).await.unwrap();
-        assert!(stream.io.nodelay().unwrap(), "a second write must not wait for a delayed ACK");
-        assert!(ClientStream::new(TcpStream::connect(listener.local_addr().unwrap()).await.unwrap())
-            .into_inner()
-            .nodelay()
-            .unwrap());
+        assert!(
+            stream.registered().unwrap().nodelay().unwrap(),
+            "a second write must not wait for a delayed ACK"
+        );
+        let other = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        assert!(ClientStream::new(other.into_std().unwrap()).into_inner().unwrap().nodelay().unwrap());
         drop(client);
+    }
+
+    #[tokio::test]
+    async fn a_bare_client_socket_reads_what_arrived_and_joins_the_event_loop_to_wait() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let (accepted, _) = listener.accept().await.unwrap();
+        let mut stream = ClientStream::new(accepted.into_std().unwrap());
+        let mut buf = BytesMut::new();
+        stream.read_now(&mut buf);
+        assert!(buf.is_empty(), "nothing sent yet, nothing waited for");
+        client.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
+        while buf.is_empty() {
+            fill(stream.registered().unwrap(), &mut buf, 64, 64).await.unwrap();
+        }
+        assert_eq!(&buf[..], b"GET / HTTP/1.1\r\n");
+        // A response larger than the socket's buffers goes out through the event loop.
+        let big = vec![b'x'; 8 << 20];
+        let reader = tokio::spawn(async move {
+            let mut got = Vec::new();
+            client.read_to_end(&mut got).await.unwrap();
+            got.len()
+        });
+        stream.send(&big, Duration::from_secs(10)).await.unwrap();
+        stream.shutdown();
+        drop(stream);
+        assert_eq!(reader.await.unwrap(), big.len());
     }
 }

@@ -7,6 +7,7 @@
 
 use std::convert::Infallible;
 use std::io;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -18,6 +19,7 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
+use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, Semaphore};
@@ -125,6 +127,18 @@ pub(crate) async fn serve(
     shutdown: CancellationToken,
     grace: Duration,
 ) {
+    // Accepted sockets stay off the runtime's event loop until something has to wait on them
+    // (`h1::ClientStream`), so the listener is accepted from with a plain accept4.
+    // SAFETY: the std listener owns its socket, and the `AsyncFd` owns the listener until it is
+    // dropped: the descriptor is neither closed nor replaced while registered.
+    let listener = match listener.into_std().and_then(|listener| Ok(unsafe { AsyncFd::register(listener)? }))
+    {
+        Ok(listener) => listener,
+        Err(err) => {
+            warn!(error = %err, "cannot watch the listening socket; not serving");
+            return;
+        }
+    };
     // Shared: only a connection that goes to hyper needs it, and then as its own copy.
     let builder = Arc::new(http_builder(client));
     // The last client's address as `X-Forwarded-For` renders it: consecutive connections tend
@@ -143,7 +157,7 @@ pub(crate) async fn serve(
     loop {
         let (stream, peer) = tokio::select! {
             _ = &mut shutdown => break,
-            accepted = listener.accept() => match accepted {
+            accepted = accept(&listener) => match accepted {
                 Ok(accepted) => accepted,
                 Err(err) => {
                     back_off(err).await;
@@ -153,7 +167,9 @@ pub(crate) async fn serve(
         };
         let Ok(slot) = slots.clone().try_acquire_owned() else {
             metrics.client_rejected.max_connections.inc();
-            tokio::spawn(refuse(stream, TOO_MANY_CONNECTIONS));
+            if let Ok(stream) = TcpStream::from_std(stream) {
+                tokio::spawn(refuse(stream, TOO_MANY_CONNECTIONS));
+            }
             continue;
         };
         // The fast path turns Nagle's algorithm off itself, once a connection writes twice
@@ -193,6 +209,7 @@ pub(crate) async fn serve(
                 None => connection.serve_h1(stream).await,
                 Some(acceptor) => {
                     Box::pin(async move {
+                        let Ok(stream) = TcpStream::from_std(stream) else { return };
                         match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
                             Ok(Ok(tls_stream)) => {
                                 let h2 = tls_stream.get_ref().1.alpn_protocol() == Some(b"h2");
@@ -247,7 +264,7 @@ const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 impl Connection {
     /// Serves a plain-TCP connection on the HTTP/1.1 fast path ([`crate::h1`]) for as long as
     /// its requests allow, then hands it, with the bytes already read, to hyper.
-    async fn serve_h1(self, stream: TcpStream) {
+    async fn serve_h1(self, stream: std::net::TcpStream) {
         let mut conn = ClientConn::new(stream, self.peer.clone(), self.send_timeout);
         let Some(proxy) = self.gate.proxy_now().cloned() else {
             // Starting up: hyper's path waits for the proxy or answers 503. What the client
@@ -295,14 +312,14 @@ impl Connection {
                         }
                         if conn.buf.is_empty() {
                             // An idle keep-alive connection: between requests.
-                            return close_idle(conn.stream.io, &self.hard_stop).await;
+                            return close_idle(conn.stream, &self.hard_stop).await;
                         }
                         self.metrics.client_rejected.header_timeout.inc();
                         debug!(peer = %self.peer.addr, "request head not complete within header_read_timeout");
                         return;
                     }
                     _ = &mut draining, if conn.buf.is_empty() => {
-                        return close_idle(conn.stream.io, &self.hard_stop).await;
+                        return close_idle(conn.stream, &self.hard_stop).await;
                     }
                     _ = &mut hard_stop => return,
                 }
@@ -316,7 +333,7 @@ impl Connection {
                 // after `Connection: close`; bytes left over are said goodbye to with a FIN
                 // first.
                 if !conn.buf.is_empty() {
-                    let _ = conn.stream.io.shutdown().await;
+                    conn.stream.shutdown();
                 }
                 return;
             }
@@ -335,7 +352,7 @@ impl Connection {
             }
         }
         let ClientConn { stream, buf, .. } = conn;
-        let stream = stream.into_inner();
+        let Ok(stream) = stream.into_inner() else { return };
         let h2 = buf.starts_with(H2_PREFACE);
         self.serve(Rewind::new(buf.freeze(), stream), h2).await
     }
@@ -599,7 +616,8 @@ const CLOSE_LINGER: Duration = Duration::from_millis(500);
 /// clients report as an error. So the proxy's end goes first, and whatever arrives is read and
 /// dropped until the client closes too (or [`CLOSE_LINGER`] passes): the client sees the
 /// connection closed before an answer, and retries an idempotent request (RFC 9112 §9.3.1).
-async fn close_idle(mut stream: TcpStream, hard_stop: &CancellationToken) {
+async fn close_idle(stream: crate::h1::ClientStream, hard_stop: &CancellationToken) {
+    let Ok(mut stream) = stream.into_registered() else { return };
     if stream.shutdown().await.is_err() {
         return;
     }
@@ -623,6 +641,23 @@ pub(crate) async fn refuse(mut stream: TcpStream, answer: &'static [u8]) {
 
 /// Errors about one connection are skipped at once; resource exhaustion gets a short pause so
 /// the loop does not spin while descriptors are short.
+/// Accepts the next connection: non-blocking, close-on-exec, not on the event loop.
+async fn accept(listener: &AsyncFd<std::net::TcpListener>) -> io::Result<(std::net::TcpStream, SocketAddr)> {
+    loop {
+        let mut ready = listener.readable().await?;
+        if let Ok(accepted) = ready.try_io(|listener| {
+            let flags = rustix::net::SocketFlags::NONBLOCK | rustix::net::SocketFlags::CLOEXEC;
+            let (socket, addr) = rustix::net::acceptfrom_with(listener.get_ref(), flags)?;
+            let addr = addr
+                .and_then(|addr| SocketAddr::try_from(addr).ok())
+                .ok_or_else(|| io::Error::other("accepted a connection without an IP peer address"))?;
+            Ok((std::net::TcpStream::from(socket), addr))
+        }) {
+            return accepted;
+        }
+    }
+}
+
 pub(crate) async fn back_off(err: io::Error) {
     match err.kind() {
         io::ErrorKind::ConnectionAborted | io::ErrorKind::ConnectionReset | io::ErrorKind::Interrupted => {

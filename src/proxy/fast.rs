@@ -11,7 +11,6 @@ use std::time::{Duration, Instant};
 
 use bytes::{Buf, BytesMut};
 use http::{Method, StatusCode};
-use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
@@ -40,7 +39,8 @@ pub(crate) struct ClientConn {
 }
 
 impl ClientConn {
-    pub(crate) fn new(stream: TcpStream, peer: Peer, send_timeout: Duration) -> Self {
+    /// `stream` must be in non-blocking mode.
+    pub(crate) fn new(stream: std::net::TcpStream, peer: Peer, send_timeout: Duration) -> Self {
         ClientConn {
             send_timeout,
             stream: h1::ClientStream::new(stream),
@@ -53,7 +53,7 @@ impl ClientConn {
 
     /// Reads more from the client; 0 when it has closed its side.
     pub(crate) async fn fill(&mut self) -> std::io::Result<usize> {
-        h1::fill(&mut self.stream.io, &mut self.buf, 2048, 8 * 1024).await
+        h1::fill(self.stream.registered()?, &mut self.buf, 2048, 8 * 1024).await
     }
 
     /// Reads what the client has already sent, without waiting and without asking the runtime:
@@ -62,15 +62,7 @@ impl ClientConn {
     /// the connection's timers and cancellation registered meanwhile). Nothing read is nothing
     /// lost: [`ClientConn::fill`] then waits as usual.
     pub(crate) fn read_now(&mut self) {
-        self.buf.reserve(2048);
-        let spare = self.buf.spare_capacity_mut();
-        if let Ok(((filled, _), _)) =
-            rustix::net::recv(&self.stream.io, spare, rustix::net::RecvFlags::DONTWAIT)
-        {
-            let read = filled.len();
-            // SAFETY: `recv` initialised the first `read` bytes of the spare capacity.
-            unsafe { self.buf.set_len(self.buf.len() + read) };
-        }
+        self.stream.read_now(&mut self.buf);
     }
 }
 
