@@ -20,13 +20,14 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, Semaphore};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::config::ClientConfig;
 use crate::h1::Rewind;
@@ -135,7 +136,7 @@ pub(crate) async fn serve(
     {
         Ok(listener) => listener,
         Err(err) => {
-            warn!(error = %err, "cannot watch the listening socket; not serving");
+            error!(error = %err, "cannot watch the listening socket; the data plane is not serving");
             return;
         }
     };
@@ -639,25 +640,28 @@ pub(crate) async fn refuse(mut stream: TcpStream, answer: &'static [u8]) {
     let _ = stream.shutdown().await;
 }
 
-/// Errors about one connection are skipped at once; resource exhaustion gets a short pause so
-/// the loop does not spin while descriptors are short.
-/// Accepts the next connection: non-blocking, close-on-exec, not on the event loop.
+/// Accepts the next connection: non-blocking, close-on-exec, not on the event loop. Each accept
+/// spends the task's budget, so a burst of queued connections lets the runtime run the
+/// connections already accepted (and their timers) every so often, as tokio's own accept does.
 async fn accept(listener: &AsyncFd<std::net::TcpListener>) -> io::Result<(std::net::TcpStream, SocketAddr)> {
-    loop {
-        let mut ready = listener.readable().await?;
-        if let Ok(accepted) = ready.try_io(|listener| {
+    listener
+        .async_io(Interest::READABLE, |listener| {
             let flags = rustix::net::SocketFlags::NONBLOCK | rustix::net::SocketFlags::CLOEXEC;
-            let (socket, addr) = rustix::net::acceptfrom_with(listener.get_ref(), flags)?;
-            let addr = addr
-                .and_then(|addr| SocketAddr::try_from(addr).ok())
-                .ok_or_else(|| io::Error::other("accepted a connection without an IP peer address"))?;
+            let (socket, addr) = rustix::net::acceptfrom_with(listener, flags)?;
+            // Not expected of a TCP listener; skipped like a connection reset before its accept.
+            let addr = addr.and_then(|addr| SocketAddr::try_from(addr).ok()).ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::ConnectionAborted,
+                    "accepted a connection without an IP peer address",
+                )
+            })?;
             Ok((std::net::TcpStream::from(socket), addr))
-        }) {
-            return accepted;
-        }
-    }
+        })
+        .await
 }
 
+/// Errors about one connection are skipped at once; resource exhaustion gets a short pause so
+/// the loop does not spin while descriptors are short.
 pub(crate) async fn back_off(err: io::Error) {
     match err.kind() {
         io::ErrorKind::ConnectionAborted | io::ErrorKind::ConnectionReset | io::ErrorKind::Interrupted => {
