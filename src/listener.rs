@@ -644,20 +644,27 @@ pub(crate) async fn refuse(mut stream: TcpStream, answer: &'static [u8]) {
 /// spends the task's budget, so a burst of queued connections lets the runtime run the
 /// connections already accepted (and their timers) every so often, as tokio's own accept does.
 async fn accept(listener: &AsyncFd<std::net::TcpListener>) -> io::Result<(std::net::TcpStream, SocketAddr)> {
-    listener
-        .async_io(Interest::READABLE, |listener| {
-            let flags = rustix::net::SocketFlags::NONBLOCK | rustix::net::SocketFlags::CLOEXEC;
-            let (socket, addr) = rustix::net::acceptfrom_with(listener, flags)?;
-            // Not expected of a TCP listener; skipped like a connection reset before its accept.
-            let addr = addr.and_then(|addr| SocketAddr::try_from(addr).ok()).ok_or_else(|| {
-                io::Error::new(
-                    io::ErrorKind::ConnectionAborted,
-                    "accepted a connection without an IP peer address",
-                )
-            })?;
-            Ok((std::net::TcpStream::from(socket), addr))
-        })
-        .await
+    listener.async_io(Interest::READABLE, accept_now).await
+}
+
+/// One `accept4`, the socket non-blocking and close-on-exec from the start.
+#[cfg(target_os = "linux")]
+fn accept_now(listener: &std::net::TcpListener) -> io::Result<(std::net::TcpStream, SocketAddr)> {
+    let flags = rustix::net::SocketFlags::NONBLOCK | rustix::net::SocketFlags::CLOEXEC;
+    let (socket, addr) = rustix::net::acceptfrom_with(listener, flags)?;
+    // Not expected of a TCP listener; skipped like a connection reset before its accept.
+    let addr = addr.and_then(|addr| SocketAddr::try_from(addr).ok()).ok_or_else(|| {
+        io::Error::new(io::ErrorKind::ConnectionAborted, "accepted a connection without an IP peer address")
+    })?;
+    Ok((std::net::TcpStream::from(socket), addr))
+}
+
+/// Where there is no `accept4`: accept, then make the socket non-blocking.
+#[cfg(not(target_os = "linux"))]
+fn accept_now(listener: &std::net::TcpListener) -> io::Result<(std::net::TcpStream, SocketAddr)> {
+    let (socket, addr) = listener.accept()?;
+    socket.set_nonblocking(true)?;
+    Ok((socket, addr))
 }
 
 /// Errors about one connection are skipped at once; resource exhaustion gets a short pause so

@@ -175,6 +175,7 @@ enum RampCmd {
 
 /// Per-connection buffers and futures are kilobytes each: glibc's allocator serves those from its
 /// shared bins (consolidating them as it goes), mimalloc from a per-thread free list.
+#[cfg(target_os = "linux")]
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
