@@ -692,11 +692,11 @@ impl ClientStream {
 
     /// The socket on the event loop, for waiting on.
     pub(crate) fn registered(&mut self) -> io::Result<&mut TcpStream> {
+        // Checked first so that a registered socket (every wait after the first) is not moved.
         if let Socket::Bare(_) = self.socket {
-            let Socket::Bare(socket) = std::mem::replace(&mut self.socket, Socket::Closed) else {
-                unreachable!("matched above")
-            };
-            self.socket = Socket::Registered(TcpStream::from_std(socket)?);
+            if let Socket::Bare(socket) = std::mem::replace(&mut self.socket, Socket::Closed) {
+                self.socket = Socket::Registered(TcpStream::from_std(socket)?);
+            }
         }
         match &mut self.socket {
             Socket::Registered(socket) => Ok(socket),
