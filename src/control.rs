@@ -578,8 +578,9 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
         old.client.header_read_timeout != new.client.header_read_timeout
             || old.client.send_timeout != new.client.send_timeout
             || old.client.max_connections != new.client.max_connections
-            || old.client.max_concurrent_streams != new.client.max_concurrent_streams,
-        "client (header_read_timeout, send_timeout, max_connections, max_concurrent_streams)",
+            || old.client.max_concurrent_streams != new.client.max_concurrent_streams
+            || old.client.defer_accept != new.client.defer_accept,
+        "client (header_read_timeout, send_timeout, max_connections, max_concurrent_streams, defer_accept)",
     );
     check(old.grace_period != new.grace_period, "shutdown.grace_period");
     check(

@@ -130,10 +130,11 @@ pub(crate) async fn serve(
 ) {
     // Accepted sockets stay off the runtime's event loop until something has to wait on them
     // (`h1::ClientStream`), so the listener is accepted from with a plain accept4.
-    // SAFETY: the std listener owns its socket, and the `AsyncFd` owns the listener until it is
-    // dropped: the descriptor is neither closed nor replaced while registered.
-    let listener = match listener.into_std().and_then(|listener| Ok(unsafe { AsyncFd::register(listener)? }))
-    {
+    let listener = match listener.into_std().and_then(|listener| {
+        // SAFETY: the std listener owns its socket, and the `AsyncFd` owns the listener until
+        // it is dropped: the descriptor is neither closed nor replaced while registered.
+        Ok(unsafe { AsyncFd::register(listener)? })
+    }) {
         Ok(listener) => listener,
         Err(err) => {
             error!(error = %err, "cannot watch the listening socket; the data plane is not serving");
@@ -638,6 +639,38 @@ content-type: text/plain; charset=utf-8\r\ncontent-length: 21\r\nconnection: clo
 pub(crate) async fn refuse(mut stream: TcpStream, answer: &'static [u8]) {
     let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(answer)).await;
     let _ = stream.shutdown().await;
+}
+
+/// With `on`, the kernel hands a new connection over only once its first bytes have arrived, or
+/// after about a second (one SYN-ACK retransmission) if none do: the request is read straight
+/// after accept, without a wait on the event loop, and a silent connection takes no place under
+/// `client.max_connections` meanwhile. NGINX's `listen … deferred` sets the same.
+#[cfg(target_os = "linux")]
+pub(crate) fn defer_accept(listener: &TcpListener, on: bool) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let seconds: libc::c_int = on.into();
+    // SAFETY: the descriptor is the listener's, open for the call; the value is a `c_int` and
+    // the length given is its size.
+    let set = unsafe {
+        libc::setsockopt(
+            listener.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_DEFER_ACCEPT,
+            std::ptr::from_ref(&seconds).cast(),
+            std::mem::size_of_val(&seconds) as libc::socklen_t,
+        )
+    };
+    if set == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Elsewhere connections are accepted at once.
+#[cfg(not(target_os = "linux"))]
+pub(crate) fn defer_accept(_listener: &TcpListener, _on: bool) -> io::Result<()> {
+    Ok(())
 }
 
 /// Accepts the next connection: non-blocking, close-on-exec, not on the event loop. Each accept

@@ -15,7 +15,7 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tracing::info;
+use tracing::{info, warn};
 
 use std::os::unix::net::UnixStream;
 
@@ -282,6 +282,11 @@ impl Server {
     async fn launch(launch: Launch) -> Result<Server, StartError> {
         let Launch { config, clock, token, data, admin, storage } = launch;
         let addr = data.local_addr().map_err(|source| bind_error("listen", config.listen, source))?;
+        // As soon as the socket is in hand, before it is served. A socket taken over is set too,
+        // since its predecessor may have run with the other setting.
+        if let Err(err) = listener::defer_accept(&data, config.client.defer_accept) {
+            warn!(error = %err, "cannot set client.defer_accept on the listening socket; accepting at once");
+        }
         let admin_addr =
             admin.local_addr().map_err(|source| bind_error("admin.listen", config.admin_listen, source))?;
         let certs = load_certificate(config.tls.as_ref())?;

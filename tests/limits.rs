@@ -131,3 +131,38 @@ async fn connections_over_the_limit_get_503_and_an_idle_keep_alive_is_closed() {
     .await;
     proxy.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_connection_that_has_sent_nothing_takes_no_place_under_the_limit() {
+    let v1 = Upstream::new("v1-a").spawn().await;
+    let v2 = Upstream::new("v2-a").spawn().await;
+    let limited = |defer_accept| ClientSettings {
+        max_connections: Some(1),
+        header_read_timeout: Some(Duration::from_secs(1)),
+        defer_accept,
+        ..ClientSettings::default()
+    };
+    let config = ConfigBuilder::one_each(v1, v2).client(limited(None));
+    let proxy = ProxyBuilder::new(&config).spawn().await;
+
+    // By default the kernel holds a connection back until it sends something: the one place
+    // goes to the client that asks.
+    let mut silent = TcpStream::connect(proxy.addr).await.unwrap();
+    let mut speaking = TcpStream::connect(proxy.addr).await.unwrap();
+    assert_eq!(exchange(&mut speaking).await, "HTTP/1.1 200 OK");
+    drop(speaking);
+    // The silent one is handed over after about a second, and closed once it has been silent
+    // for header_read_timeout.
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), silent.read_to_end(&mut rest)).await;
+    assert!(matches!(read, Ok(Ok(0))), "silent connection still open: {read:?}");
+    proxy.shutdown().await;
+
+    // Without it, the silent connection takes the place at once.
+    let config = ConfigBuilder::one_each(v1, v2).client(limited(Some(false)));
+    let proxy = ProxyBuilder::new(&config).spawn().await;
+    let _silent = TcpStream::connect(proxy.addr).await.unwrap();
+    let mut speaking = TcpStream::connect(proxy.addr).await.unwrap();
+    assert_eq!(exchange(&mut speaking).await, "HTTP/1.1 503 Service Unavailable");
+    proxy.shutdown().await;
+}

@@ -402,6 +402,7 @@ pub struct ClientConfig {
     pub max_connections: usize,
     pub max_concurrent_streams: u32,
     pub allow_underscores_in_headers: bool,
+    pub defer_accept: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]

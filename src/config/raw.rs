@@ -298,6 +298,9 @@ pub(crate) struct RawClient {
     /// Forward request header names that contain `_`. Off by default: backends that map `_` to
     /// `-` would read `Content_Length` or `X_Forwarded_For` as the real thing.
     pub(crate) allow_underscores_in_headers: bool,
+    /// Have the kernel hand over a new connection only once its first bytes have arrived
+    /// (Linux's `TCP_DEFER_ACCEPT`); one that sends nothing is handed over after about a second.
+    pub(crate) defer_accept: bool,
 }
 
 impl Default for RawClient {
@@ -309,6 +312,7 @@ impl Default for RawClient {
             max_connections: 10_000,
             max_concurrent_streams: 100,
             allow_underscores_in_headers: false,
+            defer_accept: true,
         }
     }
 }
@@ -435,6 +439,7 @@ impl From<&Config> for RawConfig {
                 max_connections: config.client.max_connections,
                 max_concurrent_streams: config.client.max_concurrent_streams,
                 allow_underscores_in_headers: config.client.allow_underscores_in_headers,
+                defer_accept: config.client.defer_accept,
             },
             upstream: RawUpstreamSettings {
                 connect_timeout: config.upstream.connect_timeout,

@@ -189,6 +189,7 @@ impl RawConfig {
                     max_connections: self.client.max_connections,
                     max_concurrent_streams: self.client.max_concurrent_streams,
                     allow_underscores_in_headers: self.client.allow_underscores_in_headers,
+                    defer_accept: self.client.defer_accept,
                 },
                 upstream: UpstreamSettings {
                     connect_timeout: self.upstream.connect_timeout,

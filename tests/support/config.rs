@@ -94,6 +94,7 @@ pub struct ClientSettings {
     pub max_connections: Option<usize>,
     pub max_concurrent_streams: Option<u32>,
     pub allow_underscores_in_headers: Option<bool>,
+    pub defer_accept: Option<bool>,
 }
 
 /// `upstream` (settings for every upstream); fields left `None` keep the proxy's defaults.
@@ -351,6 +352,7 @@ impl ConfigBuilder {
             optional(&mut fields, "max_connections", client.max_connections);
             optional(&mut fields, "max_concurrent_streams", client.max_concurrent_streams);
             optional(&mut fields, "allow_underscores_in_headers", client.allow_underscores_in_headers);
+            optional(&mut fields, "defer_accept", client.defer_accept);
             put("client", flow(&fields));
         }
         if let Some(upstream) = &self.upstream {
