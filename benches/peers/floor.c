@@ -4,7 +4,10 @@
  * A single-threaded epoll relay that does the system calls a reverse proxy cannot avoid and
  * nothing else: accept the client, read its request, write it to a pooled keep-alive upstream
  * connection ("/api/v2/" to v2, the rest to v1), read the response, write it to the client, and
- * close the client when it asked for "Connection: close". It parses nothing beyond the request
+ * close the client when it asked for "Connection: close". Like rollout-proxy, it has the kernel
+ * defer each accept until the request has arrived (TCP_DEFER_ACCEPT), reads it straight away,
+ * watches a client with epoll only once it has to wait for a next request, and turns Nagle's
+ * algorithm off only before a connection's second write. It parses nothing beyond the request
  * line's path and that one header, and it trusts each message to arrive in one read, which holds
  * for the benchmark's small requests and responses on loopback and for nothing else: it is a
  * measuring stick, not a proxy.
@@ -33,6 +36,8 @@ struct conn {
   int peer;        /* the client's upstream while a request is out, or the upstream's client */
   int pool;        /* an upstream's pool: 0 is v1, 1 is v2 */
   int close_after; /* a client that sent "Connection: close" */
+  int watched;     /* in the epoll set */
+  int writes;      /* responses written to a client */
 };
 
 static struct conn conns[MAX_FD];
@@ -47,9 +52,10 @@ static void die(const char *what) {
   exit(1);
 }
 
-static void watch(int fd, int op) {
+static void watch(int fd) {
   struct epoll_event ev = {.events = EPOLLIN | EPOLLRDHUP, .data.fd = fd};
-  if (epoll_ctl(ep, op, fd, &ev) < 0) die("epoll_ctl");
+  if (epoll_ctl(ep, EPOLL_CTL_ADD, fd, &ev) < 0) die("epoll_ctl");
+  conns[fd].watched = 1;
 }
 
 static void drop(int fd) {
@@ -72,14 +78,17 @@ static int upstream(int pool) {
   int one = 1;
   setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
   conns[fd] = (struct conn){.kind = UPSTREAM, .pool = pool, .peer = -1};
-  watch(fd, EPOLL_CTL_ADD);
+  watch(fd);
   return fd;
 }
 
 static void from_client(int fd) {
   ssize_t n = read(fd, buf, BUF);
   if (n <= 0) {
-    if (n < 0 && errno == EAGAIN) return;
+    if (n < 0 && errno == EAGAIN) {
+      if (!conns[fd].watched) watch(fd);
+      return;
+    }
     drop(fd);
     return;
   }
@@ -110,9 +119,16 @@ static void from_upstream(int fd) {
     return;
   }
   if (client >= 0) {
+    if (conns[client].writes++ == 1) {
+      int one = 1;
+      setsockopt(client, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    }
     if (write(client, buf, (size_t)n) != n) die("write client");
     conns[client].peer = -1;
-    if (conns[client].close_after) drop(client);
+    if (conns[client].close_after)
+      drop(client);
+    else if (!conns[client].watched)
+      watch(client);
   }
   conns[fd].peer = -1;
   int pool = conns[fd].pool;
@@ -136,8 +152,10 @@ int main(int argc, char **argv) {
   addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
   if (bind(listener, (struct sockaddr *)&addr, sizeof addr) < 0) die("bind");
   if (listen(listener, 4096) < 0) die("listen");
+  setsockopt(listener, IPPROTO_TCP, TCP_DEFER_ACCEPT, &one, sizeof one);
   ep = epoll_create1(0);
-  watch(listener, EPOLL_CTL_ADD);
+  struct epoll_event ev = {.events = EPOLLIN, .data.fd = listener};
+  if (epoll_ctl(ep, EPOLL_CTL_ADD, listener, &ev) < 0) die("epoll_ctl");
   struct epoll_event events[256];
   for (;;) {
     int ready = epoll_wait(ep, events, 256, -1);
@@ -150,9 +168,8 @@ int main(int argc, char **argv) {
             close(client);
             continue;
           }
-          setsockopt(client, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
           conns[client] = (struct conn){.kind = CLIENT, .peer = -1};
-          watch(client, EPOLL_CTL_ADD);
+          from_client(client);
         }
       } else if (conns[fd].kind == CLIENT) {
         from_client(fd);
