@@ -485,7 +485,7 @@ rss_kib() { # PID...: resident memory, summed
 if [ "$memory" = 1 ]; then
   held=10000
   echo
-  echo "Memory with $held idle keep-alive connections open (each made one request first):"
+  echo "Memory with $held idle keep-alive connections open (each made one request first, then idled 2 s):"
   echo
   printf '| target | resident before | with %d connections | growth per connection |\n' $held
   printf '|---|---:|---:|---:|\n'
@@ -501,7 +501,8 @@ if [ "$memory" = 1 ]; then
       kill $holder 2>/dev/null || true; wait $holder 2>/dev/null || true
       continue
     fi
-    sleep 1
+    # Idle for two seconds: rollout-proxy gives an idle connection's buffers back after one.
+    sleep 2
     open=$(ss -Htn state established "( sport = :$(port_of "$target") )" | wc -l)
     # shellcheck disable=SC2086
     with=$(rss_kib $pid)

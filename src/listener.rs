@@ -38,6 +38,10 @@ use crate::proxy::{error_response, Body, ClientConn, H1Plan, Peer, Proxy, ProxyE
 /// drain closes idle connections.
 const ACCEPT_LINGER: Duration = Duration::from_millis(250);
 
+/// How long a fast-path connection waits for its next request before it gives its buffers back
+/// (about 10 KiB); they are taken again when the request comes.
+const BUFFERS_KEPT_IDLE: Duration = Duration::from_secs(1);
+
 /// How long the accept loop pauses after a resource error such as EMFILE before trying again.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
@@ -281,8 +285,11 @@ impl Connection {
         // `waiting_since`. The timer is not moved on every request: when it fires early it is
         // set again for what is left, which costs one timer move per timeout rather than per
         // request.
+        // The same timer gives an idle connection's buffers back once it has waited
+        // `BUFFERS_KEPT_IDLE`.
         let mut waiting_since = tokio::time::Instant::now();
-        let deadline = tokio::time::sleep_until(waiting_since + self.header_read_timeout);
+        let deadline =
+            tokio::time::sleep_until(waiting_since + BUFFERS_KEPT_IDLE.min(self.header_read_timeout));
         // Each registers with its token once per connection, not once per wait.
         let draining = self.draining.clone().cancelled_owned();
         let hard_stop = self.hard_stop.clone().cancelled_owned();
@@ -300,16 +307,29 @@ impl Connection {
                         H1Plan::Partial => {}
                     }
                 }
+                let released = conn.released();
                 tokio::select! {
                     biased;
                     read = conn.fill() => match read {
                         Ok(0) | Err(_) => return,
+                        // Back from a long wait, with its buffers again: they are kept while
+                        // the connection is busy.
+                        Ok(_) if released => {
+                            let due = waiting_since + self.header_read_timeout;
+                            deadline.as_mut().reset((tokio::time::Instant::now() + BUFFERS_KEPT_IDLE).min(due));
+                        }
                         Ok(_) => {}
                     },
                     _ = &mut deadline => {
+                        let now = tokio::time::Instant::now();
                         let due = waiting_since + self.header_read_timeout;
-                        if tokio::time::Instant::now() < due {
-                            deadline.as_mut().reset(due);
+                        if now < due {
+                            let release = waiting_since + BUFFERS_KEPT_IDLE;
+                            if conn.buf.is_empty() && !conn.released() && now >= release {
+                                conn.release_buffers();
+                            }
+                            let holding = conn.buf.is_empty() && !conn.released();
+                            deadline.as_mut().reset(if holding { release.min(due) } else { due });
                             continue;
                         }
                         if conn.buf.is_empty() {

@@ -376,3 +376,51 @@ async fn a_request_sent_as_the_idle_timeout_closes_the_connection_sees_a_close_n
     assert_closed_not_reset(client).await;
     proxy.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_connection_back_from_a_long_idle_spell_is_served_whole() {
+    let (proxy, mut client) = idle_after_one_answer(ClientSettings {
+        header_read_timeout: Some(Duration::from_secs(10)),
+        ..ClientSettings::default()
+    })
+    .await;
+    // Past the second after which an idle connection gives its buffers back.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Three pipelined requests, one with a body and one with a head larger than the read
+    // buffer a connection starts with, all in one write.
+    let big = "b".repeat(12 * 1024);
+    let requests = format!(
+        "POST /api/members/me HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhello\
+         GET /api/members/me HTTP/1.1\r\nHost: a\r\nX-Big: {big}\r\n\r\n\
+         GET /api/members/me HTTP/1.1\r\nHost: a\r\n\r\n"
+    );
+    client.write_all(requests.as_bytes()).await.unwrap();
+    let (text, closed) = read_until(&mut client, |t| t.matches("\r\n\r\nok").count() == 3).await;
+    assert!(!closed, "{text}");
+    assert_eq!(text.matches("HTTP/1.1 200 OK\r\n").count(), 3, "{text}");
+    // And again, after another idle spell.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    client.write_all(b"GET /api/members/me HTTP/1.1\r\nHost: a\r\n\r\n").await.unwrap();
+    let (text, closed) = read_until(&mut client, |t| t.ends_with("\r\n\r\nok")).await;
+    assert!(!closed && text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_head_started_after_a_long_idle_spell_still_has_header_read_timeout() {
+    let (proxy, mut client) = idle_after_one_answer(ClientSettings {
+        header_read_timeout: Some(Duration::from_secs(2)),
+        ..ClientSettings::default()
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Half a head, and no more: the connection is cut off when its wait is over.
+    client.write_all(b"GET /api/members/me HTTP/1.1\r\nHost: a\r\n").await.unwrap();
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), client.read_to_end(&mut rest)).await;
+    assert!(matches!(read, Ok(Ok(0))), "still open: {read:?}");
+    let text = String::from_utf8(support::get(&proxy.admin_url("/metrics")).await.body.to_vec()).unwrap();
+    let counted = support::metric(&text, "rollout_client_rejected_total", &[("reason", "header_timeout")]);
+    assert_eq!(counted, Some(1.0), "the cut-off head was counted");
+    proxy.shutdown().await;
+}

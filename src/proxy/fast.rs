@@ -36,6 +36,8 @@ pub(crate) struct ClientConn {
     out: Vec<u8>,
     /// `client.send_timeout`: the longest a write to this client may make no progress.
     send_timeout: Duration,
+    /// The buffers were given back while the connection waited ([`ClientConn::release_buffers`]).
+    released: bool,
 }
 
 impl ClientConn {
@@ -48,12 +50,31 @@ impl ClientConn {
             peer,
             request: Vec::with_capacity(1024),
             out: Vec::with_capacity(1024),
+            released: false,
         }
+    }
+
+    /// Gives the buffers back while the connection waits for its next request, which may be
+    /// long: an idle keep-alive connection then holds little more than its task. The next read
+    /// takes a read buffer again; the request and response buffers grow as they are written.
+    pub(crate) fn release_buffers(&mut self) {
+        debug_assert!(self.buf.is_empty(), "bytes read and not used yet");
+        self.buf = BytesMut::new();
+        self.request = Vec::new();
+        self.out = Vec::new();
+        self.released = true;
+    }
+
+    /// Whether [`ClientConn::release_buffers`] ran, and nothing has been read since.
+    pub(crate) fn released(&self) -> bool {
+        self.released
     }
 
     /// Reads more from the client; 0 when it has closed its side.
     pub(crate) async fn fill(&mut self) -> std::io::Result<usize> {
-        h1::fill(self.stream.registered()?, &mut self.buf, 2048, 8 * 1024).await
+        let read = h1::fill(self.stream.registered()?, &mut self.buf, 2048, 8 * 1024).await;
+        self.released = false;
+        read
     }
 
     /// Reads what the client has already sent, without waiting and without asking the runtime:
