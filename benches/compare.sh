@@ -46,6 +46,7 @@
 #! missing). Loopback only.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. benches/lib.sh
 
 duration=${DURATION:-5}
 rounds=${ROUNDS:-7}
@@ -82,46 +83,14 @@ gcc -O2 -o "$work/floor" benches/peers/floor.c
 # Room for the memory cells' 10,000 connections, in the proxies and the client holding them.
 ulimit -n "$(ulimit -Hn)"
 pids=()
-cleanup() {
-  # Last started, first stopped: the fleet's proxy before its Redis.
-  for ((i = ${#pids[@]} - 1; i >= 0; i--)); do kill "${pids[i]}" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$work"
-}
-trap cleanup EXIT
+trap bench_cleanup EXIT
 
 V1=19101 V2=19102 DIRECT=19101 NGINX=19201 HAPROXY=19202 ROLLOUT=19203 ADMIN=19204
 BASELINE=19205 BASELINE_ADMIN=19206 FLEET_PORT=19207 FLEET_ADMIN=19208 CADDY=19209 PINGORA=19210
 FLOOR=19211 REDIS=19301
 
-wait_port() {
-  for _ in $(seq 100); do
-    curl -s -o /dev/null "http://127.0.0.1:$1/" && return 0
-    sleep 0.1
-  done
-  echo "nothing answers on port $1" >&2
-  exit 1
-}
-
 # --- Upstreams: one NGINX answering 200 per pool, on CPU 0. --------------------------------
-mkdir -p "$work/upstream"
-cat >"$work/upstream/nginx.conf" <<EOF
-worker_processes 1;
-user root;
-daemon off;
-pid $work/upstream/nginx.pid;
-error_log $work/upstream/error.log error;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  keepalive_requests 1000000;
-  client_body_temp_path $work/upstream/body;
-  server { listen 127.0.0.1:$V1 reuseport; location / { return 200 "v1\n"; } }
-  server { listen 127.0.0.1:$V2 reuseport; location / { return 200 "v2\n"; } }
-}
-EOF
-taskset -c 0 nginx -c "$work/upstream/nginx.conf" -p "$work/upstream" &
-pids+=($!)
+start_upstreams $V1 $V2 taskset -c 0
 
 # --- The proxies, one worker each, on CPU 1. ------------------------------------------------
 mkdir -p "$work/nginx"
@@ -477,11 +446,6 @@ if [ -n "$fleet" ]; then
 fi
 
 # --- Memory: idle keep-alive connections. -----------------------------------------------------
-rss_kib() { # PID...: resident memory, summed
-  local pid total=0
-  for pid in "$@"; do total=$((total + $(awk '/^VmRSS:/ { print $2 }' "/proc/$pid/status"))); done
-  echo $total
-}
 if [ "$memory" = 1 ]; then
   held=10000
   echo

@@ -12,6 +12,7 @@
 #! Needs root for apt-get (nginx, wrk, redis-server are installed when missing). Loopback only.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. benches/lib.sh
 
 pins=${PINS:-1000000}
 need=()
@@ -25,34 +26,12 @@ bin=$PWD/target/release/rollout-proxy
 
 work=$(mktemp -d)
 pids=()
-cleanup() {
-  for ((i = ${#pids[@]} - 1; i >= 0; i--)); do kill "${pids[i]}" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$work"
-}
-trap cleanup EXIT
+trap bench_cleanup EXIT
 
 V1=19111 V2=19112 EMBEDDED=19213 EMBEDDED_ADMIN=19214 A=19215 A_ADMIN=19216 B=19217 B_ADMIN=19218
 REDIS=19311
 
-mkdir -p "$work/upstream"
-cat >"$work/upstream/nginx.conf" <<EOF
-worker_processes 1;
-user root;
-daemon off;
-pid $work/upstream/nginx.pid;
-error_log $work/upstream/error.log error;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  keepalive_requests 1000000;
-  client_body_temp_path $work/upstream/body;
-  server { listen 127.0.0.1:$V1 reuseport; location / { return 200 "v1\n"; } }
-  server { listen 127.0.0.1:$V2 reuseport; location / { return 200 "v2\n"; } }
-}
-EOF
-nginx -c "$work/upstream/nginx.conf" -p "$work/upstream" &
-pids+=($!)
+start_upstreams $V1 $V2
 
 mkdir -p "$work/redis"
 redis-server --bind 127.0.0.1 --port $REDIS --dir "$work/redis" --save "" \
@@ -82,13 +61,11 @@ for name in embedded a b; do
   RUST_LOG=warn "$bin" run --config "$work/$name.yaml" &
   pids+=($!)
 done
-for port in $EMBEDDED $A $B; do
-  for _ in $(seq 100); do curl -s -o /dev/null "http://127.0.0.1:$port/" && break; sleep 0.1; done
-done
+for port in $EMBEDDED $A $B; do wait_port $port; done
 sleep 1
 
 pid_of() { pgrep -f "$bin run --config $work/$1.yaml" | head -1; }
-rss_mib() { awk '/^VmRSS:/ { printf "%.1f", $2 / 1024 }' "/proc/$1/status"; }
+rss_mib() { awk -v k="$(rss_kib "$1")" 'BEGIN { printf "%.1f", k / 1024 }'; }
 redis_mib() { redis-cli -p $REDIS info memory | awk -F: -v f="$1" '$1 == f { printf "%.1f", $2 / 1048576 }'; }
 live() { curl -s "http://127.0.0.1:$1/metrics" | awk '/^rollout_sessions_active/ { n += $2 } END { print n + 0 }'; }
 
