@@ -22,7 +22,7 @@ use hyper_util::server::conn::auto;
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{Notify, Semaphore};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
@@ -37,6 +37,22 @@ use crate::proxy::{error_response, Body, ClientConn, H1Plan, Peer, Proxy, ProxyE
 /// How long connections accepted just before a stop get to send their first request before the
 /// drain closes idle connections.
 const ACCEPT_LINGER: Duration = Duration::from_millis(250);
+
+/// Connections the kernel queues for a listener until they are accepted (it caps this at
+/// `net.core.somaxconn`). A burst of new connections, such as clients coming back after a load
+/// balancer fails over, waits here: past a full queue the kernel drops handshakes, and a client
+/// tries again only a second later. The runtime's own bind queues 128.
+const LISTEN_BACKLOG: u32 = 4096;
+
+/// A listening socket on `addr`, with room for [`LISTEN_BACKLOG`] queued connections.
+pub(crate) fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+    // As the runtime's bind does: a restarted proxy binds again while the connections of the
+    // last one are in TIME_WAIT.
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
 
 /// How long a fast-path connection waits for its next request before it gives its buffers back
 /// (about 10 KiB); they are taken again when the request comes.
@@ -731,5 +747,54 @@ pub(crate) async fn back_off(err: io::Error) {
             warn!(error = %err, "accept failed; pausing before the next accept");
             tokio::time::sleep(ACCEPT_BACKOFF).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A burst of queued connections is accepted a slice at a time: each accept spends the
+    /// task's budget, so the runtime gets to run other tasks (connections already accepted,
+    /// timers) between slices instead of only after the queue is empty.
+    #[tokio::test]
+    async fn a_listener_queues_a_burst_of_connections_before_it_accepts() {
+        let listener = bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = listener.local_addr().unwrap();
+        // Well past the runtime's default queue of 128; each handshake completes without an
+        // accept, or times out when the queue is full.
+        let mut queued = Vec::new();
+        for i in 0..200 {
+            let connected = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(3));
+            assert!(connected.is_ok(), "connection {i} was not queued: {connected:?}");
+            queued.push(connected);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_burst_of_queued_connections_lets_other_tasks_run_between_accepts() {
+        // More than the 128 accepts a task's budget allows before it yields.
+        const BURST: usize = 200;
+        let listener = bind("127.0.0.1:0".parse().unwrap()).unwrap().into_std().unwrap();
+        let addr = listener.local_addr().unwrap();
+        // All queued before the first accept: loopback completes each handshake at once.
+        let clients: Vec<_> = (0..BURST).map(|_| std::net::TcpStream::connect(addr).unwrap()).collect();
+        // SAFETY: the `AsyncFd` owns the listener, and with it its descriptor, until it is dropped.
+        let listener = unsafe { AsyncFd::register(listener) }.unwrap();
+        // The first accept waits for the event loop to report the listener readable; from then
+        // on each accept finds a connection at once.
+        accept(&listener).await.unwrap();
+        let accepted = Arc::new(AtomicUsize::new(1));
+        let other = tokio::spawn({
+            let accepted = accepted.clone();
+            async move { accepted.load(Ordering::Relaxed) }
+        });
+        for _ in 1..BURST {
+            accept(&listener).await.unwrap();
+            accepted.fetch_add(1, Ordering::Relaxed);
+        }
+        let ran_after = other.await.unwrap();
+        assert!(ran_after < BURST, "another task ran only after all {BURST} connections were accepted");
+        drop(clients);
     }
 }

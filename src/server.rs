@@ -581,7 +581,7 @@ async fn bind_both(config: &Config) -> Result<(TcpListener, TcpListener), StartE
 }
 
 async fn bind(addr: SocketAddr, key: &'static str) -> Result<TcpListener, StartError> {
-    TcpListener::bind(addr).await.map_err(|source| bind_error(key, addr, source))
+    listener::bind(addr).map_err(|source| bind_error(key, addr, source))
 }
 
 fn bind_error(key: &'static str, addr: SocketAddr, source: io::Error) -> StartError {
