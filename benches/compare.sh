@@ -88,6 +88,14 @@ trap bench_cleanup EXIT
 V1=19101 V2=19102 DIRECT=19101 NGINX=19201 HAPROXY=19202 ROLLOUT=19203 ADMIN=19204
 BASELINE=19205 BASELINE_ADMIN=19206 FLEET_PORT=19207 FLEET_ADMIN=19208 CADDY=19209 PINGORA=19210
 FLOOR=19211 REDIS=19301
+# A port still taken is a bench still running (or stopping): two runs would share listeners.
+for port in $V1 $V2 $NGINX $HAPROXY $ROLLOUT $ADMIN $BASELINE $BASELINE_ADMIN $FLEET_PORT $FLEET_ADMIN \
+  $CADDY $PINGORA $FLOOR $REDIS; do
+  if [ -n "$(ss -Hltn "( sport = :$port )")" ]; then
+    echo "port $port is in use: is another bench still running?" >&2
+    exit 1
+  fi
+done
 
 # --- Upstreams: one NGINX answering 200 per pool, on CPU 0. --------------------------------
 start_upstreams $V1 $V2 taskset -c 0

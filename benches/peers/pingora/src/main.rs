@@ -52,6 +52,10 @@ fn main() {
         threads: 1,
         work_stealing: false,
         upstream_keepalive_pool_size: 128,
+        // The bench stops it with SIGTERM: exit then, without the default graceful period (it
+        // would keep the port, and the next run would share it).
+        grace_period_seconds: Some(0),
+        graceful_shutdown_timeout_seconds: Some(1),
         ..ServerConf::default()
     };
     let mut server = Server::new_with_opt_and_conf(None, conf);
