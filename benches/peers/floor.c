@@ -19,6 +19,7 @@
 #include <errno.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -123,9 +124,9 @@ static void from_upstream(int fd) {
       int one = 1;
       setsockopt(client, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
     }
-    if (write(client, buf, (size_t)n) != n) die("write client");
     conns[client].peer = -1;
-    if (conns[client].close_after)
+    int written = write(client, buf, (size_t)n) == n; /* a client gone meanwhile fails it */
+    if (!written || conns[client].close_after)
       drop(client);
     else if (!conns[client].watched)
       watch(client);
@@ -145,6 +146,7 @@ int main(int argc, char **argv) {
   }
   upstream_port[0] = atoi(argv[2]);
   upstream_port[1] = atoi(argv[3]);
+  signal(SIGPIPE, SIG_IGN); /* a client that went away fails its write and is dropped */
   int listener = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK, 0);
   int one = 1;
   setsockopt(listener, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);

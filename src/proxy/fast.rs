@@ -72,7 +72,12 @@ impl ClientConn {
 
     /// Reads more from the client; 0 when it has closed its side.
     pub(crate) async fn fill(&mut self) -> std::io::Result<usize> {
-        let read = h1::fill(self.stream.registered()?, &mut self.buf, 2048, 8 * 1024).await;
+        let stream = self.stream.registered()?;
+        if self.released {
+            // Without its buffers until the client sends: a read would take them at once.
+            stream.readable().await?;
+        }
+        let read = h1::fill(stream, &mut self.buf, 2048, 8 * 1024).await;
         self.released = false;
         read
     }
@@ -343,5 +348,29 @@ impl Proxy {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncWriteExt;
+
+    /// A connection that gave its buffers back waits for its client without taking them again.
+    #[tokio::test]
+    async fn a_released_connection_waits_without_its_read_buffer() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = tokio::net::TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let (accepted, peer) = listener.accept().await.unwrap();
+        let mut conn = ClientConn::new(accepted.into_std().unwrap(), Peer::new(peer), Duration::from_secs(5));
+        conn.release_buffers();
+        let waited = tokio::time::timeout(Duration::from_millis(100), conn.fill()).await;
+        assert!(waited.is_err(), "nothing was sent, nothing read");
+        assert_eq!(conn.buf.capacity(), 0, "the wait took a read buffer");
+        assert!(conn.released());
+        client.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
+        let read = tokio::time::timeout(Duration::from_secs(5), conn.fill()).await.unwrap().unwrap();
+        assert_eq!(&conn.buf[..read], b"GET / HTTP/1.1\r\n");
+        assert!(!conn.released());
     }
 }
