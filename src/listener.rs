@@ -54,6 +54,13 @@ pub(crate) fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
     socket.listen(LISTEN_BACKLOG)
 }
 
+/// Gives a listening socket bound elsewhere (taken over from a running process, which may have
+/// bound it with a smaller queue) room for [`LISTEN_BACKLOG`] queued connections: on a
+/// listening socket, `listen` again only sets the queue's length.
+pub(crate) fn widen_backlog(listener: &TcpListener) -> io::Result<()> {
+    Ok(rustix::net::listen(listener, LISTEN_BACKLOG as i32)?)
+}
+
 /// How long a fast-path connection waits for its next request before it gives its buffers back
 /// (about 10 KiB); they are taken again when the request comes.
 const BUFFERS_KEPT_IDLE: Duration = Duration::from_secs(1);
@@ -778,6 +785,20 @@ mod tests {
     /// A burst of queued connections is accepted a slice at a time: each accept spends the
     /// task's budget, so the runtime gets to run other tasks (connections already accepted,
     /// timers) between slices instead of only after the queue is empty.
+    #[tokio::test]
+    async fn a_listener_taken_over_with_a_short_queue_gets_the_long_one() {
+        // The runtime's bind queues 128, as a process before this one may have bound it.
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        widen_backlog(&listener).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut queued = Vec::new();
+        for i in 0..200 {
+            let connected = connect(addr);
+            assert!(connected.is_ok(), "connection {i} was not queued: {connected:?}");
+            queued.push(connected);
+        }
+    }
+
     #[tokio::test]
     async fn a_burst_of_queued_connections_lets_other_tasks_run_between_accepts() {
         // More than the 128 accepts a task's budget allows before it yields.

@@ -287,6 +287,10 @@ impl Server {
         if let Err(err) = listener::defer_accept(&data, config.client.defer_accept) {
             warn!(error = %err, "cannot set client.defer_accept on the listening socket; accepting at once");
         }
+        // Likewise the queue's length, which an older predecessor may have bound shorter.
+        if let Err(err) = listener::widen_backlog(&data) {
+            warn!(error = %err, "cannot lengthen the listening socket's queue");
+        }
         let admin_addr =
             admin.local_addr().map_err(|source| bind_error("admin.listen", config.admin_listen, source))?;
         let certs = load_certificate(config.tls.as_ref())?;
