@@ -62,7 +62,10 @@ pub async fn take(state_dir: &Path) -> Result<Option<TakenOver>, HandoverError> 
     let listener = |fd: OwnedFd| {
         let listener = std::net::TcpListener::from(fd);
         listener.set_nonblocking(true)?;
-        TcpListener::from_std(listener)
+        let listener = TcpListener::from_std(listener)?;
+        // An older predecessor may have bound it with a shorter queue than ours.
+        crate::listener::widen_backlog(&listener)?;
+        Ok(listener)
     };
     let (data, admin) = (listener(data).map_err(fail)?, listener(admin).map_err(fail)?);
     info!(from = %path.display(), "took the listening sockets over from the running process");

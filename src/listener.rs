@@ -767,38 +767,33 @@ mod tests {
         std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(3))
     }
 
-    /// New connections wait in the kernel's queue, well past the runtime's default of 128,
-    /// while nothing accepts them (needs `net.core.somaxconn` of 200 or more; Linux's default
-    /// has been 4096 since 5.4).
+    /// Opens `count` connections to `addr`, each of which must complete its handshake (be
+    /// queued, when nothing accepts), well past the runtime's default queue of 128. Needs
+    /// `net.core.somaxconn` of `count` or more (Linux's default has been 4096 since 5.4).
+    fn queue(addr: SocketAddr, count: usize) -> Vec<std::net::TcpStream> {
+        (0..count)
+            .map(|i| connect(addr).unwrap_or_else(|err| panic!("connection {i} was not queued: {err}")))
+            .collect()
+    }
+
+    /// New connections wait in the kernel's queue while nothing accepts them.
     #[tokio::test]
     async fn a_listener_queues_a_burst_of_connections_before_it_accepts() {
         let listener = bind("127.0.0.1:0".parse().unwrap()).unwrap();
-        let addr = listener.local_addr().unwrap();
-        let mut queued = Vec::new();
-        for i in 0..200 {
-            let connected = connect(addr);
-            assert!(connected.is_ok(), "connection {i} was not queued: {connected:?}");
-            queued.push(connected);
-        }
+        queue(listener.local_addr().unwrap(), 200);
     }
 
-    /// A burst of queued connections is accepted a slice at a time: each accept spends the
-    /// task's budget, so the runtime gets to run other tasks (connections already accepted,
-    /// timers) between slices instead of only after the queue is empty.
     #[tokio::test]
     async fn a_listener_taken_over_with_a_short_queue_gets_the_long_one() {
         // The runtime's bind queues 128, as a process before this one may have bound it.
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         widen_backlog(&listener).unwrap();
-        let addr = listener.local_addr().unwrap();
-        let mut queued = Vec::new();
-        for i in 0..200 {
-            let connected = connect(addr);
-            assert!(connected.is_ok(), "connection {i} was not queued: {connected:?}");
-            queued.push(connected);
-        }
+        queue(listener.local_addr().unwrap(), 200);
     }
 
+    /// A burst of queued connections is accepted a slice at a time: each accept spends the
+    /// task's budget, so the runtime gets to run other tasks (connections already accepted,
+    /// timers) between slices instead of only after the queue is empty.
     #[tokio::test]
     async fn a_burst_of_queued_connections_lets_other_tasks_run_between_accepts() {
         // More than the 128 accepts a task's budget allows before it yields.
@@ -806,7 +801,7 @@ mod tests {
         let listener = bind("127.0.0.1:0".parse().unwrap()).unwrap().into_std().unwrap();
         let addr = listener.local_addr().unwrap();
         // All queued before the first accept: loopback completes each handshake at once.
-        let clients: Vec<_> = (0..BURST).map(|_| connect(addr).unwrap()).collect();
+        let clients = queue(addr, BURST);
         // SAFETY: the `AsyncFd` owns the listener, and with it its descriptor, until it is dropped.
         let listener = unsafe { AsyncFd::register(listener) }.unwrap();
         // The first accept waits for the event loop to report the listener readable; from then

@@ -253,7 +253,7 @@ impl Server {
             // before it takes any port.
             None => {
                 let (store, loaded) = Store::open_with_delay(&config.state_dir, options.commit_delay)?;
-                match bind_both(&config).await {
+                match bind_both(&config) {
                     Ok((data, admin)) => (data, admin, Storage::Opened(store, loaded)),
                     Err(err) => {
                         store.close().await;
@@ -268,7 +268,7 @@ impl Server {
                     (data, admin, Storage::AfterTakeover { predecessor: Some(predecessor), patience })
                 }
                 None => {
-                    let (data, admin) = bind_both(&config).await?;
+                    let (data, admin) = bind_both(&config)?;
                     (data, admin, Storage::AfterTakeover { predecessor: None, patience })
                 }
             },
@@ -286,10 +286,6 @@ impl Server {
         // since its predecessor may have run with the other setting.
         if let Err(err) = listener::defer_accept(&data, config.client.defer_accept) {
             warn!(error = %err, "cannot set client.defer_accept on the listening socket; accepting at once");
-        }
-        // Likewise the queue's length, which an older predecessor may have bound shorter.
-        if let Err(err) = listener::widen_backlog(&data) {
-            warn!(error = %err, "cannot lengthen the listening socket's queue");
         }
         let admin_addr =
             admin.local_addr().map_err(|source| bind_error("admin.listen", config.admin_listen, source))?;
@@ -578,13 +574,13 @@ fn offer_handover(
 }
 
 /// Binds the data-plane and admin listeners, admin first.
-async fn bind_both(config: &Config) -> Result<(TcpListener, TcpListener), StartError> {
-    let admin = bind(config.admin_listen, "admin.listen").await?;
-    let data = bind(config.listen, "listen").await?;
+fn bind_both(config: &Config) -> Result<(TcpListener, TcpListener), StartError> {
+    let admin = bind(config.admin_listen, "admin.listen")?;
+    let data = bind(config.listen, "listen")?;
     Ok((data, admin))
 }
 
-async fn bind(addr: SocketAddr, key: &'static str) -> Result<TcpListener, StartError> {
+fn bind(addr: SocketAddr, key: &'static str) -> Result<TcpListener, StartError> {
     listener::bind(addr).map_err(|source| bind_error(key, addr, source))
 }
 
